@@ -1,0 +1,50 @@
+# The two commands: `make demo` and `make test`. Both run `setup` first; setup is idempotent.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := ffmpeg slurm-wlm munge
+# CPU defaults: DeepSpeed on the CPU accelerator, one BLAS thread per process (2 cores), never download.
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup system-deps demo demo-slurm test test-fast bench clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@if command -v ffmpeg >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing $(SYSTEM_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+		echo "missing system packages; run: sudo apt-get update && sudo apt-get install -y $(SYSTEM_PACKAGES)"; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,face]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/python -m emi.demo
+
+demo-slurm: setup
+	bash slurm/local/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m 'not slow and not slurm'
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf runs logs data/synth data/shards/*.tar data/shards/*.json data/shards/*.jsonl

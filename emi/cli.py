@@ -1,0 +1,93 @@
+"""The `emi` command line: parse, call one library function, map errors to exit codes.
+
+Exit codes: 0 success, 2 usage error (bad arguments, missing inputs, bad config),
+3 partial success (some inputs failed; the summary says where the report is).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from emi.errors import UsageError
+
+EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
+
+
+def _shards_build(args: argparse.Namespace) -> int:
+    from emi.shards.build import build_shards
+
+    summary = build_shards(
+        videos=args.videos, labels=args.labels, out=args.out, split=args.split, fps=args.fps,
+        sample_rate=args.sample_rate, frame_size=args.frame_size, shard_size=args.shard_size,
+        workers=args.workers, asr=args.asr, transcripts=args.transcripts, face_crop=args.face_crop,
+    )
+    print(summary.describe())
+    return EXIT_OK if summary.num_failed == 0 else EXIT_PARTIAL
+
+
+def _shards_stats(args: argparse.Namespace) -> int:
+    from emi.shards.stats import shard_stats
+
+    print(json.dumps(shard_stats(args.dir), indent=2))
+    return EXIT_OK
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from emi.synth import synthesize
+
+    summary = synthesize(
+        out=args.out, clips=args.clips, seed=args.seed, corrupt_modality=args.corrupt_modality,
+        corrupt_frac=args.corrupt_frac, workers=args.workers,
+    )
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emi", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    shards = commands.add_parser("shards", help="build and inspect WebDataset shards").add_subparsers(
+        dest="shards_command", required=True)
+    build = shards.add_parser("build", help="pack video clips and a labels CSV into WebDataset tar shards")
+    build.add_argument("--videos", required=True, help="folder of clips (any container ffmpeg reads)")
+    build.add_argument("--labels", required=True, help="CSV with a Filename column and label columns")
+    build.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar and manifest.json")
+    build.add_argument("--split", default="train")
+    build.add_argument("--fps", type=float, default=5.0, help="frame sampling rate (default 5)")
+    build.add_argument("--sample-rate", type=int, default=16000, help="audio rate in Hz (default 16000)")
+    build.add_argument("--frame-size", type=int, default=256, help="short side of stored frames in pixels")
+    build.add_argument("--shard-size", type=int, default=256, help="clips per shard")
+    build.add_argument("--workers", type=int, default=1, help="parallel clip decoders")
+    build.add_argument("--asr", default="none", help="none | whisper:NAME_OR_PATH")
+    build.add_argument("--transcripts", default=None, help="CSV with Filename and Text columns")
+    build.add_argument("--face-crop", default="none", choices=["none", "opencv"])
+    build.set_defaults(func=_shards_build)
+
+    stats = shards.add_parser("stats", help="print a JSON summary of a shard folder")
+    stats.add_argument("dir")
+    stats.set_defaults(func=_shards_stats)
+
+    synth = commands.add_parser("synth", help="write a synthetic EMI dataset (mp4 clips, labels, transcripts)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--clips", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--corrupt-modality", choices=["video", "audio", "text"], default=None)
+    synth.add_argument("--corrupt-frac", type=float, default=0.0)
+    synth.add_argument("--workers", type=int, default=1)
+    synth.set_defaults(func=_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"emi: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
