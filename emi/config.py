@@ -1,0 +1,266 @@
+"""Run configs: YAML files validated against dataclass schemas, plus dotted overrides from the command line.
+
+A config file is data: every key must exist in the schema below, or loading fails with a message that names the
+file, the key and the keys that are allowed there. Overrides use the same dotted paths as the YAML nesting:
+
+    train/stage1.py --config configs/stage1/tiny.yaml train.epochs=3 data.batch_size=8 model.pairs=[vision_text]
+
+Values are parsed as YAML (numbers, booleans, lists, null). The resolved config is saved with every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from emi.errors import UsageError
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections shared by both stages
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunSection:
+    name: str = "emi"
+    output_dir: str = "runs"  # the run lives in <output_dir>/<name>/
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    train: str = ""  # shard spec: folder with manifest.json, brace pattern, pipe: URL, or a '::' list
+    val: str | None = None
+    manifest: str | None = None  # explicit manifest for remote / pipe: shards
+    batch_size: int = 32  # per rank, per micro step
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    resampled: bool = False  # draw shards with replacement (very large or uneven shard sets)
+    augment: bool = True  # training augmentation (crops, flips, audio gain/noise); never in eval
+    num_frames: int = 16  # clip / features mode: frames per clip (uniform sampling or padding)
+    audio_seconds: float = 4.0  # waveform window length
+    max_text_len: int = 64
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5  # SGDR eta_max
+    min_lr: float = 1e-7  # SGDR eta_min
+    restart_epochs: float = 10.0  # SGDR cycle length T_i, in epochs; stepped per iteration
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 50
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    strategy: str = "ddp"  # ddp | zero2 | zero3
+    deepspeed_config: str | None = None  # default: configs/deepspeed/<strategy>.json
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | no
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    log_every: int = 10  # steps between console lines / TensorBoard scalars
+    checkpoint_every: int = 500  # steps between resumable checkpoints (also saved at each epoch end)
+    keep_last: int = 3  # resumable checkpoints kept
+    eval_every: int = 1  # epochs between evaluations
+    resume: str = "none"  # none | latest (if any) | path to a checkpoint folder
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights for evaluation and export
+
+
+STRATEGIES = ("ddp", "zero2", "zero3")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage I: contrastive modality-text pretraining
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class EncoderSpec:
+    arch: str = ""  # clip | vit (vision), bert (text), wav2vec2 (audio)
+    pretrained: str | None = None  # hub name or local folder (from_pretrained)
+    config: dict[str, Any] | None = None  # small random config (tests, demo)
+
+
+@dataclass
+class Stage1Model:
+    pairs: list[str] = field(default_factory=lambda: ["vision_text", "audio_text"])
+    vision: EncoderSpec | None = None
+    text: EncoderSpec = field(default_factory=EncoderSpec)
+    audio: EncoderSpec | None = None
+    embed_dim: int = 512
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    local_loss: bool = True  # local rows against the global batch (OpenCLIP): O(B * global B) logits
+    gather_with_grad: bool = True
+    va_std_scale: float = 0.1  # s in w_i = 1 / (1 + sigma_i / s), see emi.losses
+
+
+@dataclass
+class Stage1Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: Stage1Model = field(default_factory=Stage1Model)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+PAIRS = ("vision_text", "audio_text")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage II: quality-aware fusion on frozen-encoder features
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class FusionModel:
+    modalities: list[str] = field(default_factory=lambda: ["vision", "audio", "text"])
+    temporal: bool = True  # the paper's TFE: TCN (vision) and gated BiLSTM (audio)
+    fusion: str = "qam"  # qam | mean | concat
+    d_model: int = 128
+    num_segments: int = 8
+    tcn_layers: int = 3
+    tcn_kernel: int = 3
+    lstm_hidden: int = 128
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    dropout: float = 0.1
+    modality_dropout: float = 0.0
+
+
+@dataclass
+class Stage2Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    labels: list[str] = field(
+        default_factory=lambda: ["Admiration", "Amusement", "Determination", "Empathic Pain", "Excitement", "Joy"])
+    model: FusionModel = field(default_factory=FusionModel)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# ---------------------------------------------------------------------------------------------------------------
+def load_config(schema: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """Read `path` (YAML), apply `key.sub=value` overrides, validate against `schema`, return the dataclass."""
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise UsageError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise UsageError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise UsageError(f"override {override!r} must look like section.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None, override)
+    config = _build(schema, raw, source, prefix="")
+    validate(config, source)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def validate(config: Any, source: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+    train = getattr(config, "train", None)
+    if train is not None:
+        _check_choice(train.strategy, STRATEGIES, "train.strategy", source)
+        _check_choice(train.mixed_precision, MIXED_PRECISION, "train.mixed_precision", source)
+        if train.grad_accum < 1 or train.keep_last < 1 or train.checkpoint_every < 1 or train.log_every < 1:
+            raise UsageError(f"{source}: train.grad_accum, keep_last, checkpoint_every, log_every must be >= 1")
+    if isinstance(config, Stage1Config):
+        model = config.model
+        if not model.pairs:
+            raise UsageError(f"{source}: model.pairs must name at least one of {list(PAIRS)}")
+        for pair in model.pairs:
+            _check_choice(pair, PAIRS, "model.pairs", source)
+        if "vision_text" in model.pairs and model.vision is None:
+            raise UsageError(f"{source}: model.pairs has vision_text but model.vision is not set")
+        if "audio_text" in model.pairs and model.audio is None:
+            raise UsageError(f"{source}: model.pairs has audio_text but model.audio is not set")
+    if isinstance(config, Stage2Config):
+        _check_choice(config.model.fusion, ("qam", "mean", "concat"), "model.fusion", source)
+        for modality in config.model.modalities:
+            _check_choice(modality, ("vision", "audio", "text"), "model.modalities", source)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -> None:
+    if value not in choices:
+        raise UsageError(f"{source}: {key} is {value!r}; choose one of {list(choices)}")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, override: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UsageError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(schema: type[T], raw: Any, source: str, prefix: str) -> T:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: {where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise UsageError(
+            f"{source}: unknown key {prefix}{unknown[0]!r} in {where}; known keys: {', '.join(sorted(fields))}")
+    values = {name: _coerce(hints[name], raw[name], source, f"{prefix}{name}") for name in raw}
+    return schema(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None:
+            return None
+        return _coerce(options[0], value, source, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"{source}: {key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{source}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UsageError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    return value
