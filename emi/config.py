@@ -229,7 +229,7 @@ def _build(schema: type[T], raw: Any, source: str, prefix: str) -> T:
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise UsageError(
-            f"{source}: unknown key {prefix}{unknown[0]!r} in {where}; known keys: {', '.join(sorted(fields))}")
+            f"{source}: unknown key {prefix + unknown[0]!r} in {where}; known keys: {', '.join(sorted(fields))}")
     values = {name: _coerce(hints[name], raw[name], source, f"{prefix}{name}") for name in raw}
     return schema(**values)
 
