@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: s
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     plugin = None
     if train.strategy in ("zero2", "zero3"):
+        if "WORLD_SIZE" not in os.environ:
+            _single_process_group_env()  # plain `python train/...`: DeepSpeed still needs a process group
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(train, micro_batch_size))
     accelerator = Accelerator(
         # accelerate only sets up CPU DDP (MULTI_CPU) when told cpu=True, and cpu=True would drop DeepSpeed.
@@ -55,7 +58,8 @@ def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: s
         gradient_accumulation_steps=train.grad_accum,
         deepspeed_plugin=plugin,
         project_dir=project_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))],
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))]
+        if plugin is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1 else [],
     )
     if plugin is not None:
         expected = (DistributedType.DEEPSPEED,)
@@ -67,6 +71,13 @@ def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: s
         raise RuntimeError(f"train.strategy={train.strategy} needs {[t.value for t in expected]} but accelerate set "
                            f"up {accelerator.distributed_type.value}")
     return accelerator
+
+
+def _single_process_group_env() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def describe(accelerator: Accelerator) -> str:
