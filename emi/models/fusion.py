@@ -1,0 +1,282 @@
+"""Stage II: the temporal quality-aware fusion model (paper Sec. 3.3-3.5, Eqs. 3-10) on frozen Stage I features.
+
+For one clip, with d = d_model and M = num_segments:
+
+    vision [T, Dv] -> TCN (Eq. 3) -> segment means over M segments (Eq. 6) -> MLP (Eq. 5) -> h_v [M, d]
+    audio  [T, Da] -> BiLSTM (Eq. 4) -> gated attention (Eq. 7) -> segment means -> MLP -> h~_a [M, d]
+    text   [Dt]    -> MLP -> f_s [d], broadcast to the M segments
+    fusion "qam":    q_m = MLP_m(h_m) per modality and segment (Eq. 8); beta = softmax of q over the modalities
+                     PRESENT for the clip (Eq. 9); fused = beta_v h_v + beta_a h~_a + beta_s f_s (Eq. 10)
+           "mean":   the same with equal weights over the present modalities
+           "concat": the paper's baseline: the tokens of all modalities concatenated along time (Eq. 5)
+    -> + learned positional embedding -> Transformer encoder -> masked mean over tokens -> MLP head -> sigmoid
+
+Eq. 10 adds the vision on the segment grid (h_v^m) to the audio on the frame grid (h~_a^t). Here both are put on
+the same M-segment grid: audio features come aligned to the video frames (encoders.pool_audio_to_frames), the
+gated BiLSTM runs over all frames and its outputs are pooled into the same segments as the vision.
+
+Absent modalities (present False, all frames masked, dropped, or not in `modalities`) have their features zeroed
+on entry and are masked out: -inf before the softmax, key padding in "concat". A clip with no modality at all is
+predicted from a learned `empty` token, so the model never produces NaN. `temporal=False` is the paper's no-TFE
+ablation: features go to the per-step projection (Eq. 5) without TCN or BiLSTM.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from emi.errors import UsageError
+
+MODALITIES = ("vision", "audio", "text")
+FUSIONS = ("qam", "mean", "concat")
+
+
+def prefix_lengths(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Valid lengths [B] of a [B, T] mask that must mark a prefix of each row (padding at the end)."""
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]):
+        raise ValueError(f"{name} must mark a prefix of valid frames per clip (padding at the end)")
+    return lengths
+
+
+def segment_pool(x: torch.Tensor, lengths: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Means of x [B, T, D] over M equal-length segments of each clip's valid length (Eq. 6): [B, M, D].
+
+    Segment m holds frames [floor(m L / M), floor((m + 1) L / M)). When L < M some of these are empty; an empty
+    segment [k, k) takes frame k, the frame containing the segment's centre (m + 1/2) L / M.
+    """
+    segment = torch.arange(num_segments, device=x.device)[None, :]
+    start = segment * lengths[:, None] // num_segments
+    end = torch.maximum((segment + 1) * lengths[:, None] // num_segments, start + 1)
+    frame = torch.arange(x.shape[1], device=x.device)[None, None, :]
+    weights = ((frame >= start[..., None]) & (frame < end[..., None])).to(x.dtype)
+    return (weights / weights.sum(-1, keepdim=True)) @ x
+
+
+def gated_attention(h: torch.Tensor, gate: nn.Linear) -> torch.Tensor:
+    """Eq. 7: alpha_t = sigmoid(W_g [h_t ; h_t - h_(t-1)]), h~_t = alpha_t * h_t, with h_0 - h_(-1) := 0."""
+    previous = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+    alpha = torch.sigmoid(gate(torch.cat([h, h - previous], dim=-1)))
+    return alpha * h
+
+
+def drop_modalities(present: torch.Tensor, probability: float) -> torch.Tensor:
+    """Drop each present modality of each clip with `probability`, never all present modalities of a clip."""
+    kept = present & ~(torch.rand(present.shape, device=present.device) < probability)
+    lost_all = present.any(1) & ~kept.any(1)
+    # Such a clip keeps one of its present modalities, chosen at random.
+    choice = torch.where(present, torch.rand(present.shape, device=present.device), -1.0).argmax(1)
+    return kept | (F.one_hot(choice, present.shape[1]).bool() & lost_all[:, None])
+
+
+def projection(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """Modality mapping layer (Eq. 5); the input norm puts the frozen encoders' differently scaled features alike."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(out_dim, out_dim))
+
+
+class TemporalConvNet(nn.Module):
+    """Stacked dilated residual 1-D convolutions (Eq. 3), dilation 2^i in layer i, non-causal 'same' padding.
+
+    Padded steps are zeroed before every convolution (the usual convention): a valid step next to the padding
+    then sees zeros there, exactly as at the edge of the unpadded clip, so padding never leaks into valid steps.
+    """
+
+    def __init__(self, channels: int, num_layers: int, kernel_size: int, dropout: float):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, dilation=2**i, padding=(kernel_size - 1) // 2 * 2**i)
+            for i in range(num_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask[:, None, :].to(x.dtype)
+        h = x.transpose(1, 2)
+        for conv in self.convs:
+            h = h + self.dropout(F.gelu(conv(h * keep)))
+        return (h * keep).transpose(1, 2)
+
+
+class GatedBiLSTM(nn.Module):
+    """BiLSTM over each clip's valid frames only (Eq. 4, packed sequences), then the gated attention (Eq. 7)."""
+
+    def __init__(self, input_dim: int, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTM(input_dim, hidden, batch_first=True, bidirectional=True)
+        self.gate = nn.Linear(4 * hidden, 2 * hidden)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Absent clips (length 0) run over one zero frame; the fusion masks them out.
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
+        return gated_attention(h, self.gate)
+
+
+class FusionModel(nn.Module):
+    """Stage II regressor of the six EMI intensities from per-frame vision/audio and sentence text features."""
+
+    def __init__(
+        self,
+        vision_dim: int = 1024,  # defaults: CLIP ViT-L/14 pooler, Wav2Vec2-large, BERT-base
+        audio_dim: int = 1024,
+        text_dim: int = 768,
+        d_model: int = 128,
+        num_outputs: int = 6,
+        modalities: tuple[str, ...] | list[str] = MODALITIES,
+        temporal: bool = True,
+        fusion: str = "qam",
+        num_segments: int = 8,
+        tcn_layers: int = 3,
+        tcn_kernel: int = 3,
+        lstm_hidden: int = 128,
+        transformer_layers: int = 2,
+        transformer_heads: int = 4,
+        dropout: float = 0.1,
+        modality_dropout: float = 0.0,
+    ):
+        super().__init__()
+        modalities = tuple(modalities)
+        if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(MODALITIES):
+            raise UsageError(f"fusion modalities must be distinct names from {MODALITIES}, got {list(modalities)}")
+        if fusion not in FUSIONS:
+            raise UsageError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if tcn_kernel < 1 or tcn_kernel % 2 == 0:
+            raise UsageError(f"tcn_kernel must be odd (symmetric 'same' padding), got {tcn_kernel}")
+        if d_model % transformer_heads:
+            raise UsageError(f"d_model {d_model} is not divisible by transformer_heads {transformer_heads}")
+        if num_segments < 1:
+            raise UsageError(f"num_segments must be at least 1, got {num_segments}")
+        if not 0.0 <= modality_dropout < 1.0:
+            raise UsageError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        self.modalities, self.fusion, self.temporal = modalities, fusion, temporal
+        self.num_segments, self.modality_dropout = num_segments, modality_dropout
+        self.dims = {"vision": vision_dim, "audio": audio_dim, "text": text_dim}
+        self.register_buffer("enabled", torch.tensor([m in modalities for m in MODALITIES]), persistent=False)
+
+        if "vision" in modalities:
+            self.vision_tcn = TemporalConvNet(vision_dim, tcn_layers, tcn_kernel, dropout) if temporal else None
+            self.vision_projection = projection(vision_dim, d_model, dropout)
+        if "audio" in modalities:
+            self.audio_lstm = GatedBiLSTM(audio_dim, lstm_hidden) if temporal else None
+            audio_out = 2 * lstm_hidden if temporal else audio_dim
+            self.audio_projection = projection(audio_out, d_model, dropout)
+        if "text" in modalities:
+            self.text_projection = projection(text_dim, d_model, dropout)
+        if fusion == "qam":
+            self.quality = nn.ModuleDict(
+                {m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1)) for m in modalities}
+            )
+        if fusion == "concat":
+            self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), d_model) * 0.02)
+        self.position_embedding = nn.Parameter(torch.randn(num_segments, d_model) * 0.02)
+        self.empty_token = nn.Parameter(torch.randn(d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, transformer_heads, 4 * d_model, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, transformer_layers, norm=nn.LayerNorm(d_model),
+                                                 enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout),
+                                  nn.Linear(d_model, num_outputs))
+
+    def _check_inputs(self, vision, vision_mask, audio, audio_mask, text, present) -> None:
+        batch = present.shape[0]
+        expected = {"vision": (vision, 3, self.dims["vision"]), "audio": (audio, 3, self.dims["audio"]),
+                    "text": (text, 2, self.dims["text"])}
+        for name, (tensor, ndim, dim) in expected.items():
+            if tensor.dim() != ndim or tensor.shape[0] != batch or tensor.shape[-1] != dim or tensor.shape[1] == 0:
+                raise ValueError(f"{name} features: expected {'[B, T, D]' if ndim == 3 else '[B, D]'} with B={batch},"
+                                 f" T>=1, D={dim}; got {tuple(tensor.shape)}")
+        if vision_mask.shape != vision.shape[:2] or audio_mask.shape != audio.shape[:2]:
+            raise ValueError(f"masks must be [B, T] like their features: vision_mask {tuple(vision_mask.shape)}, "
+                             f"audio_mask {tuple(audio_mask.shape)}")
+        if present.shape != (batch, len(MODALITIES)):
+            raise ValueError(f"present must be [B, 3] (vision, audio, text), got {tuple(present.shape)}")
+
+    def forward(
+        self,
+        vision: torch.Tensor,
+        vision_mask: torch.Tensor,
+        audio: torch.Tensor,
+        audio_mask: torch.Tensor,
+        text: torch.Tensor,
+        present: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
+        """pred [B, num_outputs] in [0, 1]; weights [B, M, 3] (the betas; equal for "mean"; None for "concat")."""
+        self._check_inputs(vision, vision_mask, audio, audio_mask, text, present)
+        vision_mask, audio_mask = vision_mask.bool(), audio_mask.bool()
+        prefix_lengths(vision_mask, "vision_mask")
+        prefix_lengths(audio_mask, "audio_mask")
+        present = present.bool() & self.enabled
+        present = present & torch.stack([vision_mask.any(1), audio_mask.any(1), present[:, 2]], dim=1)
+        if self.training and self.modality_dropout > 0:
+            present = drop_modalities(present, self.modality_dropout)
+        vision_mask = vision_mask & present[:, :1]
+        audio_mask = audio_mask & present[:, 1:2]
+        # Zero what is absent or padded: from here on its values cannot reach anything (not even as NaN).
+        vision = torch.where(vision_mask[..., None], vision, 0.0)
+        audio = torch.where(audio_mask[..., None], audio, 0.0)
+        text = torch.where(present[:, 2:], text, 0.0)
+
+        tokens = self._modality_tokens(vision, vision_mask, audio, audio_mask, text)
+        if self.fusion == "concat":
+            pooled = self._concat(tokens, present)
+            weights = None
+        else:
+            fused, weights = self._weighted_sum(tokens, present)
+            pooled = self.transformer(fused + self.position_embedding).mean(1)
+        return {"pred": torch.sigmoid(self.head(pooled)), "weights": weights}
+
+    def _modality_tokens(self, vision, vision_mask, audio, audio_mask, text) -> dict[str, torch.Tensor]:
+        """Per-modality features in the shared space: vision/audio [B, M, d], text [B, 1, d]."""
+        tokens = {}
+        if "vision" in self.modalities:
+            if self.vision_tcn is not None:
+                vision = self.vision_tcn(vision, vision_mask)
+            tokens["vision"] = self.vision_projection(segment_pool(vision, vision_mask.sum(1), self.num_segments))
+        if "audio" in self.modalities:
+            lengths = audio_mask.sum(1)
+            if self.audio_lstm is not None:
+                audio = self.audio_lstm(audio, lengths)
+            tokens["audio"] = self.audio_projection(segment_pool(audio, lengths, self.num_segments))
+        if "text" in self.modalities:
+            tokens["text"] = self.text_projection(text)[:, None, :]
+        return tokens
+
+    def _weighted_sum(self, tokens, present) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eqs. 8-10 ("qam") or equal weights ("mean") over the present modalities: fused [B, M, d], betas [B, M, 3]."""
+        batch, segments = present.shape[0], self.num_segments
+        empty = self.empty_token.expand(batch, segments, -1)
+        stacked = torch.stack([tokens[m].expand(batch, segments, -1) if m in tokens else torch.zeros_like(empty)
+                               for m in MODALITIES], dim=2)
+        any_present = present.any(1)
+        if self.fusion == "qam":
+            scores = torch.cat([self.quality[m](tokens[m]).expand(batch, segments, 1) if m in tokens
+                                else empty.new_zeros(batch, segments, 1) for m in MODALITIES], dim=-1)
+            scores = scores.masked_fill(~present[:, None, :], float("-inf"))
+            # A clip with nothing present would be all -inf (NaN softmax); its betas are zeroed below anyway.
+            scores = scores.masked_fill(~any_present[:, None, None], 0.0)
+            betas = torch.softmax(scores, dim=-1) * present[:, None, :]
+        else:
+            betas = present[:, None, :].to(empty.dtype) / present.sum(1).clamp(min=1)[:, None, None]
+            betas = betas.expand(batch, segments, -1)
+        fused = (betas[..., None] * stacked).sum(2)
+        return torch.where(any_present[:, None, None], fused, empty), betas
+
+    def _concat(self, tokens, present) -> torch.Tensor:
+        """The baseline fusion: all modality tokens in one sequence, absent ones masked; masked mean of the outputs."""
+        sequence, valid = [], []
+        for index, name in enumerate(MODALITIES):
+            if name in tokens:
+                token = tokens[name] + self.modality_embedding[index]
+                if name != "text":
+                    token = token + self.position_embedding
+                sequence.append(token)
+                valid.append(present[:, index : index + 1].expand(-1, token.shape[1]))
+        batch = present.shape[0]
+        sequence.append(self.empty_token.expand(batch, 1, -1))
+        valid.append(~present.any(1, keepdim=True))
+        sequence, valid = torch.cat(sequence, dim=1), torch.cat(valid, dim=1)
+        encoded = self.transformer(sequence, src_key_padding_mask=~valid)
+        weights = valid[..., None].to(encoded.dtype)
+        return (encoded * weights).sum(1) / weights.sum(1)
