@@ -13,6 +13,7 @@ from emi.models.encoders import (
     audio_frame_features,
     build_encoder,
     build_tokenizer,
+    normalise_waveform,
     bundled_vocab,
     export_encoders,
     image_processing,
@@ -188,8 +189,9 @@ def test_group_norm_wav2vec2_gets_zero_padding_and_no_mask():
     wave = torch.randn(2, 3000, generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, 3000, dtype=torch.long)
     mask[1, 2000:] = 0
-    zero_padded = wave.clone()
-    zero_padded[1, 2000:] = 0
+    zero_padded = normalise_waveform(wave, mask)
+    assert torch.all(zero_padded[1, 2000:] == 0)
+    assert zero_padded[1, :2000].mean().abs() < 1e-5 and (zero_padded[1, :2000].std() - 1).abs() < 1e-3
     with torch.no_grad():
         frames, frame_mask = audio_frame_features(encoder, wave, mask)
         expected = encoder(zero_padded).last_hidden_state

@@ -171,19 +171,29 @@ def text_features(encoder: PreTrainedModel, input_ids: torch.Tensor, attention_m
     return masked_mean(states, attention_mask.bool())
 
 
+def normalise_waveform(input_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over each waveform's valid samples, padding zeroed: the input convention of
+    Wav2Vec2 checkpoints (their feature extractor's do_normalize), applied here so every caller gets it."""
+    mask = attention_mask.to(input_values.dtype)
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    mean = (input_values * mask).sum(-1, keepdim=True) / count
+    var = (((input_values - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+    return (input_values - mean) / torch.sqrt(var + 1e-7) * mask
+
+
 def audio_frame_features(
     encoder: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frame features [N, F, Da] (one per 20 ms) and the valid-frame mask [N, F] of waveforms [N, S].
 
     A frame is valid when its whole receptive field lies in the valid samples; S must be at least one receptive
-    field (400 samples at 16 kHz). Padding is zeroed. Checkpoints with a group-norm feature extractor
+    field (400 samples at 16 kHz). Waveforms are normalised (`normalise_waveform`) and padding is zeroed. Checkpoints with a group-norm feature extractor
     (feat_extract_norm="group", e.g. wav2vec2-base, wav2vec2-large-960h) were trained without attention masks,
     so, as the transformers Wav2Vec2 docs advise, they get zero padding and no mask; they normalise over the
     padded length, so their features depend slightly on padding. Layer-norm ones (e.g. -large-960h-lv60-self)
     do not.
     """
-    input_values = input_values * attention_mask.to(input_values.dtype)
+    input_values = normalise_waveform(input_values, attention_mask)
     uses_mask = encoder.config.feat_extract_norm == "layer"
     states = encoder(input_values, attention_mask=attention_mask if uses_mask else None).last_hidden_state
     lengths = encoder._get_feat_extract_output_lengths(attention_mask.sum(-1))
