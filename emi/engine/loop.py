@@ -144,6 +144,13 @@ def move_to_device(batch: dict[str, Any], device: torch.device, float_dtype: tor
     return moved
 
 
+def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """DeepSpeed runs the model itself in bf16/fp16 (no autocast), so floating inputs must match it."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
 def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> FitResult:
     train: TrainSection = config.train
     is_main = accelerator.is_main_process
@@ -185,9 +192,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     elif is_main and train.resume == "latest":
         logger.line("no checkpoint to resume from; starting fresh")
 
-    float_dtype = None
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    float_dtype = input_dtype(accelerator)
 
     stop = StopRequest()
     stopped_by: int | None = None
@@ -195,7 +200,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     window: list[torch.Tensor] = []
     scalar_names: list[str] = []
     window_start = time.perf_counter()
-    batch_size = task.train_data.batch_size
+    batch_size = config.data.batch_size
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, run_dir, state, train.keep_last, ema.state_dict() if ema else None)

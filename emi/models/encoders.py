@@ -266,7 +266,8 @@ class ContrastiveModel(nn.Module):
         # Plain dicts, not state: export rebuilds the tokenizer and the image processing info from them.
         self.vision_spec, self.text_spec, self.audio_spec = vision_spec, text_spec, audio_spec
         self.max_log_logit_scale = math.log(max_logit_scale)
-        init_logit_scale = torch.tensor(math.log(1 / init_temperature))
+        # Shape [1], not a scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
+        init_logit_scale = torch.tensor([math.log(1 / init_temperature)])
 
         self.text = build_encoder(text_spec, "text")
         self.text_projection = nn.Linear(self.text.config.hidden_size, embed_dim, bias=False)
@@ -305,9 +306,9 @@ class ContrastiveModel(nn.Module):
             pooled = audio_features(self.audio, input_values, audio_attention_mask)
             out["audio"] = F.normalize(self.audio_projection(pooled), dim=-1)
         if self.vision is not None:
-            out["logit_scale_vision_text"] = self.logit_scale_vision_text.clamp(max=self.max_log_logit_scale).exp()
+            out["logit_scale_vision_text"] = self.logit_scale_vision_text.clamp(max=self.max_log_logit_scale).exp()[0]
         if self.audio is not None:
-            out["logit_scale_audio_text"] = self.logit_scale_audio_text.clamp(max=self.max_log_logit_scale).exp()
+            out["logit_scale_audio_text"] = self.logit_scale_audio_text.clamp(max=self.max_log_logit_scale).exp()[0]
         return out
 
 

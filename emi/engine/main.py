@@ -1,0 +1,54 @@
+"""The command line every training entry point shares: `--config FILE [--resume latest|PATH] [key=value ...]`.
+
+Usage errors (bad config, missing shards) exit with code 2 and one clear line; a run stopped by SIGUSR1/SIGTERM
+exits 0 after its checkpoint, ready for `--resume latest`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from emi.config import load_config
+from emi.engine.distributed import build_accelerator
+from emi.engine.loop import FitResult, Task, fit
+from emi.errors import UsageError
+
+C = TypeVar("C")
+
+
+def parse_run_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--resume", default=None, help="none | latest (newest checkpoint, if any) | a checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.batch_size=8")
+    return parser.parse_args(argv)
+
+
+def run_stage(schema: type[C], build_task: Callable[[C, Accelerator], Task], argv: list[str] | None,
+              description: str) -> FitResult | int:
+    """Load the config, set up the processes, build the stage's task and hand it to the shared loop."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_run_args(argv, description)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        config: Any = load_config(schema, args.config, overrides)
+        accelerator = build_accelerator(config.train, config.data.batch_size)
+        set_seed(config.run.seed)  # the same initial weights on every rank
+        task = build_task(config, accelerator)
+        torch.manual_seed(config.run.seed + accelerator.process_index)  # distinct dropout per rank
+        return fit(task, accelerator, config, Path(config.run.output_dir) / config.run.name)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def exit_code(result: FitResult | int) -> int:
+    return result if isinstance(result, int) else 0
