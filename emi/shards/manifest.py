@@ -1,0 +1,122 @@
+"""Shard files and the manifest beside them: deterministic tar writing, atomic writes, reading back.
+
+manifest.json (format emi-shards/1) is what the streaming loader reads:
+    {"format": "emi-shards/1", "split": "train",
+     "shards": [{"name": "train-000000.tar", "num_samples": N, "bytes": B, "sha256": "...", "keys": [...]}],
+     "num_samples": total, "num_frames": total, "duration_s": total,
+     "labels": {"Admiration": "float", "Expression": "str", ...}, "args": {...}}
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+FORMAT = "emi-shards/1"
+MEMBER_MTIME = 0  # fixed, so identical inputs give byte-identical shards
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_pattern(split: str) -> re.Pattern:
+    return re.compile(re.escape(split) + r"-\d{6}\.tar")
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a file is written before being renamed into place: hidden, so never taken for a shard."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = temporary_path(path)
+    with open(tmp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Writes one tar under its temporary name; `finish` renames it into place and returns its manifest entry."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = temporary_path(path)
+        self.tar = tarfile.open(self.tmp, "w")
+        self.keys: list[str] = []
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, 0o644
+            self.tar.addfile(info, io.BytesIO(data))
+        self.keys.append(key)
+
+    def finish(self) -> dict:
+        self.tar.close()
+        with open(self.tmp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(self.tmp, self.path)
+        return {"name": self.path.name, "num_samples": len(self.keys), "bytes": self.path.stat().st_size,
+                "sha256": sha256_file(self.path), "keys": list(self.keys)}
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest in folder, None when there is none; ValueError when it is not an emi-shards/1 manifest."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an {FORMAT} manifest")
+    return manifest
+
+
+def read_failures(folder: Path) -> list[dict]:
+    """The records of failures.jsonl, [] when there is none; ValueError when a line is not a JSON object."""
+    path = folder / FAILURES
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_sample_metadata(path: Path) -> list[dict]:
+    """The `<key>.json` entries of a shard, in order; ValueError when the shard is damaged."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return [json.loads(tar.extractfile(member).read()) for member in tar
+                    if member.isfile() and member.name.endswith(".json")]
+    except (OSError, tarfile.TarError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable shard ({err})") from None

@@ -1,0 +1,130 @@
+"""From the labels CSV and the videos folder to the sorted list of clips to build, and the rows that cannot be.
+
+A row's `Filename` is resolved inside the videos folder: the exact relative path first, else the one file in
+that folder whose stem equals the Filename's stem. Absolute paths, `..` and symlinks that lead outside the
+folder are refused. The clip id (WebDataset key) is the file's stem. Top-level files that no row names are
+reported too, since their labels are missing (hidden files and NOT_CLIPS aside).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from emi.errors import UsageError
+from emi.shards.labels import LabelTable, parse_labels
+
+# Files in a videos folder that are never clips: labels, transcripts, notes. Every other file is taken for one.
+NOT_CLIPS = {".csv", ".json", ".jsonl", ".md", ".txt"}
+
+
+@dataclass(frozen=True)
+class ClipJob:
+    key: str  # clip id: the file's stem
+    path: str  # absolute path of the clip
+    source: str  # path relative to the videos folder, as stored in the sample's json
+    labels: dict[str, float | str]
+    transcript: str | None  # imported from --transcripts; None: recognise it (or leave it empty)
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str  # the clip, relative to the videos folder, or the Filename as the CSV gives it
+    reason: str
+    line: int | None = None  # labels CSV line, for failures found in a row
+    key: str | None = None  # clip id, for failures found while building the clip
+
+    def to_json(self) -> dict:
+        record = {"path": self.path, "reason": self.reason}
+        if self.line is not None:
+            record["line"] = self.line
+        if self.key is not None:
+            record["key"] = self.key
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> Failure:
+        return cls(path=record["path"], reason=record["reason"], line=record.get("line"), key=record.get("key"))
+
+
+class ClipFinder:
+    """Resolves Filename values inside one folder; remembers which files were named."""
+
+    def __init__(self, videos: Path):
+        self.videos = Path(os.path.normpath(videos))
+        self.root = videos.resolve()
+        self.named: set[Path] = set()
+        self._stems: dict[Path, dict[str, list[Path]]] = {}
+
+    def _files_by_stem(self, folder: Path) -> dict[str, list[Path]]:
+        if folder not in self._stems:
+            index: dict[str, list[Path]] = {}
+            if folder.is_dir():
+                for entry in sorted(folder.iterdir()):
+                    if not entry.name.startswith("."):
+                        index.setdefault(entry.stem, []).append(entry)
+            self._stems[folder] = index
+        return self._stems[folder]
+
+    def find(self, filename: str) -> Path:
+        """The clip a Filename names, as a path under the videos folder; ValueError with the reason if none."""
+        if not filename:
+            raise ValueError("empty Filename")
+        if os.path.isabs(filename):
+            raise ValueError("absolute path: Filename must be relative to the videos folder")
+        exact = Path(os.path.normpath(self.videos / filename))
+        if not exact.is_relative_to(self.videos):
+            raise ValueError("escapes the videos folder ('..' leads outside it)")
+        if os.path.lexists(exact) and not exact.is_dir():
+            candidates = [exact]
+        else:
+            candidates = self._files_by_stem(exact.parent).get(exact.stem, [])
+        if not candidates:
+            raise ValueError("clip not found in the videos folder")
+        self.named.update(candidates)
+        if len(candidates) > 1:
+            raise ValueError(f"ambiguous: several files match ({', '.join(c.name for c in candidates)})")
+        clip = candidates[0]
+        if not clip.resolve().is_relative_to(self.root):  # a symlink (file or folder) leading outside
+            raise ValueError(f"escapes the videos folder (a symlink to {clip.resolve()})")
+        if not clip.is_file():
+            raise ValueError("not a regular file (a folder or a broken symlink)")
+        return clip
+
+
+def plan_clips(videos: Path, table: LabelTable, transcripts: dict[str, str]) -> tuple[list[ClipJob], list[Failure]]:
+    """Clips to build sorted by key, and failures: bad rows in CSV order, then unnamed media files by name."""
+    finder = ClipFinder(videos)
+    jobs: dict[str, ClipJob] = {}
+    lines: dict[str, int] = {}  # clip id -> the row that named it, for duplicate checks
+    sources: dict[str, str] = {}
+    failures = []
+    for row in table.rows:
+        try:
+            clip = finder.find(row.filename)
+        except ValueError as err:
+            failures.append(Failure(path=row.filename, reason=str(err), line=row.line))
+            continue
+        source = clip.relative_to(finder.videos).as_posix()
+        key = clip.stem
+        if "." in key:
+            failures.append(Failure(path=source, line=row.line, reason=f"clip id {key!r} contains '.', which "
+                                    "WebDataset reads as the start of the extension"))
+            continue
+        if key in sources:
+            raise UsageError(f"{table.path}: lines {lines[key]} and {row.line} both name clip id {key!r} "
+                             f"({sources[key]} and {source})")
+        lines[key], sources[key] = row.line, source
+        try:
+            labels = parse_labels(row, table.kinds)
+        except ValueError as err:
+            failures.append(Failure(path=source, reason=str(err), line=row.line))
+            continue
+        jobs[key] = ClipJob(key=key, path=str(clip.resolve()), source=source, labels=labels,
+                            transcript=transcripts.get(key))
+    for entry in sorted(finder.videos.iterdir()):
+        if (entry.name.startswith(".") or entry.suffix.lower() in NOT_CLIPS or entry in finder.named
+                or not entry.is_file()):
+            continue
+        failures.append(Failure(path=entry.name, reason=f"no row in {table.path.name}: clip has no labels"))
+    return [jobs[key] for key in sorted(jobs)], failures

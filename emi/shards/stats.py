@@ -1,0 +1,47 @@
+"""`emi shards stats DIR`: what a shard folder holds, from its manifest and every sample's json entry."""
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import fmean
+
+from emi.errors import UsageError
+from emi.shards.manifest import MANIFEST, read_failures, read_manifest, read_sample_metadata
+
+
+def shard_stats(folder: str | Path) -> dict:
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder) if folder.is_dir() else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if manifest is None:
+        raise UsageError(f"{folder}: no {MANIFEST} (not a shard folder)")
+    samples = []
+    for entry in manifest["shards"]:
+        path = folder / entry["name"]
+        if not path.is_file():
+            raise UsageError(f"{path}: listed in {MANIFEST} but missing")
+        try:
+            metadata = read_sample_metadata(path)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if len(metadata) != entry["num_samples"]:
+            raise UsageError(f"{path}: holds {len(metadata)} samples, {MANIFEST} says {entry['num_samples']}")
+        samples += metadata
+    try:
+        num_failures = len(read_failures(folder))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    float_labels = [name for name, kind in manifest["labels"].items() if kind == "float"]
+    return {
+        "split": manifest["split"],
+        "shards": len(manifest["shards"]),
+        "samples": len(samples),
+        "hours": round(sum(sample["duration_s"] for sample in samples) / 3600, 6),
+        "frames": sum(sample["num_frames"] for sample in samples),
+        "failures": num_failures,
+        "label_means": {name: fmean(sample["labels"][name] for sample in samples) if samples else None
+                        for name in float_labels},
+        "has_audio": sum(sample["has_audio"] for sample in samples),
+        "transcripts": sum(bool(sample["transcript"].strip()) for sample in samples),
+    }

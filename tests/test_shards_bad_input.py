@@ -1,0 +1,173 @@
+"""One folder with good clips and every kind of bad input, one build: each failure named with its reason,
+every good clip in the shards."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emi import EMI_EMOTIONS
+from emi.cli import main
+from emi.shards.stats import shard_stats
+
+GRID = Path("/work/shared/data/grid")
+GOOD = ["bbaf2n", "brbk7n", "noaudio", "portrait"]
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *args], check=True)
+
+
+def row(filename: str, **overrides: str) -> list[str]:
+    labels = {name: "0.5" for name in EMI_EMOTIONS} | {"Valence": "-0.25", "Expression": "Neutral"} | overrides
+    return [filename, *labels.values()]
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad_input")
+    videos = root / "videos"
+    videos.mkdir()
+    for key in GOOD[:2]:
+        shutil.copy(GRID / f"{key}.mpg", videos)
+    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1.2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           str(videos / "noaudio.mp4"))
+    Image.fromarray(np.full((80, 60, 3), 200, np.uint8)).save(videos / "portrait.jpg")  # AffectNet-style still
+    full = root / "full.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1", "-f", "lavfi", "-i", "sine=duration=1",
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(full))
+    faststart = root / "faststart.mp4"
+    ffmpeg("-i", str(full), "-c", "copy", "-movflags", "+faststart", str(faststart))
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "notvideo.mp4").write_text("hello, I am text\n")
+    (videos / "truncated.mp4").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    (videos / "cutfast.mp4").write_bytes(faststart.read_bytes()[: faststart.stat().st_size * 2 // 3])
+    ffmpeg("-f", "lavfi", "-i", "sine=duration=1", str(videos / "voice.wav"))
+    for name in ("unlabeled.mp4", "nanlabel.mp4", "textlabel.mp4", "emptylabel.mp4", "range.mp4", "amb.mp4",
+                 "amb.avi", "dotted.name.mp4"):
+        shutil.copy(full, videos / name)
+    shutil.copy(full, root / "outside.mp4")
+    os.symlink(root / "outside.mp4", videos / "link.mp4")
+    (videos / "README.txt").write_text("not a clip, not reported\n")
+    rows = [row("bbaf2n.mpg"), row("brbk7n"), row("noaudio.mp4", Expression="Happiness"),
+            row("portrait", Expression="Surprise"), row("empty.mp4"), row("notvideo.mp4"), row("truncated.mp4"),
+            row("cutfast.mp4"), row("voice.wav"), row("ghost.mp4"), row("nanlabel.mp4", Valence="nan"),
+            row("textlabel.mp4", Joy="high"), row("emptylabel.mp4", Amusement=""), row("range.mp4", Joy="1.5"),
+            row("../outside.mp4"), row(str(root / "outside.mp4")), row("link.mp4"), row("amb"),
+            row("dotted.name.mp4")]
+    labels = root / "labels.csv"
+    with labels.open("w", newline="") as file:
+        csv.writer(file).writerows([["Filename", *EMI_EMOTIONS, "Valence", "Expression"], *rows])
+    out = root / "shards"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["shards", "build", "--videos", str(videos), "--labels", str(labels), "--out", str(out),
+                     "--frame-size", "64"])
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    return {"root": root, "out": out, "code": code, "summary": stdout.getvalue(), "failures": failures}
+
+
+EXPECTED_FAILURES = {
+    "empty.mp4": "empty file (0 bytes)",
+    "notvideo.mp4": "not a media file (it is a text file)",
+    "truncated.mp4": "not readable as media, truncated or corrupt (ffprobe: moov atom not found",
+    "cutfast.mp4": "truncated or corrupt: decoded",
+    "voice.wav": "no video stream",
+    "ghost.mp4": "clip not found in the videos folder",
+    "nanlabel.mp4": "label 'Valence' is 'nan', not a finite number",
+    "textlabel.mp4": "label 'Joy' is not a number: 'high'",
+    "emptylabel.mp4": "label 'Amusement' is empty",
+    "range.mp4": "label 'Joy' = 1.5 is outside [0, 1]",
+    "../outside.mp4": "escapes the videos folder ('..' leads outside it)",
+    "ABSOLUTE": "absolute path: Filename must be relative to the videos folder",
+    "link.mp4": "escapes the videos folder (a symlink to",
+    "amb": "ambiguous: several files match (amb.avi, amb.mp4)",
+    "dotted.name.mp4": "clip id 'dotted.name' contains '.'",
+    "unlabeled.mp4": "no row in labels.csv: clip has no labels",
+}
+
+
+def test_exit_code_three_and_summary_points_to_the_report(build):
+    assert build["code"] == 3
+    assert f"4 samples in 1 train shard(s) in {build['out']}" in build["summary"]
+    report = build["out"] / "failures.jsonl"
+    assert f"{len(EXPECTED_FAILURES)} clip(s) not built: reasons in {report}" in build["summary"]
+
+
+def test_every_bad_input_is_reported_with_its_reason(build):
+    reasons = {}
+    for record in build["failures"]:
+        path = "ABSOLUTE" if record["path"] == str(build["root"] / "outside.mp4") else record["path"]
+        assert path not in reasons, f"{path} reported twice"
+        reasons[path] = record["reason"]
+    assert sorted(reasons) == sorted(EXPECTED_FAILURES)
+    for path, reason in EXPECTED_FAILURES.items():
+        assert reasons[path].startswith(reason), (path, reasons[path])
+
+
+def test_failures_say_where_they_were_found(build):
+    by_path = {record["path"]: record for record in build["failures"]}
+    assert by_path["nanlabel.mp4"]["line"] == 12  # header is line 1
+    assert by_path["ghost.mp4"]["line"] == 11
+    assert by_path["voice.wav"]["key"] == "voice" and "line" not in by_path["voice.wav"]
+    assert set(by_path["unlabeled.mp4"]) == {"path", "reason"}
+
+
+def test_every_good_clip_is_built(build):
+    manifest = json.loads((build["out"] / "manifest.json").read_text())
+    assert [key for entry in manifest["shards"] for key in entry["keys"]] == sorted(GOOD)
+    assert manifest["labels"]["Valence"] == "float" and manifest["labels"]["Expression"] == "str"
+    stats = shard_stats(build["out"])
+    assert (stats["samples"], stats["failures"], stats["has_audio"]) == (4, len(EXPECTED_FAILURES), 2)
+
+
+def _sample(build: dict, key: str) -> dict[str, bytes]:
+    with tarfile.open(build["out"] / "train-000000.tar") as tar:
+        return {member.name.partition(".")[2]: tar.extractfile(member).read() for member in tar
+                if member.name.partition(".")[0] == key}
+
+
+def test_clip_without_audio_is_built_with_silence(build):
+    sample = _sample(build, "noaudio")
+    meta = json.loads(sample["json"])
+    assert meta["has_audio"] is False and meta["num_frames"] == 6 and meta["duration_s"] == pytest.approx(1.2)
+    assert meta["labels"]["Expression"] == "Happiness" and meta["labels"]["Valence"] == -0.25
+    with wave.open(io.BytesIO(sample["wav"])) as wav:
+        assert wav.getnframes() == 19200
+        assert not np.frombuffer(wav.readframes(19200), "<i2").any()
+    assert sorted(name for name in sample if name.endswith(".jpg")) == [f"{i:04d}.jpg" for i in range(6)]
+
+
+def test_still_image_is_a_one_frame_sample(build):
+    sample = _sample(build, "portrait")
+    meta = json.loads(sample["json"])
+    assert (meta["num_frames"], meta["duration_s"], meta["has_audio"]) == (1, 0.0, False)
+    assert meta["labels"]["Expression"] == "Surprise" and meta["source"] == "portrait.jpg"
+    assert sorted(sample) == ["0000.jpg", "json", "txt", "wav"]
+    assert Image.open(io.BytesIO(sample["0000.jpg"])).size == (64, 86)
+    with wave.open(io.BytesIO(sample["wav"])) as wav:
+        assert wav.getnframes() == 0 and wav.getframerate() == 16000
+
+
+def test_rerun_keeps_the_shard_and_the_failures_of_its_clips(build, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(build["out"], out)
+    args = json.loads((out / "manifest.json").read_text())["args"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["shards", "build", "--videos", args["videos"], "--labels", args["labels"], "--out", str(out),
+                     "--frame-size", "64"])
+    assert code == 3
+    assert "(0 written, 1 kept from an earlier build)" in stdout.getvalue()
+    assert (out / "failures.jsonl").read_text() == (build["out"] / "failures.jsonl").read_text()
