@@ -1,0 +1,224 @@
+"""The streaming loader: one IterableDataset that batches inside each dataloader worker, and `build_loader`.
+
+Every consumer (rank, worker) yields exactly the planned number of batches, so every rank runs the same
+number of steps and no collective waits forever. The batch order is a pure function of (seed, epoch):
+the DataLoader takes batches from its workers in turn, and each worker's stream is fixed by the plan, so
+`set_epoch(epoch, skip_batches=k)` resumes an epoch exactly at batch k without decoding the first k.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from emi import EMI_EMOTIONS
+from emi.data.decode import AudioSpec, ImageSpec, SampleError, sample_rng
+from emi.data.modes import MODES, PROMPT_MODES, WANTED, DecodeSpec, collate, decode_sample
+from emi.data.plan import (consumer_segments, cycle_segments, resampled_batches, resampled_segments,
+                           samples_per_consumer, shard_order, shuffle_buffer_order, worker_skip_batches)
+from emi.data.reader import RawSample, read_segments
+from emi.data.urls import ShardInfo, resolve_shards
+from emi.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+class SharedEpoch:
+    """The epoch, the batches to skip at its start, and the count of skipped corrupt samples, in shared
+    memory so that persistent workers see `set_epoch` and the main process sees their count."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self.epoch = context.Value("q", 0)
+        self.skip_batches = context.Value("q", 0)
+        self.skipped = context.Value("q", 0)
+
+
+class ShardDataset(IterableDataset):
+    """Batches of one rank's share of the shards; in a worker, of that worker's share."""
+
+    def __init__(self, shards: Sequence[ShardInfo], spec: DecodeSpec, shared: SharedEpoch, *,
+                 batch_size: int, world_size: int, rank: int, num_workers: int, seed: int, shuffle: bool,
+                 resampled: bool, drop_last: bool, shuffle_buffer: int) -> None:
+        self.urls = [shard.url for shard in shards]
+        self.sizes = [shard.num_samples for shard in shards]
+        self.spec, self.shared = spec, shared
+        self.batch_size, self.rank, self.seed = batch_size, rank, seed
+        self.shuffle, self.resampled = shuffle, resampled
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.workers = max(1, num_workers)
+        consumers = world_size * self.workers
+        total = sum(self.sizes)
+        if resampled:
+            self.per_consumer = resampled_batches(total, consumers, batch_size) * batch_size
+        else:
+            self.per_consumer = samples_per_consumer(total, consumers, batch_size, drop_last)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self.workers * self.per_consumer // self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch, skip_batches = self.shared.epoch.value, self.shared.skip_batches.value
+        # The DataLoader starts every epoch at worker 0; on resume at batch k, worker w continues the
+        # stream that worker (w + k) % W had in the uninterrupted epoch, so batch k comes first.
+        role = (worker + skip_batches) % self.workers
+        consumer = self.rank * self.workers + role
+        skip = worker_skip_batches(skip_batches, role, self.workers) * self.batch_size
+        samples = self._raw_samples(consumer, epoch, skip)
+        try:
+            yield from self._batches(samples, epoch, self.per_consumer - skip, f"rank {self.rank} worker {worker}")
+        finally:
+            samples.close()
+
+    def _raw_samples(self, consumer: int, epoch: int, skip: int) -> Iterator[RawSample | None]:
+        """This consumer's samples in emission order after the first `skip`, then, to make up for
+        corrupt ones, its slice again and the rest of the data set (None: a sample that could not be read)."""
+        wanted = WANTED[self.spec.mode]
+        if self.resampled:
+            segments = resampled_segments(self.sizes, self.seed, epoch, consumer)
+            positions: Iterator[int] = itertools.count()
+        else:
+            order = shard_order(len(self.sizes), self.seed, epoch, self.shuffle)
+            segments = consumer_segments(self.sizes, order, consumer, self.per_consumer)
+            positions = iter(range(self.per_consumer))
+        emission = shuffle_buffer_order(positions, self.shuffle_buffer, self.seed, epoch, consumer)
+        skipped = set(itertools.islice(emission, skip))
+        reader = read_segments(self.urls, segments, skipped, wanted)
+        pending: dict[int, RawSample | None] = {}  # read but not yet emitted: at most shuffle_buffer
+        try:
+            for position in emission:
+                while position not in pending:
+                    read_position, raw = next(reader)
+                    pending[read_position] = raw
+                yield pending.pop(position)
+        finally:
+            reader.close()
+        if not self.resampled:
+            begin = consumer * self.per_consumer
+            yield from (raw for _, raw in read_segments(self.urls, cycle_segments(self.sizes, order, begin),
+                                                        (), wanted))
+
+    def _batches(self, samples: Iterator[RawSample | None], epoch: int, quota: int,
+                 who: str) -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        emitted = skipped = failures_in_a_row = 0
+        total = sum(self.sizes)
+        while emitted < quota:
+            raw = next(samples)
+            sample = self._decode(raw, epoch)
+            if sample is None:
+                skipped += 1
+                failures_in_a_row += 1
+                with self.shared.skipped.get_lock():
+                    self.shared.skipped.value += 1
+                if failures_in_a_row >= total:
+                    raise UsageError(f"{who}: {total} samples in a row were unusable, as many as the "
+                                     f"data set holds ({len(self.urls)} shards from {self.urls[0]}): "
+                                     f"no valid sample to train on (see the warnings above)")
+                continue
+            failures_in_a_row = 0
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                out = collate(batch, self.spec)
+                out["num_skipped"] = skipped
+                batch = []
+                emitted += self.batch_size
+                yield out
+        if skipped:
+            log.warning("%s: skipped %d corrupt samples this epoch (see warnings above)", who, skipped)
+
+    def _decode(self, raw: RawSample | None, epoch: int) -> dict[str, Any] | None:
+        if raw is None:  # unreadable; the reader has said why
+            return None
+        try:
+            return decode_sample(raw, self.spec, sample_rng(self.seed, epoch, raw.key))
+        except SampleError as err:
+            log.warning("shard %s: skipping sample %r: %s", raw.url, raw.key, err)
+            return None
+
+
+@dataclass
+class DataInfo:
+    """A loader for training: call `set_epoch` before iterating `dataloader` each epoch.
+
+    num_batches: batches per epoch on each rank (the same on every rank).
+    num_samples: samples per epoch on all ranks together (num_batches x batch_size x world_size).
+    """
+
+    dataloader: DataLoader
+    dataset: ShardDataset
+    num_batches: int
+    num_samples: int
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's plan; with `skip_batches` = k the epoch yields its batches k.. only
+        (num_batches - k of them), identical to those of the uninterrupted epoch."""
+        if epoch < 0 or not 0 <= skip_batches <= self.num_batches:
+            raise ValueError(f"set_epoch({epoch}, skip_batches={skip_batches}): need epoch >= 0 and "
+                             f"0 <= skip_batches <= num_batches ({self.num_batches})")
+        shared = self.dataset.shared
+        shared.epoch.value, shared.skip_batches.value, shared.skipped.value = epoch, skip_batches, 0
+
+    def skipped(self) -> int:
+        """Corrupt or unreadable samples this rank skipped so far in the current epoch."""
+        return self.dataset.shared.skipped.value
+
+
+def build_loader(spec: str | Sequence[str], *, mode: str, batch_size: int, num_workers: int, world_size: int,
+                 rank: int, seed: int, shuffle: bool, train: bool, resampled: bool = False,
+                 drop_last: bool = False, shuffle_buffer: int = 256, manifest: str | Path | None = None,
+                 image: ImageSpec = ImageSpec(), audio: AudioSpec = AudioSpec(), num_frames: int = 16,
+                 label_names: Sequence[str] | None = None, prompt_fn: Callable[[dict], str] | None = None,
+                 tokenizer: Any | None = None, max_text_len: int = 64, pin_memory: bool | None = None,
+                 prefetch_factor: int = 2, persistent_workers: bool = True,
+                 start_method: str | None = None) -> DataInfo:
+    """A DataLoader over WebDataset shards (see emi.data.urls for the spec forms) for one rank.
+
+    mode: one of MODES (see emi.data.modes). train: augmentation and random crops/frames on.
+    shuffle: seeded shard order and a per-worker shuffle buffer of `shuffle_buffer` samples.
+    resampled: each worker draws whole shards with replacement; the epoch is cut to one data set's worth.
+    prompt_fn(labels) -> str: required by the frame, audio and frame_audio modes.
+    start_method: the workers' multiprocessing start method (None: the platform default, fork on Linux).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode in PROMPT_MODES and prompt_fn is None:
+        raise ValueError(f"mode {mode!r} needs a prompt_fn(labels) -> str")
+    if batch_size < 1 or num_workers < 0 or seed < 0 or num_frames < 0 or not 0 <= rank < world_size:
+        raise ValueError(f"bad loader settings: batch_size={batch_size}, num_workers={num_workers}, "
+                         f"seed={seed}, num_frames={num_frames}, rank={rank}, world_size={world_size}")
+    shards = resolve_shards(spec, manifest)
+    decode_spec = DecodeSpec(mode=mode, train=train, image=image, audio=audio, num_frames=num_frames,
+                             label_names=tuple(label_names or EMI_EMOTIONS), prompt_fn=prompt_fn,
+                             tokenizer=tokenizer, max_text_len=max_text_len)
+    context = multiprocessing.get_context(start_method)
+    dataset = ShardDataset(shards, decode_spec, SharedEpoch(context), batch_size=batch_size,
+                           world_size=world_size, rank=rank, num_workers=num_workers, seed=seed,
+                           shuffle=shuffle, resampled=resampled, drop_last=drop_last,
+                           shuffle_buffer=shuffle_buffer)
+    dataloader = DataLoader(
+        dataset, batch_size=None, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        worker_init_fn=_init_worker, multiprocessing_context=context if num_workers > 0 else None,
+        # Its own generator: starting workers must not draw from the global RNG, or a resumed run's dropout
+        # would drift from the uninterrupted run's (all randomness in the data comes from seed/epoch/key).
+        generator=torch.Generator().manual_seed(seed),
+    )
+    num_batches = len(dataset)
+    return DataInfo(dataloader, dataset, num_batches, num_batches * batch_size * world_size)
+
+
+def _init_worker(worker_id: int) -> None:
+    # Decoding is parallel across workers already; threads inside each would oversubscribe the cores.
+    torch.set_num_threads(1)

@@ -1,0 +1,170 @@
+"""What each data mode makes of a raw sample (`decode_sample`) and of a list of them (`collate`).
+
+clip         Stage II feature extraction, predict: T frames, the audio, labels, transcript.
+frame        Stage I vision-text: one frame and the prompt built from the labels.
+audio        Stage I audio-text: an audio window and the prompt.
+frame_audio  Stage I with both pairs from one sample.
+features     Stage II training on extracted features: vision.npy [T, D], audio.npy [T, D], text.npy.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from emi.data.decode import (AudioSpec, ImageSpec, SampleError, decode_json, decode_npy, decode_text,
+                             decode_wav, frame_view, label_vector, load_frame, normalise, open_jpeg,
+                             prepare_audio, uniform_indices)
+from emi.data.reader import RawSample
+
+# The entries each mode reads; anything else in a shard is passed over unread.
+WANTED = {
+    "clip": re.compile(r"json|txt|wav|\d+\.jpg"),
+    "frame": re.compile(r"json|\d+\.jpg"),
+    "audio": re.compile(r"json|wav"),
+    "frame_audio": re.compile(r"json|wav|\d+\.jpg"),
+    "features": re.compile(r"json|(?:vision|audio|text)\.npy"),
+}
+MODES = tuple(WANTED)
+PROMPT_MODES = ("frame", "audio", "frame_audio")
+_FRAME = re.compile(r"(\d+)\.jpg")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    mode: str
+    train: bool
+    image: ImageSpec
+    audio: AudioSpec
+    num_frames: int  # clip and features modes: T, 0 = all, padded to the longest in the batch
+    label_names: tuple[str, ...]
+    prompt_fn: Callable[[dict], str] | None
+    tokenizer: Any | None  # a Hugging Face tokenizer; tokenises the prompt (clip mode: the transcript)
+    max_text_len: int
+
+
+def decode_sample(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> dict[str, Any]:
+    meta = decode_json(_entry(raw, "json"))
+    labels, label_mask = label_vector(meta.get("labels", {}), spec.label_names)
+    sample: dict[str, Any] = {"key": raw.key, "labels": labels, "label_mask": label_mask,
+                              "has_audio": bool(meta.get("has_audio", True))}
+    if spec.mode == "features":
+        for name in ("vision", "audio"):
+            features = decode_npy(_entry(raw, f"{name}.npy"), f"{name}.npy")
+            if features.ndim != 2:
+                raise SampleError(f"{name}.npy: shape {tuple(features.shape)}, expected [T, D]")
+            sample[name] = features[uniform_indices(len(features), spec.num_frames)]
+        sample["text"] = decode_npy(_entry(raw, "text.npy"), "text.npy")
+        return sample
+    if spec.mode == "clip":
+        sample["frames"] = _clip_frames(raw, spec, rng)
+        txt = raw.entries.get("txt")
+        sample["transcript"] = decode_text(txt) if txt is not None else str(meta.get("transcript") or "")
+    if spec.mode in ("frame", "frame_audio"):
+        sample["pixel_values"] = _one_frame(raw, spec, rng)
+    if spec.mode in ("clip", "audio", "frame_audio"):
+        waveform, rate = decode_wav(_entry(raw, "wav"))
+        sample["audio"] = prepare_audio(waveform, rate, spec.audio, spec.train, rng)
+    if spec.mode in PROMPT_MODES:
+        try:
+            sample["prompt"] = spec.prompt_fn(meta.get("labels", {}))
+        except (KeyError, ValueError) as err:  # labels the prompt needs are missing or malformed
+            raise SampleError(f"json: no prompt from its labels ({type(err).__name__}: {err})") from None
+    return sample
+
+
+def collate(samples: Sequence[dict[str, Any]], spec: DecodeSpec) -> dict[str, Any]:
+    first = samples[0]
+    batch: dict[str, Any] = {
+        "key": [s["key"] for s in samples],
+        "labels": torch.stack([s["labels"] for s in samples]),
+        "label_mask": torch.stack([s["label_mask"] for s in samples]),
+        "has_audio": torch.tensor([s["has_audio"] for s in samples]),
+    }
+    if spec.mode == "features":
+        batch["vision"], batch["vision_mask"] = pad_stack([s["vision"] for s in samples], spec.num_frames)
+        batch["audio"], batch["audio_mask"] = pad_stack([s["audio"] for s in samples], spec.num_frames)
+        if first["text"].ndim == 1:
+            batch["text"] = torch.stack([s["text"] for s in samples])
+        else:
+            batch["text"], batch["text_mask"] = pad_stack([s["text"] for s in samples], 0)
+        return batch
+    if "frames" in first:
+        batch["frames"], batch["frame_mask"] = pad_stack([s["frames"] for s in samples], spec.num_frames)
+        batch["transcript"] = [s["transcript"] for s in samples]
+    if "pixel_values" in first:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+    if "audio" in first:
+        audio, audio_mask = pad_stack([s["audio"] for s in samples], spec.audio.window)
+        names = ("audio", "audio_mask") if spec.mode == "clip" else ("input_values", "audio_attention_mask")
+        batch[names[0]], batch[names[1]] = audio, audio_mask
+    if "prompt" in first:
+        batch["prompt"] = [s["prompt"] for s in samples]
+    if spec.tokenizer is not None:
+        tokens = spec.tokenizer(batch["prompt"] if "prompt" in batch else batch["transcript"],
+                                padding="max_length", truncation=True, max_length=spec.max_text_len,
+                                return_tensors="pt")
+        batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+    return batch
+
+
+def pad_stack(items: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack [L_i, ...] tensors into [B, L, ...] zero-padded along the first axis, with a [B, L] bool mask
+    of the real entries. L = `length`, or the longest item when `length` is 0."""
+    length = length or max(len(item) for item in items)
+    padded = new_empty((len(items), length, *items[0].shape[1:]), items[0].dtype)
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for row, item in enumerate(items):
+        padded[row, :len(item)] = item
+        padded[row, len(item):] = 0
+        mask[row, :len(item)] = True
+    return padded, mask
+
+
+def new_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a dataloader worker, in shared memory, so that handing the batch to
+    the main process copies nothing (as torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.tensor([], dtype=dtype).set_(storage).view(shape)
+
+
+def _entry(raw: RawSample, extension: str) -> bytes:
+    data = raw.entries.get(extension)
+    if data is None:
+        raise SampleError(f"no .{extension} entry")
+    return data
+
+
+def _frames(raw: RawSample) -> list[tuple[str, bytes]]:
+    """(extension, JPEG bytes) of the sample's frames in frame order."""
+    frames = sorted((int(m.group(1)), ext) for ext in raw.entries if (m := _FRAME.fullmatch(ext)))
+    if not frames:
+        raise SampleError("no frames (NNNN.jpg entries)")
+    return [(ext, raw.entries[ext]) for _, ext in frames]
+
+
+def _clip_frames(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> torch.Tensor:
+    """T frames spread evenly over the clip, all seen through one view (the same crop and mirror)."""
+    frames = _frames(raw)
+    chosen = [frames[i] for i in uniform_indices(len(frames), spec.num_frames)]
+    images = [open_jpeg(data, ext) for ext, data in chosen]
+    view = frame_view(*images[0].size, spec.train, rng)
+    pixels = [load_frame(image, ext, view, spec.image.size) for image, (ext, _) in zip(images, chosen)]
+    return normalise(torch.stack(pixels), spec.image)
+
+
+def _one_frame(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> torch.Tensor:
+    """A random frame in training, the middle one in eval."""
+    frames = _frames(raw)
+    ext, data = frames[int(rng.integers(len(frames))) if spec.train else len(frames) // 2]
+    image = open_jpeg(data, ext)
+    return normalise(load_frame(image, ext, frame_view(*image.size, spec.train, rng), spec.image.size),
+                     spec.image)

@@ -1,0 +1,123 @@
+"""Reading planned samples out of tar shards as raw bytes.
+
+A sample is a run of tar members sharing a key (the WebDataset rule: the key is the member name up to the
+first dot of its base name, the rest is the extension, so `00001.0003.jpg` is entry `0003.jpg` of sample
+`00001`). Only entries a mode asks for are read; every other member (a `.pyd` or `.pickle` too) is passed
+over without reading its bytes, and nothing is ever unpickled: decoding happens later, on the bytes.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import tarfile
+from collections.abc import Container, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from webdataset.gopen import gopen, set_options
+from webdataset.tariterators import base_plus_ext
+
+from emi.data.plan import Segment
+
+log = logging.getLogger(__name__)
+
+# What a damaged shard or a failing `pipe:` command raises while it is read.
+READ_ERRORS = (tarfile.TarError, OSError, EOFError)
+
+
+@dataclass
+class RawSample:
+    key: str
+    url: str
+    entries: dict[str, bytes] = field(default_factory=dict)
+
+
+def close_quietly(stream: IO[bytes]) -> None:
+    """Close a shard stream. A `pipe:` command stopped early exits on SIGPIPE, which is expected here;
+    a command that failed on its own has already raised while it was read."""
+    set_options(stream, ignore_errors=True)
+    try:
+        stream.close()
+    except READ_ERRORS:
+        pass
+
+
+def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
+    """(key, extension, tar, member) for each regular file of a tar stream that has a key."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for member in tar:
+        key, extension = base_plus_ext(member.name)
+        if member.isreg() and key is not None and not key.startswith("__"):
+            yield key, extension, tar, member
+
+
+def count_samples(url: str) -> int:
+    """Samples in a tar, counted by streaming it once; a damaged tar is counted up to the damage."""
+    count, previous = 0, None
+    stream = gopen(url)
+    try:
+        for key, _, _, _ in iter_members(stream):
+            if key != previous:
+                count, previous = count + 1, key
+    except READ_ERRORS as err:
+        log.warning("shard %s: unreadable after %d samples (%s); counting only those", url, count, err)
+    finally:
+        close_quietly(stream)
+    return count
+
+
+def read_segments(urls: Sequence[str], segments: Iterable[Segment], skip: Container[int],
+                  wanted: re.Pattern[str]) -> Iterator[tuple[int, RawSample | None]]:
+    """(position, sample) for every planned position not in `skip`, in plan order.
+
+    Positions number the samples of `segments` consecutively from 0. A position whose sample cannot be
+    read (a truncated tar, a failing pipe, a shard shorter than its manifest says) comes as None, after a
+    warning naming the shard. Shards whose planned samples are all skipped are not opened.
+    """
+    position = 0
+    for segment in segments:
+        length = segment.stop - segment.start
+        if any(p not in skip for p in range(position, position + length)):
+            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted)
+        position += length
+
+
+def _read_segment(url: str, segment: Segment, first: int, skip: Container[int],
+                  wanted: re.Pattern[str]) -> Iterator[tuple[int, RawSample | None]]:
+    index, sample, previous = -1, None, None  # index: of the current sample within the shard
+    problem = None
+    try:
+        stream = gopen(url)
+    except READ_ERRORS as err:
+        stream, problem = None, f"cannot open ({err})"
+    if stream is not None:
+        try:
+            for key, extension, tar, member in iter_members(stream):
+                if key != previous:
+                    if sample is not None:
+                        yield first + index - segment.start, sample
+                        sample = None
+                    index, previous = index + 1, key
+                    if index >= segment.stop:
+                        break
+                    if index >= segment.start and first + index - segment.start not in skip:
+                        sample = RawSample(key, url)
+                if sample is not None and wanted.fullmatch(extension):
+                    sample.entries[extension] = tar.extractfile(member).read()
+            else:
+                if sample is not None:
+                    yield first + index - segment.start, sample
+                index += 1
+                if index < segment.stop:
+                    problem = f"the shard ends after {index} samples, the plan expects {segment.stop}"
+        except READ_ERRORS as err:
+            problem = f"unreadable in sample {previous!r} (index {index}): {err}"
+        finally:
+            close_quietly(stream)
+    if problem is None:
+        return
+    missing = range(max(index, segment.start), segment.stop)
+    log.warning("shard %s: %s; skipping its samples %d..%d", url, problem, missing.start, missing.stop - 1)
+    for shard_index in missing:
+        if first + shard_index - segment.start not in skip:
+            yield first + shard_index - segment.start, None
