@@ -44,6 +44,14 @@ def _synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _features_extract(args: argparse.Namespace) -> int:
+    from emi.features import extract_features
+
+    print(json.dumps(extract_features(encoders=args.encoders, shards=args.shards, out=args.out,
+                                      batch_size=args.batch_size, num_workers=args.workers), indent=2))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emi", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats = shards.add_parser("stats", help="print a JSON summary of a shard folder")
     stats.add_argument("dir")
     stats.set_defaults(func=_shards_stats)
+
+    features = commands.add_parser("features", help="Stage II features from the frozen Stage I encoders"
+                                   ).add_subparsers(dest="features_command", required=True)
+    extract = features.add_parser("extract", help="run the exported encoders over clip shards (accelerate-aware: "
+                                  "`accelerate launch -m emi.cli features extract ...` splits the shards)")
+    extract.add_argument("--encoders", required=True, help="Stage I export folder (runs/<name>/export)")
+    extract.add_argument("--shards", required=True, help="clip shards: a folder with manifest.json, a pattern, ...")
+    extract.add_argument("--out", required=True, help="output folder for feature shards and manifest.json")
+    extract.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch")
+    extract.add_argument("--workers", type=int, default=1, help="decoding workers")
+    extract.set_defaults(func=_features_extract)
 
     synth = commands.add_parser("synth", help="write a synthetic EMI dataset (mp4 clips, labels, transcripts)")
     synth.add_argument("--out", required=True)

@@ -61,6 +61,7 @@ def decode_sample(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) ->
                 raise SampleError(f"{name}.npy: shape {tuple(features.shape)}, expected [T, D]")
             sample[name] = features[uniform_indices(len(features), spec.num_frames)]
         sample["text"] = decode_npy(_entry(raw, "text.npy"), "text.npy")
+        sample["has_text"] = bool(meta.get("has_text", True))
         return sample
     if spec.mode == "clip":
         sample["frames"] = _clip_frames(raw, spec, rng)
@@ -94,6 +95,7 @@ def collate(samples: Sequence[dict[str, Any]], spec: DecodeSpec) -> dict[str, An
             batch["text"] = torch.stack([s["text"] for s in samples])
         else:
             batch["text"], batch["text_mask"] = pad_stack([s["text"] for s in samples], 0)
+        batch["has_text"] = torch.tensor([s["has_text"] for s in samples])
         return batch
     if "frames" in first:
         batch["frames"], batch["frame_mask"] = pad_stack([s["frames"] for s in samples], spec.num_frames)

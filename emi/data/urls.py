@@ -22,7 +22,7 @@ from emi.errors import UsageError
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "emi-shards/1"
+MANIFEST_FORMATS = ("emi-shards/1", "emi-features/1")  # clip shards, feature shards
 _SHARD_NAME = re.compile(r"[^/\s:'\"]+\.(?:tar\.gz|tgz|tar)\b")
 
 
@@ -47,7 +47,7 @@ def shard_name(url: str) -> str:
 
 
 def read_manifest(path: str | Path) -> dict[str, int]:
-    """Shard name -> sample count from an `emi-shards/1` manifest."""
+    """Shard name -> sample count from an `emi-shards/1` or `emi-features/1` manifest."""
     path = Path(path)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -55,9 +55,9 @@ def read_manifest(path: str | Path) -> dict[str, int]:
         raise UsageError(f"manifest {path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"manifest {path}: not readable JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in MANIFEST_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise UsageError(f"manifest {path}: format is {found!r}, expected {MANIFEST_FORMAT!r}")
+        raise UsageError(f"manifest {path}: format is {found!r}, expected one of {MANIFEST_FORMATS}")
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise UsageError(f"manifest {path}: 'shards' must be a list")

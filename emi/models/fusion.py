@@ -21,8 +21,13 @@ predicted from a learned `empty` token, so the model never produces NaN. `tempor
 ablation: features go to the per-step projection (Eq. 5) without TCN or BiLSTM.
 """
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -280,3 +285,33 @@ class FusionModel(nn.Module):
         encoded = self.transformer(sequence, src_key_padding_mask=~valid)
         weights = valid[..., None].to(encoded.dtype)
         return (encoded * weights).sum(1) / weights.sum(1)
+
+
+FUSION_FORMAT = "emi-fusion/1"
+FUSION_WEIGHTS, FUSION_CONFIG = "model.safetensors", "config.json"
+
+
+def save_fusion(folder: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
+                labels: list[str], encoders: str, preprocessing: dict[str, Any], num_frames: int) -> None:
+    """A self-describing checkpoint: weights (safetensors) and config.json with the model arguments, the label
+    order, the Stage I encoders the features came from, how raw clips were prepared (fps, sample rate, frame
+    size, face crop, ASR) and the frames per clip the model saw (0: all)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / FUSION_WEIGHTS))
+    config = {"format": FUSION_FORMAT, "model": model_config, "labels": list(labels), "encoders": encoders,
+              "preprocessing": preprocessing, "num_frames": num_frames}
+    (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_fusion(folder: str | Path) -> tuple[FusionModel, dict[str, Any]]:
+    """The model of a `save_fusion` folder in eval mode, and its config."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / FUSION_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{folder}: not a fusion checkpoint ({err})") from None
+    if config.get("format") != FUSION_FORMAT:
+        raise UsageError(f"{folder / FUSION_CONFIG}: format {config.get('format')!r}, expected {FUSION_FORMAT!r}")
+    model = FusionModel(**config["model"])
+    model.load_state_dict(load_file(str(folder / FUSION_WEIGHTS)))
+    return model.eval(), config

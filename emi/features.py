@@ -1,0 +1,223 @@
+"""Stage II inputs: the frozen Stage I encoders run over clip shards, written as feature shards.
+
+    emi features extract --encoders runs/<stage1>/export --shards data/shards/train --out data/features/train
+    accelerate launch -m emi.cli features extract ...      # every rank writes its own shards
+
+Each input shard `<name>.tar` becomes a feature shard `<name>.tar` with, per clip:
+    <key>.vision.npy  [T, Dv] float16   one row per frame at the shard's fps (5 fps)
+    <key>.audio.npy   [T, Da] float16   the audio encoder's 20 ms frames averaged onto the video frame times
+    <key>.text.npy    [Dt]    float16   the transcript's sentence feature
+    <key>.json        key, labels, has_audio, has_text, num_frames, transcript
+npy only (np.save with allow_pickle=False), never pickle. Resumable like the shard builder: a shard is written
+under a temporary name and renamed when complete, with a sidecar `<name>.tar.json` (count, bytes, sha256, keys);
+a re-run keeps the shards whose sidecar matches and extracts the rest. Rank 0 writes `manifest.json` at the end.
+
+The same `clip_features` turns a decoded clip batch into features for `emi predict`, so training and prediction
+share one path from pixels and waveforms to features.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from emi.data import AudioSpec, ImageSpec, build_loader, resolve_shards
+from emi.data.decode import uniform_indices
+from emi.data.modes import pad_stack
+from emi.data.urls import shard_name
+from emi.errors import UsageError
+from emi.models.encoders import (
+    audio_frame_features, load_encoders, pool_audio_to_frames, text_features, vision_features)
+from emi.shards.manifest import MANIFEST, ShardWriter, sha256_file, write_json_atomic
+
+FORMAT = "emi-features/1"
+VISION_CHUNK = 256  # frames per vision-encoder call
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrozenEncoders:
+    """The exported Stage I encoders, frozen, with what the data pipeline needs to feed them."""
+
+    path: Path
+    vision: torch.nn.Module
+    text: torch.nn.Module
+    audio: torch.nn.Module
+    tokenizer: Any
+    image: ImageSpec
+    device: torch.device
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {name: getattr(self, name).config.hidden_size for name in ("vision", "audio", "text")}
+
+
+def load_frozen_encoders(export_dir: str | Path, device: torch.device | str = "cpu") -> FrozenEncoders:
+    loaded = load_encoders(export_dir)
+    missing = [name for name in ("vision", "text", "audio") if loaded.get(name) is None]
+    if missing:
+        raise UsageError(f"{export_dir}: Stage II needs vision, text and audio encoders; missing {missing} "
+                         "(train Stage I with both pairs)")
+    info = loaded["image_processing"]
+    device = torch.device(device)
+    return FrozenEncoders(
+        path=Path(export_dir).resolve(), vision=loaded["vision"].to(device), text=loaded["text"].to(device),
+        audio=loaded["audio"].to(device), tokenizer=loaded["tokenizer"],
+        image=ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"])), device=device)
+
+
+@torch.no_grad()
+def clip_features(encoders: FrozenEncoders, batch: dict[str, Any], fps: float) -> list[dict[str, Any]]:
+    """Features of every clip of a `clip`-mode batch (all frames, whole audio): a list of per-clip dicts."""
+    device = encoders.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        frames, frame_mask = batch["frames"].to(device), batch["frame_mask"].to(device)
+        valid_frames = frames[frame_mask]
+        vision = torch.cat([vision_features(encoders.vision, chunk)
+                            for chunk in valid_frames.split(VISION_CHUNK)]).float()
+        per_clip_vision = vision.split(frame_mask.sum(1).tolist())
+
+        audio_states, audio_frame_mask = audio_frame_features(
+            encoders.audio, batch["audio"].to(device), batch["audio_mask"].to(device).long())
+        text = text_features(encoders.text, batch["input_ids"].to(device),
+                             batch["attention_mask"].to(device)).float()
+
+    clips = []
+    for i, key in enumerate(batch["key"]):
+        num_frames = len(per_clip_vision[i])
+        audio = pool_audio_to_frames(audio_states[i].float(), audio_frame_mask[i], num_frames, video_fps=fps)
+        has_audio = bool(batch["has_audio"][i]) and bool(audio_frame_mask[i].any())
+        has_text = bool(batch["transcript"][i].strip())
+        clips.append({
+            "key": key, "num_frames": num_frames, "has_audio": has_audio, "has_text": has_text,
+            "transcript": batch["transcript"][i],
+            "vision": per_clip_vision[i].cpu().numpy(),
+            "audio": audio.cpu().numpy() if has_audio else np.zeros_like(audio.cpu().numpy()),
+            "text": text[i].cpu().numpy() if has_text else np.zeros_like(text[i].cpu().numpy()),
+        })
+    return clips
+
+
+def fusion_batch(clips: list[dict[str, Any]], num_frames: int) -> dict[str, torch.Tensor]:
+    """Per-clip features (from `clip_features`) as a Stage II batch laid out as the `features` loader lays
+    feature shards out: frames sampled uniformly to `num_frames` (0: all), padded, with masks and flags."""
+    batch: dict[str, Any] = {"key": [clip["key"] for clip in clips]}
+    for name in ("vision", "audio"):
+        arrays = [torch.from_numpy(clip[name].astype(np.float16)).float() for clip in clips]  # as stored
+        arrays = [a[uniform_indices(len(a), num_frames)] for a in arrays]
+        batch[name], batch[f"{name}_mask"] = pad_stack(arrays, num_frames)
+    batch["text"] = torch.stack([torch.from_numpy(clip["text"].astype(np.float16)).float() for clip in clips])
+    batch["has_audio"] = torch.tensor([clip["has_audio"] for clip in clips])
+    batch["has_text"] = torch.tensor([clip["has_text"] for clip in clips])
+    return batch
+
+
+def clip_loader(url: str, encoders: FrozenEncoders, label_names: list[str], batch_size: int, num_workers: int):
+    """A single-consumer, unshuffled `clip` loader over one shard: every frame, the whole audio, eval views."""
+    return build_loader(url, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=1, rank=0,
+                        seed=0, shuffle=False, train=False, image=encoders.image,
+                        audio=AudioSpec(sample_rate=16000, seconds=0.0), num_frames=0, label_names=label_names,
+                        tokenizer=encoders.tokenizer, max_text_len=min(encoders.tokenizer.model_max_length, 512),
+                        persistent_workers=False)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def feature_members(clip: dict[str, Any], labels: dict[str, float]) -> list[tuple[str, bytes]]:
+    key = clip["key"]
+    meta = {"key": key, "labels": labels, "has_audio": clip["has_audio"], "has_text": clip["has_text"],
+            "num_frames": clip["num_frames"], "transcript": clip["transcript"]}
+    return [(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
+            (f"{key}.vision.npy", npy_bytes(clip["vision"])),
+            (f"{key}.audio.npy", npy_bytes(clip["audio"])),
+            (f"{key}.text.npy", npy_bytes(clip["text"]))]
+
+
+def preprocessing(shard_args: dict) -> dict:
+    """How the clips were turned into shards; `emi predict` must prepare raw videos the same way."""
+    keys = ("fps", "sample_rate", "frame_size", "face_crop", "asr")
+    defaults = {"fps": 5.0, "sample_rate": 16000, "frame_size": 256, "face_crop": "none", "asr": "none"}
+    return {key: shard_args.get(key, defaults[key]) for key in keys}
+
+
+def _source_manifest(shards: str) -> dict:
+    path = Path(shards)
+    candidates = [path / MANIFEST] if path.is_dir() else [path.parent / MANIFEST]
+    for candidate in candidates:
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def _complete(out: Path, name: str) -> dict | None:
+    """The sidecar of a finished feature shard, None when the shard must be (re)extracted."""
+    sidecar, shard = out / f"{name}.json", out / name
+    if not (sidecar.is_file() and shard.is_file()):
+        return None
+    entry = json.loads(sidecar.read_text())
+    return entry if entry.get("sha256") == sha256_file(shard) else None
+
+
+def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_size: int = 8,
+                     num_workers: int = 1) -> dict:
+    """Extract features of every clip in `shards` into `out`; on several ranks each takes every n-th shard."""
+    state = PartialState()
+    out = Path(out)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    frozen = load_frozen_encoders(encoders, state.device)
+    source = _source_manifest(shards)
+    fps = float(source.get("args", {}).get("fps", 5.0))
+    label_names = [name for name, kind in source.get("labels", {}).items() if kind == "float"]
+    infos = resolve_shards(shards)
+
+    extracted = 0
+    for index, info in enumerate(infos):
+        name = shard_name(info.url)
+        if index % state.num_processes != state.process_index or _complete(out, name) is not None:
+            continue
+        writer, seen = ShardWriter(out / name), set()
+        data = clip_loader(info.url, frozen, label_names, batch_size, num_workers)
+        data.set_epoch(0)
+        for batch in data.dataloader:
+            for i, clip in enumerate(clip_features(frozen, batch, fps)):
+                if clip["key"] in seen:  # the last batch wraps around to fill up
+                    continue
+                seen.add(clip["key"])
+                labels = {n: float(v) for n, v, ok in zip(label_names, batch["labels"][i].tolist(),
+                                                          batch["label_mask"][i].tolist()) if ok}
+                writer.add(clip["key"], feature_members(clip, labels))
+        entry = writer.finish()
+        write_json_atomic(out / f"{name}.json", entry)
+        extracted += 1
+        log.info("rank %d: %s -> %d clips", state.process_index, name, entry["num_samples"])
+    state.wait_for_everyone()
+
+    manifest = {}
+    if state.is_main_process:
+        entries = []
+        for info in infos:
+            entry = _complete(out, shard_name(info.url))
+            if entry is None:
+                raise RuntimeError(f"{out / shard_name(info.url)}: missing or damaged after extraction")
+            entries.append(entry)
+        manifest = {"format": FORMAT, "split": source.get("split"), "shards": entries,
+                    "num_samples": sum(e["num_samples"] for e in entries), "dims": frozen.dims, "fps": fps,
+                    "labels": {name: "float" for name in label_names}, "encoders": str(frozen.path),
+                    "source": shards, "preprocessing": preprocessing(source.get("args", {}))}
+        write_json_atomic(out / MANIFEST, manifest)
+    state.wait_for_everyone()
+    return {"out": str(out), "shards": len(infos), "extracted_here": extracted,
+            "num_samples": manifest.get("num_samples")}
