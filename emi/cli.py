@@ -52,6 +52,22 @@ def _features_extract(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from emi.inference import evaluate
+
+    print(json.dumps(evaluate(checkpoint=args.checkpoint, shards=args.shards, out=args.out,
+                              batch_size=args.batch_size, tb=args.tb, workers=args.workers), indent=2))
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from emi.inference import predict
+
+    results = predict(checkpoint=args.checkpoint, videos=args.videos, asr=args.asr, batch_size=args.batch_size)
+    print(json.dumps(results, indent=2, ensure_ascii=False))
+    return EXIT_OK if all("error" not in result for result in results) else EXIT_PARTIAL
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emi", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch")
     extract.add_argument("--workers", type=int, default=1, help="decoding workers")
     extract.set_defaults(func=_features_extract)
+
+    evaluate = commands.add_parser("evaluate", help="score a Stage II checkpoint on labelled feature or clip shards")
+    evaluate.add_argument("--checkpoint", required=True, help="fusion checkpoint folder (runs/<name>/best)")
+    evaluate.add_argument("--shards", required=True, help="feature shards (emi features extract) or clip shards "
+                          "(emi shards build): a folder with manifest.json, a pattern, ...")
+    evaluate.add_argument("--out", default=None, help="report JSON (default <checkpoint>/eval/<shard folder>.json; "
+                          "the figure goes beside it as .png)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="clips per batch")
+    evaluate.add_argument("--tb", default=None, help="TensorBoard folder (default <checkpoint>/eval/tb)")
+    evaluate.add_argument("--workers", type=int, default=1, help="decoding workers")
+    evaluate.set_defaults(func=_evaluate)
+
+    predict = commands.add_parser("predict", help="EMI intensities of raw video files (JSON on stdout)")
+    predict.add_argument("--checkpoint", required=True, help="fusion checkpoint folder (runs/<name>/best)")
+    predict.add_argument("videos", nargs="+", help="video files")
+    predict.add_argument("--asr", default=None, help="none | whisper:NAME_OR_PATH (default: as the checkpoint's "
+                         "training clips were prepared)")
+    predict.add_argument("--batch-size", type=int, default=8, help="clips per batch")
+    predict.set_defaults(func=_predict)
 
     synth = commands.add_parser("synth", help="write a synthetic EMI dataset (mp4 clips, labels, transcripts)")
     synth.add_argument("--out", required=True)

@@ -172,7 +172,7 @@ def _complete(out: Path, name: str) -> dict | None:
 def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_size: int = 8,
                      num_workers: int = 1) -> dict:
     """Extract features of every clip in `shards` into `out`; on several ranks each takes every n-th shard."""
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate sees one process on CPU
     out = Path(out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

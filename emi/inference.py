@@ -1,0 +1,291 @@
+"""Using a Stage II checkpoint: `emi evaluate` on shards and `emi predict` on raw video files.
+
+    emi evaluate --checkpoint runs/<stage2>/best --shards data/features/val     # or clip shards
+    emi predict --checkpoint runs/<stage2>/best clip1.mp4 clip2.mp4
+
+Evaluate reads feature shards as Stage II training reads them, or clip shards through the checkpoint's encoders
+(clip_loader -> clip_features -> fusion_batch, as `emi features extract` does), so both give the same numbers up
+to the float16 storage of the features. Predict prepares each video as the shard builder did (SampleBuilder with
+the checkpoint's preprocessing), then decodes it as the clip loader does (RawSample -> decode_sample -> collate):
+raw video reaches the model through the same code as the training data, with no second decode path.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from webdataset.tariterators import base_plus_ext
+
+from emi.data import AudioSpec, build_loader, resolve_shards
+from emi.data.decode import SampleError, sample_rng
+from emi.data.modes import DecodeSpec, collate, decode_sample
+from emi.data.reader import RawSample
+from emi.data.urls import MANIFEST_NAME
+from emi.errors import UsageError
+from emi.features import FORMAT as FEATURES_FORMAT
+from emi.features import FrozenEncoders, clip_features, clip_loader, fusion_batch, load_frozen_encoders, preprocessing
+from emi.metrics import emi_report
+from emi.models.fusion import FusionModel, load_fusion
+from emi.shards.asr import check_whisper, parse_asr
+from emi.shards.plan import ClipJob, Failure
+from emi.shards.sample import Sample, SampleBuilder, SampleOptions
+
+log = logging.getLogger(__name__)
+MODEL_INPUTS = ("vision", "vision_mask", "audio", "audio_mask", "text")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint(folder: str | Path, device: torch.device) -> tuple[FusionModel, dict[str, Any]]:
+    """The fusion model of a checkpoint folder (eval mode, on `device`) and its config; UsageError if it is none."""
+    try:
+        model, config = load_fusion(folder)
+    except (OSError, SafetensorError, RuntimeError, TypeError, KeyError) as err:
+        # missing or damaged weights, weights of another architecture, model arguments this code does not know
+        raise UsageError(f"{folder}: not a usable fusion checkpoint ({type(err).__name__}: {err})") from None
+    missing = [key for key in ("labels", "encoders", "preprocessing", "num_frames") if key not in config]
+    if missing:
+        raise UsageError(f"{Path(folder) / 'config.json'}: missing {missing}")
+    return model.to(device), config
+
+
+def present_modalities(batch: dict[str, Any]) -> torch.Tensor:
+    """[B, 3] (vision, audio, text): which modalities a clip really has (as train/stage2.py feeds the model)."""
+    return torch.stack([batch["vision_mask"].any(1), batch["has_audio"] & batch["audio_mask"].any(1),
+                        batch["has_text"]], dim=1)
+
+
+@torch.no_grad()
+def fusion_predictions(model: FusionModel, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """[B, K] intensities of a Stage II batch (features-loader layout), on the CPU."""
+    batch = {name: batch[name].to(device) for name in (*MODEL_INPUTS, "has_audio", "has_text")}
+    out = model(**{name: batch[name] for name in MODEL_INPUTS}, present=present_modalities(batch))
+    return out["pred"].float().cpu()
+
+
+def check_batching(batch_size: int, workers: int) -> None:
+    if batch_size < 1 or workers < 0:
+        raise UsageError(f"--batch-size must be at least 1 and --workers at least 0, got {batch_size} and {workers}")
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+def shard_manifests(shards: str) -> tuple[int, list[dict]]:
+    """The number of clips a spec names and the manifests of its shard folders, all of one format."""
+    infos = resolve_shards(shards)
+    manifests = []
+    for folder in sorted({os.path.dirname(os.path.abspath(info.url)) for info in infos}):
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise UsageError(f"{shards}: no {MANIFEST_NAME} in {folder}; evaluate needs it to tell feature "
+                             "shards from clip shards")
+        manifests.append(json.loads(path.read_text()))
+    formats = sorted({manifest["format"] for manifest in manifests})  # resolve_shards has checked each
+    if len(formats) > 1:
+        raise UsageError(f"{shards}: mixes shard formats {formats}")
+    return sum(info.num_samples for info in infos), manifests
+
+
+def prepared_like(manifest: dict) -> dict:
+    """How the clips behind a manifest were prepared (fps, sample rate, frame size, face crop, ASR)."""
+    if manifest["format"] == FEATURES_FORMAT:
+        return manifest.get("preprocessing", {})
+    return preprocessing(manifest.get("args", {}))
+
+
+def check_shards(shards: str, manifests: list[dict], config: dict, model: FusionModel) -> None:
+    for manifest in manifests:
+        labels = manifest.get("labels", {})
+        missing = [name for name in config["labels"] if labels.get(name) != "float"]
+        if missing:
+            raise UsageError(f"{shards}: the shards carry no labels {missing}, which the checkpoint predicts; "
+                             f"their labels are {sorted(labels)}")
+        if manifest["format"] == FEATURES_FORMAT and manifest.get("dims") != model.dims:
+            raise UsageError(f"{shards}: features of dims {manifest.get('dims')}, the checkpoint expects {model.dims}")
+        if manifest["format"] == FEATURES_FORMAT and manifest.get("encoders") != config["encoders"]:
+            log.warning("%s: features come from encoders %s, the checkpoint was trained on %s",
+                        shards, manifest.get("encoders"), config["encoders"])
+        prepared = prepared_like(manifest)
+        differing = {key: (value, prepared.get(key)) for key, value in config["preprocessing"].items()
+                     if prepared.get(key) != value}
+        if differing:
+            log.warning("%s: clips prepared unlike the checkpoint's training data (checkpoint, shards): %s",
+                        shards, differing)
+    if len({prepared_like(manifest)["fps"] for manifest in manifests}) > 1:
+        raise UsageError(f"{shards}: shard folders of different fps; evaluate them one at a time")
+
+
+def shard_predictions(model: FusionModel, config: dict, shards: str, batch_size: int = 8, workers: int = 1,
+                      device: torch.device | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(keys, predictions [N, K], targets [N, K]) of every clip of feature or clip shards, each clip once."""
+    device = device or default_device()
+    num_clips, manifests = shard_manifests(shards)
+    check_shards(shards, manifests, config, model)
+    labels = config["labels"]
+    if manifests[0]["format"] == FEATURES_FORMAT:
+        batches = feature_batches(shards, labels, config["num_frames"], batch_size, workers)
+    else:
+        encoders = load_frozen_encoders(config["encoders"], device)
+        fps = float(prepared_like(manifests[0])["fps"])
+        batches = clip_batches(encoders, shards, labels, config["num_frames"], fps, batch_size, workers)
+
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for batch in batches:
+        preds = fusion_predictions(model, batch, device)
+        for i, key in enumerate(batch["key"]):
+            if not batch["label_mask"][i].all():
+                absent = [name for name, ok in zip(labels, batch["label_mask"][i].tolist()) if not ok]
+                raise UsageError(f"{shards}: clip {key!r} has no label {absent}")
+            rows.setdefault(key, (preds[i], batch["labels"][i]))  # the last batch wraps around: each clip once
+    if len(rows) < num_clips:
+        log.warning("%s: evaluated %d clips of %d (unreadable samples were skipped; see warnings above)",
+                    shards, len(rows), num_clips)
+    keys = list(rows)
+    return keys, torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
+
+
+def feature_batches(shards: str, labels: list[str], num_frames: int, batch_size: int, workers: int):
+    data = build_loader(shards, mode="features", batch_size=batch_size, num_workers=workers, world_size=1, rank=0,
+                        seed=0, shuffle=False, train=False, num_frames=num_frames, label_names=labels,
+                        persistent_workers=False)
+    data.set_epoch(0)
+    yield from data.dataloader
+
+
+def clip_batches(encoders: FrozenEncoders, shards: str, labels: list[str], num_frames: int, fps: float,
+                 batch_size: int, workers: int):
+    """Clip batches turned into Stage II batches on the fly, as `emi features extract` would store them."""
+    data = clip_loader(shards, encoders, labels, batch_size, workers)
+    data.set_epoch(0)
+    for batch in data.dataloader:
+        features = fusion_batch(clip_features(encoders, batch, fps), num_frames)
+        yield {**features, "labels": batch["labels"], "label_mask": batch["label_mask"]}
+
+
+def shards_name(shards: str) -> str:
+    """The name of the (first) shard folder a spec names: `data/features/val` -> `val`."""
+    first = shards.split("::")[0].strip()
+    return Path(first).name if os.path.isdir(first) else Path(os.path.abspath(first)).parent.name
+
+
+def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report: dict, path: Path) -> None:
+    """Predicted against true intensity per emotion: a grid of scatter plots (3 per row) with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    rows = math.ceil(len(labels) / 3)
+    figure, axes = plt.subplots(rows, 3, figsize=(12, 4 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index >= len(labels):
+            axis.axis("off")
+            continue
+        name = labels[index]
+        axis.scatter(target[:, index], pred[:, index], s=12, alpha=0.7)
+        axis.plot([0, 1], [0, 1], color="grey", linewidth=1)
+        axis.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="true", ylabel="predicted",
+                 title=f"{name}  r = {report[f'pearson/{name}']:.3f}")
+    figure.suptitle(f"mean Pearson {report['mean_pearson']:.3f}, MSE {report['mse']:.4f}, "
+                    f"{report['num_samples']} clips")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None, batch_size: int = 8,
+             tb: str | Path | None = None, workers: int = 1) -> dict[str, Any]:
+    """Score a checkpoint on labelled shards: the report (also written as JSON, a PNG beside it and TensorBoard
+    scalars `eval/<name>/...`, where name is the shard folder's) with the checkpoint and shards it came from."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    check_batching(batch_size, workers)
+    device = default_device()
+    model, config = load_checkpoint(checkpoint, device)
+    keys, pred, target = shard_predictions(model, config, shards, batch_size, workers, device)
+    if len(keys) < 2:
+        raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
+    report = emi_report(pred, target, config["labels"])
+    name = shards_name(shards)
+    out = Path(out) if out is not None else Path(checkpoint) / "eval" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**report, "checkpoint": str(Path(checkpoint).resolve()), "shards": shards}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_figure(pred.numpy(), target.numpy(), config["labels"], report, out.with_suffix(".png"))
+    writer = SummaryWriter(log_dir=str(tb if tb is not None else Path(checkpoint) / "eval" / "tb"))
+    for metric, value in report.items():
+        writer.add_scalar(f"eval/{name}/{metric}", value, 0)
+    writer.close()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+def clip_decode_spec(encoders: FrozenEncoders, labels: list[str]) -> DecodeSpec:
+    """The decoding `clip_loader` applies to clip shards: every frame, the whole audio, eval views."""
+    return DecodeSpec(mode="clip", train=False, image=encoders.image, audio=AudioSpec(sample_rate=16000, seconds=0.0),
+                      num_frames=0, label_names=tuple(labels), prompt_fn=None, tokenizer=encoders.tokenizer,
+                      max_text_len=min(encoders.tokenizer.model_max_length, 512))
+
+
+def raw_sample(sample: Sample, url: str) -> RawSample:
+    """A built sample as the shard reader hands it out: tar member names split into key and extension."""
+    entries = {}
+    for member, data in sample.members:
+        _, extension = base_plus_ext(member)
+        entries[extension] = data
+    return RawSample(sample.key, url, entries)
+
+
+def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = None,
+            batch_size: int = 8) -> list[dict[str, Any]]:
+    """Intensities for each video file, in input order: {"file", "intensities": {name: value}}, or
+    {"file", "error": reason} for a file that cannot be used. asr: 'none' | 'whisper:NAME_OR_PATH' overrides
+    the checkpoint's preprocessing.asr."""
+    check_batching(batch_size, workers=0)
+    device = default_device()
+    model, config = load_checkpoint(checkpoint, device)
+    prepared = config["preprocessing"]
+    asr_model = parse_asr(asr if asr is not None else prepared.get("asr", "none"))
+    if asr_model is not None:
+        check_whisper(asr_model)
+    encoders = load_frozen_encoders(config["encoders"], device)
+    builder = SampleBuilder(SampleOptions(
+        split="predict", fps=float(prepared["fps"]), sample_rate=int(prepared["sample_rate"]),
+        frame_size=int(prepared["frame_size"]), asr_model=asr_model, face_crop=prepared["face_crop"] == "opencv"))
+    spec = clip_decode_spec(encoders, config["labels"])
+
+    results: list[dict[str, Any]] = [{"file": video} for video in videos]
+    for start in range(0, len(videos), batch_size):
+        decoded, indices = [], []
+        for index in range(start, min(start + batch_size, len(videos))):
+            video = videos[index]
+            key = f"{index:06d}"  # a WebDataset key: the file name may hold dots
+            built = builder(ClipJob(key=key, path=os.path.abspath(video), source=video, labels={}, transcript=None))
+            if isinstance(built, Failure):
+                results[index]["error"] = built.reason
+                continue
+            try:
+                decoded.append(decode_sample(raw_sample(built, video), spec, sample_rng(0, 0, key)))
+            except SampleError as err:
+                results[index]["error"] = str(err)
+                continue
+            indices.append(index)
+        if not decoded:
+            continue
+        batch = collate(decoded, spec)
+        features = fusion_batch(clip_features(encoders, batch, float(prepared["fps"])), config["num_frames"])
+        preds = fusion_predictions(model, features, device)
+        for row, index in enumerate(indices):
+            results[index]["intensities"] = dict(zip(config["labels"], preds[row].tolist()))
+    return results

@@ -1,0 +1,255 @@
+"""`emi evaluate` and `emi predict` with tiny random encoders and fusion model on real GRID clips."""
+import io
+import json
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from emi import EMI_EMOTIONS
+from emi.cli import main
+from emi.errors import UsageError
+from emi.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
+from emi.inference import evaluate, load_checkpoint, predict, shard_predictions
+from emi.metrics import emi_report
+from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
+from emi.models.fusion import FusionModel, save_fusion
+from emi.shards.build import build_shards
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = Path("/work/shared/data/grid")
+CLIPS = sorted(GRID.glob("*.mpg"))
+NUM_FRAMES = 8  # the GRID clips have 15 frames at 5 fps: the fusion model sees them subsampled
+PREPROCESSING = {"fps": 5.0, "sample_rate": 16000, "frame_size": 64, "face_crop": "none", "asr": "none"}
+FUSION = {"vision_dim": 64, "audio_dim": 64, "text_dim": 64, "d_model": 32, "num_segments": 4, "tcn_layers": 2,
+          "lstm_hidden": 16, "transformer_layers": 1, "transformer_heads": 2, "dropout": 0.0}
+
+
+def model_predictions(model: FusionModel, features: dict) -> torch.Tensor:
+    """The model called on a Stage II batch as training feeds it (train/stage2.py)."""
+    present = torch.stack([features["vision_mask"].any(1), features["has_audio"] & features["audio_mask"].any(1),
+                           features["has_text"]], dim=1)
+    with torch.no_grad():
+        return model(vision=features["vision"], vision_mask=features["vision_mask"], audio=features["audio"],
+                     audio_mask=features["audio_mask"], text=features["text"], present=present)["pred"]
+
+
+def direct_batches(encoders: Path, clip_shards: Path, batch_size: int):
+    """(clip batch, Stage II batch) over clip shards, computed by hand with the features module."""
+    frozen = load_frozen_encoders(encoders)
+    data = clip_loader(str(clip_shards), frozen, list(EMI_EMOTIONS), batch_size, num_workers=0)
+    data.set_epoch(0)
+    for batch in data.dataloader:
+        yield batch, fusion_batch(clip_features(frozen, batch, fps=PREPROCESSING["fps"]), NUM_FRAMES)
+
+
+def spread_head(model: FusionModel, features: dict) -> None:
+    """A random model predicts nearly one value for every clip, so that float rounding would decide the Pearson
+    checks: centre and scale the last layer's logits over the test clips to mean 0 and std 1 per emotion."""
+    inputs = []
+    hook = model.head[-1].register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    model_predictions(model, features)
+    hook.remove()
+    with torch.no_grad():
+        weight = model.head[-1].weight
+        weight /= (inputs[0] @ weight.T).std(0)[:, None]
+        model.head[-1].bias.copy_(-(inputs[0] @ weight.T).mean(0))
+
+
+def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: dict | None = None) -> Path:
+    torch.manual_seed(0)
+    model = FusionModel(**FUSION, num_outputs=len(labels)).eval()
+    if features is not None:
+        spread_head(model, features)
+    save_fusion(folder, model.state_dict(), {**FUSION, "num_outputs": len(labels)}, labels, str(encoders),
+                PREPROCESSING, NUM_FRAMES)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> Path:
+    spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
+    torch.manual_seed(0)
+    model = ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"])
+    return export_encoders(model, model.state_dict(), tmp_path_factory.mktemp("export"),
+                           build_tokenizer(spec["text"]))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(encoders, clip_shards, tmp_path_factory) -> Path:
+    (_, features), = direct_batches(encoders, clip_shards, batch_size=len(CLIPS))
+    return save_checkpoint(tmp_path_factory.mktemp("best"), encoders, list(EMI_EMOTIONS), features)
+
+
+@pytest.fixture(scope="module")
+def labels() -> dict[str, list[float]]:
+    rng = np.random.default_rng(0)
+    return {clip.stem: [round(float(v), 4) for v in rng.uniform(0, 1, len(EMI_EMOTIONS))] for clip in CLIPS}
+
+
+@pytest.fixture(scope="module")
+def clip_shards(labels, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clips")
+    csv = root / "labels.csv"
+    csv.write_text("Filename," + ",".join(EMI_EMOTIONS) + "\n" + "".join(
+        f"{key}.mpg," + ",".join(map(str, values)) + "\n" for key, values in labels.items()))
+    out = root / "test"
+    # shards of 3, 3 and 2 clips: batches of 3 cross shards and the last one wraps around
+    summary = build_shards(videos=GRID, labels=csv, out=out, split="test", frame_size=PREPROCESSING["frame_size"],
+                           shard_size=3, workers=2)
+    assert summary.num_samples == len(CLIPS) and summary.num_failed == 0, summary.describe()
+    return out
+
+
+@pytest.fixture(scope="module")
+def feature_shards(encoders, clip_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("features") / "test"
+    extract_features(encoders, str(clip_shards), out, batch_size=4, num_workers=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reports(checkpoint, clip_shards, feature_shards, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    root = tmp_path_factory.mktemp("eval")
+    return {kind: (evaluate(checkpoint, str(shards), out=root / kind / "report.json", batch_size=3,
+                            tb=root / kind / "tb", workers=0), root / kind)
+            for kind, shards in (("features", feature_shards), ("clips", clip_shards))}
+
+
+def direct_report(checkpoint: Path, encoders: Path, clip_shards: Path, labels: dict[str, list[float]],
+                  batch_size: int) -> dict:
+    """The metrics computed by hand: emi_report of the model on fusion_batch of clip_features, each clip once."""
+    model, _ = load_checkpoint(checkpoint, torch.device("cpu"))
+    preds = {}
+    for batch, features in direct_batches(encoders, clip_shards, batch_size):
+        for key, pred in zip(batch["key"], model_predictions(model, features)):
+            preds.setdefault(key, pred)
+    assert sorted(preds) == sorted(labels)
+    return emi_report(torch.stack([preds[key] for key in labels]), torch.tensor(list(labels.values())))
+
+
+def test_features_and_clips_give_the_same_report(reports, checkpoint, encoders, clip_shards, labels):
+    features, clips = reports["features"][0], reports["clips"][0]
+    assert features["num_samples"] == clips["num_samples"] == len(CLIPS)
+    for name in EMI_EMOTIONS:
+        assert features[f"pearson/{name}"] == pytest.approx(clips[f"pearson/{name}"], abs=1e-3)
+    assert features["mse"] == pytest.approx(clips["mse"], abs=1e-5)
+    direct = direct_report(checkpoint, encoders, clip_shards, labels, batch_size=3)
+    assert 0.1 < float(np.std([direct[f"pearson/{n}"] for n in EMI_EMOTIONS]))  # not all alike: a real check
+    for key, value in direct.items():
+        assert clips[key] == pytest.approx(value, abs=1e-6), key
+        assert features[key] == pytest.approx(value, abs=1e-3), key
+    for report in (features, clips):
+        assert report["checkpoint"] == str(checkpoint.resolve())
+
+
+def test_report_figure_and_tensorboard_written(reports, feature_shards):
+    report, folder = reports["features"]
+    assert report["shards"] == str(feature_shards)
+    assert json.loads((folder / "report.json").read_text()) == report
+    with Image.open(folder / "report.png") as image:
+        image.verify()
+    with Image.open(folder / "report.png") as image:
+        assert image.format == "PNG" and image.size == (1200, 800)
+    events = list((folder / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    expected = {f"eval/test/{key}": value for key, value in report.items() if key not in ("checkpoint", "shards")}
+    assert set(accumulator.Tags()["scalars"]) == set(expected)
+    for tag, value in expected.items():
+        assert accumulator.Scalars(tag)[0].value == pytest.approx(value, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def predict_inputs(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("videos")
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "notes.mp4").write_text("not a video at all\n")
+    return [str(CLIPS[0]), str(root / "empty.mp4"), str(CLIPS[3]), str(root / "notes.mp4"),
+            str(root / "missing.mp4"), str(CLIPS[5])]
+
+
+def test_predict_matches_evaluate_on_the_same_clips(checkpoint, clip_shards, predict_inputs):
+    results = predict(checkpoint, predict_inputs, batch_size=2)
+    assert [result["file"] for result in results] == predict_inputs
+    errors = {Path(result["file"]).name: result["error"] for result in results if "error" in result}
+    assert errors == {"empty.mp4": "empty file (0 bytes)", "notes.mp4": "not a media file (it is a text file)",
+                      "missing.mp4": "file not found"}
+    model, config = load_checkpoint(checkpoint, torch.device("cpu"))
+    keys, preds, _ = shard_predictions(model, config, str(clip_shards), batch_size=3, workers=0)
+    from_shards = dict(zip(keys, preds.tolist()))
+    predicted = [result for result in results if "error" not in result]
+    assert [Path(result["file"]).stem for result in predicted] == [CLIPS[i].stem for i in (0, 3, 5)]
+    for result in predicted:
+        assert list(result["intensities"]) == list(EMI_EMOTIONS)
+        values = list(result["intensities"].values())
+        assert all(0.0 <= v <= 1.0 for v in values)
+        np.testing.assert_allclose(values, from_shards[Path(result["file"]).stem], atol=1e-4)
+    assert results[0]["intensities"] != results[2]["intensities"]
+
+
+def test_cli_evaluate_defaults_and_exit_codes(checkpoint, feature_shards, encoders, tmp_path, capsys):
+    folder = tmp_path / "best"
+    shutil.copytree(checkpoint, folder)
+    assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--workers", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((folder / "eval" / "test.json").read_text())
+    assert printed["num_samples"] == len(CLIPS)
+    assert (folder / "eval" / "test.png").is_file() and list((folder / "eval" / "tb").glob("events.out.tfevents.*"))
+
+    other_labels = save_checkpoint(tmp_path / "valence", encoders, ["Valence", "Joy"])
+    assert main(["evaluate", "--checkpoint", str(other_labels), "--shards", str(feature_shards)]) == 2
+    assert "carry no labels ['Valence']" in capsys.readouterr().err
+
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    assert main(["evaluate", "--checkpoint", str(not_a_checkpoint), "--shards", str(feature_shards)]) == 2
+    assert f"{not_a_checkpoint}: not a fusion checkpoint" in capsys.readouterr().err
+
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards)]) == 2
+    assert f"{folder}: not a usable fusion checkpoint" in capsys.readouterr().err
+
+
+def test_cli_predict_exit_codes(checkpoint, predict_inputs, tmp_path, capsys):
+    assert main(["predict", "--checkpoint", str(checkpoint), *predict_inputs[:2]]) == 3
+    printed = json.loads(capsys.readouterr().out)
+    assert [sorted(result) for result in printed] == [["file", "intensities"], ["error", "file"]]
+    assert main(["predict", "--checkpoint", str(checkpoint), "--asr", "none", predict_inputs[0]]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["intensities"] == pytest.approx(printed[0]["intensities"])
+    assert main(["predict", "--checkpoint", str(tmp_path), predict_inputs[0]]) == 2
+    assert "not a fusion checkpoint" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(checkpoint), "--asr", "whisper", predict_inputs[0]]) == 2
+    assert "--asr must be 'none' or 'whisper:NAME_OR_PATH'" in capsys.readouterr().err
+
+
+def test_evaluate_needs_the_manifest_of_the_shards(checkpoint, clip_shards, tmp_path):
+    shutil.copy(clip_shards / "test-000000.tar", tmp_path)
+    with pytest.raises(UsageError, match=re.escape(f"no manifest.json in {tmp_path}")):
+        evaluate(checkpoint, str(tmp_path / "test-000000.tar"), out=tmp_path / "report.json")
+
+
+def test_evaluate_names_a_clip_without_a_label(checkpoint, feature_shards, tmp_path):
+    shards = tmp_path / "test"
+    shutil.copytree(feature_shards, shards)
+    name = json.loads((feature_shards / "manifest.json").read_text())["shards"][0]["name"]
+    edited = None  # the key of the first clip, rewritten without its Joy label
+    with tarfile.open(feature_shards / name) as source, tarfile.open(shards / name, "w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if member.name.endswith(".json") and edited is None:
+                meta = json.loads(data)
+                del meta["labels"]["Joy"]
+                data, edited = json.dumps(meta).encode(), meta["key"]
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    with pytest.raises(UsageError, match=re.escape(f"{shards}: clip '{edited}' has no label ['Joy']")):
+        evaluate(checkpoint, str(shards), out=tmp_path / "report.json", workers=0)
