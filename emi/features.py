@@ -39,6 +39,7 @@ from emi.shards.manifest import MANIFEST, ShardWriter, sha256_file, write_json_a
 
 FORMAT = "emi-features/1"
 VISION_CHUNK = 256  # frames per vision-encoder call
+ENCODER_SAMPLE_RATE = 16000  # Wav2Vec2 checkpoints hear 16 kHz
 log = logging.getLogger(__name__)
 
 
@@ -119,13 +120,19 @@ def fusion_batch(clips: list[dict[str, Any]], num_frames: int) -> dict[str, torc
     return batch
 
 
+def clip_decoding(encoders: FrozenEncoders) -> dict[str, Any]:
+    """How clips are decoded for the encoders, in extraction, evaluation and prediction alike: every frame, the
+    whole audio at the audio encoder's rate, eval views, transcripts tokenised for the text encoder."""
+    return {"image": encoders.image, "audio": AudioSpec(sample_rate=ENCODER_SAMPLE_RATE, seconds=0.0),
+            "num_frames": 0, "tokenizer": encoders.tokenizer,
+            "max_text_len": min(encoders.tokenizer.model_max_length, 512)}
+
+
 def clip_loader(url: str, encoders: FrozenEncoders, label_names: list[str], batch_size: int, num_workers: int):
-    """A single-consumer, unshuffled `clip` loader over one shard: every frame, the whole audio, eval views."""
+    """A single-consumer, unshuffled `clip` loader over one shard (the last batch wraps around: dedupe by key)."""
     return build_loader(url, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=1, rank=0,
-                        seed=0, shuffle=False, train=False, image=encoders.image,
-                        audio=AudioSpec(sample_rate=16000, seconds=0.0), num_frames=0, label_names=label_names,
-                        tokenizer=encoders.tokenizer, max_text_len=min(encoders.tokenizer.model_max_length, 512),
-                        persistent_workers=False)
+                        seed=0, shuffle=False, train=False, label_names=label_names, persistent_workers=False,
+                        **clip_decoding(encoders))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -24,16 +24,17 @@ import torch
 from safetensors import SafetensorError
 from webdataset.tariterators import base_plus_ext
 
-from emi.data import AudioSpec, build_loader, resolve_shards
+from emi.data import build_loader, resolve_shards
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import DecodeSpec, collate, decode_sample
 from emi.data.reader import RawSample
 from emi.data.urls import MANIFEST_NAME
 from emi.errors import UsageError
 from emi.features import FORMAT as FEATURES_FORMAT
-from emi.features import FrozenEncoders, clip_features, clip_loader, fusion_batch, load_frozen_encoders, preprocessing
+from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch,
+                          load_frozen_encoders, preprocessing)
 from emi.metrics import emi_report
-from emi.models.fusion import FusionModel, load_fusion
+from emi.models.fusion import FusionModel, fusion_inputs, load_fusion
 from emi.shards.asr import check_whisper, parse_asr
 from emi.shards.plan import ClipJob, Failure
 from emi.shards.sample import Sample, SampleBuilder, SampleOptions
@@ -59,17 +60,11 @@ def load_checkpoint(folder: str | Path, device: torch.device) -> tuple[FusionMod
     return model.to(device), config
 
 
-def present_modalities(batch: dict[str, Any]) -> torch.Tensor:
-    """[B, 3] (vision, audio, text): which modalities a clip really has (as train/stage2.py feeds the model)."""
-    return torch.stack([batch["vision_mask"].any(1), batch["has_audio"] & batch["audio_mask"].any(1),
-                        batch["has_text"]], dim=1)
-
-
 @torch.no_grad()
 def fusion_predictions(model: FusionModel, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     """[B, K] intensities of a Stage II batch (features-loader layout), on the CPU."""
     batch = {name: batch[name].to(device) for name in (*MODEL_INPUTS, "has_audio", "has_text")}
-    out = model(**{name: batch[name] for name in MODEL_INPUTS}, present=present_modalities(batch))
+    out = model(**fusion_inputs(batch))
     return out["pred"].float().cpu()
 
 
@@ -232,10 +227,8 @@ def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None,
 # ------------------------------------------------------------------------------------------------ predict
 
 def clip_decode_spec(encoders: FrozenEncoders, labels: list[str]) -> DecodeSpec:
-    """The decoding `clip_loader` applies to clip shards: every frame, the whole audio, eval views."""
-    return DecodeSpec(mode="clip", train=False, image=encoders.image, audio=AudioSpec(sample_rate=16000, seconds=0.0),
-                      num_frames=0, label_names=tuple(labels), prompt_fn=None, tokenizer=encoders.tokenizer,
-                      max_text_len=min(encoders.tokenizer.model_max_length, 512))
+    """The decoding `clip_loader` applies to clip shards (emi.features.clip_decoding)."""
+    return DecodeSpec(mode="clip", train=False, label_names=tuple(labels), prompt_fn=None, **clip_decoding(encoders))
 
 
 def raw_sample(sample: Sample, url: str) -> RawSample:

@@ -23,7 +23,7 @@ from emi.engine import Task, exit_code, run_stage
 from emi.engine.loop import input_dtype, move_to_device
 from emi.errors import UsageError
 from emi.metrics import emi_report
-from emi.models.fusion import MODALITIES, FusionModel, save_fusion
+from emi.models.fusion import MODALITIES, FusionModel, fusion_inputs, present_modalities, save_fusion
 
 
 def feature_manifest(shards: str) -> dict:
@@ -35,17 +35,6 @@ def feature_manifest(shards: str) -> dict:
     if manifest.get("format") != "emi-features/1":
         raise UsageError(f"{path}: format {manifest.get('format')!r} is not emi-features/1; extract features first")
     return manifest
-
-
-def present_modalities(batch: dict) -> torch.Tensor:
-    """[B, 3] (vision, audio, text): which modalities a clip really has."""
-    return torch.stack([batch["vision_mask"].any(1), batch["has_audio"] & batch["audio_mask"].any(1),
-                        batch["has_text"]], dim=1)
-
-
-def fusion_inputs(batch: dict, present: torch.Tensor) -> dict:
-    return {"vision": batch["vision"], "vision_mask": batch["vision_mask"], "audio": batch["audio"],
-            "audio_mask": batch["audio_mask"], "text": batch["text"], "present": present}
 
 
 def masked_mse(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +66,7 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
     val_data = loader(data.val, train=False) if data.val else None
 
     def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = model(**fusion_inputs(batch, present_modalities(batch)))
+        out = model(**fusion_inputs(batch))
         return masked_mse(out["pred"], batch["labels"], batch["label_mask"]), {}
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:

@@ -287,6 +287,20 @@ class FusionModel(nn.Module):
         return (encoded * weights).sum(1) / weights.sum(1)
 
 
+def present_modalities(batch: dict[str, Any]) -> torch.Tensor:
+    """[B, 3] (vision, audio, text) of a Stage II batch (the `features` loader layout): which modalities a clip
+    really has. A clip without an audio track or a transcript has that modality masked out, not zero-filled."""
+    return torch.stack([batch["vision_mask"].any(1), batch["has_audio"] & batch["audio_mask"].any(1),
+                        batch["has_text"]], dim=1)
+
+
+def fusion_inputs(batch: dict[str, Any], present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The FusionModel keyword arguments of a Stage II batch; `present` defaults to `present_modalities`."""
+    return {"vision": batch["vision"], "vision_mask": batch["vision_mask"], "audio": batch["audio"],
+            "audio_mask": batch["audio_mask"], "text": batch["text"],
+            "present": present_modalities(batch) if present is None else present}
+
+
 FUSION_FORMAT = "emi-fusion/1"
 FUSION_WEIGHTS, FUSION_CONFIG = "model.safetensors", "config.json"
 
