@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Per-task launcher shared by the sbatch scripts: `srun bash slurm/launch.sh ENTRY.py [ARGS...]`.
+# Per-task launcher shared by the sbatch scripts: `srun bash slurm/launch.sh ENTRY.py [ARGS...]`, or for a module
+# `srun bash slurm/launch.sh -m MODULE [ARGS...]` (e.g. -m emi.cli features extract ...).
 # It runs once per srun task and turns Slurm's view of the job into torch.distributed's rendezvous.
 #
 # EMI_LAUNCH_MODE=accelerate (default) - srun --ntasks-per-node=1: one `accelerate launch` per node, which starts
@@ -31,10 +32,16 @@ die() {
     exit 2
 }
 
-[[ $# -ge 1 ]] || die "usage: srun bash slurm/launch.sh ENTRY.py [ARGS...]"
-entry=$1
-shift
-[[ -f $entry ]] || die "entry point '$entry': no such file (paths are relative to $(pwd))"
+[[ $# -ge 1 ]] || die "usage: srun bash slurm/launch.sh ENTRY.py [ARGS...], or -m MODULE [ARGS...]"
+if [[ $1 == -m ]]; then # a module, as `python -m` (accelerate launch takes the same flag)
+    [[ $# -ge 2 ]] || die "usage: srun bash slurm/launch.sh -m MODULE [ARGS...]"
+    entry=(-m "$2")
+    shift 2
+else
+    entry=("$1")
+    shift
+    [[ -f ${entry[0]} ]] || die "entry point '${entry[0]}': no such file (paths are relative to $(pwd))"
+fi
 for var in SLURM_JOB_ID SLURM_STEP_NODELIST SLURM_STEP_NUM_NODES SLURM_STEP_NUM_TASKS SLURM_NODEID SLURM_PROCID \
     SLURM_LOCALID; do
     [[ -n ${!var:-} ]] || die "$var is not set: run this through srun inside a Slurm job, not from the batch shell"
@@ -97,12 +104,12 @@ accelerate)
         args+=(--multi_gpu)
     fi
     trap '' USR1
-    exec "$python" -m accelerate.commands.launch "${args[@]}" "$entry" "$@"
+    exec "$python" -m accelerate.commands.launch "${args[@]}" "${entry[@]}" "$@"
     ;;
 srun)
     export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_STEP_NUM_TASKS
     export MASTER_ADDR=$master_addr MASTER_PORT=$master_port
-    exec "$python" "$entry" "$@"
+    exec "$python" "${entry[@]}" "$@"
     ;;
 *)
     die "EMI_LAUNCH_MODE='$mode' is not one of: accelerate, srun"

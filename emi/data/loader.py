@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,3 +223,7 @@ def build_loader(spec: str | Sequence[str], *, mode: str, batch_size: int, num_w
 def _init_worker(worker_id: int) -> None:
     # Decoding is parallel across workers already; threads inside each would oversubscribe the cores.
     torch.set_num_threads(1)
+    # Slurm signals every process of a job; the trainer turns SIGTERM/SIGUSR1 into a checkpoint, which needs its
+    # workers alive until it has saved (a worker killed by SIGTERM would crash the main process first).
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
