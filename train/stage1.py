@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from emi.config import Stage1Config
 from emi.data import AudioSpec, ImageSpec, build_loader
 from emi.engine import Task, exit_code, run_stage
+from emi.engine.distributed import gather_unique
 from emi.engine.loop import input_dtype, move_to_device
 from emi.losses import ContrastiveLoss, va_confidence_weights
 from emi.metrics import retrieval_metrics
@@ -94,12 +94,10 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
                     if name in out:
                         embeddings.setdefault(name, []).append(out[name].float())
                 keys.extend(batch["key"])
-        gathered = {name: accelerator.gather(torch.cat(parts)).cpu() for name, parts in embeddings.items()}
-        all_keys = gather_object(keys)  # rank order, like accelerator.gather
-        first = sorted({key: i for i, key in reversed(list(enumerate(all_keys)))}.values())
-        metrics = {"num_samples": float(len(first))}
+        gathered = gather_unique(accelerator, keys, {name: torch.cat(parts) for name, parts in embeddings.items()})
+        metrics = {"num_samples": float(len(gathered["text"]))}
         for pair in spec.pairs:
-            recalls = retrieval_metrics(gathered[PAIR_EMBEDDING[pair]][first], gathered["text"][first])
+            recalls = retrieval_metrics(gathered[PAIR_EMBEDDING[pair]], gathered["text"])
             metrics.update({f"{pair}/{name}": value for name, value in recalls.items()})
         return metrics
 

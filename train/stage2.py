@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from emi.config import Stage2Config, config_to_dict
 from emi.data import build_loader
 from emi.engine import Task, exit_code, run_stage
+from emi.engine.distributed import gather_unique
 from emi.engine.loop import input_dtype, move_to_device
 from emi.errors import UsageError
 from emi.metrics import emi_report
@@ -34,6 +34,9 @@ def feature_manifest(shards: str) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != "emi-features/1":
         raise UsageError(f"{path}: format {manifest.get('format')!r} is not emi-features/1; extract features first")
+    missing = [key for key in ("dims", "encoders", "preprocessing", "labels") if key not in manifest]
+    if missing:
+        raise UsageError(f"{path}: no {missing} (written by an older emi); extract the features again")
     return manifest
 
 
@@ -86,12 +89,11 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
                     preds[name].append(model(**fusion_inputs(batch, kept))["pred"].float())
                 labels.append(torch.where(batch["label_mask"], batch["labels"], float("nan")).float())
                 keys.extend(batch["key"])
-        all_keys = gather_object(keys)
-        first = sorted({key: i for i, key in reversed(list(enumerate(all_keys)))}.values())
-        targets = accelerator.gather(torch.cat(labels)).cpu()[first]
+        gathered = gather_unique(accelerator, keys, {"targets": torch.cat(labels),
+                                                      **{name: torch.cat(parts) for name, parts in preds.items()}})
         metrics = {}
         for name in variants:
-            report = emi_report(accelerator.gather(torch.cat(preds[name])).cpu()[first], targets, config.labels)
+            report = emi_report(gathered[name], gathered["targets"], config.labels)
             suffix = f"_{name}" if name else ""
             if not name:
                 metrics.update({key: value for key, value in report.items() if key.startswith("pearson/")})

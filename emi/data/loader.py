@@ -7,6 +7,7 @@ the DataLoader takes batches from its workers in turn, and each worker's stream 
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -227,3 +228,12 @@ def _init_worker(worker_id: int) -> None:
     # workers alive until it has saved (a worker killed by SIGTERM would crash the main process first).
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """At exit multiprocessing terminates (SIGTERM) daemonic children, then joins them: workers ignoring SIGTERM
+    would hang the exit of a process that fails mid-epoch. Runs before multiprocessing's own exit hook (LIFO)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 from emi.config import TrainSection
 from emi.errors import UsageError
@@ -78,6 +78,19 @@ def _single_process_group_env() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def gather_unique(accelerator: Accelerator, keys: list[str], tensors: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """Every rank's rows of `tensors` (first dim matching `keys`), on the CPU, each sample key once.
+
+    Evaluation loaders give every rank the same number of full batches, so the last ones wrap around to the
+    start of the data: those repeated samples are dropped here, keeping the first occurrence. Every rank calls
+    this (it all-gathers) and gets the same result.
+    """
+    all_keys = gather_object(keys)  # in rank order, like accelerator.gather
+    first = sorted({key: i for i, key in reversed(list(enumerate(all_keys)))}.values())
+    return {name: accelerator.gather(tensor.contiguous()).cpu()[first] for name, tensor in tensors.items()}
 
 
 def describe(accelerator: Accelerator) -> str:
