@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps demo demo-slurm test test-fast bench clean
+.PHONY: setup system-deps demo demo-slurm test test-fast test-slow bench ablation clean
 
 setup: system-deps $(STAMP)
 
@@ -37,14 +37,22 @@ demo: setup
 demo-slurm: setup
 	bash slurm/local/demo.sh
 
+# Everything but the slow learning checks (about 10 minutes each; `make test-slow`).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m 'not slow'
 
 test-fast: setup
 	$(PY) -m pytest -q -m 'not slow and not slurm'
 
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
 bench: setup
 	$(PY) -m benchmarks.run
+
+# The learning numbers and the ablation table of benchmarks/RESULTS.md (about an hour on 2 cores).
+ablation: setup
+	$(PY) -m benchmarks.ablation
 
 clean:
 	rm -rf runs logs data/synth data/shards/*.tar data/shards/*.json data/shards/*.jsonl

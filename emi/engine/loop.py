@@ -15,7 +15,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
 
     def evaluate_and_export_best() -> None:
         nonlocal last_metrics
-        with ema.applied(unwrapped) if ema else _nothing():
+        with ema.applied(unwrapped) if ema else nullcontext():
             model.eval()
             metrics = task.evaluate(model, accelerator)
             model.train()
@@ -271,9 +271,10 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
                 window, window_start = [], time.perf_counter()
 
             stopped_by = stop.agreed(accelerator)
-            if stopped_by is not None or state.step % train.checkpoint_every == 0:
+            epoch_done = state.batch_in_epoch >= batches_per_epoch  # the epoch end checkpoints below
+            if stopped_by is not None or (state.step % train.checkpoint_every == 0 and not epoch_done):
                 checkpoint()
-            if stopped_by is not None or state.step >= total_steps or state.batch_in_epoch >= batches_per_epoch:
+            if stopped_by is not None or state.step >= total_steps or epoch_done:
                 break
 
         if stopped_by is not None:
@@ -297,7 +298,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             if stopped_by == signal.SIGUSR1 and (job := requeue_slurm_job()):  # SIGUSR1: the time limit is near
                 logger.line(f"requeued Slurm job {job}")
     else:
-        with ema.applied(unwrapped) if ema else _nothing():
+        with ema.applied(unwrapped) if ema else nullcontext():
             export(run_dir / "export", extra={"step": state.step, "epoch": state.epoch})
         if is_main:
             logger.line(f"done: {state.step} steps; exported to {run_dir / 'export'}")
@@ -306,7 +307,3 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     accelerator.wait_for_everyone()
     return FitResult(state=state, stopped_by_signal=stopped_by, run_dir=run_dir, last_metrics=last_metrics)
 
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
