@@ -1,4 +1,4 @@
-"""Decoding media with ffmpeg: frames at a fixed rate and mono audio at a fixed rate, from one process per clip.
+"""Decoding media with ffmpeg: frames at a fixed rate and mono audio at a fixed rate, several clips per process.
 
 This is the one decode path for building shards and for `emi predict`, so training and serving see the same
 pixels and samples. Rules, shared by both:
@@ -171,30 +171,135 @@ def output_size(width: int, height: int, frame_size: int | None) -> tuple[int, i
     return (frame_size, long_out) if width <= height else (long_out, frame_size)
 
 
-def _run_ffmpeg(args: list[str], audio_pipe: tuple[int, int] | None) -> tuple[bytes, bytes, bytes, int]:
-    """Run ffmpeg writing video to stdout and audio to audio_pipe's write end: (video, audio, stderr, exit code).
+@dataclass(frozen=True)
+class _VideoPlan:
+    """One clip's part of an ffmpeg run: its streams and what to take from them."""
 
-    A thread drains the audio pipe while communicate() drains stdout and stderr, so no pipe fills up and
-    stalls ffmpeg."""
-    audio: list[bytes] = []
+    info: MediaInfo
+    num_frames: int
+    num_samples: int
+    width: int  # output frame size
+    height: int
+
+    @property
+    def decodes_audio(self) -> bool:
+        return self.info.has_audio and self.num_samples > 0
+
+
+def _plan(info: MediaInfo, fps: float, sample_rate: int, frame_size: int | None) -> _VideoPlan:
+    width, height = output_size(info.width, info.height, frame_size)
+    return _VideoPlan(info=info, num_frames=num_frames_for(info.duration_s, fps),
+                      num_samples=num_samples_for(info.duration_s, sample_rate), width=width, height=height)
+
+
+def _run_ffmpeg(plans: list[_VideoPlan], fps: float, sample_rate: int) -> tuple[list[tuple[bytes, bytes]], bytes, int]:
+    """One ffmpeg process decoding every plan's clip, each output to its own pipe: per clip (rgb24 frames,
+    s16le audio), then stderr and the exit code.
+
+    A thread per pipe drains it while communicate() drains stderr, so no pipe fills up and stalls ffmpeg."""
+    outputs, pipes = [], []
+    for plan in plans:
+        source = ffmpeg.input(_ffmpeg_url(plan.info.path))
+        video = source[str(plan.info.video_stream)]
+        if not plan.info.is_image:
+            video = video.filter("fps", fps=fps)
+        pipes.append(os.pipe())
+        outputs.append(video.filter("scale", plan.width, plan.height).output(
+            f"pipe:{pipes[-1][1]}", format="rawvideo", pix_fmt="rgb24", vframes=plan.num_frames))
+        if plan.decodes_audio:
+            pipes.append(os.pipe())
+            outputs.append(source[str(plan.info.audio_stream)].output(
+                f"pipe:{pipes[-1][1]}", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate))
+    args = ffmpeg.merge_outputs(*outputs).compile(cmd=_FFMPEG)
     try:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   pass_fds=(audio_pipe[1],) if audio_pipe else ())
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, pass_fds=[write for _, write in pipes])
+    except BaseException:
+        for read, _ in pipes:
+            os.close(read)
+        raise
     finally:
-        if audio_pipe:
-            os.close(audio_pipe[1])
-    reader = None
-    if audio_pipe:
-        def drain() -> None:
-            with os.fdopen(audio_pipe[0], "rb") as pipe:
-                audio.append(pipe.read())
+        for _, write in pipes:
+            os.close(write)
+    received: list[bytes] = [b""] * len(pipes)
 
-        reader = threading.Thread(target=drain, daemon=True)
+    def drain(index: int) -> None:
+        with os.fdopen(pipes[index][0], "rb") as pipe:
+            received[index] = pipe.read()
+
+    readers = [threading.Thread(target=drain, args=(index,), daemon=True) for index in range(len(pipes))]
+    for reader in readers:
         reader.start()
-    video, stderr = process.communicate()
-    if reader is not None:
+    _, stderr = process.communicate()
+    for reader in readers:
         reader.join()
-    return video, b"".join(audio), stderr, process.returncode
+    streams = iter(received)
+    return [(next(streams), next(streams) if plan.decodes_audio else b"") for plan in plans], stderr, process.returncode
+
+
+def _decoded(plan: _VideoPlan, raw_video: bytes, pcm: bytes, stderr: bytes, returncode: int, fps: float,
+             sample_rate: int) -> DecodedClip:
+    """The clip from its share of an ffmpeg run's output; MediaError by the module's rules for missing frames."""
+    info = plan.info
+    message = _ffmpeg_message(stderr, info.path)
+    if returncode != 0:
+        raise MediaError(info.path, f"truncated or corrupt: ffmpeg failed ({message})")
+    frame_bytes = plan.width * plan.height * 3
+    decoded = len(raw_video) // frame_bytes
+    if decoded == 0:
+        raise MediaError(info.path, f"truncated or corrupt: no decodable video frames ({message})")
+    if decoded < plan.num_frames and stderr.strip():
+        raise MediaError(info.path, f"truncated or corrupt: decoded {decoded} of {plan.num_frames} frames "
+                                    f"({message})")
+    frames = np.frombuffer(raw_video, np.uint8, decoded * frame_bytes).reshape(decoded, plan.height, plan.width, 3)
+    if decoded < plan.num_frames:  # the video stream ends cleanly before the container: hold the last frame
+        frames = np.concatenate([frames, np.repeat(frames[-1:], plan.num_frames - decoded, axis=0)])
+
+    audio = np.frombuffer(pcm, np.int16, len(pcm) // 2).astype(np.float32) / 32768.0
+    return DecodedClip(frames=frames, audio=_fit_length(audio, plan.num_samples), sample_rate=sample_rate, fps=fps,
+                       duration_s=info.duration_s, has_audio=audio.size > 0, has_video=True,
+                       source_size=(info.width, info.height))
+
+
+def _decode_videos(plans: list[_VideoPlan], fps: float, sample_rate: int) -> list[DecodedClip | MediaError]:
+    """Clips with video from one ffmpeg process. ffmpeg's messages cannot be told apart by clip, so when a
+    shared run reports anything, each clip is decoded again in a process of its own for its own verdict."""
+    outputs, stderr, returncode = _run_ffmpeg(plans, fps, sample_rate)
+    if len(plans) > 1 and (returncode != 0 or stderr.strip()):
+        return [result for plan in plans for result in _decode_videos([plan], fps, sample_rate)]
+    results: list[DecodedClip | MediaError] = []
+    for plan, (raw_video, pcm) in zip(plans, outputs):
+        try:
+            results.append(_decoded(plan, raw_video, pcm, stderr, returncode, fps, sample_rate))
+        except MediaError as err:
+            results.append(err)
+    return results
+
+
+def decode_clips(paths: list[str | os.PathLike], fps: float = 5.0, sample_rate: int = 16000,
+                 frame_size: int | None = 256) -> list[DecodedClip | MediaError]:
+    """`decode_clip` of each path (a MediaError in the place of a clip that cannot be decoded), with ONE ffmpeg
+    process decoding all their videos: a process start-up costs as much CPU as decoding a short clip."""
+    if fps <= 0 or sample_rate <= 0:
+        raise ValueError(f"fps and sample_rate must be positive, got {fps} and {sample_rate}")
+    results: list[DecodedClip | MediaError | None] = [None] * len(paths)
+    plans: dict[int, _VideoPlan] = {}
+    for index, path in enumerate(paths):
+        try:
+            info = probe(path)
+            if info.has_video:
+                plans[index] = _plan(info, fps, sample_rate, frame_size)
+                continue
+            audio, has_audio = _load_audio(info, sample_rate)
+            results[index] = DecodedClip(frames=np.zeros((0, 0, 0, 3), np.uint8), audio=audio,
+                                         sample_rate=sample_rate, fps=fps, duration_s=info.duration_s,
+                                         has_audio=has_audio, has_video=False, source_size=(0, 0))
+        except MediaError as err:
+            results[index] = err
+    if plans:
+        for index, result in zip(plans, _decode_videos(list(plans.values()), fps, sample_rate)):
+            results[index] = result
+    return results
 
 
 def decode_clip(path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16000,
@@ -202,48 +307,11 @@ def decode_clip(path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16
     """Frames at `fps` and mono audio at `sample_rate` from one ffmpeg process (see the module rules).
 
     An audio-only file gives zero frames and has_video False; the caller decides whether that is an error.
-    frame_size None keeps the source size."""
-    if fps <= 0 or sample_rate <= 0:
-        raise ValueError(f"fps and sample_rate must be positive, got {fps} and {sample_rate}")
-    info = probe(path)
-    if not info.has_video:
-        audio, has_audio = _load_audio(info, sample_rate)
-        return DecodedClip(frames=np.zeros((0, 0, 0, 3), np.uint8), audio=audio, sample_rate=sample_rate,
-                           fps=fps, duration_s=info.duration_s, has_audio=has_audio, has_video=False,
-                           source_size=(0, 0))
-
-    num_frames = num_frames_for(info.duration_s, fps)
-    num_samples = num_samples_for(info.duration_s, sample_rate)
-    width, height = output_size(info.width, info.height, frame_size)
-    source = ffmpeg.input(_ffmpeg_url(info.path))
-    video = source[str(info.video_stream)]
-    if not info.is_image:
-        video = video.filter("fps", fps=fps)
-    outputs = [video.filter("scale", width, height).output(
-        "pipe:1", format="rawvideo", pix_fmt="rgb24", vframes=num_frames)]
-    audio_pipe = os.pipe() if info.has_audio and num_samples > 0 else None
-    if audio_pipe:
-        outputs.append(source[str(info.audio_stream)].output(
-            f"pipe:{audio_pipe[1]}", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate))
-    raw_video, pcm, stderr, returncode = _run_ffmpeg(ffmpeg.merge_outputs(*outputs).compile(cmd=_FFMPEG), audio_pipe)
-
-    message = _ffmpeg_message(stderr, info.path)
-    if returncode != 0:
-        raise MediaError(info.path, f"truncated or corrupt: ffmpeg failed ({message})")
-    frame_bytes = width * height * 3
-    decoded = len(raw_video) // frame_bytes
-    if decoded == 0:
-        raise MediaError(info.path, f"truncated or corrupt: no decodable video frames ({message})")
-    if decoded < num_frames and stderr.strip():
-        raise MediaError(info.path, f"truncated or corrupt: decoded {decoded} of {num_frames} frames ({message})")
-    frames = np.frombuffer(raw_video, np.uint8, decoded * frame_bytes).reshape(decoded, height, width, 3)
-    if decoded < num_frames:  # the video stream ends cleanly before the container: hold the last frame
-        frames = np.concatenate([frames, np.repeat(frames[-1:], num_frames - decoded, axis=0)])
-
-    audio = np.frombuffer(pcm, np.int16, len(pcm) // 2).astype(np.float32) / 32768.0
-    return DecodedClip(frames=frames, audio=_fit_length(audio, num_samples), sample_rate=sample_rate, fps=fps,
-                       duration_s=info.duration_s, has_audio=audio.size > 0, has_video=True,
-                       source_size=(info.width, info.height))
+    frame_size None keeps the source size. MediaError if the file cannot be decoded."""
+    (result,) = decode_clips([path], fps, sample_rate, frame_size)
+    if isinstance(result, MediaError):
+        raise result
+    return result
 
 
 def _fit_length(audio: np.ndarray, num_samples: int) -> np.ndarray:

@@ -33,7 +33,8 @@ from emi.shards.manifest import (
 from emi.shards.plan import ClipJob, Failure, plan_clips
 from emi.shards.sample import Sample, SampleBuilder, SampleOptions, build_in_worker, init_worker
 
-RESULTS_AHEAD_PER_WORKER = 4  # bounds the encoded samples waiting in memory behind a slow clip
+CLIPS_PER_PROCESS = 4  # clips one ffmpeg process decodes: its start-up costs as much CPU as a short clip
+BATCHES_AHEAD_PER_WORKER = 2  # bounds the encoded samples waiting in memory behind a slow clip
 
 
 @dataclass(frozen=True)
@@ -130,21 +131,28 @@ def _reusable_shards(out: Path, split: str, args: dict, chunks: list[list[ClipJo
     return kept, carried, None
 
 
-def _samples(jobs: list[ClipJob], options: SampleOptions, workers: int) -> Iterator[Sample | Failure]:
-    """Built samples in job order, from this process or a pool of `workers` processes."""
+def _samples(chunks: list[list[ClipJob]], options: SampleOptions, workers: int) -> Iterator[Sample | Failure]:
+    """Built samples of the shards' clips in order, from this process or a pool of `workers` processes.
+
+    Clips go to ffmpeg in batches that never span two shards, so a shard is written as soon as its own clips
+    are built. Face cropping decodes at the source size: then one clip's frames are in memory at a time."""
+    size = 1 if options.face_crop else CLIPS_PER_PROCESS
+    batches = [chunk[start:start + size] for chunk in chunks for start in range(0, len(chunk), size)]
     if workers == 1:
-        yield from map(SampleBuilder(options), jobs)
+        builder = SampleBuilder(options)
+        for batch in batches:
+            yield from builder.build_many(batch)
         return
     # spawn: forking a process that may have imported torch can hang
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(options,)) as pool:
         pending = deque()
-        for job in jobs:
-            pending.append(pool.submit(build_in_worker, job))
-            if len(pending) >= RESULTS_AHEAD_PER_WORKER * workers:
-                yield pending.popleft().result()
+        for batch in batches:
+            pending.append(pool.submit(build_in_worker, batch))
+            if len(pending) >= BATCHES_AHEAD_PER_WORKER * workers:
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
 
 
 def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split: str = "train", fps: float = 5.0,
@@ -213,7 +221,7 @@ def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[
 
     to_build = [index for index in range(len(chunks)) if index not in entries]
     build_jobs = [job for index in to_build for job in chunks[index]]
-    samples = _samples(build_jobs, options, min(workers, max(1, len(build_jobs))))
+    samples = _samples([chunks[index] for index in to_build], options, min(workers, max(1, len(build_jobs))))
     with tqdm(total=len(build_jobs), unit="clip", desc=f"{split} shards", file=sys.stderr) as progress:
         for index in to_build:
             writer = ShardWriter(out / shard_name(split, index))

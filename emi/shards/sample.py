@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from emi.media import MediaError, decode_clip, output_size, wav_bytes
+from emi.media import DecodedClip, MediaError, decode_clips, output_size, wav_bytes
 from emi.shards.asr import WhisperTranscriber
 from emi.shards.face import find_face_box, load_face_detector
 from emi.shards.plan import ClipJob, Failure
@@ -69,12 +69,19 @@ class SampleBuilder:
                        "frames_checked": checked}
 
     def __call__(self, job: ClipJob) -> Sample | Failure:
+        return self.build_many([job])[0]
+
+    def build_many(self, jobs: list[ClipJob]) -> list[Sample | Failure]:
+        """Samples of several clips, whose videos one ffmpeg process decodes (see emi.media.decode_clips)."""
         options = self.options
-        try:
-            clip = decode_clip(job.path, fps=options.fps, sample_rate=options.sample_rate,
-                               frame_size=None if options.face_crop else options.frame_size)
-        except MediaError as err:
-            return Failure(path=job.source, reason=err.reason, key=job.key)
+        clips = decode_clips([job.path for job in jobs], fps=options.fps, sample_rate=options.sample_rate,
+                             frame_size=None if options.face_crop else options.frame_size)
+        return [self._sample(job, clip) for job, clip in zip(jobs, clips)]
+
+    def _sample(self, job: ClipJob, clip: DecodedClip | MediaError) -> Sample | Failure:
+        options = self.options
+        if isinstance(clip, MediaError):
+            return Failure(path=job.source, reason=clip.reason, key=job.key)
         if not clip.has_video:
             return Failure(path=job.source, reason="no video stream (an audio-only file has no frames)", key=job.key)
         images, face_crop = self._images(clip.frames)
@@ -107,5 +114,5 @@ def init_worker(options: SampleOptions) -> None:
     _WORKER_BUILDER = SampleBuilder(options)
 
 
-def build_in_worker(job: ClipJob) -> Sample | Failure:
-    return _WORKER_BUILDER(job)
+def build_in_worker(jobs: list[ClipJob]) -> list[Sample | Failure]:
+    return _WORKER_BUILDER.build_many(jobs)

@@ -1,0 +1,197 @@
+"""Every benchmark runs on tiny inputs and returns well-formed, self-consistent numbers (never a speed check)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import bench_loader, bench_shards, bench_stage2, bench_trainer, gpu_stage1, run, timing
+from emi.media import MediaError, decode_clip, decode_clips
+from helpers import REPO, cpu_env
+
+GRID_CLIPS = sorted(Path("/work/shared/data/grid").glob("*.mpg"))
+GRID_CLIP = GRID_CLIPS[0]
+
+
+def test_best_of_rounds_keeps_the_least_time_of_each_piece_of_work():
+    calls = []
+    best = timing.best_of_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 3  # interleaved rounds
+    assert set(best) == {"a", "b"}
+    for timings in best.values():
+        assert set(timings) == {"wall_s", "cpu_s"} and timings["wall_s"] >= 0 and timings["cpu_s"] >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        timing.best_of_rounds({"a": lambda: None}, repeats=0)
+
+
+def test_table_is_markdown():
+    assert timing.table(["x", "y"], [[1, "a"], [2.5, "b"]]) == "| x | y |\n|---|---|\n| 1 | a |\n| 2.5 | b |"
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Two synthetic clips and one GRID clip, with labels; and a work folder."""
+    root = tmp_path_factory.mktemp("bench-clips")
+    grid = root / "grid"
+    grid.mkdir()
+    shutil.copy(GRID_CLIP, grid)
+    videos, labels = bench_shards.prepare_clips(root / "clips", synthetic=2, grid=grid)
+    return videos, labels, root / "work"
+
+
+@pytest.fixture(scope="module")
+def shards_result(clips) -> dict:
+    videos, labels, work = clips
+    return bench_shards.run(videos, labels, work, repeats=1)
+
+
+def test_shard_benchmark_builds_every_clip_and_does_the_same_work_as_the_baseline(shards_result, clips):
+    result = shards_result
+    assert result["clips"] == 3 and result["workers"] == 2 and result["repeats"] == 1
+    # every clip built, and the baseline wrote as many 5 fps frames as the builder
+    assert result["frames"]["emi"] == result["frames"]["ffmpeg_cli"] > 3 * 5 * 2
+    manifest = json.loads((clips[2] / "emi" / "manifest.json").read_text())
+    assert manifest["args"]["frame_size"] == bench_shards.FRAME_SIZE and manifest["num_samples"] == 3
+    assert len(list((clips[2] / "ffmpeg").glob("*/audio.wav"))) == 3
+    for name in ("emi", "ffmpeg_cli"):
+        timings = result[name]
+        assert timings["wall_s"] > 0 and timings["cpu_ms_per_clip"] > 0
+        assert timings["clips_per_s"] == pytest.approx(3 / timings["wall_s"], rel=0.01)
+    assert result["ratio"] == pytest.approx(result["emi"]["clips_per_s"] / result["ffmpeg_cli"]["clips_per_s"],
+                                            abs=1e-3)
+    assert result["met"] == (result["ratio"] >= bench_shards.TARGET)
+    text = bench_shards.section(result)
+    assert text.startswith("## 1. Shard building") and f"**{result['ratio']}**" in text
+
+
+def test_baseline_frames_have_the_builders_frame_size(clips):
+    videos, _, work = clips
+    commands = {Path(command[-1]).parent.name: command for command in bench_shards.ffmpeg_commands(videos, work)}
+    assert "fps=5,scale=320:256" in commands[GRID_CLIP.stem]  # 360x288 -> short side 256, as the builder
+    assert "fps=5,scale=256:256" in commands["00001"]  # the synthetic clips are 128x128
+
+
+def test_loader_benchmark_numbers(tmp_path):
+    shards = bench_loader.write_synthetic_shards(tmp_path / "shards", num_clips=8, shard_size=4)
+    result = bench_loader.run(shards, repeats=1)
+    assert result["samples"] == 8
+    for name in ("ceiling", "loader_1_worker", "loader_2_workers"):
+        assert result[name]["samples_per_s"] > 0 and result[name]["cpu_ms_per_sample"] > 0
+    assert result["ratio_1_worker_to_ceiling"] == pytest.approx(
+        result["loader_1_worker"]["samples_per_s"] / result["ceiling"]["samples_per_s"], abs=2e-3)
+    assert result["met"] == (result["ratio_1_worker_to_ceiling"] >= 0.8 and result["speedup_2_workers_over_1"] > 1)
+    assert bench_loader.section(result).startswith("## 2. Loader")
+
+
+def test_in_memory_data_times_every_request_and_skips_like_the_loader():
+    batch = {"x": torch.ones(2)}
+    data = bench_trainer.InMemoryData(batch, num_batches=5, batch_size=2)
+    data.set_epoch(0, skip_batches=2)
+    assert [b is batch for b in data.dataloader] == [True] * 3
+    assert len(data.request_times) == 4 and data.request_times == sorted(data.request_times)
+
+
+def test_block_means_skip_warmup_and_average_each_block():
+    times = [0.0, 5.0, 6.0, 8.0, 11.0, 15.0]  # steps of 5, 1, 2, 3, 4 s
+    assert bench_trainer.block_means(times, warmup=1, blocks=2, block_steps=2) == [1.5, 3.5]
+    with pytest.raises(ValueError, match="timed steps"):
+        bench_trainer.block_means(times, warmup=2, blocks=2, block_steps=2)
+
+
+def test_trainer_benchmark_runs_fit_and_the_plain_loop(tmp_path):
+    result = bench_trainer.run(tmp_path, warmup=1, blocks=2, block_steps=2, configs=("plain", "fit_zero2"))
+    assert result["batch_size"] == 16
+    for name in ("plain", "fit_zero2"):
+        assert len(result[name]["block_step_ms"]) == 2 and result[name]["processes"] == 1
+        assert result[name]["step_ms"] == min(result[name]["block_step_ms"]) > 0
+    assert result["overhead_zero2"] == pytest.approx(result["fit_zero2"]["step_ms"] / result["plain"]["step_ms"],
+                                                     abs=1e-3)
+    assert result["met"] == (result["overhead_zero2"] <= bench_trainer.TARGET)
+    assert (tmp_path / "runs" / "fit-zero2" / "export" / "vision" / "config.json").is_file()  # fit ran to the end
+    assert "## 3. Trainer overhead" in bench_trainer.section(result)
+
+
+def test_stage2_benchmark_sees_the_same_clips_both_ways(shards_result, clips, tmp_path):
+    result = bench_stage2.run(clips[2] / "emi", tmp_path, repeats=1, batch_size=2)
+    assert result["clips"] == 3 and result["samples"] == 4  # two batches of 2, the last one wrapping around
+    for name in ("cached", "on_the_fly"):
+        assert result[name]["wall_s"] > 0
+        assert result[name]["samples_per_s"] == pytest.approx(4 / result[name]["wall_s"], rel=0.01)
+    assert result["speedup"] == pytest.approx(result["on_the_fly"]["wall_s"] / result["cached"]["wall_s"],
+                                              rel=0.02)
+    features = json.loads((tmp_path / "features" / "manifest.json").read_text())
+    assert features["num_samples"] == 3
+    assert bench_stage2.section(result).startswith("## 4. Stage II")
+
+
+def test_gpu_script_runs_tiny_on_cpu_and_leaves_results_alone():
+    before = gpu_stage1.RESULTS.read_bytes() if gpu_stage1.RESULTS.is_file() else None
+    out = subprocess.run([sys.executable, "benchmarks/gpu_stage1.py", "--tiny", "--steps", "2"], cwd=REPO,
+                         env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["model"] == "tiny" and result["world_size"] == 1 and result["steps"] == 2
+    assert result["samples_per_s_per_gpu"] == pytest.approx(4 * 2 / result["seconds"], rel=0.02)
+    model, _ = gpu_stage1.build_model(tiny=True)
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    assert result["peak_memory_gib"] is None and result["mfu"] is None  # no GPU, no peak to divide by
+    assert (gpu_stage1.RESULTS.read_bytes() if gpu_stage1.RESULTS.is_file() else None) == before
+
+
+def test_analytic_flops_match_the_flop_counter():
+    model, _ = gpu_stage1.build_model(tiny=True)
+    flops = gpu_stage1.forward_flops_per_sample(model, text_len=16)
+    assert flops["total"] == flops["vision"] + flops["text"]
+    # the math attention kernel runs as matrix products, which the counter sees on every device
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(pixel_values=torch.randn(3, 3, 64, 64), input_ids=torch.randint(0, 1000, (3, 16)))
+    assert counter.get_total_flops() == 3 * flops["total"]
+
+
+def test_peak_flops_by_device_name():
+    assert gpu_stage1.peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12
+    assert gpu_stage1.peak_flops("NVIDIA H100 PCIe", None) == 756e12
+    assert gpu_stage1.peak_flops("NVIDIA H200", None) == 989e12
+    assert gpu_stage1.peak_flops("Some GPU", None) is None
+    assert gpu_stage1.peak_flops("Some GPU", 100.0) == 100e12
+
+
+def test_sections_this_run_does_not_write_are_kept():
+    old = ("# Benchmarks\n\n| summary |\n\n## 1. Shard building\n\nold numbers\n\n## GPU: Stage I run one\n\n"
+           "| a | 1 |\n\n## 2. Loader\n\nmore\n\n## Learning and ablation\n\ntable\n\n"
+           "## GPU: Stage I run two\n\nlast\n")
+    assert run.kept_sections(old) == ["## GPU: Stage I run one\n\n| a | 1 |\n",
+                                      "## Learning and ablation\n\ntable\n", "## GPU: Stage I run two\n\nlast\n"]
+    assert run.kept_sections("# Benchmarks\n\n## 1. Shard building\n\n## 4. Stage II: x\n") == []
+
+
+def test_one_ffmpeg_process_for_several_clips_gives_each_clip_its_own_result(tmp_path):
+    """The shard builder's speed-up: decode_clips equals decode_clip clip by clip, bad files included."""
+    (tmp_path / "notes.mpg").write_text("not a video\n")
+    damaged = bytearray(GRID_CLIPS[2].read_bytes())  # decodes with errors: the shared run reports them,
+    for start in range(100_000, 300_000, 5_000):     # so each clip is decoded again alone
+        damaged[start:start + 50] = b"\xff" * 50
+    (tmp_path / "damaged.mpg").write_bytes(bytes(damaged))
+    paths = [GRID_CLIPS[0], tmp_path / "notes.mpg", GRID_CLIPS[1], tmp_path / "missing.mpg", tmp_path / "damaged.mpg"]
+    for batch in ([paths[0], paths[2]], paths):
+        results = decode_clips(batch, fps=5.0, sample_rate=16000, frame_size=64)
+        assert len(results) == len(batch)
+        for path, result in zip(batch, results):
+            try:
+                alone = decode_clip(path, fps=5.0, sample_rate=16000, frame_size=64)
+            except MediaError as err:
+                assert isinstance(result, MediaError) and result.reason == err.reason
+                continue
+            assert not isinstance(result, MediaError), result
+            assert np.array_equal(result.frames, alone.frames) and np.array_equal(result.audio, alone.audio)
+            assert (result.duration_s, result.has_audio, result.source_size) == (
+                alone.duration_s, alone.has_audio, alone.source_size)
+    reasons = [r.reason if isinstance(r, MediaError) else None for r in decode_clips(paths, frame_size=64)]
+    assert reasons[0] is None and reasons[2] is None
+    assert reasons[1] == "not a media file (it is a text file)" and reasons[3] == "file not found"
