@@ -35,7 +35,8 @@ from emi.data.urls import shard_name
 from emi.errors import UsageError
 from emi.models.encoders import (
     audio_frame_features, load_encoders, pool_audio_to_frames, text_features, vision_features)
-from emi.shards.manifest import MANIFEST, ShardWriter, sha256_file, write_json_atomic
+from emi.io import sha256_file, write_json_atomic
+from emi.shards.manifest import MANIFEST, ShardWriter
 
 FORMAT = "emi-features/1"
 VISION_CHUNK = 256  # frames per vision-encoder call

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from emi.shards.build import build_shards
@@ -57,3 +58,14 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
         if tag in accumulator.Tags()["scalars"]:
             points.update({event.step: event.value for event in accumulator.Scalars(tag)})
     return sorted(points.items())
+
+
+def exported(run_dir: Path) -> dict:
+    """Every tensor a Stage I run exported (encoders and projection heads), keyed by file and name."""
+    weights = {}
+    for encoder in ("vision", "text", "audio"):
+        for name, tensor in load_file(str(run_dir / "export" / encoder / "model.safetensors")).items():
+            weights[f"{encoder}.{name}"] = tensor
+    for name, tensor in load_file(str(run_dir / "export" / "projection.safetensors")).items():
+        weights[f"projection.{name}"] = tensor
+    return weights

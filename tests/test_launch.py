@@ -17,8 +17,7 @@ from submitit.local.local import LocalJobEnvironment
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from emi.launch import main, master_address, node_command, parse_args, program
-from helpers import REPO, cpu_env, scalars
-from test_stage1 import exported
+from helpers import REPO, cpu_env, exported, scalars
 
 TINY = str(REPO / "configs" / "stage1" / "tiny.yaml")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, scalars
+from helpers import REPO, exported, scalars
 from test_slurm_cluster import FINAL_STATES, cluster, job_field, slurm_root  # noqa: F401 (fixtures)
-from test_stage1 import exported
 
 TINY = "configs/stage1/tiny.yaml"
 EPOCHS = 10

@@ -9,9 +9,8 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import REPO, cpu_env, launch, launch_command, scalars
+from helpers import REPO, cpu_env, exported, launch, launch_command, scalars
 
 STRATEGY_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 
@@ -19,16 +18,6 @@ STRATEGY_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 def stage1_args(shards, out, *extra):
     return ["--config", "configs/stage1/tiny.yaml", f"data.train={shards['train']}", f"data.val={shards['val']}",
             f"run.output_dir={out}", "data.batch_size=8", "train.log_every=1", *extra]
-
-
-def exported(run_dir):
-    weights = {}
-    for encoder in ("vision", "text", "audio"):
-        for name, tensor in load_file(str(run_dir / "export" / encoder / "model.safetensors")).items():
-            weights[f"{encoder}.{name}"] = tensor
-    for name, tensor in load_file(str(run_dir / "export" / "projection.safetensors")).items():
-        weights[f"projection.{name}"] = tensor
-    return weights
 
 
 @pytest.fixture(scope="module")

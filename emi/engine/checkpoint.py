@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from emi.errors import UsageError
+from emi.io import write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
@@ -118,10 +119,3 @@ def _prune(root: Path, keep_last: int) -> None:
     complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)

@@ -26,11 +26,12 @@ from accelerate.utils import DistributedType
 
 from emi.config import OptimSection, TrainSection, save_config
 from emi.engine.checkpoint import (
-    TrainerState, load_checkpoint, remove_stale_temporaries, resolve_resume, save_checkpoint, write_json_atomic)
+    TrainerState, load_checkpoint, remove_stale_temporaries, resolve_resume, save_checkpoint)
 from emi.engine.distributed import describe
 from emi.engine.logging import RunLogger, format_scalars
 from emi.engine.signals import StopRequest, requeue_slurm_job
 from emi.errors import UsageError
+from emi.io import write_json_atomic
 
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 EvalFn = Callable[[torch.nn.Module, Accelerator], dict[str, float]]

@@ -23,12 +23,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from emi.errors import UsageError
+from emi.io import sha256_file, write_atomic, write_json_atomic
 from emi.shards.asr import check_whisper, parse_asr, read_transcripts
 from emi.shards.face import load_face_detector
 from emi.shards.labels import read_labels
 from emi.shards.manifest import (
-    FAILURES, FORMAT, MANIFEST, ShardWriter, read_failures, read_manifest, read_sample_metadata, sha256_file,
-    shard_name, shard_pattern, write_atomic, write_json_atomic,
+    FAILURES, FORMAT, MANIFEST, ShardWriter, read_failures, read_manifest, read_sample_metadata, shard_name,
+    shard_pattern,
 )
 from emi.shards.plan import ClipJob, Failure, plan_clips
 from emi.shards.sample import Sample, SampleBuilder, SampleOptions, build_in_worker, init_worker

@@ -8,13 +8,14 @@ manifest.json (format emi-shards/1) is what the streaming loader reads:
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
 import tarfile
 from pathlib import Path
+
+from emi.io import sha256_file, temporary_path
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
@@ -28,32 +29,6 @@ def shard_name(split: str, index: int) -> str:
 
 def shard_pattern(split: str) -> re.Pattern:
     return re.compile(re.escape(split) + r"-\d{6}\.tar")
-
-
-def temporary_path(path: Path) -> Path:
-    """Where a file is written before being renamed into place: hidden, so never taken for a shard."""
-    return path.with_name(f".{path.name}.tmp")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = temporary_path(path)
-    with open(tmp, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:
