@@ -30,8 +30,8 @@ class Pipeline:
     """One synthetic data set and the runs trained on it, under `root`."""
 
     root: Path
-    train_clips: int = 240
-    val_clips: int = 80
+    train_clips: int = 400
+    val_clips: int = 120
     corrupt_modality: str | None = None
     corrupt_frac: float = 0.0
     verbose: bool = True
@@ -97,8 +97,8 @@ class Pipeline:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(REPO), help="work folder (default: the repository)")
-    parser.add_argument("--train-clips", type=int, default=240)
-    parser.add_argument("--val-clips", type=int, default=80)
+    parser.add_argument("--train-clips", type=int, default=400)
+    parser.add_argument("--val-clips", type=int, default=120)
     args = parser.parse_args(argv)
     from emi.inference import evaluate  # after argparse: --help stays instant
 
@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = Pipeline(Path(args.root).resolve(), args.train_clips, args.val_clips)
     pipeline.prepare_data()
     pipeline.run("shard statistics", [*EMI, "shards", "stats", str(pipeline.shards("train"))])
-    encoders = pipeline.train_stage1("stage1-tiny", epochs=15)
+    encoders = pipeline.train_stage1("stage1-tiny", 20, "optim.lr=2e-3")
     pipeline.extract_features(encoders)
-    pipeline.train_stage2("stage2-tiny", epochs=40)
+    pipeline.train_stage2("stage2-tiny", 60)
 
     best = pipeline.root / "runs/stage2-tiny/best"
     report = evaluate(best, str(pipeline.features("val")))
