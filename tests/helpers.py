@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,17 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def launch_command(script: str, args: list[str], num_processes: int = 2) -> list[str]:
+    """`accelerate launch` of a script in the repository, or of a module when `script` is "-m"."""
+    target = ["-m"] if script == "-m" else [str(REPO / script)]
     return [*ACCELERATE, "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-            "--num_processes", str(num_processes), str(REPO / script), *args]
+            "--num_processes", str(num_processes), "--main_process_port", str(free_port()), *target, *args]
+
+
+def free_port() -> int:
+    """A port nobody listens on now, so tests do not meet other jobs on torch's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch(script: str, args: list[str], num_processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:

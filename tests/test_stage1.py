@@ -4,13 +4,18 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
-from helpers import REPO, cpu_env, exported, launch, launch_command, scalars
+from emi.models.encoders import (ContrastiveModel, audio_features, load_encoders, text_features,
+                                  vision_features)
+from helpers import REPO, cpu_env, exported, free_port, launch, launch_command, scalars
 
 STRATEGY_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 
@@ -89,3 +94,50 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(strat
     assert all(torch.equal(reference[name], resumed[name]) for name in reference)
     steps = [step for step, _ in scalars(run_dir, "train/loss")]
     assert steps == list(range(1, 19))  # continuous: the resumed run logs where the killed one stopped
+
+
+def test_exported_encoders_reload_and_give_the_trained_models_outputs(strategy_runs, synthetic_shards):
+    """The export (from_pretrained folders) against the model in the run's last resumable checkpoint."""
+    run_dir = strategy_runs / "ddp"
+    spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
+    trained = ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"])
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    trained.load_state_dict(load_file(str(last / "model.safetensors")))
+    trained.eval()
+    loaded = load_encoders(run_dir / "export")
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 64, 64, generator=generator)
+    waves = torch.randn(2, 16000, generator=generator)
+    tokens = loaded["tokenizer"](["Joy (Intensity: High)", "Neutral (Intensity: Low)"], padding=True,
+                                 return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(vision_features(loaded["vision"], pixels), vision_features(trained.vision, pixels))
+        assert torch.equal(text_features(loaded["text"], tokens["input_ids"], tokens["attention_mask"]),
+                           text_features(trained.text, tokens["input_ids"], tokens["attention_mask"]))
+        mask = torch.ones_like(waves, dtype=torch.long)
+        assert torch.equal(audio_features(loaded["audio"], waves, mask), audio_features(trained.audio, waves, mask))
+
+
+def test_runs_under_torchrun_and_as_one_plain_process(synthetic_shards, tmp_path):
+    common = stage1_args(synthetic_shards, tmp_path, "train.max_steps=2", "train.epochs=1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()),
+                str(REPO / "train/stage1.py"), *common, "run.name=torchrun", "train.strategy=zero3"]
+    plain = [sys.executable, str(REPO / "train/stage1.py"), *common, "run.name=plain", "train.strategy=ddp",
+             "model.pairs=[audio_text]"]
+    for command in (torchrun, plain):
+        result = subprocess.run(command, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    for name, expected in (("torchrun", "DEEPSPEED world=2"), ("plain", "NO world=1")):
+        log = (tmp_path / name / "log.txt").read_text()
+        assert expected in log and "done: 2 steps" in log
+        assert (tmp_path / name / "export" / "text" / "model.safetensors").is_file()
+    assert not (tmp_path / "plain" / "export" / "vision").exists()  # only the audio-text pair was trained
+
+
+def test_unknown_config_key_fails_with_exit_code_2(synthetic_shards, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train/stage1.py"),
+                             *stage1_args(synthetic_shards, tmp_path, "train.epochz=1")],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "unknown key 'train.epochz'" in result.stderr and "configs/stage1/tiny.yaml" in result.stderr

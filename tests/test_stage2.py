@@ -1,0 +1,119 @@
+"""Feature extraction on two ranks and Stage II training on the shared loop, with tiny encoders on synthetic shards."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from emi.features import clip_features, clip_loader, load_frozen_encoders
+from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
+from helpers import REPO, launch, scalars
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
+    torch.manual_seed(0)
+    model = ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"])
+    folder = tmp_path_factory.mktemp("encoders")
+    export_encoders(model, model.state_dict(), folder, build_tokenizer(spec["text"]))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def features(encoders, synthetic_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features")
+    for split in ("train", "val"):
+        launch("-m", ["emi.cli", "features", "extract", "--encoders", str(encoders), "--shards",
+                      str(synthetic_shards[split]), "--out", str(out / split), "--batch-size", "4"])
+    return out
+
+
+def feature_sample(shard, key):
+    """The entries of one sample of a feature shard, by extension."""
+    with tarfile.open(shard) as tar:
+        return {member.name.split(".", 1)[1]: tar.extractfile(member).read() for member in tar
+                if member.name.split(".", 1)[0] == key}
+
+
+def test_two_ranks_extract_every_clip_once_with_the_shapes_of_the_clip(features, synthetic_shards, encoders):
+    manifest = json.loads((features / "train" / "manifest.json").read_text())
+    source = json.loads((synthetic_shards["train"] / "manifest.json").read_text())
+    assert manifest["format"] == "emi-features/1" and manifest["num_samples"] == 48
+    assert [s["name"] for s in manifest["shards"]] == [s["name"] for s in source["shards"]]
+    assert [s["keys"] for s in manifest["shards"]] == [s["keys"] for s in source["shards"]]
+    assert manifest["dims"] == {"vision": 64, "audio": 64, "text": 64}
+    assert manifest["preprocessing"]["frame_size"] == 64 and manifest["preprocessing"]["fps"] == 5.0
+
+    # One clip, recomputed here in one process, equals what the two-rank extraction stored (float16).
+    frozen = load_frozen_encoders(encoders)
+    first = source["shards"][0]
+    data = clip_loader(str(synthetic_shards["train"] / first["name"]), frozen, list(source["labels"]), 4, 0)
+    data.set_epoch(0)
+    clip = clip_features(frozen, next(iter(data.dataloader)), fps=5.0)[0]
+    stored = feature_sample(features / "train" / first["name"], clip["key"])
+    meta = json.loads(stored["json"])
+    assert meta["num_frames"] == clip["num_frames"] and meta["has_audio"] is True
+    for name in ("vision", "audio", "text"):
+        array = np.load(io.BytesIO(stored[f"{name}.npy"]), allow_pickle=False)
+        assert array.dtype == np.float16 and array.shape == clip[name].shape
+        np.testing.assert_allclose(array.astype(np.float32), clip[name], rtol=2e-3, atol=2e-3)
+
+
+def test_extraction_resumes_and_redoes_only_a_damaged_shard(features, synthetic_shards, encoders):
+    out = features / "train"
+    shards = sorted(out.glob("train-*.tar"))
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in shards}
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])  # a truncated shard: its sidecar sha no longer matches
+    result = launch("-m", ["emi.cli", "features", "extract", "--encoders", str(encoders), "--shards",
+                           str(synthetic_shards["train"]), "--out", str(out), "--batch-size", "4"], num_processes=1)
+    assert '"extracted_here": 1' in result.stdout
+    for path in shards:
+        mtime, data = before[path.name]
+        assert path.read_bytes() == data  # byte-identical, the redone one included
+        assert (path.stat().st_mtime_ns == mtime) == (path != shards[1])
+
+
+@pytest.fixture(scope="module")
+def stage2_runs(features, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage2")
+
+    def run(name, *extra):
+        launch("train/stage2.py", ["--config", "configs/stage2/tiny.yaml", f"data.train={features / 'train'}",
+                                   f"data.val={features / 'val'}", f"run.output_dir={out}", f"run.name={name}",
+                                   "data.batch_size=4", "train.epochs=4", "train.log_every=1",
+                                   "train.checkpoint_every=2", *extra])
+    run("full")
+    run("cut", "train.max_steps=9")  # stops mid-epoch (6 steps per epoch)
+    run("cut", "--resume", "latest")
+    return out
+
+
+def test_stage2_trains_evaluates_each_clip_once_and_exports_the_best(stage2_runs):
+    run_dir = stage2_runs / "full"
+    assert "MULTI_CPU world=2" in (run_dir / "log.txt").read_text()
+    assert [v for _, v in scalars(run_dir, "val/num_samples")] == [16.0] * 4
+    losses = [v for _, v in scalars(run_dir, "train/loss")]
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    for tag in ("val/mean_pearson", "val/mse", "val/pearson/Joy", "val/mean_pearson_without_vision",
+                "val/mean_pearson_without_audio", "val/mean_pearson_without_text"):
+        assert len(scalars(run_dir, tag)) == 4, tag
+    best = json.loads((run_dir / "best" / "trainer.json").read_text())
+    assert best["mean_pearson"] == pytest.approx(max(v for _, v in scalars(run_dir, "val/mean_pearson")), rel=1e-6)
+    config = json.loads((run_dir / "best" / "config.json").read_text())
+    assert config["format"] == "emi-fusion/1" and config["labels"][-1] == "Joy"
+    assert config["model"]["vision_dim"] == 64 and config["preprocessing"]["frame_size"] == 64
+
+
+def test_stage2_resume_mid_epoch_ends_with_the_uninterrupted_ema_weights(stage2_runs):
+    full, cut = stage2_runs / "full", stage2_runs / "cut"
+    assert "resumed from" in (cut / "log.txt").read_text()
+    for folder in ("export", "best"):
+        a, b = load_file(str(full / folder / "model.safetensors")), load_file(str(cut / folder / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
