@@ -54,6 +54,9 @@ class InMemoryData:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.skip = skip_batches
 
+    def skipped(self) -> int:
+        return 0  # nothing to decode, nothing corrupt
+
     @property
     def dataloader(self) -> Iterator[dict[str, Any]]:
         for _ in range(self.num_batches - self.skip):

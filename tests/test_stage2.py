@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -117,3 +118,23 @@ def test_stage2_resume_mid_epoch_ends_with_the_uninterrupted_ema_weights(stage2_
     for folder in ("export", "best"):
         a, b = load_file(str(full / folder / "model.safetensors")), load_file(str(cut / folder / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def test_a_corrupt_sample_is_skipped_counted_and_reported_by_the_trainer(features, tmp_path):
+    damaged = tmp_path / "train"
+    shutil.copytree(features / "train", damaged)
+    shard = sorted(damaged.glob("train-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar]
+    victim = members[1][0].name.split(".", 1)[0]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == f"{victim}.vision.npy":
+                data = b"\x93NUMPY garbage"
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    launch("train/stage2.py", ["--config", "configs/stage2/tiny.yaml", f"data.train={damaged}",
+                               f"data.val={features / 'val'}", f"run.output_dir={tmp_path}", "run.name=damaged",
+                               "data.batch_size=4", "train.epochs=1"])
+    assert "skipped 1 corrupt or unreadable samples" in (tmp_path / "damaged" / "log.txt").read_text()
+    assert scalars(tmp_path / "damaged", "train/skipped_samples") == [(6, 1.0)]

@@ -43,7 +43,7 @@ class Task:
     """What a stage hands to the loop."""
 
     model: torch.nn.Module
-    train_data: Any  # emi.data.DataInfo: .dataloader, .num_batches, .batch_size, .set_epoch(epoch, skip_batches)
+    train_data: Any  # emi.data.DataInfo: .dataloader, .num_batches, .set_epoch(epoch, skip_batches), .skipped()
     compute_loss: LossFn  # (model, batch on device) -> (loss, scalars to log)
     evaluate: EvalFn | None = None  # called on every rank; returns the same metrics on every rank
     export: ExportFn | None = None  # rank 0 only: (full state dict, folder) -> writes safetensors + config
@@ -286,6 +286,11 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
                 break
             raise RuntimeError(f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch}, "
                                f"expected {batches_per_epoch}")
+        skipped = int(accelerator.reduce(torch.tensor(task.train_data.skipped(), device=accelerator.device),
+                                         reduction="sum"))
+        if is_main and skipped:
+            logger.scalars({"skipped_samples": skipped}, state.step, prefix="train/")
+            logger.line(f"epoch {state.epoch}: skipped {skipped} corrupt or unreadable samples (see the warnings)")
         state.epoch += 1
         state.batch_in_epoch = 0
         if task.evaluate is not None and (state.epoch % train.eval_every == 0 or state.step >= total_steps):
