@@ -39,9 +39,9 @@ def data_mode(pairs: list[str]) -> str:
 
 def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     spec = config.model
-    as_dict = lambda encoder: None if encoder is None else vars(encoder)  # noqa: E731 (specs are plain data)
-    vision = as_dict(spec.vision) if "vision_text" in spec.pairs else None
-    audio = as_dict(spec.audio) if "audio_text" in spec.pairs else None
+    # the config guarantees an encoder spec for every listed pair
+    vision = vars(spec.vision) if "vision_text" in spec.pairs else None
+    audio = vars(spec.audio) if "audio_text" in spec.pairs else None
     model = ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
                              spec.max_logit_scale)
     tokenizer = build_tokenizer(vars(spec.text))
@@ -56,7 +56,7 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
             shards, mode=data_mode(spec.pairs), batch_size=data.batch_size, num_workers=data.num_workers,
             world_size=accelerator.num_processes, rank=accelerator.process_index, seed=config.run.seed,
             shuffle=train, train=train and data.augment, resampled=data.resampled and train,
-            # the all-gather of the contrastive loss needs full batches on every rank
+            # in training, no sample twice in an epoch: a repeat in the global batch is its own false negative
             drop_last=train, shuffle_buffer=data.shuffle_buffer, manifest=data.manifest, image=image,
             audio=AudioSpec(seconds=data.audio_seconds, **(AUDIO_AUGMENTATION if train and data.augment else {})),
             label_names=VA_STD_LABELS, prompt_fn=build_prompt, tokenizer=tokenizer,
