@@ -149,6 +149,24 @@ def shard_predictions(model: FusionModel, config: dict, shards: str, batch_size:
     return keys, torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
 
 
+@torch.no_grad()
+def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -> dict[str, list[float]]:
+    """How much the fusion trusted each modality for each clip of feature shards: {key: [vision, audio, text]},
+    the fusion weights (the quality-aware betas, or equal weights for mean fusion) averaged over the segments.
+    Absent modalities weigh 0. Concatenation fusion has no such weights (UsageError)."""
+    device = default_device()
+    model, config = load_checkpoint(checkpoint, device)
+    if config["model"].get("fusion") == "concat":
+        raise UsageError(f"{checkpoint}: concatenation fusion has no per-modality weights")
+    weights: dict[str, list[float]] = {}
+    for batch in feature_batches(shards, config["labels"], config["num_frames"], batch_size, 0):
+        inputs = {name: batch[name].to(device) for name in (*MODEL_INPUTS, "has_audio", "has_text")}
+        betas = model(**fusion_inputs(inputs))["weights"].mean(1).cpu()
+        for key, row in zip(batch["key"], betas.tolist()):
+            weights.setdefault(key, row)  # the last batch wraps around: each clip once
+    return weights
+
+
 def feature_batches(shards: str, labels: list[str], num_frames: int, batch_size: int, workers: int):
     data = build_loader(shards, mode="features", batch_size=batch_size, num_workers=workers, world_size=1, rank=0,
                         seed=0, shuffle=False, train=False, num_frames=num_frames, label_names=labels,
