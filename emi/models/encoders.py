@@ -32,10 +32,12 @@ from transformers import (
     Wav2Vec2Config,
     Wav2Vec2Model,
 )
-from transformers.utils import cached_file
+from transformers.utils import cached_file, logging as transformers_logging
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from emi.errors import UsageError
+
+transformers_logging.disable_progress_bar()  # a "Loading weights" bar per encoder and rank drowns the logs
 
 VOCAB_FILE = Path(__file__).parent / "assets" / "vocab.txt"
 MODALITY_ARCHS = {"vision": ("clip", "vit"), "text": ("bert",), "audio": ("wav2vec2",)}
