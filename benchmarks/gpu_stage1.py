@@ -11,6 +11,7 @@ GPU's dense bf16 peak (H100/H200 SXM 989 TFLOP/s, or --peak-tflops). Reference: 
 70 samples/s per A100. On a GPU it appends its results to benchmarks/RESULTS.md.
 
     python benchmarks/gpu_stage1.py [--batch-size 128] [--steps 20] [--warmup 5] [--grad-checkpointing] [--compile]
+        [--strategy zero2|zero3|ddp] [--profile]
     torchrun --nproc_per_node 8 benchmarks/gpu_stage1.py ...      (numbers per GPU; negatives from all GPUs)
     python benchmarks/gpu_stage1.py --tiny --steps 2               (CPU smoke test with tiny configs)
 """
@@ -21,10 +22,11 @@ import datetime
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate.utils import set_seed
+from torch.profiler import ProfilerActivity, profile
 
 from emi.config import OptimSection, TrainSection
 from emi.engine.distributed import build_accelerator
@@ -92,9 +94,9 @@ def synthetic_batch(model: ContrastiveModel, batch_size: int, text_len: int, dev
 
 
 def run(batch_size: int, steps: int, warmup: int, text_len: int, grad_checkpointing: bool, compile_model: bool,
-        tiny: bool, peak_tflops: float | None = None) -> dict[str, Any]:
+        tiny: bool, strategy: str = "zero2", profile: bool = False, peak_tflops: float | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    train = TrainSection(strategy="zero2", mixed_precision="bf16" if cuda else "no", clip_grad=1.0)
+    train = TrainSection(strategy=strategy, mixed_precision="bf16" if cuda else "no", clip_grad=1.0)
     accelerator = build_accelerator(train, batch_size)
     set_seed(0)
     model, embed_dim = build_model(tiny)
@@ -131,6 +133,8 @@ def run(batch_size: int, steps: int, warmup: int, text_len: int, grad_checkpoint
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if profile and accelerator.is_main_process:
+        print_profile(step, cuda)
 
     samples_per_s = batch_size * steps / seconds
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -139,7 +143,7 @@ def run(batch_size: int, steps: int, warmup: int, text_len: int, grad_checkpoint
     return {
         "model": "tiny" if tiny else "ViT-L/14 + BERT-base", "device": device_name,
         "world_size": accelerator.num_processes, "rank": accelerator.process_index,
-        "precision": accelerator.mixed_precision, "strategy": "zero2", "batch_size_per_gpu": batch_size,
+        "precision": accelerator.mixed_precision, "strategy": strategy, "batch_size_per_gpu": batch_size,
         "text_len": text_len, "embed_dim": embed_dim, "steps": steps, "warmup": warmup,
         "grad_checkpointing": grad_checkpointing, "compile": compile_model,
         "parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
@@ -153,15 +157,28 @@ def run(batch_size: int, steps: int, warmup: int, text_len: int, grad_checkpoint
     }
 
 
+def print_profile(step: Callable[[], None], cuda: bool, steps: int = 3) -> None:
+    """Where a step's time goes: the operators with the most device (or CPU) time over a few profiled steps."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70))
+
+
 def section(result: dict[str, Any]) -> str:
     rows = "\n".join(f"| {key} | {value} |" for key, value in result.items() if key != "rank")
     speed = result["samples_per_s_per_gpu"]
     return "\n".join([
         f"## GPU: Stage I {result['model']} contrastive pretraining ({datetime.date.today().isoformat()}, "
-        f"{result['device']} x {result['world_size']})",
+        f"{result['device']} x {result['world_size']}, {result['strategy']}, batch {result['batch_size_per_gpu']}"
+        f"{', compiled' if result['compile'] else ''})",
         "",
         "`benchmarks/gpu_stage1.py`: ContrastiveModel (CLIP ViT-L/14 + BERT-base from config dicts, random init), "
-        "ContrastiveLoss over the global batch, build_accelerator (DeepSpeed ZeRO-2, bf16), fit's step on one "
+        "ContrastiveLoss over the global batch, build_accelerator (train.strategy as named, bf16), fit's step on one "
         "synthetic batch held on the GPU. MFU counts model FLOPs analytically (3 x forward; recomputation under "
         "gradient checkpointing not counted) over the dense bf16 peak.",
         "",
@@ -183,13 +200,17 @@ def main() -> None:
     parser.add_argument("--text-len", type=int, default=None, help="tokens per text (default 64, --tiny 16)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the two encoders")
+    parser.add_argument("--strategy", choices=["zero2", "zero3", "ddp"], default="zero2",
+                        help="ddp on one GPU is plain PyTorch with bf16 autocast: the baseline for DeepSpeed's overhead")
+    parser.add_argument("--profile", action="store_true", help="print the operators that take a step's time")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     args = parser.parse_args()
     result = run(batch_size=args.batch_size or (4 if args.tiny else 128), steps=args.steps,
                  warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 5),
                  text_len=args.text_len or (16 if args.tiny else 64), grad_checkpointing=args.grad_checkpointing,
-                 compile_model=args.compile, tiny=args.tiny, peak_tflops=args.peak_tflops)
+                 compile_model=args.compile, tiny=args.tiny, strategy=args.strategy, profile=args.profile,
+                 peak_tflops=args.peak_tflops)
     if result["rank"] == 0:
         print(json.dumps(result, indent=2))
         if torch.cuda.is_available():

@@ -132,10 +132,11 @@ def test_stage2_benchmark_sees_the_same_clips_both_ways(shards_result, clips, tm
 
 def test_gpu_script_runs_tiny_on_cpu_and_leaves_results_alone():
     before = gpu_stage1.RESULTS.read_bytes() if gpu_stage1.RESULTS.is_file() else None
-    out = subprocess.run([sys.executable, "benchmarks/gpu_stage1.py", "--tiny", "--steps", "2"], cwd=REPO,
-                         env=cpu_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "benchmarks/gpu_stage1.py", "--tiny", "--steps", "2", "--profile"],
+                         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert "aten::addmm" in out.stdout and "Self CPU time total" in out.stdout  # the --profile table
+    result = json.loads(out.stdout[out.stdout.index("{\n"):])
     assert result["model"] == "tiny" and result["world_size"] == 1 and result["steps"] == 2
     assert result["samples_per_s_per_gpu"] == pytest.approx(4 * 2 / result["seconds"], rel=0.02)
     model, _ = gpu_stage1.build_model(tiny=True)
