@@ -111,7 +111,9 @@ def submit(env: dict[str, str], out_dir: Path, options: list[str], command: str)
 
 def job_field(env: dict[str, str], job_id: int, field: str) -> str:
     shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], env=env, capture_output=True, text=True,
-                           timeout=30, check=True).stdout
+                           timeout=30)
+    assert shown.returncode == 0, f"scontrol show job {job_id} failed ({shown.returncode}): {shown.stderr}"
+    shown = shown.stdout
     match = re.search(rf"\b{field}=(\S*)", shown)
     assert match, f"scontrol shows no {field} for job {job_id}: {shown}"
     return match.group(1)

@@ -100,6 +100,9 @@ ReturnToService=2
 MailProg=/bin/true
 KillWait=5
 JobRequeue=1
+# Ended jobs stay visible to scontrol for an hour (default 300 s): tests and the demo read a job's state and exit
+# code after the jobs beside it have ended, which on a loaded machine can be more than 5 minutes later.
+MinJobAge=3600
 SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$slurmd_port CPUs=2 RealMemory=2000 State=UNKNOWN
 NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((slurmd_port + 1)) CPUs=2 RealMemory=2000 State=UNKNOWN
