@@ -153,13 +153,11 @@ def test_unknown_config_key_fails_with_exit_code_2(synthetic_shards, tmp_path):
 
 ZERO2_ALIGNMENT_PROBE = """
 from accelerate.utils import DistributedType
+from benchmarks.gpu_stage1 import build_model
 from emi.config import OptimSection, TrainSection
 from emi.engine.distributed import build_accelerator
 from emi.engine.loop import build_optimizer
-from emi.models.encoders import ContrastiveModel
-tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-model = ContrastiveModel({"arch": "clip", "config": {**tiny, "patch_size": 8, "image_size": 32}},
-                         {"arch": "bert", "config": {**tiny, "max_position_embeddings": 32}}, None, 16)
+model, _ = build_model(tiny=True)
 accelerator = build_accelerator(TrainSection(strategy="zero2"), 2)
 model, _ = accelerator.prepare(model, build_optimizer(model, OptimSection()))
 assert accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -167,8 +165,9 @@ print("misaligned:", [n for n, p in model.named_parameters() if p.data_ptr() % 1
 """
 
 
-def test_zero2_keeps_every_parameter_16_byte_aligned():
-    """ZeRO-2 views the parameters into one flat buffer per group: the logit scale must not misalign the biases."""
+def test_zero2_keeps_the_parameters_16_byte_aligned():
+    """ZeRO-2 views the parameters into one flat buffer per group: the logit scale must not misalign the biases
+    (every tensor of a multiple of 8 elements starts on a 16-byte boundary)."""
     result = subprocess.run([sys.executable, "-c", ZERO2_ALIGNMENT_PROBE], cwd=REPO, env=cpu_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
