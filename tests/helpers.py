@@ -14,6 +14,7 @@ from emi.shards.build import build_shards
 from emi.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
+GRID = REPO / "tests" / "data" / "grid"  # 8 real GRID talking-face clips (CC BY 4.0, see its README.md)
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 

@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_loader, bench_shards, bench_stage2, bench_trainer, gpu_stage1, run, timing
 from emi.media import MediaError, decode_clip, decode_clips
-from helpers import REPO, cpu_env
+from helpers import GRID, REPO, cpu_env
 
-GRID_CLIPS = sorted(Path("/work/shared/data/grid").glob("*.mpg"))
+GRID_CLIPS = sorted(GRID.glob("*.mpg"))
 GRID_CLIP = GRID_CLIPS[0]
 
 

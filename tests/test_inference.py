@@ -22,9 +22,9 @@ from emi.metrics import emi_report
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
 from emi.models.fusion import FusionModel, save_fusion
 from emi.shards.build import build_shards
+from helpers import GRID
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = Path("/work/shared/data/grid")
 CLIPS = sorted(GRID.glob("*.mpg"))
 NUM_FRAMES = 8  # the GRID clips have 15 frames at 5 fps: the fusion model sees them subsampled
 PREPROCESSING = {"fps": 5.0, "sample_rate": 16000, "frame_size": 64, "face_crop": "none", "asr": "none"}

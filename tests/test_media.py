@@ -15,8 +15,8 @@ from PIL import Image
 from emi.media import (
     MediaError, decode_clip, load_audio, num_frames_for, num_samples_for, output_size, probe, wav_bytes,
 )
+from helpers import GRID
 
-GRID = Path("/work/shared/data/grid")
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
 
 

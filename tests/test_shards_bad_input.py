@@ -20,8 +20,8 @@ from PIL import Image
 from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.shards.stats import shard_stats
+from helpers import GRID
 
-GRID = Path("/work/shared/data/grid")
 GOOD = ["bbaf2n", "brbk7n", "noaudio", "portrait"]
 
 

@@ -27,8 +27,8 @@ from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.shards.build import build_shards
 from emi.shards.stats import shard_stats
+from helpers import GRID
 
-GRID = Path("/work/shared/data/grid")
 KEYS = sorted(path.stem for path in GRID.glob("*.mpg"))
 EXPRESSIONS = ["Happiness", "Neutral", "Surprise", "Sadness"]
 REPO = Path(__file__).resolve().parents[1]
