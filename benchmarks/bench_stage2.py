@@ -1,7 +1,7 @@
 """Stage II epoch from cached feature shards against the same epoch recomputing the encoder features on the fly.
 
 Both epochs train the same FusionModel (configs/stage2/tiny.yaml, same initial weights, AdamW, masked MSE as in
-train/stage2.py) on the same clips in the same order and batches. Cached: the `features` loader over the npy
+emi/stages/stage2.py) on the same clips in the same order and batches. Cached: the `features` loader over the npy
 feature shards written by `emi features extract`. On the fly: the `clip` loader over the clip shards (JPEG and
 WAV decoding), the frozen Stage I encoders (`emi.features.clip_features`) and `fusion_batch`, which lays the
 features out exactly as the `features` loader does. The encoders are tiny random-init Stage I encoders
@@ -28,7 +28,7 @@ from emi.features import FrozenEncoders, clip_features, clip_loader, extract_fea
     load_frozen_encoders
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
 from emi.models.fusion import FusionModel, fusion_inputs
-from train.stage2 import masked_mse
+from emi.stages.stage2 import masked_mse
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_TINY = REPO / "configs" / "stage1" / "tiny.yaml"

@@ -1,8 +1,8 @@
 """Trainer overhead: the real `emi.engine.loop.fit` (accelerate + DeepSpeed ZeRO) against a plain PyTorch loop.
 
 Both train the Stage I tiny model (configs/stage1/tiny.yaml: CLIP-ViT, BERT and Wav2Vec2 from small random
-configs, both pairs) on the same batch, built once by train/stage1.py's own loader from synthetic shards and held
-in memory, so no data loading is timed. `fit` gets the real Task from train/stage1.py's `build_task` (model and
+configs, both pairs) on the same batch, built once by emi/stages/stage1.py's own loader from synthetic shards and held
+in memory, so no data loading is timed. `fit` gets the real Task from emi/stages/stage1.py's `build_task` (model and
 loss), with only its training data swapped for that in-memory batch; logging and checkpoints are pushed past the
 end of the run. The plain loop is model(batch) -> loss -> backward -> AdamW step -> zero_grad.
 
@@ -92,7 +92,7 @@ def measure(loop: str, strategy: str, shards: Path, out: Path, warmup: int, bloc
     from emi.config import Stage1Config, load_config
     from emi.engine.distributed import build_accelerator
     from emi.engine.loop import fit
-    from train.stage1 import build_task
+    from emi.stages.stage1 import build_task
 
     config = load_config(Stage1Config, TINY_CONFIG, [
         f"data.train={shards}", "data.val=null", "data.num_workers=0", f"run.output_dir={out}",
@@ -160,7 +160,7 @@ def section(result: dict) -> str:
     return "\n".join([
         "## 3. Trainer overhead",
         "",
-        "What: step time of the real trainer (`emi.engine.loop.fit` with train/stage1.py's `build_task`: "
+        "What: step time of the real trainer (`emi.engine.loop.fit` with emi/stages/stage1.py's `build_task`: "
         "accelerate + DeepSpeed) against a plain PyTorch loop (model(batch) -> loss -> backward -> AdamW step), "
         f"on the Stage I tiny model (configs/stage1/tiny.yaml, both pairs) and the same batch of "
         f"{result['batch_size']} clips per process, built once by the Stage I loader and held in memory.",

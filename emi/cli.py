@@ -1,17 +1,11 @@
-"""The `emi` command line: parse, call one library function, map errors to exit codes.
-
-Exit codes: 0 success, 2 usage error (bad arguments, missing inputs, bad config),
-3 partial success (some inputs failed; the summary says where the report is).
-"""
+"""The `emi` command line: parse, call one library function, map errors to exit codes (emi.errors lists them)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from emi.errors import UsageError
-
-EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
+from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
 
 
 def _shards_build(args: argparse.Namespace) -> int:
@@ -68,6 +62,12 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_OK if all("error" not in result for result in results) else EXIT_PARTIAL
 
 
+def _train(args: argparse.Namespace) -> int:
+    from importlib import import_module
+
+    return import_module(f"emi.stages.{args.stage}").main(args.stage_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emi", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "training clips were prepared)")
     predict.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     predict.set_defaults(func=_predict)
+
+    train = commands.add_parser(
+        "train", help="train a stage (one process; `accelerate launch -m emi.cli train ...` for several)",
+        description="Runs emi.stages.<stage>: the arguments after the stage are that stage's own "
+                    "(--config FILE [--resume latest|PATH] [section.key=value ...]).")
+    train.add_argument("stage", choices=["stage1", "stage2"])
+    train.add_argument("stage_args", nargs=argparse.REMAINDER, help="--config FILE [--resume ...] [key=value ...]")
+    train.set_defaults(func=_train)
 
     synth = commands.add_parser("synth", help="write a synthetic EMI dataset (mp4 clips, labels, transcripts)")
     synth.add_argument("--out", required=True)

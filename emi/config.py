@@ -3,7 +3,7 @@
 A config file is data: every key must exist in the schema below, or loading fails with a message that names the
 file, the key and the keys that are allowed there. Overrides use the same dotted paths as the YAML nesting:
 
-    train/stage1.py --config configs/stage1/tiny.yaml train.epochs=3 data.batch_size=8 model.pairs=[vision_text]
+    emi train stage1 --config configs/stage1/tiny.yaml train.epochs=3 data.batch_size=8 model.pairs=[vision_text]
 
 Values are parsed as YAML (numbers, booleans, lists, null). The resolved config is saved with every run.
 """

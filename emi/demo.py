@@ -73,7 +73,7 @@ class Pipeline:
 
     def train_stage1(self, name: str, epochs: int, *overrides: str) -> Path:
         self.run("Stage I: contrastive pretraining (2 processes, DeepSpeed ZeRO-2)", [
-            *ACCELERATE, "train/stage1.py", "--config", "configs/stage1/tiny.yaml", "--resume", "latest",
+            *ACCELERATE, "-m", "emi.stages.stage1", "--config", "configs/stage1/tiny.yaml", "--resume", "latest",
             f"run.name={name}", f"run.output_dir={self.root / 'runs'}", f"data.train={self.shards('train')}",
             f"data.val={self.shards('val')}", f"train.epochs={epochs}", "train.log_every=20", *overrides])
         return self.root / "runs" / name / "export"
@@ -87,7 +87,7 @@ class Pipeline:
     def train_stage2(self, name: str, epochs: int, *overrides: str) -> dict:
         """Train Stage II; returns the best epoch's val metrics (what <run>/best/trainer.json records)."""
         self.run(f"Stage II {name}: quality-aware fusion (2 processes, DDP)", [
-            *ACCELERATE, "train/stage2.py", "--config", "configs/stage2/tiny.yaml", "--resume", "latest",
+            *ACCELERATE, "-m", "emi.stages.stage2", "--config", "configs/stage2/tiny.yaml", "--resume", "latest",
             f"run.name={name}", f"run.output_dir={self.root / 'runs'}", f"data.train={self.features('train')}",
             f"data.val={self.features('val')}", f"train.epochs={epochs}", f"optim.restart_epochs={epochs}",
             "train.log_every=50", *overrides])

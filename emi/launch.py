@@ -39,11 +39,10 @@ from submitit.helpers import DelayedSubmission
 from emi.config import Stage1Config, Stage2Config, load_config
 from emi.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("stage1", "stage2", "features")
-ENTRY_POINTS = {
-    "stage1": [str(REPO / "train" / "stage1.py")],
-    "stage2": [str(REPO / "train" / "stage2.py")],
+ENTRY_POINTS = {  # modules of the installed package: no checkout needed on the nodes
+    "stage1": ["-m", "emi.stages.stage1"],
+    "stage2": ["-m", "emi.stages.stage2"],
     "features": ["-m", "emi.cli", "features", "extract"],
 }
 SIGNAL_DELAY_S = 120  # the trainer needs one step and one checkpoint; Slurm kills the job at its time limit

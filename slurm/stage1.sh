@@ -19,4 +19,4 @@ source slurm/common.sh ||
 
 config=${EMI_CONFIG:-configs/stage1/vitl.yaml}
 [[ -f $config ]] || die "EMI_CONFIG=$config: no such file (paths are relative to $PWD)"
-run_on_every_node train/stage1.py --config "$config" --resume latest "$@"
+run_on_every_node -m emi.stages.stage1 --config "$config" --resume latest "$@"

@@ -19,4 +19,4 @@ source slurm/common.sh ||
 
 config=${EMI_CONFIG:-configs/stage2/vitl.yaml}
 [[ -f $config ]] || die "EMI_CONFIG=$config: no such file (paths are relative to $PWD)"
-run_on_every_node train/stage2.py --config "$config" --resume latest "$@"
+run_on_every_node -m emi.stages.stage2 --config "$config" --resume latest "$@"

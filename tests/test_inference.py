@@ -33,7 +33,7 @@ FUSION = {"vision_dim": 64, "audio_dim": 64, "text_dim": 64, "d_model": 32, "num
 
 
 def model_predictions(model: FusionModel, features: dict) -> torch.Tensor:
-    """The model called on a Stage II batch as training feeds it (train/stage2.py)."""
+    """The model called on a Stage II batch as training feeds it (emi/stages/stage2.py)."""
     present = torch.stack([features["vision_mask"].any(1), features["has_audio"] & features["audio_mask"].any(1),
                            features["has_text"]], dim=1)
     with torch.no_grad():

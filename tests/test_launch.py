@@ -41,7 +41,7 @@ def test_node_command_of_the_second_node_of_a_two_node_gpu_job(monkeypatch: pyte
     assert command == [*ACCELERATE, "--num_machines", "2", "--machine_rank", "1", "--num_processes", "16",
                        "--main_process_ip", "gpu07", "--main_process_port", str(port), "--rdzv_backend", "static",
                        "--deepspeed_multinode_launcher", "standard", "--multi_gpu",
-                       str(REPO / "train" / "stage1.py"), "--config", TINY, "--resume", "latest", "train.epochs=3"]
+                       "-m", "emi.stages.stage1", "--config", TINY, "--resume", "latest", "train.epochs=3"]
     assert env.hostnames == ["gpu07", "gpu08"]
 
 
@@ -72,7 +72,7 @@ def test_overrides_and_options_may_be_mixed() -> None:
                        "data.batch_size=8", "--partition", "gpu", "--time", "90", "--local", "--nodes", "1"])
     assert (args.stage, args.nodes, args.gpus_per_node, args.partition, args.time, args.local) == (
         "stage2", 1, 4, "gpu", 90, True)
-    assert program(args) == [str(REPO / "train" / "stage2.py"), "--config", TINY, "--resume", "latest",
+    assert program(args) == ["-m", "emi.stages.stage2", "--config", TINY, "--resume", "latest",
                              "train.epochs=2", "data.batch_size=8"]
 
 

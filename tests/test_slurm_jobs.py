@@ -116,7 +116,7 @@ def test_sbatch_stage1_trains_on_two_nodes_and_exports(jobs: dict, cluster: dict
     assert "no checkpoint to resume from; starting fresh" in log
     printed = (out / "reference.out").read_text()
     assert (f"job {job_id} (restart 0) on n[1-2]: mode accelerate, 2 node(s) x 1 process(es), 1 task(s) per node: "
-            f"train/stage1.py --config {TINY} --resume latest") in printed
+            f"-m emi.stages.stage1 --config {TINY} --resume latest") in printed
     for encoder in ("vision", "text", "audio"):
         assert (out / "reference" / "export" / encoder / "model.safetensors").stat().st_size > 0
 

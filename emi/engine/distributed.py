@@ -1,7 +1,7 @@
 """Distributed set-up: one Accelerator for every launcher (accelerate launch, torchrun, srun, plain python).
 
 The run config's `train.strategy` is the single source of truth: `ddp`, or DeepSpeed ZeRO `zero2` / `zero3` built
-here from `configs/deepspeed/<strategy>.json`, so the same run behaves the same whichever launcher started it.
+here from the shipped `configs/deepspeed/<strategy>.json` (package data: `emi.configs`), so the same run behaves the same whichever launcher started it.
 On machines without CUDA the process group uses gloo (DeepSpeed needs DS_ACCELERATOR=cpu there).
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
+from emi import configs as shipped_configs
 from emi.config import TrainSection
 from emi.errors import UsageError
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+DEEPSPEED_CONFIGS = Path(shipped_configs.__file__).parent / "deepspeed"
 
 
 def resolve_mixed_precision(setting: str) -> str:

@@ -29,7 +29,9 @@ def parse_run_args(argv: list[str] | None, description: str) -> argparse.Namespa
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("--resume", default=None, help="none | latest (newest checkpoint, if any) | a checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.batch_size=8")
-    return parser.parse_args(argv)
+    # intermixed: options may stand anywhere among the overrides (`a=1 --resume latest b=2`), as batch scripts
+    # append `--resume latest` after whatever overrides the user gave
+    return parser.parse_intermixed_args(argv)
 
 
 def run_stage(schema: type[C], build_task: Callable[[C, Accelerator], Task], argv: list[str] | None,

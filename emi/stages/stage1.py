@@ -1,0 +1,118 @@
+"""Stage I: CLIP-style vision-text and CLAP-style audio-text contrastive pretraining (paper Sec. 3.3).
+
+    accelerate launch [--config_file configs/accelerate/<x>.yaml] -m emi.stages.stage1 \
+        --config configs/stage1/<x>.yaml [--resume latest] [section.key=value ...]
+    emi train stage1 --config ...                       # one process, or under accelerate launch -m emi.cli
+    accelerate launch ... train/stage1.py --config ...   # the script shim, for launchers that want a path
+
+Also runs under torchrun, srun (one task per GPU) and plain `python` (one process). The loss is the weighted
+symmetric InfoNCE of each trained pair over the global batch; the text is the prompt built from the labels.
+Exports the encoders to <run>/export/{vision,text,audio}/ (from_pretrained folders) for Stage II.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from emi.config import Stage1Config
+from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.engine import Task, exit_code, run_stage
+from emi.engine.distributed import gather_unique
+from emi.engine.loop import input_dtype, move_to_device
+from emi.losses import ContrastiveLoss, va_confidence_weights
+from emi.metrics import retrieval_metrics
+from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders, image_processing
+from emi.prompts import build_prompt
+
+# Per-sample spread of the valence/arousal annotations, when the labels carry it (see emi.losses).
+VA_STD_LABELS = ("Valence_std", "Arousal_std")
+PAIR_EMBEDDING = {"vision_text": "image", "audio_text": "audio"}
+AUDIO_AUGMENTATION = {"gain_db": (-6.0, 6.0), "snr_db": (10.0, 40.0)}
+
+
+def data_mode(pairs: list[str]) -> str:
+    if set(pairs) == {"vision_text", "audio_text"}:
+        return "frame_audio"
+    return "frame" if pairs == ["vision_text"] else "audio"
+
+
+def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
+    spec = config.model
+    # the config guarantees an encoder spec for every listed pair
+    vision = vars(spec.vision) if "vision_text" in spec.pairs else None
+    audio = vars(spec.audio) if "audio_text" in spec.pairs else None
+    model = ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
+                             spec.max_logit_scale)
+    tokenizer = build_tokenizer(vars(spec.text))
+    image = ImageSpec()
+    if vision is not None:
+        info = image_processing(vision)
+        image = ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"]))
+    data = config.data
+
+    def loader(shards: str, train: bool):
+        return build_loader(
+            shards, mode=data_mode(spec.pairs), batch_size=data.batch_size, num_workers=data.num_workers,
+            world_size=accelerator.num_processes, rank=accelerator.process_index, seed=config.run.seed,
+            shuffle=train, train=train and data.augment, resampled=data.resampled and train,
+            # in training, no sample twice in an epoch: a repeat in the global batch is its own false negative
+            drop_last=train, shuffle_buffer=data.shuffle_buffer, manifest=data.manifest, image=image,
+            audio=AudioSpec(seconds=data.audio_seconds, **(AUDIO_AUGMENTATION if train and data.augment else {})),
+            label_names=VA_STD_LABELS, prompt_fn=build_prompt, tokenizer=tokenizer,
+            max_text_len=data.max_text_len)
+
+    train_data = loader(data.train, train=True)
+    val_data = loader(data.val, train=False) if data.val else None
+    contrastive = ContrastiveLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad)
+
+    def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = model(pixel_values=batch.get("pixel_values"), input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"], input_values=batch.get("input_values"),
+                    audio_attention_mask=batch.get("audio_attention_mask"))
+        va_std = batch["labels"].masked_fill(~batch["label_mask"], float("nan"))
+        weights = va_confidence_weights(va_std, va_std.shape[0], spec.va_std_scale)
+        losses, temperatures = {}, {}
+        for pair in spec.pairs:
+            scale = out[f"logit_scale_{pair}"]
+            losses[f"loss_{pair}"] = contrastive(out[PAIR_EMBEDDING[pair]], out["text"], scale, weights)
+            temperatures[f"temperature_{pair}"] = 1.0 / scale.detach()
+        return sum(losses.values()), {**losses, **temperatures}
+
+    def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """Retrieval R@1/R@5 in both directions over the whole val set, each sample counted once."""
+        val_data.set_epoch(0)
+        embeddings: dict[str, list[torch.Tensor]] = {}
+        keys: list[str] = []
+        with torch.no_grad():
+            for batch in val_data.dataloader:
+                batch = move_to_device(batch, accelerator.device, input_dtype(accelerator))
+                out = model(pixel_values=batch.get("pixel_values"), input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"], input_values=batch.get("input_values"),
+                            audio_attention_mask=batch.get("audio_attention_mask"))
+                for name in ("image", "audio", "text"):
+                    if name in out:
+                        embeddings.setdefault(name, []).append(out[name].float())
+                keys.extend(batch["key"])
+        gathered = gather_unique(accelerator, keys, {name: torch.cat(parts) for name, parts in embeddings.items()})
+        metrics = {"num_samples": float(len(gathered["text"]))}
+        for pair in spec.pairs:
+            recalls = retrieval_metrics(gathered[PAIR_EMBEDDING[pair]], gathered["text"])
+            metrics.update({f"{pair}/{name}": value for name, value in recalls.items()})
+        return metrics
+
+    def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+        export_encoders(model, state_dict, folder, tokenizer)
+
+    return Task(model=model, train_data=train_data, compute_loss=compute_loss,
+                evaluate=evaluate if val_data is not None else None, export=export)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return exit_code(run_stage(Stage1Config, build_task, argv, __doc__.splitlines()[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

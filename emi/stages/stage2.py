@@ -1,0 +1,120 @@
+"""Stage II: quality-aware tri-modal fusion on frozen-encoder features (paper Sec. 3.3-3.6).
+
+    accelerate launch [--config_file configs/accelerate/<x>.yaml] -m emi.stages.stage2 \
+        --config configs/stage2/<x>.yaml [--resume latest] [section.key=value ...]
+    emi train stage2 --config ...                       # one process, or under accelerate launch -m emi.cli
+    accelerate launch ... train/stage2.py --config ...   # the script shim, for launchers that want a path
+
+Reads feature shards written by `emi features extract`, regresses the intensities with MSE, keeps an EMA of the
+weights for evaluation and export, evaluates the whole val set every epoch (mean Pearson over the emotions, also
+with each modality removed) and exports the best model by val mean Pearson to <run>/best/.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from emi.config import Stage2Config, config_to_dict
+from emi.data import build_loader
+from emi.engine import Task, exit_code, run_stage
+from emi.engine.distributed import gather_unique
+from emi.engine.loop import input_dtype, move_to_device
+from emi.errors import UsageError
+from emi.metrics import emi_report
+from emi.models.fusion import MODALITIES, FusionModel, fusion_inputs, present_modalities, save_fusion
+
+
+def feature_manifest(shards: str) -> dict:
+    path = Path(shards) / "manifest.json"
+    if not path.is_file():
+        raise UsageError(f"{shards}: Stage II reads a feature-shard folder with a manifest.json "
+                         "(written by `emi features extract`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "emi-features/1":
+        raise UsageError(f"{path}: format {manifest.get('format')!r} is not emi-features/1; extract features first")
+    missing = [key for key in ("dims", "encoders", "preprocessing", "labels") if key not in manifest]
+    if missing:
+        raise UsageError(f"{path}: no {missing} (written by an older emi); extract the features again")
+    return manifest
+
+
+def masked_mse(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """MSE over the labels a clip has (the paper's L_MSE); missing labels (NaN) do not count."""
+    errors = torch.where(label_mask, (pred.float() - torch.nan_to_num(labels)) ** 2, 0.0)
+    return errors.sum() / label_mask.sum().clamp(min=1)
+
+
+def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
+    manifest = feature_manifest(config.data.train)
+    missing = [name for name in config.labels if name not in manifest.get("labels", {})]
+    if missing:
+        raise UsageError(f"{config.data.train}: the features carry no labels {missing}; labels are "
+                         f"{sorted(manifest.get('labels', {}))}")
+    dims = manifest["dims"]
+    model_config = {"vision_dim": dims["vision"], "audio_dim": dims["audio"], "text_dim": dims["text"],
+                    "num_outputs": len(config.labels), **config_to_dict(config.model)}
+    model = FusionModel(**model_config)
+    data = config.data
+
+    def loader(shards: str, train: bool):
+        return build_loader(
+            shards, mode="features", batch_size=data.batch_size, num_workers=data.num_workers,
+            world_size=accelerator.num_processes, rank=accelerator.process_index, seed=config.run.seed,
+            shuffle=train, train=train, resampled=data.resampled and train, shuffle_buffer=data.shuffle_buffer,
+            manifest=data.manifest, num_frames=data.num_frames, label_names=config.labels)
+
+    train_data = loader(data.train, train=True)
+    val_data = loader(data.val, train=False) if data.val else None
+
+    def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = model(**fusion_inputs(batch))
+        return masked_mse(out["pred"], batch["labels"], batch["label_mask"]), {}
+
+    def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """Pearson on the whole val set, each clip once, with all modalities and with each one removed."""
+        val_data.set_epoch(0)
+        variants = {"": None, **{f"without_{name}": i for i, name in enumerate(MODALITIES)}}
+        preds: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
+        labels, keys = [], []
+        with torch.no_grad():
+            for batch in val_data.dataloader:
+                batch = move_to_device(batch, accelerator.device, input_dtype(accelerator))
+                present = present_modalities(batch)
+                for name, removed in variants.items():
+                    kept = present.clone()
+                    if removed is not None:
+                        kept[:, removed] = False
+                    preds[name].append(model(**fusion_inputs(batch, kept))["pred"].float())
+                labels.append(torch.where(batch["label_mask"], batch["labels"], float("nan")).float())
+                keys.extend(batch["key"])
+        gathered = gather_unique(accelerator, keys, {"targets": torch.cat(labels),
+                                                      **{name: torch.cat(parts) for name, parts in preds.items()}})
+        metrics = {}
+        for name in variants:
+            report = emi_report(gathered[name], gathered["targets"], config.labels)
+            suffix = f"_{name}" if name else ""
+            if not name:
+                metrics.update({key: value for key, value in report.items() if key.startswith("pearson/")})
+                metrics["mse"], metrics["num_samples"] = report["mse"], float(report["num_samples"])
+            metrics[f"mean_pearson{suffix}"] = report["mean_pearson"]
+        return metrics
+
+    def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+        save_fusion(folder, state_dict, model_config, config.labels, encoders=manifest["encoders"],
+                    preprocessing=manifest["preprocessing"], num_frames=data.num_frames)
+
+    return Task(model=model, train_data=train_data, compute_loss=compute_loss,
+                evaluate=evaluate if val_data is not None else None, export=export,
+                best_metric="mean_pearson" if val_data is not None else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return exit_code(run_stage(Stage2Config, build_task, argv, __doc__.splitlines()[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
