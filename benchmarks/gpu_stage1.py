@@ -2,8 +2,8 @@
 
 The project's own pieces: `ContrastiveModel` built from config dicts (CLIP ViT-L/14 as openai/clip-vit-large-patch14:
 hidden 1024, 24 layers, 16 heads, patch 14, image 224; BERT-base: 768, 12 layers; random init, nothing is
-downloaded), `ContrastiveLoss` and `build_accelerator` (train.strategy=zero2, bf16 on a GPU), and the step of
-`emi.engine.loop.fit` (backward, clipping, optimizer) on one synthetic batch held on the device.
+downloaded), `ContrastiveLoss` and `build_accelerator` (train.strategy=zero2, bf16 on a GPU), and the trainer's own
+step, `emi.engine.loop.train_step` (backward, clipping, optimizer), on one synthetic batch held on the device.
 Reports samples/s per GPU, peak memory (torch.cuda.max_memory_allocated) and model FLOPs utilisation: training
 FLOPs = 3 x forward FLOPs, forward = 2 x (matrix parameters x tokens) + 4 x layers x tokens^2 x width per
 encoder, counted analytically (activation recomputation under --grad-checkpointing is not counted), over the
@@ -29,8 +29,9 @@ from accelerate.utils import set_seed
 from torch.profiler import ProfilerActivity, profile
 
 from emi.config import OptimSection, TrainSection
-from emi.engine.distributed import build_accelerator
-from emi.engine.loop import build_optimizer, input_dtype
+from emi.engine.distributed import build_accelerator, input_dtype
+from emi.engine.loop import train_step
+from emi.engine.optim import build_optimizer
 from emi.losses import ContrastiveLoss
 from emi.models.encoders import ContrastiveModel
 
@@ -113,13 +114,12 @@ def run(batch_size: int, steps: int, warmup: int, text_len: int, grad_checkpoint
     batch = synthetic_batch(accelerator.unwrap_model(model), batch_size, text_len, accelerator.device,
                             input_dtype(accelerator))
 
-    def step() -> None:  # the body of emi.engine.loop.fit's step
+    def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         out = model(**batch)
-        loss = loss_fn(out["image"], out["text"], out["logit_scale_vision_text"])
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return loss_fn(out["image"], out["text"], out["logit_scale_vision_text"]), {}
+
+    def step() -> None:  # the trainer's own step: emi.engine.loop.train_step
+        train_step(model, optimizer, batch, compute_loss, accelerator, train.clip_grad)
 
     model.train()
     for _ in range(warmup):
@@ -178,9 +178,9 @@ def section(result: dict[str, Any]) -> str:
         f"{', compiled' if result['compile'] else ''})",
         "",
         "`benchmarks/gpu_stage1.py`: ContrastiveModel (CLIP ViT-L/14 + BERT-base from config dicts, random init), "
-        "ContrastiveLoss over the global batch, build_accelerator (train.strategy as named, bf16), fit's step on one "
-        "synthetic batch held on the GPU. MFU counts model FLOPs analytically (3 x forward; recomputation under "
-        "gradient checkpointing not counted) over the dense bf16 peak.",
+        "ContrastiveLoss over the global batch, build_accelerator (train.strategy as named, bf16), the trainer's "
+        "train_step on one synthetic batch held on the GPU. MFU counts model FLOPs analytically (3 x forward; "
+        "recomputation under gradient checkpointing not counted) over the dense bf16 peak.",
         "",
         "| | |",
         "|---|---|",
@@ -201,7 +201,8 @@ def main() -> None:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the two encoders")
     parser.add_argument("--strategy", choices=["zero2", "zero3", "ddp"], default="zero2",
-                        help="ddp on one GPU is plain PyTorch with bf16 autocast: the baseline for DeepSpeed's overhead")
+                        help="ddp on one GPU is plain PyTorch with bf16 autocast: the baseline for DeepSpeed's "
+                             "overhead")
     parser.add_argument("--profile", action="store_true", help="print the operators that take a step's time")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")

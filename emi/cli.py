@@ -42,7 +42,8 @@ def _features_extract(args: argparse.Namespace) -> int:
     from emi.features import extract_features
 
     print(json.dumps(extract_features(encoders=args.encoders, shards=args.shards, out=args.out,
-                                      batch_size=args.batch_size, num_workers=args.workers), indent=2))
+                                      batch_size=args.batch_size, num_workers=args.workers,
+                                      manifest=args.manifest), indent=2))
     return EXIT_OK
 
 
@@ -50,7 +51,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from emi.inference import evaluate
 
     print(json.dumps(evaluate(checkpoint=args.checkpoint, shards=args.shards, out=args.out,
-                              batch_size=args.batch_size, tb=args.tb, workers=args.workers), indent=2))
+                              batch_size=args.batch_size, tb=args.tb, workers=args.workers,
+                              manifest=args.manifest), indent=2))
     return EXIT_OK
 
 
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--encoders", required=True, help="Stage I export folder (runs/<name>/export)")
     extract.add_argument("--shards", required=True, help="clip shards: a folder with manifest.json, a pattern, ...")
     extract.add_argument("--out", required=True, help="output folder for feature shards and manifest.json")
+    extract.add_argument("--manifest", default=None, help="the shards' manifest.json, where it is not beside them "
+                         "(pipe: and remote URLs)")
     extract.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch")
     extract.add_argument("--workers", type=int, default=1, help="decoding workers")
     extract.set_defaults(func=_features_extract)
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(emi shards build): a folder with manifest.json, a pattern, ...")
     evaluate.add_argument("--out", default=None, help="report JSON (default <checkpoint>/eval/<shard folder>.json; "
                           "the figure goes beside it as .png)")
+    evaluate.add_argument("--manifest", default=None, help="the shards' manifest.json, where it is not beside them")
     evaluate.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     evaluate.add_argument("--tb", default=None, help="TensorBoard folder (default <checkpoint>/eval/tb)")
     evaluate.add_argument("--workers", type=int, default=1, help="decoding workers")

@@ -91,7 +91,7 @@ class EncoderSpec:
 
 
 @dataclass
-class Stage1Model:
+class ContrastiveSection:
     pairs: list[str] = field(default_factory=lambda: ["vision_text", "audio_text"])
     vision: EncoderSpec | None = None
     text: EncoderSpec = field(default_factory=EncoderSpec)
@@ -108,7 +108,7 @@ class Stage1Model:
 class Stage1Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
-    model: Stage1Model = field(default_factory=Stage1Model)
+    model: ContrastiveSection = field(default_factory=ContrastiveSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 
@@ -120,7 +120,7 @@ PAIRS = ("vision_text", "audio_text")
 # Stage II: quality-aware fusion on frozen-encoder features
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class FusionModel:
+class FusionSection:
     modalities: list[str] = field(default_factory=lambda: ["vision", "audio", "text"])
     temporal: bool = True  # the paper's TFE: TCN (vision) and gated BiLSTM (audio)
     fusion: str = "qam"  # qam | mean | concat
@@ -141,7 +141,7 @@ class Stage2Config:
     data: DataSection = field(default_factory=DataSection)
     labels: list[str] = field(
         default_factory=lambda: ["Admiration", "Amusement", "Determination", "Empathic Pain", "Excitement", "Joy"])
-    model: FusionModel = field(default_factory=FusionModel)
+    model: FusionSection = field(default_factory=FusionSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 

@@ -19,10 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from emi import configs as shipped_configs
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the emi package: checkout or site-packages
+CONFIGS = Path(shipped_configs.__file__).parent
 EMI = [sys.executable, "-m", "emi.cli"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "configs/accelerate/cpu.yaml")]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate/cpu.yaml")]
 
 
 @dataclass
@@ -42,8 +44,8 @@ class Pipeline:
         started = time.perf_counter()
         env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
-                   PYTHONPATH=str(REPO))
-        result = subprocess.run(command, cwd=REPO, env=env, text=True,
+                   PYTHONPATH=str(PACKAGE_ROOT))
+        result = subprocess.run(command, cwd=self.root, env=env, text=True,
                                 **({} if self.verbose else {"capture_output": True}))
         if result.returncode != 0:
             raise RuntimeError(f"{title} failed ({result.returncode}): {' '.join(command)}\n"
@@ -73,7 +75,7 @@ class Pipeline:
 
     def train_stage1(self, name: str, epochs: int, *overrides: str) -> Path:
         self.run("Stage I: contrastive pretraining (2 processes, DeepSpeed ZeRO-2)", [
-            *ACCELERATE, "-m", "emi.stages.stage1", "--config", "configs/stage1/tiny.yaml", "--resume", "latest",
+            *ACCELERATE, "-m", "emi.stages.stage1", "--config", str(CONFIGS / "stage1/tiny.yaml"), "--resume", "latest",
             f"run.name={name}", f"run.output_dir={self.root / 'runs'}", f"data.train={self.shards('train')}",
             f"data.val={self.shards('val')}", f"train.epochs={epochs}", "train.log_every=20", *overrides])
         return self.root / "runs" / name / "export"
@@ -87,7 +89,7 @@ class Pipeline:
     def train_stage2(self, name: str, epochs: int, *overrides: str) -> dict:
         """Train Stage II; returns the best epoch's val metrics (what <run>/best/trainer.json records)."""
         self.run(f"Stage II {name}: quality-aware fusion (2 processes, DDP)", [
-            *ACCELERATE, "-m", "emi.stages.stage2", "--config", "configs/stage2/tiny.yaml", "--resume", "latest",
+            *ACCELERATE, "-m", "emi.stages.stage2", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--resume", "latest",
             f"run.name={name}", f"run.output_dir={self.root / 'runs'}", f"data.train={self.features('train')}",
             f"data.val={self.features('val')}", f"train.epochs={epochs}", f"optim.restart_epochs={epochs}",
             "train.log_every=50", *overrides])
@@ -96,7 +98,7 @@ class Pipeline:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(REPO), help="work folder (default: the repository)")
+    parser.add_argument("--root", default=".", help="work folder (default: the current one; `make demo`: the checkout)")
     parser.add_argument("--train-clips", type=int, default=400)
     parser.add_argument("--val-clips", type=int, default=120)
     args = parser.parse_args(argv)

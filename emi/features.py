@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,18 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from emi.data import AudioSpec, ImageSpec, build_loader, resolve_shards
+from emi.data import AudioSpec, ImageSpec, ShardSet, build_loader, resolve_shards
 from emi.data.decode import uniform_indices
 from emi.data.modes import pad_stack
 from emi.data.urls import shard_name
+from emi.engine.evaluation import evaluation_batches
 from emi.errors import UsageError
+from emi.io import sha256_file, write_json_atomic
+from emi.manifest import FEATURE_SHARDS, Manifest, ShardEntry, write_manifest
 from emi.models.encoders import (
     audio_frame_features, load_encoders, pool_audio_to_frames, text_features, vision_features)
-from emi.io import sha256_file, write_json_atomic
-from emi.shards.manifest import MANIFEST, ShardWriter
+from emi.shards.files import ShardWriter
 
-FORMAT = "emi-features/1"
 VISION_CHUNK = 256  # frames per vision-encoder call
 ENCODER_SAMPLE_RATE = 16000  # Wav2Vec2 checkpoints hear 16 kHz
 log = logging.getLogger(__name__)
@@ -129,9 +130,10 @@ def clip_decoding(encoders: FrozenEncoders) -> dict[str, Any]:
             "max_text_len": min(encoders.tokenizer.model_max_length, 512)}
 
 
-def clip_loader(url: str, encoders: FrozenEncoders, label_names: list[str], batch_size: int, num_workers: int):
-    """A single-consumer, unshuffled `clip` loader over one shard (the last batch wraps around: dedupe by key)."""
-    return build_loader(url, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=1, rank=0,
+def clip_loader(shards: str | ShardSet, encoders: FrozenEncoders, label_names: list[str], batch_size: int,
+                num_workers: int):
+    """A single-consumer, unshuffled `clip` loader (the last batch wraps around: emi.engine.evaluation)."""
+    return build_loader(shards, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=1, rank=0,
                         seed=0, shuffle=False, train=False, label_names=label_names, persistent_workers=False,
                         **clip_decoding(encoders))
 
@@ -152,80 +154,69 @@ def feature_members(clip: dict[str, Any], labels: dict[str, float]) -> list[tupl
             (f"{key}.text.npy", npy_bytes(clip["text"]))]
 
 
-def preprocessing(shard_args: dict) -> dict:
-    """How the clips were turned into shards; `emi predict` must prepare raw videos the same way."""
-    keys = ("fps", "sample_rate", "frame_size", "face_crop", "asr")
-    defaults = {"fps": 5.0, "sample_rate": 16000, "frame_size": 256, "face_crop": "none", "asr": "none"}
-    return {key: shard_args.get(key, defaults[key]) for key in keys}
-
-
-def _source_manifest(shards: str) -> dict:
-    path = Path(shards)
-    candidates = [path / MANIFEST] if path.is_dir() else [path.parent / MANIFEST]
-    for candidate in candidates:
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}
-
-
-def _complete(out: Path, name: str) -> dict | None:
+def _complete(out: Path, name: str) -> ShardEntry | None:
     """The sidecar of a finished feature shard, None when the shard must be (re)extracted."""
     sidecar, shard = out / f"{name}.json", out / name
     if not (sidecar.is_file() and shard.is_file()):
         return None
-    entry = json.loads(sidecar.read_text())
-    return entry if entry.get("sha256") == sha256_file(shard) else None
+    try:
+        entry = ShardEntry(**json.loads(sidecar.read_text()))
+    except (ValueError, TypeError):  # a damaged sidecar: extract the shard again
+        return None
+    return entry if entry.sha256 == sha256_file(shard) else None
 
 
 def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_size: int = 8,
-                     num_workers: int = 1) -> dict:
-    """Extract features of every clip in `shards` into `out`; on several ranks each takes every n-th shard."""
+                     num_workers: int = 1, manifest: str | Path | None = None) -> dict:
+    """Extract features of every clip in `shards` into `out`; on several ranks each takes every n-th shard.
+
+    The shards' manifest (beside them, or `manifest` for `pipe:` and remote URLs) says how the clips were prepared
+    and which labels they carry; shards no manifest describes are refused rather than guessed at."""
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate sees one process on CPU
     out = Path(out)
+    shard_set = resolve_shards(shards, manifest)
+    source = shard_set.manifest("emi features extract")
+    if source.is_features:
+        raise UsageError(f"--shards {shards}: these are feature shards ({source.path}); extract from clip shards")
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     frozen = load_frozen_encoders(encoders, state.device)
-    source = _source_manifest(shards)
-    fps = float(source.get("args", {}).get("fps", 5.0))
-    label_names = [name for name, kind in source.get("labels", {}).items() if kind == "float"]
-    infos = resolve_shards(shards)
+    fps, label_names = source.preprocessing.fps, source.float_labels
 
     extracted = 0
-    for index, info in enumerate(infos):
+    for index, info in enumerate(shard_set.shards):
         name = shard_name(info.url)
         if index % state.num_processes != state.process_index or _complete(out, name) is not None:
             continue
-        writer, seen = ShardWriter(out / name), set()
-        data = clip_loader(info.url, frozen, label_names, batch_size, num_workers)
-        data.set_epoch(0)
-        for batch in data.dataloader:
+        writer = ShardWriter(out / name)
+        one_shard = ShardSet(info.url, [info], [source], [])
+        data = clip_loader(one_shard, frozen, label_names, batch_size, num_workers)
+        for batch, fresh in evaluation_batches(data, frozen.device):
             for i, clip in enumerate(clip_features(frozen, batch, fps)):
-                if clip["key"] in seen:  # the last batch wraps around to fill up
+                if not fresh[i]:
                     continue
-                seen.add(clip["key"])
                 labels = {n: float(v) for n, v, ok in zip(label_names, batch["labels"][i].tolist(),
                                                           batch["label_mask"][i].tolist()) if ok}
                 writer.add(clip["key"], feature_members(clip, labels))
         entry = writer.finish()
-        write_json_atomic(out / f"{name}.json", entry)
+        write_json_atomic(out / f"{name}.json", asdict(entry))
         extracted += 1
-        log.info("rank %d: %s -> %d clips", state.process_index, name, entry["num_samples"])
+        log.info("rank %d: %s -> %d clips", state.process_index, name, entry.num_samples)
     state.wait_for_everyone()
 
-    manifest = {}
+    written = None
     if state.is_main_process:
         entries = []
-        for info in infos:
+        for info in shard_set.shards:
             entry = _complete(out, shard_name(info.url))
             if entry is None:
                 raise RuntimeError(f"{out / shard_name(info.url)}: missing or damaged after extraction")
             entries.append(entry)
-        manifest = {"format": FORMAT, "split": source.get("split"), "shards": entries,
-                    "num_samples": sum(e["num_samples"] for e in entries), "dims": frozen.dims, "fps": fps,
-                    "labels": {name: "float" for name in label_names}, "encoders": str(frozen.path),
-                    "source": shards, "preprocessing": preprocessing(source.get("args", {}))}
-        write_json_atomic(out / MANIFEST, manifest)
+        written = Manifest(format=FEATURE_SHARDS, split=source.split, shards=entries,
+                           labels={name: "float" for name in label_names}, preprocessing=source.preprocessing,
+                           dims=frozen.dims, encoders=str(frozen.path), source=shards)
+        write_manifest(out, written)
     state.wait_for_everyone()
-    return {"out": str(out), "shards": len(infos), "extracted_here": extracted,
-            "num_samples": manifest.get("num_samples")}
+    return {"out": str(out), "shards": len(shard_set.shards), "extracted_here": extracted,
+            "num_samples": written.num_samples if written is not None else None}

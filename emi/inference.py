@@ -11,7 +11,6 @@ raw video reaches the model through the same code as the training data, with no 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,18 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from webdataset.tariterators import base_plus_ext
 
 from emi.data import build_loader, resolve_shards
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import DecodeSpec, collate, decode_sample
 from emi.data.reader import RawSample
-from emi.data.urls import MANIFEST_NAME
+from emi.engine.evaluation import collect
 from emi.errors import UsageError
-from emi.features import FORMAT as FEATURES_FORMAT
 from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch,
-                          load_frozen_encoders, preprocessing)
+                          load_frozen_encoders)
+from emi.io import temporary_path, write_json_atomic
+from emi.manifest import Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import FusionModel, fusion_inputs, load_fusion
 from emi.shards.asr import check_whisper, parse_asr
@@ -45,19 +44,6 @@ MODEL_INPUTS = ("vision", "vision_mask", "audio", "audio_mask", "text")
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_checkpoint(folder: str | Path, device: torch.device) -> tuple[FusionModel, dict[str, Any]]:
-    """The fusion model of a checkpoint folder (eval mode, on `device`) and its config; UsageError if it is none."""
-    try:
-        model, config = load_fusion(folder)
-    except (OSError, SafetensorError, RuntimeError, TypeError, KeyError) as err:
-        # missing or damaged weights, weights of another architecture, model arguments this code does not know
-        raise UsageError(f"{folder}: not a usable fusion checkpoint ({type(err).__name__}: {err})") from None
-    missing = [key for key in ("labels", "encoders", "preprocessing", "num_frames") if key not in config]
-    if missing:
-        raise UsageError(f"{Path(folder) / 'config.json'}: missing {missing}")
-    return model.to(device), config
 
 
 @torch.no_grad()
@@ -75,114 +61,78 @@ def check_batching(batch_size: int, workers: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- evaluate
 
-def shard_manifests(shards: str) -> tuple[int, list[dict]]:
-    """The number of clips a spec names and the manifests of its shard folders, all of one format."""
-    infos = resolve_shards(shards)
-    manifests = []
-    for folder in sorted({os.path.dirname(os.path.abspath(info.url)) for info in infos}):
-        path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
-            raise UsageError(f"{shards}: no {MANIFEST_NAME} in {folder}; evaluate needs it to tell feature "
-                             "shards from clip shards")
-        manifests.append(json.loads(path.read_text()))
-    formats = sorted({manifest["format"] for manifest in manifests})  # resolve_shards has checked each
-    if len(formats) > 1:
-        raise UsageError(f"{shards}: mixes shard formats {formats}")
-    return sum(info.num_samples for info in infos), manifests
-
-
-def prepared_like(manifest: dict) -> dict:
-    """How the clips behind a manifest were prepared (fps, sample rate, frame size, face crop, ASR)."""
-    if manifest["format"] == FEATURES_FORMAT:
-        return manifest.get("preprocessing", {})
-    return preprocessing(manifest.get("args", {}))
-
-
-def check_shards(shards: str, manifests: list[dict], config: dict, model: FusionModel) -> None:
-    for manifest in manifests:
-        labels = manifest.get("labels", {})
-        missing = [name for name in config["labels"] if labels.get(name) != "float"]
-        if missing:
-            raise UsageError(f"{shards}: the shards carry no labels {missing}, which the checkpoint predicts; "
-                             f"their labels are {sorted(labels)}")
-        if manifest["format"] == FEATURES_FORMAT and manifest.get("dims") != model.dims:
-            raise UsageError(f"{shards}: features of dims {manifest.get('dims')}, the checkpoint expects {model.dims}")
-        if manifest["format"] == FEATURES_FORMAT and manifest.get("encoders") != config["encoders"]:
-            log.warning("%s: features come from encoders %s, the checkpoint was trained on %s",
-                        shards, manifest.get("encoders"), config["encoders"])
-        prepared = prepared_like(manifest)
-        differing = {key: (value, prepared.get(key)) for key, value in config["preprocessing"].items()
-                     if prepared.get(key) != value}
-        if differing:
-            log.warning("%s: clips prepared unlike the checkpoint's training data (checkpoint, shards): %s",
-                        shards, differing)
-    if len({prepared_like(manifest)["fps"] for manifest in manifests}) > 1:
-        raise UsageError(f"{shards}: shard folders of different fps; evaluate them one at a time")
+def check_shards(shards: str, manifest: Manifest, config: dict, model: FusionModel) -> None:
+    """The shards carry the labels the checkpoint predicts, features of its dims; warn where clips were prepared
+    or features computed unlike its training data."""
+    missing = [name for name in config["labels"] if manifest.labels.get(name) != "float"]
+    if missing:
+        raise UsageError(f"{shards}: the shards carry no labels {missing}, which the checkpoint predicts; "
+                         f"their labels are {sorted(manifest.labels)}")
+    if manifest.is_features and manifest.dims != model.dims:
+        raise UsageError(f"{shards}: features of dims {manifest.dims}, the checkpoint expects {model.dims}")
+    if manifest.is_features and manifest.encoders != config["encoders"]:
+        log.warning("%s: features come from encoders %s, the checkpoint was trained on %s",
+                    shards, manifest.encoders, config["encoders"])
+    prepared = manifest.preprocessing.to_dict()
+    differing = {key: (value, prepared.get(key)) for key, value in config["preprocessing"].items()
+                 if prepared.get(key) != value}
+    if differing:
+        log.warning("%s: clips prepared unlike the checkpoint's training data (checkpoint, shards): %s",
+                    shards, differing)
 
 
 def shard_predictions(model: FusionModel, config: dict, shards: str, batch_size: int = 8, workers: int = 1,
-                      device: torch.device | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+                      device: torch.device | None = None, manifest: str | Path | None = None
+                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(keys, predictions [N, K], targets [N, K]) of every clip of feature or clip shards, each clip once."""
     device = device or default_device()
-    num_clips, manifests = shard_manifests(shards)
-    check_shards(shards, manifests, config, model)
-    labels = config["labels"]
-    if manifests[0]["format"] == FEATURES_FORMAT:
-        batches = feature_batches(shards, labels, config["num_frames"], batch_size, workers)
+    shard_set = resolve_shards(shards, manifest)
+    manifest = shard_set.manifest("emi evaluate")
+    check_shards(shards, manifest, config, model)
+    labels, num_frames = config["labels"], config["num_frames"]
+    if manifest.is_features:
+        data = build_loader(shard_set, mode="features", batch_size=batch_size, num_workers=workers, world_size=1,
+                            rank=0, seed=0, shuffle=False, train=False, num_frames=num_frames, label_names=labels,
+                            persistent_workers=False)
+
+        def features_of(batch: dict[str, Any]) -> dict[str, Any]:
+            return batch
     else:
         encoders = load_frozen_encoders(config["encoders"], device)
-        fps = float(prepared_like(manifests[0])["fps"])
-        batches = clip_batches(encoders, shards, labels, config["num_frames"], fps, batch_size, workers)
+        data = clip_loader(shard_set, encoders, labels, batch_size, workers)
 
-    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for batch in batches:
-        preds = fusion_predictions(model, batch, device)
-        for i, key in enumerate(batch["key"]):
-            if not batch["label_mask"][i].all():
-                absent = [name for name, ok in zip(labels, batch["label_mask"][i].tolist()) if not ok]
-                raise UsageError(f"{shards}: clip {key!r} has no label {absent}")
-            rows.setdefault(key, (preds[i], batch["labels"][i]))  # the last batch wraps around: each clip once
-    if len(rows) < num_clips:
+        def features_of(batch: dict[str, Any]) -> dict[str, Any]:  # as `emi features extract` would store them
+            return fusion_batch(clip_features(encoders, batch, manifest.preprocessing.fps), num_frames)
+
+    def predict(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"pred": fusion_predictions(model, features_of(batch), device), "labels": batch["labels"].cpu(),
+                "label_mask": batch["label_mask"].cpu()}
+
+    keys, out = collect(data, predict, device=device)
+    for key, row in zip(keys, out["label_mask"]):
+        if not row.all():
+            absent = [name for name, ok in zip(labels, row.tolist()) if not ok]
+            raise UsageError(f"{shards}: clip {key!r} has no label {absent}")
+    if len(keys) < shard_set.num_samples:
         log.warning("%s: evaluated %d clips of %d (unreadable samples were skipped; see warnings above)",
-                    shards, len(rows), num_clips)
-    keys = list(rows)
-    return keys, torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
+                    shards, len(keys), shard_set.num_samples)
+    return keys, out["pred"], out["labels"]
 
 
-@torch.no_grad()
 def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -> dict[str, list[float]]:
     """How much the fusion trusted each modality for each clip of feature shards: {key: [vision, audio, text]},
     the fusion weights (the quality-aware betas, or equal weights for mean fusion) averaged over the segments.
     Absent modalities weigh 0. Concatenation fusion has no such weights (UsageError)."""
     device = default_device()
-    model, config = load_checkpoint(checkpoint, device)
+    model, config = load_fusion(checkpoint, device)
     if config["model"].get("fusion") == "concat":
         raise UsageError(f"{checkpoint}: concatenation fusion has no per-modality weights")
-    weights: dict[str, list[float]] = {}
-    for batch in feature_batches(shards, config["labels"], config["num_frames"], batch_size, 0):
-        inputs = {name: batch[name].to(device) for name in (*MODEL_INPUTS, "has_audio", "has_text")}
-        betas = model(**fusion_inputs(inputs))["weights"].mean(1).cpu()
-        for key, row in zip(batch["key"], betas.tolist()):
-            weights.setdefault(key, row)  # the last batch wraps around: each clip once
-    return weights
-
-
-def feature_batches(shards: str, labels: list[str], num_frames: int, batch_size: int, workers: int):
-    data = build_loader(shards, mode="features", batch_size=batch_size, num_workers=workers, world_size=1, rank=0,
-                        seed=0, shuffle=False, train=False, num_frames=num_frames, label_names=labels,
-                        persistent_workers=False)
-    data.set_epoch(0)
-    yield from data.dataloader
-
-
-def clip_batches(encoders: FrozenEncoders, shards: str, labels: list[str], num_frames: int, fps: float,
-                 batch_size: int, workers: int):
-    """Clip batches turned into Stage II batches on the fly, as `emi features extract` would store them."""
-    data = clip_loader(shards, encoders, labels, batch_size, workers)
-    data.set_epoch(0)
-    for batch in data.dataloader:
-        features = fusion_batch(clip_features(encoders, batch, fps), num_frames)
-        yield {**features, "labels": batch["labels"], "label_mask": batch["label_mask"]}
+    data = build_loader(shards, mode="features", batch_size=batch_size, num_workers=0, world_size=1, rank=0,
+                        seed=0, shuffle=False, train=False, num_frames=config["num_frames"],
+                        label_names=config["labels"], persistent_workers=False)
+    keys, out = collect(data, lambda batch: {"betas": model(**fusion_inputs(batch))["weights"].mean(1)},
+                        device=device)
+    return dict(zip(keys, out["betas"].tolist()))
 
 
 def shards_name(shards: str) -> str:
@@ -212,28 +162,29 @@ def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report
     figure.suptitle(f"mean Pearson {report['mean_pearson']:.3f}, MSE {report['mse']:.4f}, "
                     f"{report['num_samples']} clips")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    tmp = temporary_path(path)
+    figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
+    os.replace(tmp, path)  # never a half-written figure under the real name
 
 
 def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None, batch_size: int = 8,
-             tb: str | Path | None = None, workers: int = 1) -> dict[str, Any]:
+             tb: str | Path | None = None, workers: int = 1, manifest: str | Path | None = None) -> dict[str, Any]:
     """Score a checkpoint on labelled shards: the report (also written as JSON, a PNG beside it and TensorBoard
     scalars `eval/<name>/...`, where name is the shard folder's) with the checkpoint and shards it came from."""
     from torch.utils.tensorboard import SummaryWriter
 
     check_batching(batch_size, workers)
     device = default_device()
-    model, config = load_checkpoint(checkpoint, device)
-    keys, pred, target = shard_predictions(model, config, shards, batch_size, workers, device)
+    model, config = load_fusion(checkpoint, device)
+    keys, pred, target = shard_predictions(model, config, shards, batch_size, workers, device, manifest)
     if len(keys) < 2:
         raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
     report = emi_report(pred, target, config["labels"])
     name = shards_name(shards)
     out = Path(out) if out is not None else Path(checkpoint) / "eval" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {**report, "checkpoint": str(Path(checkpoint).resolve()), "shards": shards}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(out, result)
     write_figure(pred.numpy(), target.numpy(), config["labels"], report, out.with_suffix(".png"))
     writer = SummaryWriter(log_dir=str(tb if tb is not None else Path(checkpoint) / "eval" / "tb"))
     for metric, value in report.items():
@@ -265,7 +216,7 @@ def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = Non
     the checkpoint's preprocessing.asr."""
     check_batching(batch_size, workers=0)
     device = default_device()
-    model, config = load_checkpoint(checkpoint, device)
+    model, config = load_fusion(checkpoint, device)
     prepared = config["preprocessing"]
     asr_model = parse_asr(asr if asr is not None else prepared.get("asr", "none"))
     if asr_model is not None:

@@ -1,10 +1,11 @@
-"""Files written so that a crash never leaves one that looks complete: write under a hidden temporary name, flush
-to disk, rename into place (atomic on POSIX file systems)."""
+"""Files and folders written so that a crash never leaves one that looks complete: write under a hidden temporary
+name, flush to disk, rename into place (atomic on POSIX file systems)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -25,6 +26,18 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the complete folder `tmp` in the place of `final` (which may exist). A folder cannot be renamed over a
+    non-empty one, so the old one is first moved aside; a crash in between leaves it complete under the aside
+    name, never a half-written `final`."""
+    aside = final.with_name(f".old-{final.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

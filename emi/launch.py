@@ -37,7 +37,7 @@ import submitit
 from submitit.helpers import DelayedSubmission
 
 from emi.config import Stage1Config, Stage2Config, load_config
-from emi.errors import UsageError
+from emi.errors import EXIT_USAGE, UsageError
 
 STAGES = ("stage1", "stage2", "features")
 ENTRY_POINTS = {  # modules of the installed package: no checkout needed on the nodes
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         run = None if args.stage == "features" else run_dir(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     procs_per_node = max(1, args.gpus_per_node)
     cpus_per_node = args.cpus_per_node or 10 * procs_per_node

@@ -56,7 +56,8 @@ def launch(script: str, args: list[str], num_processes: int = 2, timeout: float 
     """Run a training entry point under `accelerate launch` with gloo on the CPU; fail with its log on error."""
     result = subprocess.run(launch_command(script, args, num_processes), cwd=REPO, env=cpu_env(),
                             capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert result.returncode == 0, (f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                                    f"{result.stderr[-8000:]}")
     return result
 
 

@@ -17,10 +17,10 @@ from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.errors import UsageError
 from emi.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
-from emi.inference import evaluate, load_checkpoint, predict, shard_predictions
+from emi.inference import evaluate, predict, shard_predictions
 from emi.metrics import emi_report
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from emi.models.fusion import FusionModel, save_fusion
+from emi.models.fusion import FusionModel, load_fusion, save_fusion
 from emi.shards.build import build_shards
 from helpers import GRID
 
@@ -126,7 +126,7 @@ def reports(checkpoint, clip_shards, feature_shards, tmp_path_factory) -> dict[s
 def direct_report(checkpoint: Path, encoders: Path, clip_shards: Path, labels: dict[str, list[float]],
                   batch_size: int) -> dict:
     """The metrics computed by hand: emi_report of the model on fusion_batch of clip_features, each clip once."""
-    model, _ = load_checkpoint(checkpoint, torch.device("cpu"))
+    model, _ = load_fusion(checkpoint)
     preds = {}
     for batch, features in direct_batches(encoders, clip_shards, batch_size):
         for key, pred in zip(batch["key"], model_predictions(model, features)):
@@ -183,7 +183,7 @@ def test_predict_matches_evaluate_on_the_same_clips(checkpoint, clip_shards, pre
     errors = {Path(result["file"]).name: result["error"] for result in results if "error" in result}
     assert errors == {"empty.mp4": "empty file (0 bytes)", "notes.mp4": "not a media file (it is a text file)",
                       "missing.mp4": "file not found"}
-    model, config = load_checkpoint(checkpoint, torch.device("cpu"))
+    model, config = load_fusion(checkpoint)
     keys, preds, _ = shard_predictions(model, config, str(clip_shards), batch_size=3, workers=0)
     from_shards = dict(zip(keys, preds.tolist()))
     predicted = [result for result in results if "error" not in result]
@@ -233,8 +233,11 @@ def test_cli_predict_exit_codes(checkpoint, predict_inputs, tmp_path, capsys):
 
 def test_evaluate_needs_the_manifest_of_the_shards(checkpoint, clip_shards, tmp_path):
     shutil.copy(clip_shards / "test-000000.tar", tmp_path)
-    with pytest.raises(UsageError, match=re.escape(f"no manifest.json in {tmp_path}")):
+    with pytest.raises(UsageError, match=re.escape(f"no manifest.json lists shard {tmp_path / 'test-000000.tar'}")):
         evaluate(checkpoint, str(tmp_path / "test-000000.tar"), out=tmp_path / "report.json")
+    given = evaluate(checkpoint, f"pipe:cat {tmp_path / 'test-000000.tar'}", out=tmp_path / "report.json",
+                     manifest=clip_shards / "manifest.json", workers=0)
+    assert given["num_samples"] == 3  # the first shard's clips
 
 
 def test_evaluate_names_a_clip_without_a_label(checkpoint, feature_shards, tmp_path):

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import tarfile
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest

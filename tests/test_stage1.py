@@ -156,7 +156,7 @@ from accelerate.utils import DistributedType
 from benchmarks.gpu_stage1 import build_model
 from emi.config import OptimSection, TrainSection
 from emi.engine.distributed import build_accelerator
-from emi.engine.loop import build_optimizer
+from emi.engine.optim import build_optimizer
 model, _ = build_model(tiny=True)
 accelerator = build_accelerator(TrainSection(strategy="zero2"), 2)
 model, _ = accelerator.prepare(model, build_optimizer(model, OptimSection()))

@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from emi.cli import main
 from emi.features import clip_features, clip_loader, load_frozen_encoders
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
 from helpers import REPO, launch, scalars
@@ -79,6 +80,23 @@ def test_extraction_resumes_and_redoes_only_a_damaged_shard(features, synthetic_
         mtime, data = before[path.name]
         assert path.read_bytes() == data  # byte-identical, the redone one included
         assert (path.stat().st_mtime_ns == mtime) == (path != shards[1])
+
+
+def test_extraction_needs_a_manifest_to_know_how_the_clips_were_prepared(features, synthetic_shards, encoders,
+                                                                        tmp_path, capsys):
+    """`pipe:` URLs have no manifest beside them: refused with the reason, unless one is given, which then gives
+    the same features as the shard folder did."""
+    name = sorted(path.name for path in synthetic_shards["train"].glob("train-*.tar"))[0]
+    url = f"pipe:cat {synthetic_shards['train'] / name}"
+    common = ["features", "extract", "--encoders", str(encoders), "--shards", url, "--batch-size", "4"]
+    assert main([*common, "--out", str(tmp_path / "refused")]) == 2
+    assert f"no manifest.json lists shard {url}" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    manifest = synthetic_shards["train"] / "manifest.json"
+    assert main([*common, "--out", str(tmp_path / "piped"), "--manifest", str(manifest)]) == 0
+    assert (tmp_path / "piped" / name).read_bytes() == (features / "train" / name).read_bytes()
+    written = json.loads((tmp_path / "piped" / "manifest.json").read_text())
+    assert written["preprocessing"]["frame_size"] == 64 and "Joy" in written["labels"]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from emi.data.modes import MODES, PROMPT_MODES, WANTED, DecodeSpec, collate, dec
 from emi.data.plan import (consumer_segments, cycle_segments, resampled_batches, resampled_segments,
                            samples_per_consumer, shard_order, shuffle_buffer_order, worker_skip_batches)
 from emi.data.reader import RawSample, read_segments
-from emi.data.urls import ShardInfo, resolve_shards
+from emi.data.urls import ShardInfo, ShardSet, resolve_shards
 from emi.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -175,15 +175,15 @@ class DataInfo:
         return self.dataset.shared.skipped.value
 
 
-def build_loader(spec: str | Sequence[str], *, mode: str, batch_size: int, num_workers: int, world_size: int,
-                 rank: int, seed: int, shuffle: bool, train: bool, resampled: bool = False,
+def build_loader(spec: str | Sequence[str] | ShardSet, *, mode: str, batch_size: int, num_workers: int,
+                 world_size: int, rank: int, seed: int, shuffle: bool, train: bool, resampled: bool = False,
                  drop_last: bool = False, shuffle_buffer: int = 256, manifest: str | Path | None = None,
                  image: ImageSpec = ImageSpec(), audio: AudioSpec = AudioSpec(), num_frames: int = 16,
                  label_names: Sequence[str] | None = None, prompt_fn: Callable[[dict], str] | None = None,
                  tokenizer: Any | None = None, max_text_len: int = 64, pin_memory: bool | None = None,
                  prefetch_factor: int = 2, persistent_workers: bool = True,
                  start_method: str | None = None) -> DataInfo:
-    """A DataLoader over WebDataset shards (see emi.data.urls for the spec forms) for one rank.
+    """A DataLoader over WebDataset shards (see emi.data.urls for the spec forms, or a resolved ShardSet) for one rank.
 
     mode: one of MODES (see emi.data.modes). train: augmentation and random crops/frames on.
     shuffle: seeded shard order and a per-worker shuffle buffer of `shuffle_buffer` samples.
@@ -198,7 +198,7 @@ def build_loader(spec: str | Sequence[str], *, mode: str, batch_size: int, num_w
     if batch_size < 1 or num_workers < 0 or seed < 0 or num_frames < 0 or not 0 <= rank < world_size:
         raise ValueError(f"bad loader settings: batch_size={batch_size}, num_workers={num_workers}, "
                          f"seed={seed}, num_frames={num_frames}, rank={rank}, world_size={world_size}")
-    shards = resolve_shards(spec, manifest)
+    shards = resolve_shards(spec, manifest).shards
     decode_spec = DecodeSpec(mode=mode, train=train, image=image, audio=audio, num_frames=num_frames,
                              label_names=tuple(label_names or EMI_EMOTIONS), prompt_fn=prompt_fn,
                              tokenizer=tokenizer, max_text_len=max_text_len)

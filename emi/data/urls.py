@@ -1,12 +1,11 @@
-"""Shard specs -> a list of shard URLs with their sample counts.
+"""Shard specs -> the shard URLs with their sample counts, and the manifests that describe them.
 
 A spec is anything WebDataset accepts: a local path, a brace pattern, a `pipe:` command, a folder holding
 a `manifest.json`, a `::`-separated list of these (as OpenCLIP) or a Python list of them. Counts come from
-a manifest; a shard no manifest lists is counted by streaming it once.
+a manifest (emi.manifest); a shard no manifest lists is counted by streaming it once.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,11 +17,10 @@ import braceexpand
 
 from emi.data.reader import count_samples
 from emi.errors import UsageError
+from emi.manifest import MANIFEST_FILE, Manifest, find_manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMATS = ("emi-shards/1", "emi-features/1")  # clip shards, feature shards
 _SHARD_NAME = re.compile(r"[^/\s:'\"]+\.(?:tar\.gz|tgz|tar)\b")
 
 
@@ -30,6 +28,37 @@ _SHARD_NAME = re.compile(r"[^/\s:'\"]+\.(?:tar\.gz|tgz|tar)\b")
 class ShardInfo:
     url: str
     num_samples: int
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """What a shard spec names: the shards in order, and the manifests that counted them (each once, in order
+    of first use); shards no manifest lists were counted by streaming them."""
+
+    spec: str
+    shards: list[ShardInfo]
+    manifests: list[Manifest]
+    undescribed: list[str]  # URLs of the shards no manifest lists
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.num_samples for shard in self.shards)
+
+    def manifest(self, needed_by: str) -> Manifest:
+        """The one description of every shard: their manifest, or the first of several folders' manifests, which
+        must agree on what the samples are. UsageError, saying what `needed_by` needs, when there is none."""
+        if self.undescribed:
+            raise UsageError(f"{needed_by}: no {MANIFEST_FILE} lists shard {self.undescribed[0]}, so how its clips "
+                             "were prepared (fps, labels, ...) is unknown; put the manifest beside the shards or "
+                             "pass it explicitly (--manifest / data.manifest)")
+        first, *others = self.manifests
+        for other in others:
+            for name in ("format", "labels", "preprocessing", "dims", "encoders"):
+                if getattr(other, name) != getattr(first, name):
+                    raise UsageError(f"{needed_by}: {self.spec} mixes shards whose manifests differ in {name} "
+                                     f"({first.path}: {getattr(first, name)!r}, {other.path}: "
+                                     f"{getattr(other, name)!r}); use them one folder at a time")
+        return first
 
 
 def is_remote(url: str) -> bool:
@@ -46,31 +75,6 @@ def shard_name(url: str) -> str:
     return names[-1] if names else os.path.basename(url)
 
 
-def read_manifest(path: str | Path) -> dict[str, int]:
-    """Shard name -> sample count from an `emi-shards/1` or `emi-features/1` manifest."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"manifest {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"manifest {path}: not readable JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") not in MANIFEST_FORMATS:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise UsageError(f"manifest {path}: format is {found!r}, expected one of {MANIFEST_FORMATS}")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        raise UsageError(f"manifest {path}: 'shards' must be a list")
-    counts = {}
-    for entry in shards:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        count = entry.get("num_samples") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise UsageError(f"manifest {path}: bad shard entry {entry!r} (needs a name and num_samples >= 0)")
-        counts[name] = count
-    return counts
-
-
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
     """Every shard URL a spec names, in order; a folder expands to the shards its manifest lists."""
     if not isinstance(spec, str):
@@ -81,7 +85,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
         if not part:
             continue
         if not is_remote(part) and os.path.isdir(part):
-            urls += [os.path.join(part, name) for name in read_manifest(os.path.join(part, MANIFEST_NAME))]
+            urls += [os.path.join(part, entry.name) for entry in read_manifest(part).shards]
             continue
         for url in braceexpand.braceexpand(part):
             if not is_remote(url) and not os.path.isfile(url):
@@ -90,32 +94,42 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def resolve_shards(spec: str | Sequence[str], manifest: str | Path | None = None) -> list[ShardInfo]:
-    """Shard URLs with sample counts.
+def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | None = None) -> ShardSet:
+    """The shards a spec names with their sample counts, and the manifests those came from.
 
     A count comes from, in order: the explicit `manifest` (needed for `pipe:` and remote URLs), the
     `manifest.json` in the shard's own folder, or else from streaming the shard once (with a warning).
+    An already resolved ShardSet is returned as it is.
     """
+    if isinstance(spec, ShardSet):
+        return spec
     urls = expand_urls(spec)
     if not urls:
         raise UsageError(f"shard spec {spec!r} names no shards")
-    explicit = read_manifest(manifest) if manifest is not None else {}
-    folder_manifests: dict[str, dict[str, int]] = {}
-    shards = []
+    explicit = read_manifest(manifest) if manifest is not None else None
+    folder_manifests: dict[str, Manifest | None] = {}
+    used: dict[int, Manifest] = {}  # by id: in order of first use
+    shards, undescribed = [], []
     for url in urls:
         name = shard_name(url)
-        count = explicit.get(name)
-        if count is None and not is_remote(url):
+        source = explicit if explicit is not None and name in explicit.counts else None
+        if source is None and not is_remote(url):
             folder = os.path.dirname(os.path.abspath(url))
             if folder not in folder_manifests:
-                path = os.path.join(folder, MANIFEST_NAME)
-                folder_manifests[folder] = read_manifest(path) if os.path.isfile(path) else {}
-            count = folder_manifests[folder].get(name)
-        if count is None:
+                folder_manifests[folder] = find_manifest(folder)
+            candidate = folder_manifests[folder]
+            source = candidate if candidate is not None and name in candidate.counts else None
+        if source is None:
             log.warning("shard %s: no manifest lists it, counting its samples by reading it once "
-                        "(write a %s beside the shards or pass manifest= to skip this)", url, MANIFEST_NAME)
+                        "(write a %s beside the shards or pass manifest= to skip this)", url, MANIFEST_FILE)
             count = count_samples(url)
+            undescribed.append(url)
+        else:
+            count = source.counts[name]
+            used.setdefault(id(source), source)
         shards.append(ShardInfo(url, count))
-    if sum(shard.num_samples for shard in shards) == 0:
+    named = spec if isinstance(spec, str) else "::".join(spec)
+    resolved = ShardSet(named, shards, list(used.values()), undescribed)
+    if resolved.num_samples == 0:
         raise UsageError(f"shard spec {spec!r}: its {len(shards)} shards hold no samples")
-    return shards
+    return resolved

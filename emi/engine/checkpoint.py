@@ -9,7 +9,6 @@ highest complete step. The folder is expected on storage every rank can see (a c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from emi.errors import UsageError
-from emi.io import write_json_atomic
+from emi.io import replace_folder, write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
@@ -75,9 +74,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         write_json_atomic(tmp / STATE_FILE, asdict(state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(root, keep_last)
+        replace_folder(tmp, final)
+        prune_checkpoints(root, keep_last)
     accelerator.wait_for_everyone()
     return final
 
@@ -115,7 +113,8 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (temporaries are remove_stale_temporaries')."""
     complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Distributed set-up: one Accelerator for every launcher (accelerate launch, torchrun, srun, plain python).
 
 The run config's `train.strategy` is the single source of truth: `ddp`, or DeepSpeed ZeRO `zero2` / `zero3` built
-here from the shipped `configs/deepspeed/<strategy>.json` (package data: `emi.configs`), so the same run behaves the same whichever launcher started it.
-On machines without CUDA the process group uses gloo (DeepSpeed needs DS_ACCELERATOR=cpu there).
+here from the shipped `configs/deepspeed/<strategy>.json` (package data: `emi.configs`), so the same run behaves the
+same whichever launcher started it. On machines without CUDA the process group uses gloo (DeepSpeed needs
+DS_ACCELERATOR=cpu there).
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import os
 import socket
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from emi import configs as shipped_configs
 from emi.config import TrainSection
@@ -81,17 +83,23 @@ def _single_process_group_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def gather_unique(accelerator: Accelerator, keys: list[str], tensors: dict[str, torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
-    """Every rank's rows of `tensors` (first dim matching `keys`), on the CPU, each sample key once.
+def move_to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype | None) -> dict[str, Any]:
+    """Tensors to the device; floating inputs cast when DeepSpeed runs the model in bf16/fp16 (no autocast)."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if float_dtype is not None and value.is_floating_point() and key != "labels":
+                value = value.to(float_dtype)
+        moved[key] = value
+    return moved
 
-    Evaluation loaders give every rank the same number of full batches, so the last ones wrap around to the
-    start of the data: those repeated samples are dropped here, keeping the first occurrence. Every rank calls
-    this (it all-gathers) and gets the same result.
-    """
-    all_keys = gather_object(keys)  # in rank order, like accelerator.gather
-    first = sorted({key: i for i, key in reversed(list(enumerate(all_keys)))}.values())
-    return {name: accelerator.gather(tensor.contiguous()).cpu()[first] for name, tensor in tensors.items()}
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """DeepSpeed runs the model itself in bf16/fp16 (no autocast), so floating inputs must match it."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
 def describe(accelerator: Accelerator) -> str:

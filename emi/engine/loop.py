@@ -11,11 +11,11 @@ ranks (step counters, agreed flags). Side effects that only rank 0 performs are 
 """
 from __future__ import annotations
 
-import math
+import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from emi.config import OptimSection, TrainSection, save_config
+from emi.config import TrainSection, save_config
 from emi.engine.checkpoint import (
     TrainerState, load_checkpoint, remove_stale_temporaries, resolve_resume, save_checkpoint)
-from emi.engine.distributed import describe
+from emi.engine.distributed import describe, input_dtype, move_to_device
+from emi.engine.ema import EMA
 from emi.engine.logging import RunLogger, format_scalars
-from emi.engine.signals import StopRequest, requeue_slurm_job
+from emi.engine.optim import build_optimizer, sgdr_lr
+from emi.engine.signals import RequeueError, StopRequest, requeue_slurm_job
 from emi.errors import UsageError
-from emi.io import write_json_atomic
+from emi.io import replace_folder, write_json_atomic
 
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 EvalFn = Callable[[torch.nn.Module, Accelerator], dict[str, float]]
@@ -56,111 +58,30 @@ class FitResult:
     stopped_by_signal: int | None
     run_dir: Path
     last_metrics: dict[str, float]
+    requeue_failed: bool = False  # stopped for the time limit, but Slurm did not take the job back
 
 
-def sgdr_lr(step: int, optim: OptimSection, steps_per_epoch: int) -> float:
-    """SGDR (Loshchilov & Hutter), as the paper: eta_min + (eta_max - eta_min)(1 + cos(pi T_cur / T_i)) / 2.
-
-    Stepped per iteration; T_i = restart_epochs * steps_per_epoch; at each restart the learning rate jumps back
-    to eta_max while the optimizer state (Adam moments) is kept. Optional linear warmup before the first cycle.
-    """
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    cycle = max(1, round(optim.restart_epochs * steps_per_epoch))
-    t_cur = (step - optim.warmup_steps) % cycle
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * t_cur / cycle))
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    scalars: dict[str, torch.Tensor]
+    synced: bool  # this micro batch ended an accumulation: the optimizer stepped
+    grad_norm: torch.Tensor | None  # before clipping; on synced steps only
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings of scale (1-D tensors) and logit scales (OpenCLIP)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
-    if not decay and not no_decay:
-        raise UsageError("the model has no trainable parameters")
-    groups = [{"params": _aligned_order(decay), "weight_decay": optim.weight_decay},
-              {"params": _aligned_order(no_decay), "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps)
-
-
-def _aligned_order(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """The group's tensors with those whose size is not a multiple of 8 elements (16 bytes in bf16) last.
-
-    DeepSpeed ZeRO-1/2 flattens each group into one buffer and views the parameters into it, so a scalar such as a
-    logit scale early in a group misaligns every tensor after it; cuBLAS then falls back to slow unaligned kernels
-    for the biased matmuls (ViT-L/14 + BERT-base on an H200: 2x the step time, benchmarks/RESULTS.md).
-    """
-    return sorted(params, key=lambda param: param.numel() % 8 != 0)  # stable: keeps model order otherwise
-
-
-class EMA:
-    """Exponential moving average of the trainable weights (the paper: decay 0.999, used for eval and export).
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) over n updates, so short runs are not dominated by the
-    random initial weights. Kept as full fp32 copies on every rank (needs unpartitioned parameters: DDP or ZeRO-2).
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**self.shadow, "__updates__": torch.tensor(self.updates)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.updates = int(state.pop("__updates__"))
-        missing = set(self.shadow) ^ set(state)
-        if missing:
-            raise UsageError(f"EMA state does not match the model: {sorted(missing)[:5]}")
-        self.shadow = {n: t.float() for n, t in state.items()}
-
-    @contextmanager
-    def applied(self, model: torch.nn.Module) -> Iterator[None]:
-        """Temporarily load the EMA weights into `model` (for evaluation and export)."""
-        backup = {}
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in self.shadow:
-                    backup[name] = param.detach().clone()
-                    param.copy_(self.shadow[name].to(param.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name in backup:
-                        param.copy_(backup[name])
-
-
-def move_to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype | None) -> dict[str, Any]:
-    """Tensors to the device; floating inputs cast when DeepSpeed runs the model in bf16/fp16 (no autocast)."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if float_dtype is not None and value.is_floating_point() and key != "labels":
-                value = value.to(float_dtype)
-        moved[key] = value
-    return moved
-
-
-def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
-    """DeepSpeed runs the model itself in bf16/fp16 (no autocast), so floating inputs must match it."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], compute_loss: LossFn,
+               accelerator: Accelerator, clip_grad: float) -> StepResult:
+    """One micro batch: forward and backward; on the last micro batch of an accumulation also gradient clipping
+    and the optimizer step (accelerate and DeepSpeed skip them on the others). `batch` is already on the device."""
+    with accelerator.accumulate(model):
+        loss, scalars = compute_loss(model, batch)
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, scalars=scalars, synced=accelerator.sync_gradients, grad_norm=grad_norm)
 
 
 def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> FitResult:
@@ -237,9 +158,12 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         if task.export is None:
             return
         full_state = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers the partitions here
-        if is_main:
-            task.export(full_state, folder)
-            write_json_atomic(folder / "trainer.json", extra)
+        if is_main:  # written aside and swapped in whole: a crash never leaves a half-written export
+            tmp = folder.with_name(f".tmp-{folder.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            task.export(full_state, tmp)
+            write_json_atomic(tmp / "trainer.json", extra)
+            replace_folder(tmp, folder)
         accelerator.wait_for_everyone()
 
     batches_per_epoch = steps_per_epoch * train.grad_accum  # leftovers beyond whole optimizer steps are unused
@@ -252,18 +176,12 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             for group in optimizer.param_groups:
                 group["lr"] = sgdr_lr(state.step, config.optim, steps_per_epoch)
             batch = move_to_device(batch, accelerator.device, float_dtype)
-            with accelerator.accumulate(model):
-                loss, scalars = task.compute_loss(model, batch)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            result = train_step(model, optimizer, batch, task.compute_loss, accelerator, train.clip_grad)
             state.batch_in_epoch += 1
-            scalar_names = ["loss", *scalars]
-            window.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in scalars.values())]))
-            if not accelerator.sync_gradients:
+            scalar_names = ["loss", *result.scalars]
+            window.append(torch.stack([result.loss.detach().float(),
+                                       *(v.detach().float() for v in result.scalars.values())]))
+            if not result.synced:
                 continue
             state.step += 1
             if ema is not None:
@@ -275,8 +193,8 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
                 if is_main:
                     values = dict(zip(scalar_names, means))
                     values["lr"] = optimizer.param_groups[0]["lr"]
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(grad_norm)
+                    if result.grad_norm is not None:
+                        values["grad_norm"] = float(result.grad_norm)
                     values["samples_per_s"] = len(window) * batch_size * accelerator.num_processes / elapsed
                     logger.scalars(values, state.step, prefix="train/")
                     logger.line(f"epoch {state.epoch} step {state.step}/{total_steps} {format_scalars(values)}")
@@ -308,12 +226,19 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             evaluate_and_export_best()
         checkpoint()
 
+    requeue_failed = False
     if stopped_by is not None:
         if is_main:
             logger.line(f"stopped by signal {stopped_by} at step {state.step}; checkpoint saved, "
                         "continue with --resume latest")
-            if stopped_by == signal.SIGUSR1 and (job := requeue_slurm_job()):  # SIGUSR1: the time limit is near
-                logger.line(f"requeued Slurm job {job}")
+            if stopped_by == signal.SIGUSR1:  # the time limit is near
+                try:
+                    if job := requeue_slurm_job():
+                        logger.line(f"requeued Slurm job {job}")
+                except RequeueError as err:
+                    requeue_failed = True
+                    logger.line(f"error: {err}; the job will not restart by itself: submit it again (it resumes "
+                                "from the checkpoint)")
     else:
         with ema.applied(unwrapped) if ema else nullcontext():
             export(run_dir / "export", extra={"step": state.step, "epoch": state.epoch})
@@ -322,5 +247,6 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     if is_main:
         logger.close()
     accelerator.wait_for_everyone()
-    return FitResult(state=state, stopped_by_signal=stopped_by, run_dir=run_dir, last_metrics=last_metrics)
+    return FitResult(state=state, stopped_by_signal=stopped_by, run_dir=run_dir, last_metrics=last_metrics,
+                     requeue_failed=requeue_failed)
 

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from emi.config import load_config
 from emi.engine.distributed import build_accelerator
 from emi.engine.loop import FitResult, Task, fit
-from emi.errors import UsageError
+from emi.errors import EXIT_NOT_FINISHED, EXIT_OK, EXIT_USAGE, UsageError
 
 C = TypeVar("C")
 
@@ -49,8 +49,12 @@ def run_stage(schema: type[C], build_task: Callable[[C, Accelerator], Task], arg
         return fit(task, accelerator, config, Path(config.run.output_dir) / config.run.name)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 def exit_code(result: FitResult | int) -> int:
-    return result if isinstance(result, int) else 0
+    """0 when the run ended or stopped at a checkpoint it will resume from; EXIT_NOT_FINISHED when Slurm did not
+    requeue a stopped job, so the scheduler does not take it for finished."""
+    if isinstance(result, int):
+        return result
+    return EXIT_NOT_FINISHED if result.requeue_failed else EXIT_OK

@@ -31,13 +31,24 @@ class StopRequest:
         return int(flag.item()) or None
 
 
+class RequeueError(Exception):
+    """`scontrol requeue` failed: the job will not restart by itself."""
+
+
 def requeue_slurm_job() -> str | None:
     """On SIGUSR1 inside a Slurm batch job, put the job back in the queue; it resumes from the checkpoint.
-
-    Skipped under submitit, whose own USR1 handler requeues the job (EMI_SLURM_REQUEUE=0 disables it too).
+    Returns the job id, or None where there is nothing to requeue: outside Slurm, and under submitit, whose own
+    USR1 handler requeues the job (EMI_SLURM_REQUEUE=0 turns it off too). RequeueError with scontrol's message
+    when scontrol fails.
     """
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id or os.environ.get("EMI_SLURM_REQUEUE", "1") == "0" or "SUBMITIT_FOLDER" in os.environ:
         return None
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    return job_id if result.returncode == 0 else None
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise RequeueError(f"scontrol requeue {job_id}: {err}") from None
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        raise RequeueError(f"scontrol requeue {job_id} failed: {message}")
+    return job_id

@@ -189,11 +189,11 @@ def audio_frame_features(
     """Frame features [N, F, Da] (one per 20 ms) and the valid-frame mask [N, F] of waveforms [N, S].
 
     A frame is valid when its whole receptive field lies in the valid samples; S must be at least one receptive
-    field (400 samples at 16 kHz). Waveforms are normalised (`normalise_waveform`) and padding is zeroed. Checkpoints with a group-norm feature extractor
-    (feat_extract_norm="group", e.g. wav2vec2-base, wav2vec2-large-960h) were trained without attention masks,
-    so, as the transformers Wav2Vec2 docs advise, they get zero padding and no mask; they normalise over the
-    padded length, so their features depend slightly on padding. Layer-norm ones (e.g. -large-960h-lv60-self)
-    do not.
+    field (400 samples at 16 kHz). Waveforms are normalised (`normalise_waveform`) and padding is zeroed.
+    Checkpoints with a group-norm feature extractor (feat_extract_norm="group", e.g. wav2vec2-base,
+    wav2vec2-large-960h) were trained without attention masks, so, as the transformers Wav2Vec2 docs advise, they
+    get zero padding and no mask; they normalise over the padded length, so their features depend slightly on
+    padding. Layer-norm ones (e.g. -large-960h-lv60-self) do not.
     """
     input_values = normalise_waveform(input_values, attention_mask)
     uses_mask = encoder.config.feat_extract_norm == "layer"

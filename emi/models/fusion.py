@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from emi.errors import UsageError
+from emi.io import write_json_atomic
 
 MODALITIES = ("vision", "audio", "text")
 FUSIONS = ("qam", "mean", "concat")
@@ -305,6 +307,9 @@ FUSION_FORMAT = "emi-fusion/1"
 FUSION_WEIGHTS, FUSION_CONFIG = "model.safetensors", "config.json"
 
 
+FUSION_CONFIG_KEYS = ("model", "labels", "encoders", "preprocessing", "num_frames")
+
+
 def save_fusion(folder: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
                 labels: list[str], encoders: str, preprocessing: dict[str, Any], num_frames: int) -> None:
     """A self-describing checkpoint: weights (safetensors) and config.json with the model arguments, the label
@@ -314,18 +319,27 @@ def save_fusion(folder: Path, state_dict: dict[str, torch.Tensor], model_config:
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / FUSION_WEIGHTS))
     config = {"format": FUSION_FORMAT, "model": model_config, "labels": list(labels), "encoders": encoders,
               "preprocessing": preprocessing, "num_frames": num_frames}
-    (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2))
+    write_json_atomic(folder / FUSION_CONFIG, config)
 
 
-def load_fusion(folder: str | Path) -> tuple[FusionModel, dict[str, Any]]:
-    """The model of a `save_fusion` folder in eval mode, and its config."""
+def load_fusion(folder: str | Path, device: torch.device | str = "cpu") -> tuple[FusionModel, dict[str, Any]]:
+    """The model of a `save_fusion` folder in eval mode on `device`, and its config; UsageError naming the folder
+    when it is not a usable checkpoint."""
     folder = Path(folder)
     try:
         config = json.loads((folder / FUSION_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UsageError(f"{folder}: not a fusion checkpoint ({err})") from None
-    if config.get("format") != FUSION_FORMAT:
-        raise UsageError(f"{folder / FUSION_CONFIG}: format {config.get('format')!r}, expected {FUSION_FORMAT!r}")
-    model = FusionModel(**config["model"])
-    model.load_state_dict(load_file(str(folder / FUSION_WEIGHTS)))
-    return model.eval(), config
+    if not isinstance(config, dict) or config.get("format") != FUSION_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise UsageError(f"{folder / FUSION_CONFIG}: format {found!r}, expected {FUSION_FORMAT!r}")
+    missing = [key for key in FUSION_CONFIG_KEYS if key not in config]
+    if missing:
+        raise UsageError(f"{folder / FUSION_CONFIG}: missing {missing}")
+    try:
+        model = FusionModel(**config["model"])
+        model.load_state_dict(load_file(str(folder / FUSION_WEIGHTS)))
+    except (OSError, SafetensorError, RuntimeError, TypeError, KeyError) as err:
+        # missing or damaged weights, weights of another architecture, model arguments this code does not know
+        raise UsageError(f"{folder}: not a usable fusion checkpoint ({type(err).__name__}: {err})") from None
+    return model.to(device).eval(), config

@@ -23,14 +23,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from emi.errors import UsageError
-from emi.io import sha256_file, write_atomic, write_json_atomic
+from emi.io import sha256_file, write_atomic
 from emi.shards.asr import check_whisper, parse_asr, read_transcripts
 from emi.shards.face import load_face_detector
 from emi.shards.labels import read_labels
-from emi.shards.manifest import (
-    FAILURES, FORMAT, MANIFEST, ShardWriter, read_failures, read_manifest, read_sample_metadata, shard_name,
-    shard_pattern,
-)
+from emi.manifest import (
+    CLIP_SHARDS, MANIFEST_FILE, Manifest, Preprocessing, ShardEntry, find_manifest, write_manifest)
+from emi.shards.files import FAILURES, ShardWriter, read_failures, read_sample_metadata, shard_name, shard_pattern
 from emi.shards.plan import ClipJob, Failure, plan_clips
 from emi.shards.sample import Sample, SampleBuilder, SampleOptions, build_in_worker, init_worker
 
@@ -90,27 +89,29 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 
 def _reusable_shards(out: Path, split: str, args: dict, chunks: list[list[ClipJob]]
-                     ) -> tuple[dict[int, dict], list[Failure], str | None]:
+                     ) -> tuple[dict[int, ShardEntry], list[Failure], str | None]:
     """Shards of an earlier build to keep (by index), the failures recorded for their missing clips, and why
     the earlier build was thrown away (None when it was not)."""
     try:
-        old = read_manifest(out)
-    except ValueError as err:
+        old = find_manifest(out)
+    except UsageError as err:
         return {}, [], f"{err}: rebuilding all shards"
     if old is None:
         foreign = sorted(path.name for path in out.iterdir() if shard_pattern(split).fullmatch(path.name))
         if foreign:  # never delete shards this tool did not write
-            raise UsageError(f"--out {out} has shards but no {MANIFEST} ({', '.join(foreign[:3])}, ...): "
+            raise UsageError(f"--out {out} has shards but no {MANIFEST_FILE} ({', '.join(foreign[:3])}, ...): "
                              "remove them or choose another folder")
         return {}, [], None
-    if old.get("split") != split:
-        raise UsageError(f"--out {out} holds the {old.get('split')!r} split: give each split its own folder")
-    if old.get("args") != args:
-        old_args = old.get("args") or {}
+    if old.format != CLIP_SHARDS:
+        return {}, [], f"{old.path} is a {old.format} manifest: rebuilding all shards"
+    if old.split != split:
+        raise UsageError(f"--out {out} holds the {old.split!r} split: give each split its own folder")
+    if old.args != args:
+        old_args = old.args or {}
         changed = "; ".join(f"{name}: {old_args.get(name)!r} -> {value!r}" for name, value in args.items()
                             if old_args.get(name) != value)
         return {}, [], f"arguments differ from the earlier build in {out} ({changed}): rebuilding all shards"
-    old_entries = {entry["name"]: entry for entry in old.get("shards", [])}
+    old_entries = {entry.name: entry for entry in old.shards}
     try:
         records = read_failures(out)
     except ValueError:  # then shards with failed clips cannot be vouched for, and are rebuilt
@@ -121,12 +122,12 @@ def _reusable_shards(out: Path, split: str, args: dict, chunks: list[list[ClipJo
         entry = old_entries.get(shard_name(split, index))
         if entry is None:
             continue
-        built = set(entry["keys"])
+        built = set(entry.keys)
         planned = [job.key for job in chunk]
         missing = [key for key in planned if key not in built]
-        path = out / entry["name"]
-        if ([key for key in planned if key in built] == entry["keys"] and all(key in old_failures for key in missing)
-                and path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]):
+        path = out / entry.name
+        if ([key for key in planned if key in built] == entry.keys and all(key in old_failures for key in missing)
+                and path.is_file() and path.stat().st_size == entry.bytes and sha256_file(path) == entry.sha256):
             kept[index] = entry
             carried += [old_failures[key] for key in missing]
     return kept, carried, None
@@ -187,6 +188,7 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
 def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[str, str], args: dict,
            options: SampleOptions, shard_size: int, workers: int) -> BuildSummary:
     split = options.split
+    preprocessing = Preprocessing.from_dict(args)  # the arguments that decide what a sample holds
     chunks = [jobs[start:start + shard_size] for start in range(0, len(jobs), shard_size)]
     entries, carried, rebuild_reason = _reusable_shards(out, split, args, chunks)
     if rebuild_reason:
@@ -194,7 +196,7 @@ def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[
     build_failures = {failure.key: failure for failure in carried}
     totals = {}  # shard index -> (frames, seconds)
     for index, entry in entries.items():
-        metadata = read_sample_metadata(out / entry["name"])
+        metadata = read_sample_metadata(out / entry.name)
         totals[index] = (sum(m["num_frames"] for m in metadata), sum(m["duration_s"] for m in metadata))
 
     def save_state() -> None:
@@ -203,16 +205,13 @@ def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[
         lines = [json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records]
         write_atomic(out / FAILURES, "".join(lines).encode())
         indices = sorted(entries)
-        write_json_atomic(out / MANIFEST, {
-            "format": FORMAT, "split": split, "shards": [entries[index] for index in indices],
-            "num_samples": sum(entries[index]["num_samples"] for index in indices),
-            "num_frames": sum(totals[index][0] for index in indices),
-            "duration_s": round(sum(totals[index][1] for index in indices), 6),
-            "labels": kinds, "args": args,
-        })
+        write_manifest(out, Manifest(
+            format=CLIP_SHARDS, split=split, shards=[entries[index] for index in indices], labels=kinds,
+            preprocessing=preprocessing, num_frames=sum(totals[index][0] for index in indices),
+            duration_s=round(sum(totals[index][1] for index in indices), 6), args=args))
 
     save_state()
-    kept_names = {entry["name"] for entry in entries.values()}
+    kept_names = {entry.name for entry in entries.values()}
     pattern = shard_pattern(split)
     for path in out.iterdir():  # shards not kept, and what a killed build left half-written
         stale_shard = pattern.fullmatch(path.name) and path.name not in kept_names
@@ -240,7 +239,7 @@ def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[
             totals[index] = (frames, seconds)
             save_state()
 
-    return BuildSummary(out=out, split=split, num_samples=sum(entry["num_samples"] for entry in entries.values()),
+    return BuildSummary(out=out, split=split, num_samples=sum(entry.num_samples for entry in entries.values()),
                         num_failed=len(failures) + len(build_failures), num_shards=len(chunks),
                         shards_written=len(to_build), shards_kept=len(chunks) - len(to_build),
                         rebuild_reason=rebuild_reason)

@@ -5,43 +5,42 @@ from pathlib import Path
 from statistics import fmean
 
 from emi.errors import UsageError
-from emi.shards.manifest import MANIFEST, read_failures, read_manifest, read_sample_metadata
+from emi.manifest import CLIP_SHARDS, MANIFEST_FILE, find_manifest
+from emi.shards.files import read_failures, read_sample_metadata
 
 
 def shard_stats(folder: str | Path) -> dict:
     folder = Path(folder)
-    try:
-        manifest = read_manifest(folder) if folder.is_dir() else None
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    manifest = find_manifest(folder) if folder.is_dir() else None
     if manifest is None:
-        raise UsageError(f"{folder}: no {MANIFEST} (not a shard folder)")
+        raise UsageError(f"{folder}: no {MANIFEST_FILE} (not a shard folder)")
+    if manifest.format != CLIP_SHARDS:
+        raise UsageError(f"{manifest.path}: {manifest.format} shards; stats reads clip shards ({CLIP_SHARDS})")
     samples = []
-    for entry in manifest["shards"]:
-        path = folder / entry["name"]
+    for entry in manifest.shards:
+        path = folder / entry.name
         if not path.is_file():
-            raise UsageError(f"{path}: listed in {MANIFEST} but missing")
+            raise UsageError(f"{path}: listed in {MANIFEST_FILE} but missing")
         try:
             metadata = read_sample_metadata(path)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        if len(metadata) != entry["num_samples"]:
-            raise UsageError(f"{path}: holds {len(metadata)} samples, {MANIFEST} says {entry['num_samples']}")
+        if len(metadata) != entry.num_samples:
+            raise UsageError(f"{path}: holds {len(metadata)} samples, {MANIFEST_FILE} says {entry.num_samples}")
         samples += metadata
     try:
         num_failures = len(read_failures(folder))
     except ValueError as err:
         raise UsageError(str(err)) from None
-    float_labels = [name for name, kind in manifest["labels"].items() if kind == "float"]
     return {
-        "split": manifest["split"],
-        "shards": len(manifest["shards"]),
+        "split": manifest.split,
+        "shards": len(manifest.shards),
         "samples": len(samples),
         "hours": round(sum(sample["duration_s"] for sample in samples) / 3600, 6),
         "frames": sum(sample["num_frames"] for sample in samples),
         "failures": num_failures,
         "label_means": {name: fmean(sample["labels"][name] for sample in samples) if samples else None
-                        for name in float_labels},
+                        for name in manifest.float_labels},
         "has_audio": sum(sample["has_audio"] for sample in samples),
         "transcripts": sum(bool(sample["transcript"].strip()) for sample in samples),
     }

@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from emi.config import Stage1Config
 from emi.data import AudioSpec, ImageSpec, build_loader
 from emi.engine import Task, exit_code, run_stage
-from emi.engine.distributed import gather_unique
-from emi.engine.loop import input_dtype, move_to_device
+from emi.engine.distributed import input_dtype
+from emi.engine.evaluation import collect
 from emi.losses import ContrastiveLoss, va_confidence_weights
 from emi.metrics import retrieval_metrics
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders, image_processing
@@ -83,20 +83,13 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Retrieval R@1/R@5 in both directions over the whole val set, each sample counted once."""
-        val_data.set_epoch(0)
-        embeddings: dict[str, list[torch.Tensor]] = {}
-        keys: list[str] = []
-        with torch.no_grad():
-            for batch in val_data.dataloader:
-                batch = move_to_device(batch, accelerator.device, input_dtype(accelerator))
-                out = model(pixel_values=batch.get("pixel_values"), input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"], input_values=batch.get("input_values"),
-                            audio_attention_mask=batch.get("audio_attention_mask"))
-                for name in ("image", "audio", "text"):
-                    if name in out:
-                        embeddings.setdefault(name, []).append(out[name].float())
-                keys.extend(batch["key"])
-        gathered = gather_unique(accelerator, keys, {name: torch.cat(parts) for name, parts in embeddings.items()})
+        def embed(batch: dict) -> dict[str, torch.Tensor]:
+            out = model(pixel_values=batch.get("pixel_values"), input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"], input_values=batch.get("input_values"),
+                        audio_attention_mask=batch.get("audio_attention_mask"))
+            return {name: out[name].float() for name in ("image", "audio", "text") if name in out}
+
+        _, gathered = collect(val_data, embed, accelerator, float_dtype=input_dtype(accelerator))
         metrics = {"num_samples": float(len(gathered["text"]))}
         for pair in spec.pairs:
             recalls = retrieval_metrics(gathered[PAIR_EMBEDDING[pair]], gathered["text"])

@@ -11,7 +11,6 @@ with each modality removed) and exports the best model by val mean Pearson to <r
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,27 +18,24 @@ import torch
 from accelerate import Accelerator
 
 from emi.config import Stage2Config, config_to_dict
-from emi.data import build_loader
+from emi.data import ShardSet, build_loader, resolve_shards
 from emi.engine import Task, exit_code, run_stage
-from emi.engine.distributed import gather_unique
-from emi.engine.loop import input_dtype, move_to_device
+from emi.engine.distributed import input_dtype
+from emi.engine.evaluation import collect
 from emi.errors import UsageError
+from emi.manifest import FEATURE_SHARDS, Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, FusionModel, fusion_inputs, present_modalities, save_fusion
 
 
-def feature_manifest(shards: str) -> dict:
-    path = Path(shards) / "manifest.json"
-    if not path.is_file():
-        raise UsageError(f"{shards}: Stage II reads a feature-shard folder with a manifest.json "
-                         "(written by `emi features extract`)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "emi-features/1":
-        raise UsageError(f"{path}: format {manifest.get('format')!r} is not emi-features/1; extract features first")
-    missing = [key for key in ("dims", "encoders", "preprocessing", "labels") if key not in manifest]
-    if missing:
-        raise UsageError(f"{path}: no {missing} (written by an older emi); extract the features again")
-    return manifest
+def feature_shards(shards: str, manifest: str | None, needed_by: str) -> tuple[ShardSet, Manifest]:
+    """Feature shards (written by `emi features extract`) and their manifest."""
+    shard_set = resolve_shards(shards, manifest)
+    described = shard_set.manifest(needed_by)
+    if not described.is_features:
+        raise UsageError(f"{needed_by}: {shards} are {described.format} shards ({described.path}); Stage II reads "
+                         f"{FEATURE_SHARDS} shards: run `emi features extract` first")
+    return shard_set, described
 
 
 def masked_mse(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
@@ -49,26 +45,31 @@ def masked_mse(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tenso
 
 
 def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
-    manifest = feature_manifest(config.data.train)
-    missing = [name for name in config.labels if name not in manifest.get("labels", {})]
+    data = config.data
+    train_shards, manifest = feature_shards(data.train, data.manifest, "data.train")
+    missing = [name for name in config.labels if name not in manifest.labels]
     if missing:
-        raise UsageError(f"{config.data.train}: the features carry no labels {missing}; labels are "
-                         f"{sorted(manifest.get('labels', {}))}")
-    dims = manifest["dims"]
+        raise UsageError(f"{data.train}: the features carry no labels {missing}; labels are {sorted(manifest.labels)}")
+    val_shards = None
+    if data.val:
+        val_shards, val_manifest = feature_shards(data.val, data.manifest, "data.val")
+        if val_manifest.dims != manifest.dims:
+            raise UsageError(f"data.val {data.val}: features of dims {val_manifest.dims}, data.train's are "
+                             f"{manifest.dims}: extract both with the same encoders")
+    dims = manifest.dims
     model_config = {"vision_dim": dims["vision"], "audio_dim": dims["audio"], "text_dim": dims["text"],
                     "num_outputs": len(config.labels), **config_to_dict(config.model)}
     model = FusionModel(**model_config)
-    data = config.data
 
-    def loader(shards: str, train: bool):
+    def loader(shards: ShardSet, train: bool):
         return build_loader(
             shards, mode="features", batch_size=data.batch_size, num_workers=data.num_workers,
             world_size=accelerator.num_processes, rank=accelerator.process_index, seed=config.run.seed,
             shuffle=train, train=train, resampled=data.resampled and train, shuffle_buffer=data.shuffle_buffer,
-            manifest=data.manifest, num_frames=data.num_frames, label_names=config.labels)
+            num_frames=data.num_frames, label_names=config.labels)
 
-    train_data = loader(data.train, train=True)
-    val_data = loader(data.val, train=False) if data.val else None
+    train_data = loader(train_shards, train=True)
+    val_data = loader(val_shards, train=False) if val_shards is not None else None
 
     def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**fusion_inputs(batch))
@@ -76,23 +77,19 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Pearson on the whole val set, each clip once, with all modalities and with each one removed."""
-        val_data.set_epoch(0)
         variants = {"": None, **{f"without_{name}": i for i, name in enumerate(MODALITIES)}}
-        preds: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
-        labels, keys = [], []
-        with torch.no_grad():
-            for batch in val_data.dataloader:
-                batch = move_to_device(batch, accelerator.device, input_dtype(accelerator))
-                present = present_modalities(batch)
-                for name, removed in variants.items():
-                    kept = present.clone()
-                    if removed is not None:
-                        kept[:, removed] = False
-                    preds[name].append(model(**fusion_inputs(batch, kept))["pred"].float())
-                labels.append(torch.where(batch["label_mask"], batch["labels"], float("nan")).float())
-                keys.extend(batch["key"])
-        gathered = gather_unique(accelerator, keys, {"targets": torch.cat(labels),
-                                                      **{name: torch.cat(parts) for name, parts in preds.items()}})
+
+        def predict(batch: dict) -> dict[str, torch.Tensor]:
+            present = present_modalities(batch)
+            preds = {}
+            for name, removed in variants.items():
+                kept = present.clone()
+                if removed is not None:
+                    kept[:, removed] = False
+                preds[name] = model(**fusion_inputs(batch, kept))["pred"].float()
+            return {"targets": torch.where(batch["label_mask"], batch["labels"], float("nan")).float(), **preds}
+
+        _, gathered = collect(val_data, predict, accelerator, float_dtype=input_dtype(accelerator))
         metrics = {}
         for name in variants:
             report = emi_report(gathered[name], gathered["targets"], config.labels)
@@ -104,8 +101,8 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
         return metrics
 
     def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
-        save_fusion(folder, state_dict, model_config, config.labels, encoders=manifest["encoders"],
-                    preprocessing=manifest["preprocessing"], num_frames=data.num_frames)
+        save_fusion(folder, state_dict, model_config, config.labels, encoders=manifest.encoders,
+                    preprocessing=manifest.preprocessing.to_dict(), num_frames=data.num_frames)
 
     return Task(model=model, train_data=train_data, compute_loss=compute_loss,
                 evaluate=evaluate if val_data is not None else None, export=export,

@@ -1,10 +1,6 @@
-"""Shard files and the manifest beside them: deterministic tar writing, atomic writes, reading back.
+"""Shard files: deterministic tar writing under a temporary name, failures.jsonl, reading samples' json back.
 
-manifest.json (format emi-shards/1) is what the streaming loader reads:
-    {"format": "emi-shards/1", "split": "train",
-     "shards": [{"name": "train-000000.tar", "num_samples": N, "bytes": B, "sha256": "...", "keys": [...]}],
-     "num_samples": total, "num_frames": total, "duration_s": total,
-     "labels": {"Admiration": "float", "Expression": "str", ...}, "args": {...}}
+The manifest that lists the shards is emi.manifest's.
 """
 from __future__ import annotations
 
@@ -16,10 +12,9 @@ import tarfile
 from pathlib import Path
 
 from emi.io import sha256_file, temporary_path
+from emi.manifest import ShardEntry
 
-MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
-FORMAT = "emi-shards/1"
 MEMBER_MTIME = 0  # fixed, so identical inputs give byte-identical shards
 
 
@@ -47,27 +42,13 @@ class ShardWriter:
             self.tar.addfile(info, io.BytesIO(data))
         self.keys.append(key)
 
-    def finish(self) -> dict:
+    def finish(self) -> ShardEntry:
         self.tar.close()
         with open(self.tmp, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(self.tmp, self.path)
-        return {"name": self.path.name, "num_samples": len(self.keys), "bytes": self.path.stat().st_size,
-                "sha256": sha256_file(self.path), "keys": list(self.keys)}
-
-
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest in folder, None when there is none; ValueError when it is not an emi-shards/1 manifest."""
-    path = folder / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an {FORMAT} manifest")
-    return manifest
+        return ShardEntry(name=self.path.name, num_samples=len(self.keys), bytes=self.path.stat().st_size,
+                          sha256=sha256_file(self.path), keys=list(self.keys))
 
 
 def read_failures(folder: Path) -> list[dict]:
