@@ -1,7 +1,8 @@
 """The `emi` command line: parse, call one library function, map errors to exit codes.
 
 Exit codes: 0 success, 2 usage error (bad arguments, missing inputs, bad config),
-3 partial success (some inputs failed; the summary says where the report is).
+3 partial success (some inputs failed; the summary says where the report is) or work stopped part-way (a full
+disk: the message says what is kept and that a re-run continues).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import argparse
 import json
 import sys
 
-from emi.errors import UsageError
+from emi.errors import StoppedError, UsageError
 
 EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
 
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"emi: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except StoppedError as err:
+        print(f"emi: error: {err}", file=sys.stderr)
+        return EXIT_PARTIAL
 
 
 if __name__ == "__main__":

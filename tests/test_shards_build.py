@@ -109,7 +109,8 @@ def test_manifest_lists_shards_counts_hashes_and_totals(grid):
         data = (out / entry["name"]).read_bytes()
         assert entry["bytes"] == len(data)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
-    assert (manifest["num_samples"], manifest["num_frames"], manifest["duration_s"]) == (8, 120, 24.0)
+    # FFmpeg puts each GRID clip at 2.98 s (the MPEG program stream's timestamps)
+    assert (manifest["num_samples"], manifest["num_frames"], manifest["duration_s"]) == (8, 120, 23.84)
     assert manifest["labels"] == {**{name: "float" for name in EMI_EMOTIONS}, "Valence": "float",
                                   "Expression": "str"}
     args = manifest["args"]
@@ -117,12 +118,12 @@ def test_manifest_lists_shards_counts_hashes_and_totals(grid):
     assert args["videos"] == str(GRID) and args["asr"] == "none" and args["face_crop"] == "none"
 
 
-def test_each_sample_holds_json_txt_wav_and_fifteen_frames_in_order(grid):
+def test_each_sample_holds_fifteen_frames_in_order_then_wav_txt_json(grid):
     for entry in json.loads((grid["out"] / "manifest.json").read_text())["shards"]:
         names = [name for name, _ in shard_members(grid["out"] / entry["name"])]
         expected = []
         for key in entry["keys"]:
-            expected += [f"{key}.json", f"{key}.txt", f"{key}.wav"] + [f"{key}.{i:04d}.jpg" for i in range(15)]
+            expected += [f"{key}.{i:04d}.jpg" for i in range(15)] + [f"{key}.wav", f"{key}.txt", f"{key}.json"]
         assert names == expected
 
 
@@ -132,14 +133,14 @@ def test_sample_contents_round_trip(grid):
     for key, entries in samples.items():
         meta = json.loads(entries["json"])
         assert meta == {
-            "key": key, "source": f"{key}.mpg", "split": "train", "fps": 5.0, "num_frames": 15, "duration_s": 3.0,
+            "key": key, "source": f"{key}.mpg", "split": "train", "fps": 5.0, "num_frames": 15, "duration_s": 2.98,
             "sample_rate": 16000, "has_audio": True, "labels": grid["labels"][key], "transcript": "",
             "face_crop": {"method": "none"},
         }
         assert entries["txt"] == b""
         with wave.open(io.BytesIO(entries["wav"])) as wav:
             assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 16000)
-            assert abs(wav.getnframes() - 48000) <= 4
+            assert wav.getnframes() == 47680
         for i in range(15):
             image = Image.open(io.BytesIO(entries[f"{i:04d}.jpg"]))
             assert image.format == "JPEG" and image.mode == "RGB" and image.size == (320, 256)
@@ -167,7 +168,7 @@ def test_stats_match_known_contents(grid, capsys):
     stats = shard_stats(grid["out"])
     expected_means = {name: fmean(row[name] for row in grid["labels"].values())
                       for name in [*EMI_EMOTIONS, "Valence"]}
-    assert stats == {"split": "train", "shards": 3, "samples": 8, "hours": round(24 / 3600, 6), "frames": 120,
+    assert stats == {"split": "train", "shards": 3, "samples": 8, "hours": round(23.84 / 3600, 6), "frames": 120,
                      "failures": 0, "label_means": expected_means, "has_audio": 8, "transcripts": 0}
     capsys.readouterr()
     assert main(["shards", "stats", str(grid["out"])]) == 0

@@ -37,7 +37,7 @@ def read_transcripts(path: str | Path) -> dict[str, str]:
     _, rows = read_csv_rows(path, (FILENAME_COLUMN, "Text"))
     transcripts: dict[str, str] = {}
     for line, row in rows:
-        key = Path(row[FILENAME_COLUMN]).stem
+        key = Path(row[FILENAME_COLUMN].strip()).stem
         if not key:
             raise UsageError(f"{path}: line {line} has an empty {FILENAME_COLUMN}")
         if key in transcripts:
