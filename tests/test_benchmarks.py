@@ -5,14 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_loader, bench_shards, bench_stage2, bench_trainer, gpu_stage1, run, timing
-from emi.media import MediaError, decode_clip, decode_clips
 from helpers import GRID, REPO, cpu_env
 
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
@@ -170,29 +168,3 @@ def test_sections_this_run_does_not_write_are_kept():
     assert run.kept_sections(old) == ["## GPU: Stage I run one\n\n| a | 1 |\n",
                                       "## Learning and ablation\n\ntable\n", "## GPU: Stage I run two\n\nlast\n"]
     assert run.kept_sections("# Benchmarks\n\n## 1. Shard building\n\n## 4. Stage II: x\n") == []
-
-
-def test_one_ffmpeg_process_for_several_clips_gives_each_clip_its_own_result(tmp_path):
-    """The shard builder's speed-up: decode_clips equals decode_clip clip by clip, bad files included."""
-    (tmp_path / "notes.mpg").write_text("not a video\n")
-    damaged = bytearray(GRID_CLIPS[2].read_bytes())  # decodes with errors: the shared run reports them,
-    for start in range(100_000, 300_000, 5_000):     # so each clip is decoded again alone
-        damaged[start:start + 50] = b"\xff" * 50
-    (tmp_path / "damaged.mpg").write_bytes(bytes(damaged))
-    paths = [GRID_CLIPS[0], tmp_path / "notes.mpg", GRID_CLIPS[1], tmp_path / "missing.mpg", tmp_path / "damaged.mpg"]
-    for batch in ([paths[0], paths[2]], paths):
-        results = decode_clips(batch, fps=5.0, sample_rate=16000, frame_size=64)
-        assert len(results) == len(batch)
-        for path, result in zip(batch, results):
-            try:
-                alone = decode_clip(path, fps=5.0, sample_rate=16000, frame_size=64)
-            except MediaError as err:
-                assert isinstance(result, MediaError) and result.reason == err.reason
-                continue
-            assert not isinstance(result, MediaError), result
-            assert np.array_equal(result.frames, alone.frames) and np.array_equal(result.audio, alone.audio)
-            assert (result.duration_s, result.has_audio, result.source_size) == (
-                alone.duration_s, alone.has_audio, alone.source_size)
-    reasons = [r.reason if isinstance(r, MediaError) else None for r in decode_clips(paths, frame_size=64)]
-    assert reasons[0] is None and reasons[2] is None
-    assert reasons[1] == "not a media file (it is a text file)" and reasons[3] == "file not found"

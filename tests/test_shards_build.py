@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -402,6 +403,8 @@ def test_usage_errors_exit_two_with_a_message(grid, tmp_path, capsys):
         (["--videos", str(GRID), "--labels", str(same_clip)], "both name clip id"),
         (["--videos", str(GRID), "--labels", str(binary)], "unreadable CSV"),
         (["--videos", str(GRID), "--labels", str(labels), "--frame-size", "255"], "--frame-size"),
+        (["--videos", str(GRID), "--labels", str(labels), "--out", str(labels / "sub")],
+         f"{labels} exists and is not a folder"),
         (["--videos", str(GRID), "--labels", str(labels), "--transcripts", str(no_filename)], "no 'Filename'"),
     ]
     for extra, message in cases:
@@ -417,3 +420,68 @@ def test_usage_errors_exit_two_with_a_message(grid, tmp_path, capsys):
     assert (foreign / "train-000000.tar").read_bytes() == b"someone else's shard"
     assert main(["shards", "stats", str(tmp_path / "missing")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_stops_with_exit_three_no_temporary_file_and_a_rerun_continues(grid, tmp_path):
+    out, clean = tmp_path / "small", tmp_path / "clean"
+    out.mkdir()
+    if not _mount_tmpfs(out, "1m"):
+        pytest.skip("a full disk needs a small tmpfs, which only root may mount here")
+    try:
+        command = [sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(GRID),
+                   "--labels", str(grid["labels_csv"]), "--out", str(out), "--shard-size", "1", "--workers", "2"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 3, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        message = [line for line in result.stderr.splitlines() if line.startswith("emi: error:")]
+        assert len(message) == 1 and "No space left on device" in message[0], result.stderr[-3000:]
+        assert "run the same command again to continue" in message[0]
+        names = sorted(path.name for path in out.iterdir())
+        assert not [name for name in names if name.endswith(".tmp") or name == ".emi-parts"], names
+        listed = {entry["name"]: entry["sha256"] for entry in json.loads((out / "manifest.json").read_text())["shards"]}
+        assert 1 <= len(listed) < 8 and f"stopped with {len(listed)} complete shard(s)" in message[0]
+        for name, sha256 in listed.items():
+            assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha256
+        assert subprocess.run(["mount", "-o", "remount,size=16m", str(out)]).returncode == 0  # free space
+        rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert f"({8 - len(listed)} written, {len(listed)} kept" in rerun.stdout
+        assert main(command[3:9] + ["--out", str(clean), "--shard-size", "1"]) == 0
+        assert folder_bytes(out) == folder_bytes(clean)
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
+def test_killing_the_builder_kills_its_workers(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=s=480x270:r=25:d=30",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(videos / "a.mp4")], check=True)
+    for name in "bcd":
+        shutil.copy(videos / "a.mp4", videos / f"{name}.mp4")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Filename,Joy\n" + "".join(f"{name}.mp4,0.5\n" for name in "abcd"))
+    # every frame at 25 fps: each clip keeps a worker busy for seconds
+    process = subprocess.Popen([sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(videos),
+                                "--labels", str(labels), "--out", str(tmp_path / "out"), "--workers", "2",
+                                "--fps", "25"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "out" / ".emi-parts"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(parts.glob("*.part")) if parts.is_dir() else []) < 2:
+        time.sleep(0.05)  # both workers are writing a clip
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert len(workers) >= 2 and process.poll() is None
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=2)
+    for worker in alive:
+        worker.kill()
+    assert not alive, f"workers {[worker.pid for worker in alive]} outlived the builder"
