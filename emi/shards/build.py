@@ -184,8 +184,10 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
         "transcripts_sha256": sha256_file(Path(transcripts)) if transcripts is not None else None,
         "face_crop": face_crop,
     }
+    # the workers share the cores: each decoder gets its share of them as threads
     options = SampleOptions(split=split, fps=float(fps), sample_rate=sample_rate, frame_size=frame_size,
-                            asr_model=asr_model, face_crop=face_crop == "opencv")
+                            asr_model=asr_model, face_crop=face_crop == "opencv",
+                            decoder_threads=max(1, (os.cpu_count() or 1) // workers))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -15,10 +15,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
-from emi.media import ClipStream, MediaError, wav_header
+from emi.media import ClipStream, MediaError, as_array, wav_header
 from emi.shards.asr import WhisperTranscriber
 from emi.shards.face import DETECT_FRAMES, DETECT_SHORT_SIDE, face_box, largest_face, load_face_detector
 from emi.shards.manifest import tar_header, tar_member, tar_padding
@@ -36,6 +37,7 @@ class SampleOptions:
     frame_size: int
     asr_model: str | None  # Whisper name or path, None: no recognition
     face_crop: bool
+    decoder_threads: int = 0  # per clip; 0: FFmpeg's choice
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,12 @@ class Sample:
     duration_s: float
 
 
-def _jpeg(frame: np.ndarray) -> bytes:
+def _jpeg(frame: av.VideoFrame) -> bytes:
+    """An rgb24 frame as a JPEG, read straight from its (possibly padded) plane."""
+    plane = frame.planes[0]
+    image = Image.frombuffer("RGB", (frame.width, frame.height), plane, "raw", "RGB", plane.line_size, 1)
     buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
@@ -76,12 +81,12 @@ class SampleBuilder:
         """The face box (x, y, w, h) in displayed pixels, from a first pass over small grey frames, and what the
         json records about it. Without a face: None, and the whole frame is kept."""
         with ClipStream(path, self.options.fps, frame_size=DETECT_SHORT_SIDE, shrink_only=True,
-                        pixel_format="gray", with_audio=False) as stream:
+                        pixel_format="gray", with_audio=False, threads=self.options.decoder_threads) as stream:
             if stream.video is None:
                 raise MediaError(path, "no video stream (an audio-only file has no frames)")
             count = stream.num_frames
             checked = set(np.linspace(0, count - 1, min(count, DETECT_FRAMES)).round().astype(int).tolist())
-            faces = [largest_face(frame, self.face_detector)
+            faces = [largest_face(as_array(frame), self.face_detector)
                      for index, (kind, frame) in enumerate(item for item in stream if item[0] == "frame")
                      if index in checked]
             source_size, detect_size = stream.source_size, stream.size
@@ -96,7 +101,8 @@ class SampleBuilder:
     def _build(self, job: ClipJob, part: Path) -> Sample | Failure:
         options, key = self.options, job.key
         crop, face_crop = self._face_crop(job.path) if self.face_detector is not None else (None, {"method": "none"})
-        with ClipStream(job.path, options.fps, options.sample_rate, options.frame_size, crop=crop) as stream:
+        with ClipStream(job.path, options.fps, options.sample_rate, options.frame_size, crop=crop,
+                        threads=options.decoder_threads) as stream:
             if stream.video is None:
                 return Failure(path=job.source, reason="no video stream (an audio-only file has no frames)",
                                key=key)
@@ -106,7 +112,7 @@ class SampleBuilder:
                     if kind == "audio":
                         pcm.write(data)
                         continue
-                    if data is not last_frame:  # a repeated last frame is the same array: the same JPEG
+                    if data is not last_frame:  # a repeated last frame is the same object: the same JPEG
                         last_frame, last_jpeg = data, _jpeg(data)
                     out.write(tar_member(f"{key}.{count:04d}.jpg", last_jpeg))
                     count += 1
