@@ -37,8 +37,8 @@ from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loa
 from emi.metrics import emi_report
 from emi.models.fusion import FusionModel, fusion_inputs, load_fusion
 from emi.shards.asr import check_whisper, parse_asr
-from emi.shards.plan import ClipJob, Failure
-from emi.shards.sample import Sample, SampleBuilder, SampleOptions
+from emi.shards.plan import ClipJob, Failure, SampleOptions
+from emi.shards.sample import Sample, SampleBuilder
 
 log = logging.getLogger(__name__)
 MODEL_INPUTS = ("vision", "vision_mask", "audio", "audio_mask", "text")

@@ -429,14 +429,15 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_full_disk_stops_with_exit_three_no_temporary_file_and_a_rerun_continues(grid, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_stops_with_exit_three_no_temporary_file_and_a_rerun_continues(grid, tmp_path, workers):
     out, clean = tmp_path / "small", tmp_path / "clean"
     out.mkdir()
     if not _mount_tmpfs(out, "1m"):
         pytest.skip("a full disk needs a small tmpfs, which only root may mount here")
     try:
         command = [sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(GRID),
-                   "--labels", str(grid["labels_csv"]), "--out", str(out), "--shard-size", "1", "--workers", "2"]
+                   "--labels", str(grid["labels_csv"]), "--out", str(out), "--shard-size", "1", "--workers", str(workers)]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 3, result.stderr[-3000:]
         assert "Traceback" not in result.stderr
@@ -446,7 +447,9 @@ def test_full_disk_stops_with_exit_three_no_temporary_file_and_a_rerun_continues
         names = sorted(path.name for path in out.iterdir())
         assert not [name for name in names if name.endswith(".tmp") or name == ".emi-parts"], names
         listed = {entry["name"]: entry["sha256"] for entry in json.loads((out / "manifest.json").read_text())["shards"]}
-        assert 1 <= len(listed) < 8 and f"stopped with {len(listed)} complete shard(s)" in message[0]
+        # one worker writes a shard before it decodes the next clip; two may fill the disk with clips in flight
+        assert (1 if workers == 1 else 0) <= len(listed) < 8
+        assert f"stopped with {len(listed)} complete shard(s)" in message[0]
         for name, sha256 in listed.items():
             assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha256
         assert subprocess.run(["mount", "-o", "remount,size=16m", str(out)]).returncode == 0  # free space

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from emi.errors import UsageError
 from emi.shards.labels import FILENAME_COLUMN, read_csv_rows
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WHISPER_RATE = 16000
 WHISPER_WINDOW_S = 30  # Whisper hears 30 s at a time: longer clips are transcribed window by window

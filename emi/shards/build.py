@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -30,14 +31,12 @@ from tqdm import tqdm
 from emi.errors import StoppedError, UsageError
 from emi.io import sha256_file, write_atomic, write_json_atomic
 from emi.shards.asr import check_whisper, parse_asr, read_transcripts
-from emi.shards.face import load_face_detector
 from emi.shards.labels import read_labels
 from emi.shards.manifest import (
     FAILURES, FORMAT, MANIFEST, ShardWriter, read_failures, read_manifest, read_sample_metadata, shard_name,
     shard_pattern,
 )
-from emi.shards.plan import ClipJob, Failure, plan_clips
-from emi.shards.sample import Sample, SampleBuilder, SampleOptions, build_in_worker, init_worker
+from emi.shards.plan import ClipJob, Failure, SampleOptions, plan_clips
 
 PARTS = ".emi-parts"  # the workers' part files, inside --out
 CLIPS_AHEAD_PER_WORKER = 4  # bounds the part files waiting on disk behind a slow clip
@@ -140,21 +139,53 @@ def _reusable_shards(out: Path, split: str, args: dict, chunks: list[list[ClipJo
     return kept, carried, None
 
 
-def _samples(jobs: list[ClipJob], options: SampleOptions, workers: int, parts: Path) -> Iterator[Sample | Failure]:
-    """Built samples of the clips in order, from this process or a pool of `workers` processes."""
+_WORKER_BUILDER = None  # a worker process's SampleBuilder
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the process that started it dies (Linux), so that killing the
+    builder never leaves workers decoding on their own; elsewhere they notice at their next task."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(options: SampleOptions, parts: Path, parent: int) -> None:
+    """Pool initializer: die with the parent, load the models once per worker process."""
+    global _WORKER_BUILDER
+    _exit_with_parent(parent)
+    from emi.shards.sample import SampleBuilder
+
+    _WORKER_BUILDER = SampleBuilder(options, parts)
+
+
+def _build_in_worker(job: ClipJob):
+    return _WORKER_BUILDER(job)
+
+
+def _samples(jobs: list[ClipJob], options: SampleOptions, workers: int, parts: Path) -> Iterator:
+    """Built samples (emi.shards.sample.Sample) or Failures of the clips in order, from this process or a pool of
+    `workers` processes. Decoding is imported only where it runs: the parent starts faster without it."""
     if workers == 1:
+        from emi.shards.sample import SampleBuilder
+
         builder = SampleBuilder(options, parts)
         for job in jobs:
             yield builder(job)
         return
     # spawn: forking a process that may have imported torch can hang
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                initargs=(options, parts, os.getpid()))
     try:
         pending = deque()
         for job in jobs:
-            pending.append(pool.submit(build_in_worker, job))
+            pending.append(pool.submit(_build_in_worker, job))
             if len(pending) >= CLIPS_AHEAD_PER_WORKER * workers:
                 yield pending.popleft().result()
         while pending:
@@ -172,6 +203,8 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
     if asr_model is not None:
         check_whisper(asr_model)
     if face_crop == "opencv":
+        from emi.shards.face import load_face_detector
+
         load_face_detector()
     table = read_labels(labels)
     imported = read_transcripts(transcripts) if transcripts is not None else {}

@@ -20,6 +20,17 @@ NOT_CLIPS = {".csv", ".json", ".jsonl", ".md", ".txt"}
 
 
 @dataclass(frozen=True)
+class SampleOptions:
+    split: str
+    fps: float
+    sample_rate: int
+    frame_size: int
+    asr_model: str | None  # Whisper name or path, None: no recognition
+    face_crop: bool
+    decoder_threads: int = 0  # per clip; 0: FFmpeg's choice
+
+
+@dataclass(frozen=True)
 class ClipJob:
     key: str  # clip id: the file's stem
     path: str  # absolute path of the clip

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +21,10 @@ from emi.media import ClipStream, MediaError, as_array, wav_header
 from emi.shards.asr import WhisperTranscriber
 from emi.shards.face import DETECT_FRAMES, DETECT_SHORT_SIDE, face_box, largest_face, load_face_detector
 from emi.shards.manifest import tar_header, tar_member, tar_padding
-from emi.shards.plan import ClipJob, Failure
+from emi.shards.plan import ClipJob, Failure, SampleOptions
 
 JPEG_QUALITY = 90
 AUDIO_BLOCK = 1 << 20  # bytes of PCM copied at a time from the temporary file into the part
-
-
-@dataclass(frozen=True)
-class SampleOptions:
-    split: str
-    fps: float
-    sample_rate: int
-    frame_size: int
-    asr_model: str | None  # Whisper name or path, None: no recognition
-    face_crop: bool
-    decoder_threads: int = 0  # per clip; 0: FFmpeg's choice
 
 
 @dataclass(frozen=True)
@@ -143,31 +130,3 @@ class SampleBuilder:
         pcm.seek(0)  # Whisper takes the whole waveform: with --asr the clip's audio is in memory once
         audio = np.frombuffer(pcm.read(), "<i2").astype(np.float32) / 32768.0
         return self.transcriber(audio, self.options.sample_rate)
-
-
-_WORKER_BUILDER: SampleBuilder | None = None
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Have the kernel kill this worker when the process that started it dies (Linux), so that killing the
-    builder never leaves workers decoding on their own; elsewhere they notice at their next task."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before the request took effect
-        os._exit(1)
-
-
-def init_worker(options: SampleOptions, parts: Path, parent: int) -> None:
-    """Pool initializer: die with the parent, load the models once per worker process."""
-    global _WORKER_BUILDER
-    _exit_with_parent(parent)
-    _WORKER_BUILDER = SampleBuilder(options, parts)
-
-
-def build_in_worker(job: ClipJob) -> Sample | Failure:
-    return _WORKER_BUILDER(job)
