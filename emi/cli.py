@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
+from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, StoppedError, UsageError
 
 
 def _shards_build(args: argparse.Namespace) -> int:
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"emi: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except StoppedError as err:
+        print(f"emi: error: {err}", file=sys.stderr)
+        return EXIT_PARTIAL
 
 
 if __name__ == "__main__":

@@ -14,18 +14,19 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext
 
 from emi.data import build_loader, resolve_shards
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import DecodeSpec, collate, decode_sample
-from emi.data.reader import RawSample
+from emi.data.reader import RawSample, iter_members
 from emi.engine.evaluation import collect
 from emi.errors import UsageError
 from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch,
@@ -35,8 +36,8 @@ from emi.manifest import Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import FusionModel, fusion_inputs, load_fusion
 from emi.shards.asr import check_whisper, parse_asr
-from emi.shards.plan import ClipJob, Failure
-from emi.shards.sample import Sample, SampleBuilder, SampleOptions
+from emi.shards.plan import ClipJob, Failure, SampleOptions
+from emi.shards.sample import Sample, SampleBuilder
 
 log = logging.getLogger(__name__)
 MODEL_INPUTS = ("vision", "vision_mask", "audio", "audio_mask", "text")
@@ -203,9 +204,9 @@ def clip_decode_spec(encoders: FrozenEncoders, labels: list[str]) -> DecodeSpec:
 def raw_sample(sample: Sample, url: str) -> RawSample:
     """A built sample as the shard reader hands it out: tar member names split into key and extension."""
     entries = {}
-    for member, data in sample.members:
-        _, extension = base_plus_ext(member)
-        entries[extension] = data
+    with open(sample.part, "rb") as part:
+        for _, extension, tar, member in iter_members(part):
+            entries[extension] = tar.extractfile(member).read()
     return RawSample(sample.key, url, entries)
 
 
@@ -222,9 +223,20 @@ def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = Non
     if asr_model is not None:
         check_whisper(asr_model)
     encoders = load_frozen_encoders(config["encoders"], device)
-    builder = SampleBuilder(SampleOptions(
-        split="predict", fps=float(prepared["fps"]), sample_rate=int(prepared["sample_rate"]),
-        frame_size=int(prepared["frame_size"]), asr_model=asr_model, face_crop=prepared["face_crop"] == "opencv"))
+    parts = Path(tempfile.mkdtemp(prefix="emi-predict-"))
+    try:
+        builder = SampleBuilder(SampleOptions(
+            split="predict", fps=float(prepared["fps"]), sample_rate=int(prepared["sample_rate"]),
+            frame_size=int(prepared["frame_size"]), asr_model=asr_model, face_crop=prepared["face_crop"] == "opencv"),
+            parts)
+        return _predict(model, config, encoders, builder, videos, batch_size, device)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+
+
+def _predict(model: FusionModel, config: dict, encoders: FrozenEncoders, builder: SampleBuilder,
+             videos: Sequence[str], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+    prepared = config["preprocessing"]
     spec = clip_decode_spec(encoders, config["labels"])
 
     results: list[dict[str, Any]] = [{"file": video} for video in videos]
@@ -238,7 +250,9 @@ def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = Non
                 results[index]["error"] = built.reason
                 continue
             try:
-                decoded.append(decode_sample(raw_sample(built, video), spec, sample_rng(0, 0, key)))
+                raw = raw_sample(built, video)
+                built.part.unlink()
+                decoded.append(decode_sample(raw, spec, sample_rng(0, 0, key)))
             except SampleError as err:
                 results[index]["error"] = str(err)
                 continue

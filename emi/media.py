@@ -1,13 +1,19 @@
-"""Decoding media with ffmpeg: frames at a fixed rate and mono audio at a fixed rate, several clips per process.
+"""Decoding media in this process with FFmpeg's libraries (PyAV): frames at a fixed rate and mono audio at a fixed
+rate, streamed, so that memory does not grow with a clip's length.
 
 This is the one decode path for building shards and for `emi predict`, so training and serving see the same
 pixels and samples. Rules, shared by both:
+- only local, self-contained media files are opened: the demuxers in DEMUXERS, the `file` protocol, nothing a
+  file could name (playlists, concat scripts, manifests and other formats that refer to further files or URLs
+  are refused with the reason);
 - duration_s is the container's duration (0 for a still image);
-- num_frames = max(1, floor(duration_s * fps + 0.5)), sampled by ffmpeg's fps filter; if the video stream
-  ends early without decode errors the last frame is repeated up to num_frames;
-- frames are RGB, short side resized to frame_size, long side to the nearest even size keeping the
+- num_frames = max(1, floor(duration_s * fps + 0.5)), sampled by FFmpeg's fps filter from timestamps that start
+  at 0 (as the ffmpeg command line does); if the video stream ends early the last frame is repeated up to
+  num_frames, unless the file is damaged: decode errors with frames missing, or streams that all end more than
+  TRUNCATION_TOLERANCE before the length the file declares (a cut file), are MediaErrors;
+- frames are RGB, short side resized to frame_size (bicubic), long side to the nearest even size keeping the
   displayed aspect (rotation and non-square pixels applied);
-- audio is mono at sample_rate, padded with silence or cut to round(duration_s * sample_rate) samples;
+- audio is mono 16-bit at sample_rate, padded with silence or cut to round(duration_s * sample_rate) samples;
   a clip with no audio stream gets that many zeros and has_audio False.
 """
 from __future__ import annotations
@@ -15,18 +21,32 @@ from __future__ import annotations
 import io
 import math
 import os
-import subprocess
-import threading
-import wave
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import ffmpeg
+import av
+import av.logging
 import numpy as np
 
-# Demuxers that hold exactly one picture: such a file is a one-frame clip of duration 0.
-_IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe"}
-_FFMPEG = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"]
+# Demuxers of self-contained media files. Not here, on purpose: hls, dash, concat, image2 (file name patterns),
+# imf, sdp/rtp/rtsp, tee and every other format that opens further files or URLs, and text renderers (tty).
+DEMUXERS = (
+    "mov", "matroska", "avi", "mpeg", "mpegts", "mpegvideo", "m4v", "h264", "hevc", "flv", "asf", "ogg", "nut",
+    "dv", "gif", "wav", "w64", "mp3", "aac", "flac", "ac3", "eac3", "amr", "aiff", "caf", "au", "wv",
+    "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe",
+)
+IMAGE_DEMUXERS = {"png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe"}  # one picture: a one-frame clip
+_OPEN_OPTIONS = {"format_whitelist": ",".join(DEMUXERS), "protocol_whitelist": "file"}
+# Text formats that name other files or URLs, by how they start, for the refusal message.
+_REFERRING_TEXT = (("#EXTM3U", "an HLS playlist"), ("ffconcat", "an FFmpeg concat script"),
+                   ("file ", "an FFmpeg concat script"), ("<?xml", "an XML manifest (DASH, IMF or similar)"),
+                   ("<MPD", "a DASH manifest"), ("v=0", "an SDP session description"),
+                   ("[playlist]", "a PLS playlist"), ("<asx", "an ASX playlist"))
+# A file whose streams all end before its declared length by more than this is cut, not a shorter clip.
+TRUNCATION_TOLERANCE = (0.5, 0.01)  # seconds + fraction of the declared length
+SCALE_FLAGS = "bicubic"
 
 
 class MediaError(Exception):
@@ -41,20 +61,13 @@ class MediaError(Exception):
 @dataclass(frozen=True)
 class MediaInfo:
     path: Path
+    format_name: str
     duration_s: float
-    video_stream: int | None  # ffprobe stream index, None without video
-    audio_stream: int | None
+    has_video: bool
+    has_audio: bool
     width: int  # displayed size: after rotation and sample aspect ratio; 0 without video
     height: int
     is_image: bool
-
-    @property
-    def has_video(self) -> bool:
-        return self.video_stream is not None
-
-    @property
-    def has_audio(self) -> bool:
-        return self.audio_stream is not None
 
 
 @dataclass
@@ -78,86 +91,6 @@ def num_samples_for(duration_s: float, sample_rate: int) -> int:
     return math.floor(duration_s * sample_rate + 0.5)
 
 
-def _ffmpeg_url(path: Path) -> str:
-    # An absolute file: URL so names starting with '-' or containing ':' are never read as options or protocols.
-    return "file:" + str(path.resolve())
-
-
-def _ffmpeg_message(stderr: bytes, path: Path) -> str:
-    """ffmpeg's error lines without the '[demuxer @ 0x...]' and file name prefixes, joined on one line."""
-    lines = []
-    for line in stderr.decode("utf-8", "replace").splitlines():
-        line = line.strip().removeprefix(_ffmpeg_url(path) + ": ")
-        if line.startswith("[") and "] " in line:
-            line = line.split("] ", 1)[1]
-        if line and line not in lines:
-            lines.append(line)
-    return "; ".join(lines[:4]) or "no message"
-
-
-def _looks_like_text(path: Path) -> bool:
-    with path.open("rb") as file:
-        head = file.read(1024)
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
-
-
-def _displayed_size(stream: dict) -> tuple[int, int]:
-    width, height = int(stream["width"]), int(stream["height"])
-    num, _, den = stream.get("sample_aspect_ratio", "1:1").partition(":")
-    if num.isdigit() and den.isdigit() and int(num) > 0 and int(den) > 0:
-        width = round(width * int(num) / int(den))
-    rotation = stream.get("tags", {}).get("rotate")
-    for side_data in stream.get("side_data_list", []):
-        rotation = side_data.get("rotation", rotation)
-    if rotation is not None and abs(int(float(rotation))) % 180 == 90:
-        width, height = height, width
-    return width, height
-
-
-def probe(path: str | os.PathLike) -> MediaInfo:
-    """Streams, duration and displayed size of a media file; MediaError if it is not usable media."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise MediaError(path, "empty file (0 bytes)")
-    try:
-        info = ffmpeg.probe(_ffmpeg_url(path), v="error")
-    except ffmpeg.Error as err:
-        if _looks_like_text(path):
-            raise MediaError(path, "not a media file (it is a text file)") from None
-        raise MediaError(path, f"not readable as media, truncated or corrupt (ffprobe: "
-                               f"{_ffmpeg_message(err.stderr, path)})") from None
-    streams = info.get("streams", [])
-    video = next((s for s in streams if s.get("codec_type") == "video"
-                  and not s.get("disposition", {}).get("attached_pic")), None)  # cover art is not video
-    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
-    if video is None and audio is None:
-        raise MediaError(path, "no video and no audio stream")
-    fmt = info.get("format", {})
-    if fmt.get("format_name") == "tty":  # ffmpeg renders .txt files as video
-        raise MediaError(path, "not a media file (it is a text file)")
-    is_image = video is not None and audio is None and fmt.get("format_name") in _IMAGE_FORMATS
-    if is_image:
-        duration = 0.0
-    else:
-        durations = [fmt.get("duration")] + [s.get("duration") for s in (video, audio) if s is not None]
-        known = [float(d) for d in durations if d not in (None, "N/A")]
-        if not known:
-            raise MediaError(path, "unknown duration (ffprobe reports none)")
-        duration = known[0]
-    width, height = _displayed_size(video) if video is not None else (0, 0)
-    if video is not None and (width <= 0 or height <= 0):
-        raise MediaError(path, f"video stream has no frame size ({width}x{height})")
-    return MediaInfo(path=path, duration_s=duration, video_stream=video["index"] if video else None,
-                     audio_stream=audio["index"] if audio else None, width=width, height=height,
-                     is_image=is_image)
-
-
 def output_size(width: int, height: int, frame_size: int | None) -> tuple[int, int]:
     """(width, height) with the short side == frame_size and the long side the nearest even size.
 
@@ -171,189 +104,318 @@ def output_size(width: int, height: int, frame_size: int | None) -> tuple[int, i
     return (frame_size, long_out) if width <= height else (long_out, frame_size)
 
 
-@dataclass(frozen=True)
-class _VideoPlan:
-    """One clip's part of an ffmpeg run: its streams and what to take from them."""
+def _url(path: Path) -> str:
+    # An absolute file: URL, so names starting with '-' or holding ':' are never read as protocols.
+    return "file:" + str(path.resolve())
 
-    info: MediaInfo
-    num_frames: int
-    num_samples: int
-    width: int  # output frame size
-    height: int
+
+def _text_head(path: Path) -> str | None:
+    """The first KB of the file if it is text, else None."""
+    with path.open("rb") as file:
+        head = file.read(1024)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if all(ch.isprintable() or ch in "\r\n\t" for ch in text) else None
+
+
+def _unopenable(path: Path) -> str:
+    """Why FFmpeg would not open a file (allowed demuxers only): what it refers to, or FFmpeg's own words."""
+    head = _text_head(path)
+    if head is not None:
+        start = head.lstrip("\ufeff \r\n\t")
+        for prefix, what in _REFERRING_TEXT:
+            if start[:len(prefix)].lower() == prefix.lower():
+                return f"refused: {what}, which refers to other files or URLs (only self-contained media is read)"
+        return "not a media file (it is a text file)"
+    skip_repeated = av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)  # else the same message about a second file is dropped
+    try:
+        with av.logging.Capture() as logs:
+            try:
+                av.open(_url(path), options=dict(_OPEN_OPTIONS)).close()
+            except av.FFmpegError as err:
+                logs.append((0, "", err.strerror or str(err)))
+    finally:
+        av.logging.set_level(None)
+        av.logging.set_skip_repeated(skip_repeated)
+    messages = list(dict.fromkeys(message.strip() for _, _, message in logs if message.strip()))
+    return (f"not readable as media: truncated, corrupt or not an accepted format "
+            f"(FFmpeg: {'; '.join(messages[:3]) or 'no message'})")
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if path.is_dir():
+        raise MediaError(path, "is a directory, not a media file")
+    if not path.exists():
+        raise MediaError(path, "file not found")
+    if not path.is_file():
+        raise MediaError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file (0 bytes)")
+    try:
+        return av.open(_url(path), options=dict(_OPEN_OPTIONS))
+    except av.FFmpegError:
+        raise MediaError(path, _unopenable(path)) from None
+
+
+def _video_stream(container) -> av.video.stream.VideoStream | None:
+    """The first video stream that is not cover art."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    return None
+
+
+def _rotation_filters(rotation: int) -> list[tuple[str, str]]:
+    """The filters that show a frame upright: FFmpeg's display rotation is counter-clockwise degrees."""
+    rotation %= 360
+    if rotation == 90:
+        return [("transpose", "cclock")]
+    if rotation == 270:
+        return [("transpose", "clock")]
+    if rotation == 180:
+        return [("hflip", ""), ("vflip", "")]
+    return []
+
+
+def _seconds(value: int | None, time_base) -> float | None:
+    return None if value is None else float(value * time_base)
+
+
+class ClipStream:
+    """One open media file decoded as a stream: iterate for ("frame", av.VideoFrame) and ("audio", bytes) in file
+    order.
+
+    Frames are in `pixel_format` (rgb24 or gray) at `fps`, exactly `num_frames` of them (a repeated last frame is
+    the same object again; `as_array` gives a frame's pixels); audio is s16le mono PCM at `sample_rate`, exactly
+    `num_samples` samples in all. crop (x, y, w, h) in displayed pixels is cut out before scaling to frame_size
+    (then the short side of the crop); shrink_only keeps frames whose short side is already at most frame_size
+    at their size. `size` and `source_size` are known once the first frame is out. A
+    MediaError can come at any point of the iteration; what came before it is then not the clip. threads: the
+    video decoder's (0: FFmpeg's choice)."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16000,
+                 frame_size: int | None = 256, crop: tuple[int, int, int, int] | None = None,
+                 pixel_format: str = "rgb24", with_audio: bool = True, shrink_only: bool = False, threads: int = 0):
+        if fps <= 0 or sample_rate <= 0:
+            raise ValueError(f"fps and sample_rate must be positive, got {fps} and {sample_rate}")
+        self.path, self.fps, self.sample_rate = Path(path), fps, sample_rate
+        self.frame_size, self.crop, self.pixel_format = frame_size, crop, pixel_format
+        self.shrink_only, self.threads = shrink_only, threads
+        self.container = _open(self.path)
+        try:
+            self._describe(with_audio)
+        except BaseException:
+            self.container.close()
+            raise
+        self.size: tuple[int, int] | None = None  # output (width, height)
+        self.source_size: tuple[int, int] = (0, 0)  # displayed (width, height)
+        self.has_audio = False  # audio samples decoded
+
+    def _describe(self, with_audio: bool) -> None:
+        container, path = self.container, self.path
+        self.video = _video_stream(container)
+        self.audio = container.streams.audio[0] if container.streams.audio else None
+        if self.video is None and self.audio is None:
+            raise MediaError(path, "no video and no audio stream")
+        self.format_name = container.format.name
+        self.is_image = (self.video is not None and self.audio is None
+                         and bool(set(self.format_name.split(",")) & IMAGE_DEMUXERS))
+        durations = [container.duration / 1e6 if container.duration is not None else None]
+        durations += [_seconds(s.duration, s.time_base) for s in (self.video, self.audio) if s is not None]
+        known = [d for d in durations if d is not None]
+        if self.is_image:
+            self.duration_s = 0.0
+        elif not known:
+            raise MediaError(path, "unknown duration (the file declares none)")
+        else:
+            self.duration_s = known[0]
+        # What the file says its length is. An AVI header counts the video frames; FFmpeg's duration of a cut
+        # AVI is what is left of it, so the count is the declaration. (Not for mp4: its edit lists cut frames.)
+        self.declared_s = self.duration_s
+        if self.video is not None and "avi" in self.format_name.split(",") and self.video.frames and \
+                self.video.average_rate:
+            self.declared_s = max(self.declared_s, float(self.video.frames / self.video.average_rate))
+        self.start_s = container.start_time / 1e6 if container.start_time is not None else 0.0
+        self.num_frames = num_frames_for(self.duration_s, self.fps) if self.video is not None else 0
+        self.num_samples = num_samples_for(self.duration_s, self.sample_rate)
+        self.decode_audio = with_audio and self.audio is not None and self.num_samples > 0
+        if self.video is not None:  # threads 0: FFmpeg's choice (one per core); 1 where workers share the cores
+            self.video.thread_type = "AUTO" if self.threads != 1 else "SLICE"
+            self.video.codec_context.thread_count = self.threads
 
     @property
-    def decodes_audio(self) -> bool:
-        return self.info.has_audio and self.num_samples > 0
+    def info(self) -> MediaInfo:
+        return MediaInfo(path=self.path, format_name=self.format_name, duration_s=self.duration_s,
+                         has_video=self.video is not None, has_audio=self.audio is not None,
+                         width=self.source_size[0], height=self.source_size[1], is_image=self.is_image)
 
+    def close(self) -> None:
+        self.container.close()
 
-def _plan(info: MediaInfo, fps: float, sample_rate: int, frame_size: int | None) -> _VideoPlan:
-    width, height = output_size(info.width, info.height, frame_size)
-    return _VideoPlan(info=info, num_frames=num_frames_for(info.duration_s, fps),
-                      num_samples=num_samples_for(info.duration_s, sample_rate), width=width, height=height)
+    def __enter__(self) -> ClipStream:
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-def _run_ffmpeg(plans: list[_VideoPlan], fps: float, sample_rate: int) -> tuple[list[tuple[bytes, bytes]], bytes, int]:
-    """One ffmpeg process decoding every plan's clip, each output to its own pipe: per clip (rgb24 frames,
-    s16le audio), then stderr and the exit code.
+    def _graph(self, frame: av.VideoFrame) -> av.filter.Graph:
+        """fps -> square pixels -> upright -> crop -> scale -> pixel format, set up from the first frame."""
+        filters = [] if self.is_image else [("fps", f"{self.fps}")]
+        width, height = frame.width, frame.height
+        sar = self.video.sample_aspect_ratio or self.video.codec_context.sample_aspect_ratio
+        if sar and sar > 0 and sar != 1:
+            width = max(2, round(width * sar))
+            filters += [("scale", f"{width}:{height}:flags={SCALE_FLAGS}"), ("setsar", "1")]
+        upright = _rotation_filters(round(frame.rotation or 0))
+        filters += upright
+        if upright and upright[0][0] == "transpose":
+            width, height = height, width
+        self.source_size = (width, height)
+        if self.crop is not None:
+            x, y, w, h = self.crop
+            filters.append(("crop", f"{w}:{h}:{x}:{y}"))
+            width, height = w, h
+        keep = self.frame_size is None or (self.shrink_only and min(width, height) <= self.frame_size)
+        self.size = output_size(width, height, None if keep else self.frame_size)
+        size = f"{self.size[0]}:{self.size[1]}"
+        if self.pixel_format == "gray":
+            filters += [("scale", f"{size}:flags={SCALE_FLAGS}"), ("format", "gray")]
+        else:  # scale in YUV, then convert unscaled: swscale's fast path, a third of the CPU of doing both at once
+            filters += [("scale", f"{size}:flags={SCALE_FLAGS}"), ("format", "yuv420p"), ("scale", size),
+                        ("format", self.pixel_format)]
+        graph = av.filter.Graph()
+        previous = graph.add_buffer(template=self.video)
+        for name, args in filters:
+            node = graph.add(name, args)
+            previous.link_to(node)
+            previous = node
+        previous.link_to(graph.add("buffersink"))
+        graph.configure()
+        return graph
 
-    A thread per pipe drains it while communicate() drains stderr, so no pipe fills up and stalls ffmpeg."""
-    outputs, pipes = [], []
-    for plan in plans:
-        source = ffmpeg.input(_ffmpeg_url(plan.info.path))
-        video = source[str(plan.info.video_stream)]
-        if not plan.info.is_image:
-            video = video.filter("fps", fps=fps)
-        pipes.append(os.pipe())
-        outputs.append(video.filter("scale", plan.width, plan.height).output(
-            f"pipe:{pipes[-1][1]}", format="rawvideo", pix_fmt="rgb24", vframes=plan.num_frames))
-        if plan.decodes_audio:
-            pipes.append(os.pipe())
-            outputs.append(source[str(plan.info.audio_stream)].output(
-                f"pipe:{pipes[-1][1]}", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate))
-    args = ffmpeg.merge_outputs(*outputs).compile(cmd=_FFMPEG)
-    try:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, pass_fds=[write for _, write in pipes])
-    except BaseException:
-        for read, _ in pipes:
-            os.close(read)
-        raise
-    finally:
-        for _, write in pipes:
-            os.close(write)
-    received: list[bytes] = [b""] * len(pipes)
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray | bytes]]:
+        path = self.path
+        streams = [s for s in (self.video, self.audio if self.decode_audio else None) if s is not None]
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=self.sample_rate) if self.decode_audio \
+            else None
+        graph, last, emitted, samples = None, None, 0, 0
+        content_end, errors = 0.0, []
+        start = {s.index: round(self.start_s / s.time_base) for s in streams if s.time_base}
 
-    def drain(index: int) -> None:
-        with os.fdopen(pipes[index][0], "rb") as pipe:
-            received[index] = pipe.read()
+        def pull() -> Iterator[tuple[str, av.VideoFrame]]:
+            nonlocal last, emitted
+            while True:
+                try:
+                    out = graph.vpull()
+                except (av.BlockingIOError, av.EOFError):
+                    return
+                if emitted < self.num_frames:
+                    last, emitted = out, emitted + 1
+                    yield "frame", last
 
-    readers = [threading.Thread(target=drain, args=(index,), daemon=True) for index in range(len(pipes))]
-    for reader in readers:
-        reader.start()
-    _, stderr = process.communicate()
-    for reader in readers:
-        reader.join()
-    streams = iter(received)
-    return [(next(streams), next(streams) if plan.decodes_audio else b"") for plan in plans], stderr, process.returncode
+        def pcm(frames: list[av.AudioFrame]) -> Iterator[tuple[str, bytes]]:
+            nonlocal samples
+            for frame in frames:  # the plane may be padded beyond its samples; to_ndarray is slow per frame
+                data = bytes(frame.planes[0])[: 2 * min(frame.samples, self.num_samples - samples)]
+                if data:
+                    samples += len(data) // 2
+                    yield "audio", data
 
-
-def _decoded(plan: _VideoPlan, raw_video: bytes, pcm: bytes, stderr: bytes, returncode: int, fps: float,
-             sample_rate: int) -> DecodedClip:
-    """The clip from its share of an ffmpeg run's output; MediaError by the module's rules for missing frames."""
-    info = plan.info
-    message = _ffmpeg_message(stderr, info.path)
-    if returncode != 0:
-        raise MediaError(info.path, f"truncated or corrupt: ffmpeg failed ({message})")
-    frame_bytes = plan.width * plan.height * 3
-    decoded = len(raw_video) // frame_bytes
-    if decoded == 0:
-        raise MediaError(info.path, f"truncated or corrupt: no decodable video frames ({message})")
-    if decoded < plan.num_frames and stderr.strip():
-        raise MediaError(info.path, f"truncated or corrupt: decoded {decoded} of {plan.num_frames} frames "
-                                    f"({message})")
-    frames = np.frombuffer(raw_video, np.uint8, decoded * frame_bytes).reshape(decoded, plan.height, plan.width, 3)
-    if decoded < plan.num_frames:  # the video stream ends cleanly before the container: hold the last frame
-        frames = np.concatenate([frames, np.repeat(frames[-1:], plan.num_frames - decoded, axis=0)])
-
-    audio = np.frombuffer(pcm, np.int16, len(pcm) // 2).astype(np.float32) / 32768.0
-    return DecodedClip(frames=frames, audio=_fit_length(audio, plan.num_samples), sample_rate=sample_rate, fps=fps,
-                       duration_s=info.duration_s, has_audio=audio.size > 0, has_video=True,
-                       source_size=(info.width, info.height))
-
-
-def _decode_videos(plans: list[_VideoPlan], fps: float, sample_rate: int) -> list[DecodedClip | MediaError]:
-    """Clips with video from one ffmpeg process. ffmpeg's messages cannot be told apart by clip, so when a
-    shared run reports anything, each clip is decoded again in a process of its own for its own verdict."""
-    outputs, stderr, returncode = _run_ffmpeg(plans, fps, sample_rate)
-    if len(plans) > 1 and (returncode != 0 or stderr.strip()):
-        return [result for plan in plans for result in _decode_videos([plan], fps, sample_rate)]
-    results: list[DecodedClip | MediaError] = []
-    for plan, (raw_video, pcm) in zip(plans, outputs):
         try:
-            results.append(_decoded(plan, raw_video, pcm, stderr, returncode, fps, sample_rate))
-        except MediaError as err:
-            results.append(err)
-    return results
+            for packet in self.container.demux(*streams) if streams else ():
+                try:
+                    decoded = packet.decode()
+                except av.FFmpegError as err:
+                    errors.append(err.strerror or str(err))
+                    continue
+                for frame in decoded:
+                    if frame.time is not None:
+                        length = (frame.samples / frame.sample_rate if isinstance(frame, av.AudioFrame)
+                                  else _seconds(frame.duration, frame.time_base) or 1 / float(
+                                      self.video.average_rate or self.fps))
+                        content_end = max(content_end, frame.time + length - self.start_s)
+                    if isinstance(frame, av.AudioFrame):
+                        yield from pcm(resampler.resample(frame))
+                        continue
+                    if graph is None:
+                        graph = self._graph(frame)
+                    if frame.pts is not None:
+                        frame.pts -= start.get(packet.stream.index, 0)
+                    graph.vpush(frame)
+                    yield from pull()
+        except av.FFmpegError as err:  # the demuxer gave up: the file is damaged from here on
+            errors.append(err.strerror or str(err))
+        if graph is not None:
+            graph.vpush(None)
+            yield from pull()
+        if resampler is not None:
+            yield from pcm(resampler.resample(None))
+        message = "; ".join(dict.fromkeys(errors[:3])) or "no message"
+        if self.video is not None:
+            if emitted == 0:
+                raise MediaError(path, f"truncated or corrupt: no decodable video frames ({message})")
+            if emitted < self.num_frames and errors:
+                raise MediaError(path, f"truncated or corrupt: decoded {emitted} of {self.num_frames} frames "
+                                       f"({message})")
+        seconds, fraction = TRUNCATION_TOLERANCE
+        if streams and not self.is_image and self.declared_s - content_end > seconds + fraction * self.declared_s:
+            raise MediaError(path, f"truncated: its streams end at {content_end:.2f} s, the file declares "
+                                   f"{self.declared_s:.2f} s")
+        for _ in range(emitted, self.num_frames):  # the video stream ends before the container: hold the last
+            yield "frame", last
+        self.has_audio = samples > 0
+        if samples < self.num_samples:
+            yield "audio", bytes(2 * (self.num_samples - samples))
 
 
-def decode_clips(paths: list[str | os.PathLike], fps: float = 5.0, sample_rate: int = 16000,
-                 frame_size: int | None = 256) -> list[DecodedClip | MediaError]:
-    """`decode_clip` of each path (a MediaError in the place of a clip that cannot be decoded), with ONE ffmpeg
-    process decoding all their videos: a process start-up costs as much CPU as decoding a short clip."""
-    if fps <= 0 or sample_rate <= 0:
-        raise ValueError(f"fps and sample_rate must be positive, got {fps} and {sample_rate}")
-    results: list[DecodedClip | MediaError | None] = [None] * len(paths)
-    plans: dict[int, _VideoPlan] = {}
-    for index, path in enumerate(paths):
-        try:
-            info = probe(path)
-            if info.has_video:
-                plans[index] = _plan(info, fps, sample_rate, frame_size)
-                continue
-            audio, has_audio = _load_audio(info, sample_rate)
-            results[index] = DecodedClip(frames=np.zeros((0, 0, 0, 3), np.uint8), audio=audio,
-                                         sample_rate=sample_rate, fps=fps, duration_s=info.duration_s,
-                                         has_audio=has_audio, has_video=False, source_size=(0, 0))
-        except MediaError as err:
-            results[index] = err
-    if plans:
-        for index, result in zip(plans, _decode_videos(list(plans.values()), fps, sample_rate)):
-            results[index] = result
-    return results
+def as_array(frame: av.VideoFrame) -> np.ndarray:
+    """A frame's pixels: [H, W, 3] uint8 for rgb24, [H, W] for gray."""
+    return frame.to_ndarray()
+
+
+def probe(path: str | os.PathLike) -> MediaInfo:
+    """Streams, duration and displayed size of a media file (its first frame is decoded for the rotation);
+    MediaError if it is not usable media."""
+    with ClipStream(path, frame_size=None, with_audio=False) as stream:
+        for kind, _ in stream:
+            if kind == "frame":
+                break
+        return stream.info
 
 
 def decode_clip(path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16000,
                 frame_size: int | None = 256) -> DecodedClip:
-    """Frames at `fps` and mono audio at `sample_rate` from one ffmpeg process (see the module rules).
-
-    An audio-only file gives zero frames and has_video False; the caller decides whether that is an error.
-    frame_size None keeps the source size. MediaError if the file cannot be decoded."""
-    (result,) = decode_clips([path], fps, sample_rate, frame_size)
-    if isinstance(result, MediaError):
-        raise result
-    return result
-
-
-def _fit_length(audio: np.ndarray, num_samples: int) -> np.ndarray:
-    if audio.size >= num_samples:
-        return audio[:num_samples]
-    return np.concatenate([audio, np.zeros(num_samples - audio.size, np.float32)])
-
-
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> tuple[np.ndarray, bool]:
-    """Mono float32 waveform at `sample_rate` via torchaudio, round(duration * rate) samples long.
-
-    A file without an audio stream gives silence of that length and has_audio False."""
-    return _load_audio(probe(path), sample_rate)
+    """The whole clip in memory (see the module rules): for short clips and tests; the shard builder and predict
+    stream with ClipStream instead. An audio-only file gives zero frames and has_video False."""
+    frames, pcm = [], []
+    with ClipStream(path, fps, sample_rate, frame_size) as stream:
+        for kind, data in stream:
+            if kind == "frame":
+                frames.append(as_array(data))
+            else:
+                pcm.append(data)
+        audio = np.frombuffer(b"".join(pcm), "<i2").astype(np.float32) / 32768.0
+        return DecodedClip(frames=np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8), audio=audio,
+                           sample_rate=sample_rate, fps=fps, duration_s=stream.duration_s,
+                           has_audio=stream.has_audio, has_video=stream.video is not None,
+                           source_size=stream.source_size)
 
 
-def _load_audio(info: MediaInfo, sample_rate: int) -> tuple[np.ndarray, bool]:
-    num_samples = num_samples_for(info.duration_s, sample_rate)
-    if not info.has_audio:
-        return np.zeros(num_samples, np.float32), False
-    import torchaudio  # imported here: torch is heavy and only audio-only inputs need it
-
-    try:
-        waveform, source_rate = torchaudio.load(str(info.path))
-    except RuntimeError as err:
-        raise MediaError(info.path, f"truncated or corrupt audio: {err}") from None
-    mono = waveform.mean(dim=0)
-    if source_rate != sample_rate:
-        mono = torchaudio.functional.resample(mono, source_rate, sample_rate)
-    audio = mono.clamp(-1.0, 1.0).numpy().astype(np.float32, copy=False)
-    return _fit_length(audio, num_samples), audio.size > 0
+def wav_header(num_samples: int, sample_rate: int) -> bytes:
+    """The 44-byte header of a 16-bit PCM mono WAV file holding num_samples samples (as the wave module writes)."""
+    data = 2 * num_samples
+    return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16) + b"data" + struct.pack("<I", data))
 
 
 def wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
-    """A 16-bit PCM mono WAV file holding `waveform` (float in [-1, 1]).
-
-    Written with the standard wave module: torchaudio.save (through torchcodec) cannot write 16-bit PCM
-    to an in-memory buffer, and this keeps torch out of the shard workers."""
+    """A 16-bit PCM mono WAV file holding `waveform` (float in [-1, 1])."""
     pcm = np.round(np.clip(np.asarray(waveform, np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
     buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm.tobytes())
+    buffer.write(wav_header(pcm.size, sample_rate))
+    buffer.write(pcm.tobytes())
     return buffer.getvalue()

@@ -5,14 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_loader, bench_shards, bench_stage2, bench_trainer, gpu_stage1, run, timing
-from emi.media import MediaError, decode_clip, decode_clips
 from helpers import GRID, REPO, cpu_env
 
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
@@ -48,33 +46,62 @@ def clips(tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def shards_result(clips) -> dict:
     videos, labels, work = clips
-    return bench_shards.run(videos, labels, work, repeats=1)
+    return bench_shards.run(videos, labels, work, repeats=1, long_clips=2, long_s=3, long_size="160x90",
+                            memory_short_s=1, memory_long_s=4, memory_size="160x90")
 
 
-def test_shard_benchmark_builds_every_clip_and_does_the_same_work_as_the_baseline(shards_result, clips):
+def test_shard_benchmark_builds_every_clip_and_does_the_same_work_as_the_baselines(shards_result, clips):
     result = shards_result
-    assert result["clips"] == 3 and result["workers"] == 2 and result["repeats"] == 1
-    # every clip built, and the baseline wrote as many 5 fps frames as the builder
-    assert result["frames"]["emi"] == result["frames"]["ffmpeg_cli"] > 3 * 5 * 2
+    assert result["workers"] == 2 and result["repeats"] == 1 and result["long_clip"] == {"seconds": 3, "size": "160x90"}
+    for name, clips_in_set in (("short", 3), ("long", 2)):
+        speed = result[name]
+        assert speed["clips"] == clips_in_set
+        # every clip built, and each baseline wrote as many 5 fps frames as the builder
+        frames = speed["frames"]
+        assert frames["emi"] == frames["ffmpeg_cli"] == frames["ffmpeg_pipe"] >= clips_in_set * 3 * 5
+        for runner in ("emi", *bench_shards.BASELINES):
+            timings = speed[runner]
+            assert timings["wall_s"] > 0 and timings["cpu_ms_per_clip"] > 0
+            assert timings["clips_per_s"] == pytest.approx(clips_in_set / timings["wall_s"], rel=0.01)
+        assert speed["baseline"] == max(bench_shards.BASELINES, key=lambda runner: speed[runner]["clips_per_s"])
+        assert speed["ratio"] == pytest.approx(speed["emi"]["clips_per_s"] / speed[speed["baseline"]]["clips_per_s"],
+                                               abs=1e-3)
+        assert speed["met"] == (speed["ratio"] >= bench_shards.TARGET)
     manifest = json.loads((clips[2] / "emi" / "manifest.json").read_text())
     assert manifest["args"]["frame_size"] == bench_shards.FRAME_SIZE and manifest["num_samples"] == 3
-    assert len(list((clips[2] / "ffmpeg").glob("*/audio.wav"))) == 3
-    for name in ("emi", "ffmpeg_cli"):
-        timings = result[name]
-        assert timings["wall_s"] > 0 and timings["cpu_ms_per_clip"] > 0
-        assert timings["clips_per_s"] == pytest.approx(3 / timings["wall_s"], rel=0.01)
-    assert result["ratio"] == pytest.approx(result["emi"]["clips_per_s"] / result["ffmpeg_cli"]["clips_per_s"],
-                                            abs=1e-3)
-    assert result["met"] == (result["ratio"] >= bench_shards.TARGET)
+    for baseline in bench_shards.BASELINES:
+        assert len(list((clips[2] / baseline).glob("*/audio.wav"))) == 3
     text = bench_shards.section(result)
-    assert text.startswith("## 1. Shard building") and f"**{result['ratio']}**" in text
+    assert text.startswith("## 1. Shard building") and f"**{result['short']['ratio']}**" in text
 
 
-def test_baseline_frames_have_the_builders_frame_size(clips):
-    videos, _, work = clips
-    commands = {Path(command[-1]).parent.name: command for command in bench_shards.ffmpeg_commands(videos, work)}
+def test_shard_benchmark_measures_peak_memory_of_short_and_long_clips(shards_result):
+    memory = shards_result["memory"]
+    assert (memory["short_s"], memory["long_s"], memory["size"]) == (1, 4, "160x90")
+    crops = [crop for crop in ("none", "opencv") if crop in memory]
+    assert "none" in crops
+    for crop in crops:
+        assert 20 < memory[crop]["short_mb"] < 2000 and 20 < memory[crop]["long_mb"] < 2000
+        assert memory[crop]["ratio"] == pytest.approx(memory[crop]["long_mb"] / memory[crop]["short_mb"], abs=2e-3)
+    assert memory["met"] == all(memory[crop]["ratio"] <= bench_shards.MEMORY_TARGET for crop in crops)
+    assert shards_result["met"] == (shards_result["short"]["met"] and shards_result["long"]["met"] and memory["met"])
+
+
+def test_baselines_write_frames_of_the_builders_size(clips, tmp_path):
+    videos, _, _ = clips
+    commands = {Path(command[-1]).parent.name: command for command in bench_shards.ffmpeg_commands(videos, tmp_path)}
     assert "fps=5,scale=320:256" in commands[GRID_CLIP.stem]  # 360x288 -> short side 256, as the builder
     assert "fps=5,scale=256:256" in commands["00001"]  # the synthetic clips are 128x128
+    clip = videos / GRID_CLIP.name
+    bench_shards.run_pipe(bench_shards.pipe_command(clip, tmp_path / "pipe", 320, 256))
+    frames = sorted((tmp_path / "pipe").glob("*.jpg"))
+    assert len(frames) == 15 and (tmp_path / "pipe" / "audio.wav").is_file()
+    from PIL import Image
+    for frame in frames:
+        with Image.open(frame) as image:
+            image.verify()
+        with Image.open(frame) as image:
+            assert image.format == "JPEG" and image.size == (320, 256)
 
 
 def test_loader_benchmark_numbers(tmp_path):
@@ -170,29 +197,3 @@ def test_sections_this_run_does_not_write_are_kept():
     assert run.kept_sections(old) == ["## GPU: Stage I run one\n\n| a | 1 |\n",
                                       "## Learning and ablation\n\ntable\n", "## GPU: Stage I run two\n\nlast\n"]
     assert run.kept_sections("# Benchmarks\n\n## 1. Shard building\n\n## 4. Stage II: x\n") == []
-
-
-def test_one_ffmpeg_process_for_several_clips_gives_each_clip_its_own_result(tmp_path):
-    """The shard builder's speed-up: decode_clips equals decode_clip clip by clip, bad files included."""
-    (tmp_path / "notes.mpg").write_text("not a video\n")
-    damaged = bytearray(GRID_CLIPS[2].read_bytes())  # decodes with errors: the shared run reports them,
-    for start in range(100_000, 300_000, 5_000):     # so each clip is decoded again alone
-        damaged[start:start + 50] = b"\xff" * 50
-    (tmp_path / "damaged.mpg").write_bytes(bytes(damaged))
-    paths = [GRID_CLIPS[0], tmp_path / "notes.mpg", GRID_CLIPS[1], tmp_path / "missing.mpg", tmp_path / "damaged.mpg"]
-    for batch in ([paths[0], paths[2]], paths):
-        results = decode_clips(batch, fps=5.0, sample_rate=16000, frame_size=64)
-        assert len(results) == len(batch)
-        for path, result in zip(batch, results):
-            try:
-                alone = decode_clip(path, fps=5.0, sample_rate=16000, frame_size=64)
-            except MediaError as err:
-                assert isinstance(result, MediaError) and result.reason == err.reason
-                continue
-            assert not isinstance(result, MediaError), result
-            assert np.array_equal(result.frames, alone.frames) and np.array_equal(result.audio, alone.audio)
-            assert (result.duration_s, result.has_audio, result.source_size) == (
-                alone.duration_s, alone.has_audio, alone.source_size)
-    reasons = [r.reason if isinstance(r, MediaError) else None for r in decode_clips(paths, frame_size=64)]
-    assert reasons[0] is None and reasons[2] is None
-    assert reasons[1] == "not a media file (it is a text file)" and reasons[3] == "file not found"

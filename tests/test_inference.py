@@ -173,8 +173,10 @@ def predict_inputs(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("videos")
     (root / "empty.mp4").write_bytes(b"")
     (root / "notes.mp4").write_text("not a video at all\n")
+    (root / "playlist.mp4").write_text(f"#EXTM3U\n#EXTINF:3.0,\n{CLIPS[1]}\n#EXT-X-ENDLIST\n")
+    (root / "folder").mkdir()
     return [str(CLIPS[0]), str(root / "empty.mp4"), str(CLIPS[3]), str(root / "notes.mp4"),
-            str(root / "missing.mp4"), str(CLIPS[5])]
+            str(root / "missing.mp4"), str(root / "folder"), str(root / "playlist.mp4"), str(CLIPS[5])]
 
 
 def test_predict_matches_evaluate_on_the_same_clips(checkpoint, clip_shards, predict_inputs):
@@ -182,7 +184,9 @@ def test_predict_matches_evaluate_on_the_same_clips(checkpoint, clip_shards, pre
     assert [result["file"] for result in results] == predict_inputs
     errors = {Path(result["file"]).name: result["error"] for result in results if "error" in result}
     assert errors == {"empty.mp4": "empty file (0 bytes)", "notes.mp4": "not a media file (it is a text file)",
-                      "missing.mp4": "file not found"}
+                      "missing.mp4": "file not found", "folder": "is a directory, not a media file",
+                      "playlist.mp4": "refused: an HLS playlist, which refers to other files or URLs (only "
+                                      "self-contained media is read)"}
     model, config = load_fusion(checkpoint)
     keys, preds, _ = shard_predictions(model, config, str(clip_shards), batch_size=3, workers=0)
     from_shards = dict(zip(keys, preds.tolist()))

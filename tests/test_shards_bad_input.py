@@ -21,7 +21,7 @@ from emi.cli import main
 from emi.shards.stats import shard_stats
 from helpers import GRID
 
-GOOD = ["bbaf2n", "brbk7n", "noaudio", "portrait"]
+GOOD = [" lead", "bbaf2n", "brbk7n", "noaudio", "padded", "portrait"]
 
 
 def ffmpeg(*args: str) -> None:
@@ -38,7 +38,7 @@ def build(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bad_input")
     videos = root / "videos"
     videos.mkdir()
-    for key in GOOD[:2]:
+    for key in ("bbaf2n", "brbk7n"):
         shutil.copy(GRID / f"{key}.mpg", videos)
     ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1.2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
            str(videos / "noaudio.mp4"))
@@ -53,8 +53,17 @@ def build(tmp_path_factory) -> dict:
     (videos / "truncated.mp4").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     (videos / "cutfast.mp4").write_bytes(faststart.read_bytes()[: faststart.stat().st_size * 2 // 3])
     ffmpeg("-f", "lavfi", "-i", "sine=duration=1", str(videos / "voice.wav"))
-    for name in ("unlabeled.mp4", "nanlabel.mp4", "textlabel.mp4", "emptylabel.mp4", "range.mp4", "amb.mp4",
-                 "amb.avi", "dotted.name.mp4"):
+    # inputs that name a file outside the folder: FFmpeg must never open it
+    secret = root / "secret.ts"
+    ffmpeg("-i", str(full), "-c:v", "copy", "-c:a", "copy", "-f", "mpegts", str(secret))
+    (videos / "playlist.mp4").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    (videos / "concat.mp4").write_text(f"ffconcat version 1.0\nfile '{secret}'\n")
+    avi = root / "full.avi"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=4", "-f", "lavfi", "-i", "sine=duration=4", "-c:v", "mpeg4",
+           "-c:a", "pcm_s16le", str(avi))
+    (videos / "cutavi.avi").write_bytes(avi.read_bytes()[: avi.stat().st_size // 2])
+    for name in (" lead.mp4", "padded.mp4", "unlabeled.mp4", "nanlabel.mp4", "textlabel.mp4", "emptylabel.mp4",
+                 "range.mp4", "amb.mp4", "amb.avi", "dotted.name.mp4"):
         shutil.copy(full, videos / name)
     shutil.copy(full, root / "outside.mp4")
     os.symlink(root / "outside.mp4", videos / "link.mp4")
@@ -64,7 +73,8 @@ def build(tmp_path_factory) -> dict:
             row("cutfast.mp4"), row("voice.wav"), row("ghost.mp4"), row("nanlabel.mp4", Valence="nan"),
             row("textlabel.mp4", Joy="high"), row("emptylabel.mp4", Amusement=""), row("range.mp4", Joy="1.5"),
             row("../outside.mp4"), row(str(root / "outside.mp4")), row("link.mp4"), row("amb"),
-            row("dotted.name.mp4")]
+            row("dotted.name.mp4"), row("playlist.mp4"), row("concat.mp4"), row("cutavi.avi"),
+            row(" lead.mp4"), row("  padded.mp4 ")]
     labels = root / "labels.csv"
     with labels.open("w", newline="") as file:
         csv.writer(file).writerows([["Filename", *EMI_EMOTIONS, "Valence", "Expression"], *rows])
@@ -80,7 +90,7 @@ def build(tmp_path_factory) -> dict:
 EXPECTED_FAILURES = {
     "empty.mp4": "empty file (0 bytes)",
     "notvideo.mp4": "not a media file (it is a text file)",
-    "truncated.mp4": "not readable as media, truncated or corrupt (ffprobe: moov atom not found",
+    "truncated.mp4": "not readable as media: truncated, corrupt or not an accepted format (FFmpeg: moov atom not found",
     "cutfast.mp4": "truncated or corrupt: decoded",
     "voice.wav": "no video stream",
     "ghost.mp4": "clip not found in the videos folder",
@@ -94,12 +104,15 @@ EXPECTED_FAILURES = {
     "amb": "ambiguous: several files match (amb.avi, amb.mp4)",
     "dotted.name.mp4": "clip id 'dotted.name' contains '.'",
     "unlabeled.mp4": "no row in labels.csv: clip has no labels",
+    "playlist.mp4": "refused: an HLS playlist, which refers to other files or URLs",
+    "concat.mp4": "refused: an FFmpeg concat script, which refers to other files or URLs",
+    "cutavi.avi": "truncated: its streams end at 1.96 s, the file declares 4.00 s",
 }
 
 
 def test_exit_code_three_and_summary_points_to_the_report(build):
     assert build["code"] == 3
-    assert f"4 samples in 1 train shard(s) in {build['out']}" in build["summary"]
+    assert f"{len(GOOD)} samples in 1 train shard(s) in {build['out']}" in build["summary"]
     report = build["out"] / "failures.jsonl"
     assert f"{len(EXPECTED_FAILURES)} clip(s) not built: reasons in {report}" in build["summary"]
 
@@ -128,7 +141,7 @@ def test_every_good_clip_is_built(build):
     assert [key for entry in manifest["shards"] for key in entry["keys"]] == sorted(GOOD)
     assert manifest["labels"]["Valence"] == "float" and manifest["labels"]["Expression"] == "str"
     stats = shard_stats(build["out"])
-    assert (stats["samples"], stats["failures"], stats["has_audio"]) == (4, len(EXPECTED_FAILURES), 2)
+    assert (stats["samples"], stats["failures"], stats["has_audio"]) == (len(GOOD), len(EXPECTED_FAILURES), 4)
 
 
 def _sample(build: dict, key: str) -> dict[str, bytes]:
@@ -157,6 +170,16 @@ def test_still_image_is_a_one_frame_sample(build):
     assert Image.open(io.BytesIO(sample["0000.jpg"])).size == (64, 86)
     with wave.open(io.BytesIO(sample["wav"])) as wav:
         assert wav.getnframes() == 0 and wav.getframerate() == 16000
+
+
+def test_filename_with_spaces_matches_as_written_first_then_stripped(build):
+    lead = json.loads(_sample(build, " lead")["json"])
+    assert lead["source"] == " lead.mp4"
+    assert lead["filename_note"] == "Filename ' lead.mp4' matched as written, spaces included"
+    padded = json.loads(_sample(build, "padded")["json"])
+    assert padded["source"] == "padded.mp4"
+    assert padded["filename_note"] == "Filename '  padded.mp4 ' matched 'padded.mp4', without its surrounding spaces"
+    assert "filename_note" not in json.loads(_sample(build, "bbaf2n")["json"])
 
 
 def test_rerun_keeps_the_shard_and_the_failures_of_its_clips(build, tmp_path):

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -109,7 +110,8 @@ def test_manifest_lists_shards_counts_hashes_and_totals(grid):
         data = (out / entry["name"]).read_bytes()
         assert entry["bytes"] == len(data)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
-    assert (manifest["num_samples"], manifest["num_frames"], manifest["duration_s"]) == (8, 120, 24.0)
+    # FFmpeg puts each GRID clip at 2.98 s (the MPEG program stream's timestamps)
+    assert (manifest["num_samples"], manifest["num_frames"], manifest["duration_s"]) == (8, 120, 23.84)
     assert manifest["labels"] == {**{name: "float" for name in EMI_EMOTIONS}, "Valence": "float",
                                   "Expression": "str"}
     args = manifest["args"]
@@ -117,12 +119,12 @@ def test_manifest_lists_shards_counts_hashes_and_totals(grid):
     assert args["videos"] == str(GRID) and args["asr"] == "none" and args["face_crop"] == "none"
 
 
-def test_each_sample_holds_json_txt_wav_and_fifteen_frames_in_order(grid):
+def test_each_sample_holds_fifteen_frames_in_order_then_wav_txt_json(grid):
     for entry in json.loads((grid["out"] / "manifest.json").read_text())["shards"]:
         names = [name for name, _ in shard_members(grid["out"] / entry["name"])]
         expected = []
         for key in entry["keys"]:
-            expected += [f"{key}.json", f"{key}.txt", f"{key}.wav"] + [f"{key}.{i:04d}.jpg" for i in range(15)]
+            expected += [f"{key}.{i:04d}.jpg" for i in range(15)] + [f"{key}.wav", f"{key}.txt", f"{key}.json"]
         assert names == expected
 
 
@@ -132,14 +134,14 @@ def test_sample_contents_round_trip(grid):
     for key, entries in samples.items():
         meta = json.loads(entries["json"])
         assert meta == {
-            "key": key, "source": f"{key}.mpg", "split": "train", "fps": 5.0, "num_frames": 15, "duration_s": 3.0,
+            "key": key, "source": f"{key}.mpg", "split": "train", "fps": 5.0, "num_frames": 15, "duration_s": 2.98,
             "sample_rate": 16000, "has_audio": True, "labels": grid["labels"][key], "transcript": "",
             "face_crop": {"method": "none"},
         }
         assert entries["txt"] == b""
         with wave.open(io.BytesIO(entries["wav"])) as wav:
             assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 16000)
-            assert abs(wav.getnframes() - 48000) <= 4
+            assert wav.getnframes() == 47680
         for i in range(15):
             image = Image.open(io.BytesIO(entries[f"{i:04d}.jpg"]))
             assert image.format == "JPEG" and image.mode == "RGB" and image.size == (320, 256)
@@ -167,7 +169,7 @@ def test_stats_match_known_contents(grid, capsys):
     stats = shard_stats(grid["out"])
     expected_means = {name: fmean(row[name] for row in grid["labels"].values())
                       for name in [*EMI_EMOTIONS, "Valence"]}
-    assert stats == {"split": "train", "shards": 3, "samples": 8, "hours": round(24 / 3600, 6), "frames": 120,
+    assert stats == {"split": "train", "shards": 3, "samples": 8, "hours": round(23.84 / 3600, 6), "frames": 120,
                      "failures": 0, "label_means": expected_means, "has_audio": 8, "transcripts": 0}
     capsys.readouterr()
     assert main(["shards", "stats", str(grid["out"])]) == 0
@@ -401,6 +403,8 @@ def test_usage_errors_exit_two_with_a_message(grid, tmp_path, capsys):
         (["--videos", str(GRID), "--labels", str(same_clip)], "both name clip id"),
         (["--videos", str(GRID), "--labels", str(binary)], "unreadable CSV"),
         (["--videos", str(GRID), "--labels", str(labels), "--frame-size", "255"], "--frame-size"),
+        (["--videos", str(GRID), "--labels", str(labels), "--out", str(labels / "sub")],
+         f"{labels} exists and is not a folder"),
         (["--videos", str(GRID), "--labels", str(labels), "--transcripts", str(no_filename)], "no 'Filename'"),
     ]
     for extra, message in cases:
@@ -416,3 +420,73 @@ def test_usage_errors_exit_two_with_a_message(grid, tmp_path, capsys):
     assert (foreign / "train-000000.tar").read_bytes() == b"someone else's shard"
     assert main(["shards", "stats", str(tmp_path / "missing")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_stops_with_exit_three_no_temporary_file_and_a_rerun_continues(grid, tmp_path, workers):
+    out, clean = tmp_path / "small", tmp_path / "clean"
+    out.mkdir()
+    if not _mount_tmpfs(out, "1m"):
+        pytest.skip("a full disk needs a small tmpfs, which only root may mount here")
+    try:
+        command = [sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(GRID),
+                   "--labels", str(grid["labels_csv"]), "--out", str(out), "--shard-size", "1",
+                   "--workers", str(workers)]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 3, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        message = [line for line in result.stderr.splitlines() if line.startswith("emi: error:")]
+        assert len(message) == 1 and "No space left on device" in message[0], result.stderr[-3000:]
+        assert "run the same command again to continue" in message[0]
+        names = sorted(path.name for path in out.iterdir())
+        assert not [name for name in names if name.endswith(".tmp") or name == ".emi-parts"], names
+        listed = {entry["name"]: entry["sha256"] for entry in json.loads((out / "manifest.json").read_text())["shards"]}
+        # one worker writes a shard before it decodes the next clip; two may fill the disk with clips in flight
+        assert (1 if workers == 1 else 0) <= len(listed) < 8
+        assert f"stopped with {len(listed)} complete shard(s)" in message[0]
+        for name, sha256 in listed.items():
+            assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha256
+        assert subprocess.run(["mount", "-o", "remount,size=16m", str(out)]).returncode == 0  # free space
+        rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert f"({8 - len(listed)} written, {len(listed)} kept" in rerun.stdout
+        assert main(command[3:9] + ["--out", str(clean), "--shard-size", "1"]) == 0
+        assert folder_bytes(out) == folder_bytes(clean)
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
+def test_killing_the_builder_kills_its_workers(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=s=480x270:r=25:d=30",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(videos / "a.mp4")],
+                   check=True)
+    for name in "bcd":
+        shutil.copy(videos / "a.mp4", videos / f"{name}.mp4")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Filename,Joy\n" + "".join(f"{name}.mp4,0.5\n" for name in "abcd"))
+    # every frame at 25 fps: each clip keeps a worker busy for seconds
+    process = subprocess.Popen([sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(videos),
+                                "--labels", str(labels), "--out", str(tmp_path / "out"), "--workers", "2",
+                                "--fps", "25"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "out" / ".emi-parts"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(parts.glob("*.part")) if parts.is_dir() else []) < 2:
+        time.sleep(0.05)  # both workers are writing a clip
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert len(workers) >= 2 and process.poll() is None
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=2)
+    for worker in alive:
+        worker.kill()
+    assert not alive, f"workers {[worker.pid for worker in alive]} outlived the builder"

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from emi.errors import UsageError
 from emi.shards.labels import FILENAME_COLUMN, read_csv_rows
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WHISPER_RATE = 16000
 WHISPER_WINDOW_S = 30  # Whisper hears 30 s at a time: longer clips are transcribed window by window
@@ -37,7 +39,7 @@ def read_transcripts(path: str | Path) -> dict[str, str]:
     _, rows = read_csv_rows(path, (FILENAME_COLUMN, "Text"))
     transcripts: dict[str, str] = {}
     for line, row in rows:
-        key = Path(row[FILENAME_COLUMN]).stem
+        key = Path(row[FILENAME_COLUMN].strip()).stem
         if not key:
             raise UsageError(f"{path}: line {line} has an empty {FILENAME_COLUMN}")
         if key in transcripts:

@@ -2,16 +2,22 @@
 
 Clips are sorted by key and chunked into shards of --shard-size in that order, before decoding, so a shard's
 clips never depend on what failed elsewhere (a clip that fails leaves its shard one sample short).
-Workers decode and encode; the parent writes each shard under a temporary name and renames it when complete,
-then rewrites failures.jsonl and manifest.json atomically. A re-run with the same arguments keeps every shard
-whose bytes still match the manifest and builds the rest; different arguments rebuild everything.
+Workers decode, encode and write each clip's tar members to a part file in `<out>/.emi-parts` (streamed: memory
+does not grow with a clip's length); the parent appends the parts to each shard in order under a temporary name,
+renames it when complete, then rewrites failures.jsonl and manifest.json atomically. A re-run with the same
+arguments keeps every shard whose bytes still match the manifest and builds the rest; different arguments rebuild
+everything. A write that fails (a full disk) stops the build with StoppedError, leaving the complete shards listed
+in the manifest and no temporary file: the re-run continues from there.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import multiprocessing
+import os
 import re
+import shutil
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -22,19 +28,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from emi.errors import UsageError
+from emi.errors import StoppedError, UsageError
 from emi.io import sha256_file, write_atomic
-from emi.shards.asr import check_whisper, parse_asr, read_transcripts
-from emi.shards.face import load_face_detector
-from emi.shards.labels import read_labels
 from emi.manifest import (
     CLIP_SHARDS, MANIFEST_FILE, Manifest, Preprocessing, ShardEntry, find_manifest, write_manifest)
+from emi.shards.asr import check_whisper, parse_asr, read_transcripts
+from emi.shards.labels import read_labels
 from emi.shards.files import FAILURES, ShardWriter, read_failures, read_sample_metadata, shard_name, shard_pattern
-from emi.shards.plan import ClipJob, Failure, plan_clips
-from emi.shards.sample import Sample, SampleBuilder, SampleOptions, build_in_worker, init_worker
+from emi.shards.plan import ClipJob, Failure, SampleOptions, plan_clips
 
-CLIPS_PER_PROCESS = 4  # clips one ffmpeg process decodes: its start-up costs as much CPU as a short clip
-BATCHES_AHEAD_PER_WORKER = 2  # bounds the encoded samples waiting in memory behind a slow clip
+PARTS = ".emi-parts"  # the workers' part files, inside --out
+CLIPS_AHEAD_PER_WORKER = 4  # bounds the part files waiting on disk behind a slow clip
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,11 @@ def _check_arguments(videos: Path, out: Path, split: str, fps: float, sample_rat
                      shard_size: int, workers: int, face_crop: str) -> None:
     if not videos.is_dir():
         raise UsageError(f"--videos {videos}: no such folder")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UsageError(f"--out {out}: {folder} exists and is not a folder")
+            break
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
         raise UsageError(f"--split {split!r}: use letters, digits, '_' and '-' (it names the shard files)")
     if not fps > 0:
@@ -133,28 +140,59 @@ def _reusable_shards(out: Path, split: str, args: dict, chunks: list[list[ClipJo
     return kept, carried, None
 
 
-def _samples(chunks: list[list[ClipJob]], options: SampleOptions, workers: int) -> Iterator[Sample | Failure]:
-    """Built samples of the shards' clips in order, from this process or a pool of `workers` processes.
+_WORKER_BUILDER = None  # a worker process's SampleBuilder
 
-    Clips go to ffmpeg in batches that never span two shards, so a shard is written as soon as its own clips
-    are built. Face cropping decodes at the source size: then one clip's frames are in memory at a time."""
-    size = 1 if options.face_crop else CLIPS_PER_PROCESS
-    batches = [chunk[start:start + size] for chunk in chunks for start in range(0, len(chunk), size)]
+
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the process that started it dies (Linux), so that killing the
+    builder never leaves workers decoding on their own; elsewhere they notice at their next task."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(options: SampleOptions, parts: Path, parent: int) -> None:
+    """Pool initializer: die with the parent, load the models once per worker process."""
+    global _WORKER_BUILDER
+    _exit_with_parent(parent)
+    from emi.shards.sample import SampleBuilder
+
+    _WORKER_BUILDER = SampleBuilder(options, parts)
+
+
+def _build_in_worker(job: ClipJob):
+    return _WORKER_BUILDER(job)
+
+
+def _samples(jobs: list[ClipJob], options: SampleOptions, workers: int, parts: Path) -> Iterator:
+    """Built samples (emi.shards.sample.Sample) or Failures of the clips in order, from this process or a pool of
+    `workers` processes. Decoding is imported only where it runs: the parent starts faster without it."""
     if workers == 1:
-        builder = SampleBuilder(options)
-        for batch in batches:
-            yield from builder.build_many(batch)
+        from emi.shards.sample import SampleBuilder
+
+        builder = SampleBuilder(options, parts)
+        for job in jobs:
+            yield builder(job)
         return
     # spawn: forking a process that may have imported torch can hang
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(options,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(options, parts, os.getpid()))
+    try:
         pending = deque()
-        for batch in batches:
-            pending.append(pool.submit(build_in_worker, batch))
-            if len(pending) >= BATCHES_AHEAD_PER_WORKER * workers:
-                yield from pending.popleft().result()
+        for job in jobs:
+            pending.append(pool.submit(_build_in_worker, job))
+            if len(pending) >= CLIPS_AHEAD_PER_WORKER * workers:
+                yield pending.popleft().result()
         while pending:
-            yield from pending.popleft().result()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split: str = "train", fps: float = 5.0,
@@ -166,6 +204,8 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
     if asr_model is not None:
         check_whisper(asr_model)
     if face_crop == "opencv":
+        from emi.shards.face import load_face_detector
+
         load_face_detector()
     table = read_labels(labels)
     imported = read_transcripts(transcripts) if transcripts is not None else {}
@@ -178,15 +218,40 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
         "transcripts_sha256": sha256_file(Path(transcripts)) if transcripts is not None else None,
         "face_crop": face_crop,
     }
+    # the workers share the cores: each decoder gets its share of them as threads
     options = SampleOptions(split=split, fps=float(fps), sample_rate=sample_rate, frame_size=frame_size,
-                            asr_model=asr_model, face_crop=face_crop == "opencv")
-    out.mkdir(parents=True, exist_ok=True)
+                            asr_model=asr_model, face_crop=face_crop == "opencv",
+                            decoder_threads=max(1, (os.cpu_count() or 1) // workers))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
     with _exclusive(out):
-        return _build(out, jobs, failures, table.kinds, args, options, shard_size, workers)
+        parts = out / PARTS
+        try:
+            shutil.rmtree(parts, ignore_errors=True)  # what a killed build left
+            parts.mkdir()
+            return _build(out, jobs, failures, table.kinds, args, options, shard_size, workers, parts)
+        except OSError as err:
+            complete = _complete_shards(out)
+            raise StoppedError(
+                f"cannot write in {out} ({err.strerror}{f': {err.filename}' if err.filename else ''}); the build "
+                f"stopped with {complete} complete shard(s) listed in {MANIFEST_FILE}: free space (or fix the folder) "
+                "and run the same command again to continue") from None
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def _complete_shards(out: Path) -> int:
+    try:
+        manifest = find_manifest(out)
+    except UsageError:
+        return 0
+    return len(manifest.shards) if manifest else 0
 
 
 def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[str, str], args: dict,
-           options: SampleOptions, shard_size: int, workers: int) -> BuildSummary:
+           options: SampleOptions, shard_size: int, workers: int, parts: Path) -> BuildSummary:
     split = options.split
     preprocessing = Preprocessing.from_dict(args)  # the arguments that decide what a sample holds
     chunks = [jobs[start:start + shard_size] for start in range(0, len(jobs), shard_size)]
@@ -221,21 +286,26 @@ def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[
 
     to_build = [index for index in range(len(chunks)) if index not in entries]
     build_jobs = [job for index in to_build for job in chunks[index]]
-    samples = _samples([chunks[index] for index in to_build], options, min(workers, max(1, len(build_jobs))))
+    samples = _samples(build_jobs, options, min(workers, max(1, len(build_jobs))), parts)
     with tqdm(total=len(build_jobs), unit="clip", desc=f"{split} shards", file=sys.stderr) as progress:
         for index in to_build:
             writer = ShardWriter(out / shard_name(split, index))
-            frames, seconds = 0, 0.0
-            for _ in chunks[index]:
-                result = next(samples)
-                progress.update()
-                if isinstance(result, Failure):
-                    build_failures[result.key] = result
-                    continue
-                writer.add(result.key, result.members)
-                frames += result.num_frames
-                seconds += result.duration_s
-            entries[index] = writer.finish()
+            try:
+                frames, seconds = 0, 0.0
+                for _ in chunks[index]:
+                    result = next(samples)
+                    progress.update()
+                    if isinstance(result, Failure):
+                        build_failures[result.key] = result
+                        continue
+                    writer.add_part(result.key, result.part)
+                    frames += result.num_frames
+                    seconds += result.duration_s
+                entries[index] = writer.finish()
+            except BaseException:
+                writer.abort()
+                samples.close()
+                raise
             totals[index] = (frames, seconds)
             save_state()
 

@@ -1,8 +1,10 @@
 """One face box per clip with OpenCV's Haar frontal-face detector (`--face-crop opencv`).
 
-Per clip: detect on up to DETECT_FRAMES evenly spaced frames (downscaled so the short side is DETECT_SHORT_SIDE),
-keep the largest face of each frame, take the median centre and size over those frames (steady through the
-clip), and make a square MARGIN times the face, clamped to the frame.
+Per clip, in a first pass over the clip at small size: detect on up to DETECT_FRAMES evenly spaced frames
+(grey, short side at most DETECT_SHORT_SIDE), keep the largest face of each frame, take the median centre and size
+over those frames (steady through the clip), and make a square MARGIN times the face, clamped to the frame. The
+second pass crops that box out of the frames at source resolution before scaling, so no frame is ever held at
+source size.
 """
 from __future__ import annotations
 
@@ -31,27 +33,25 @@ def load_face_detector():
     return detector
 
 
-def find_face_box(frames: np.ndarray, detector) -> tuple[list[int] | None, int, int]:
-    """(box [x, y, w, h] in frame pixels or None, frames with a face, frames checked) for frames [T, H, W, 3]."""
-    import cv2
-
-    num_frames, height, width = frames.shape[:3]
-    checked = np.unique(np.linspace(0, num_frames - 1, min(num_frames, DETECT_FRAMES)).round().astype(int))
-    scale = min(1.0, DETECT_SHORT_SIDE / min(height, width))
+def largest_face(gray: np.ndarray, detector) -> tuple[float, float, float] | None:
+    """(centre x, centre y, size) of the largest face in a grey frame [H, W], in its pixels; None without one."""
     min_face = max(24, DETECT_SHORT_SIDE // 8)
-    faces = []  # (centre x, centre y, size) in frame pixels
-    for index in checked:
-        gray = cv2.cvtColor(frames[index], cv2.COLOR_RGB2GRAY)
-        if scale < 1.0:
-            gray = cv2.resize(gray, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-        found = detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
-        if len(found):
-            x, y, w, h = max(found, key=lambda box: box[2] * box[3])
-            faces.append(((x + w / 2) / scale, (y + h / 2) / scale, max(w, h) / scale))
-    if not faces:
-        return None, 0, len(checked)
-    centre_x, centre_y, size = np.median(np.array(faces), axis=0)
+    found = detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
+    if not len(found):
+        return None
+    x, y, w, h = max(found, key=lambda box: box[2] * box[3])
+    return x + w / 2, y + h / 2, max(w, h)
+
+
+def face_box(faces: list[tuple[float, float, float]], scale: tuple[float, float], width: int, height: int
+             ) -> list[int]:
+    """The square box [x, y, side, side] in a width x height frame around the median of `faces`, found in frames
+    that were `scale` (x, y) times smaller."""
+    faces_array = np.array(faces)
+    centre_x, centre_y = np.median(faces_array[:, 0]) * scale[0], np.median(faces_array[:, 1]) * scale[1]
+    size = np.median(faces_array[:, 2]) * max(scale)
     side = min(round(size * MARGIN), width, height)
+    side -= side % 2  # yuv420 frames are cropped on even sizes
     x = int(np.clip(round(centre_x - side / 2), 0, width - side))
     y = int(np.clip(round(centre_y - side / 2), 0, height - side))
-    return [x, y, side, side], len(faces), len(checked)
+    return [x, y, side, side]

@@ -4,14 +4,14 @@ The manifest that lists the shards is emi.manifest's.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import re
 import tarfile
 from pathlib import Path
 
-from emi.io import sha256_file, temporary_path
+from emi.io import temporary_path
 from emi.manifest import ShardEntry
 
 FAILURES = "failures.jsonl"
@@ -26,29 +26,69 @@ def shard_pattern(split: str) -> re.Pattern:
     return re.compile(re.escape(split) + r"-\d{6}\.tar")
 
 
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) tarfile writes for a regular file member (PAX format, fixed owner, mode and mtime)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, MEMBER_MTIME, 0o644
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def tar_padding(size: int) -> bytes:
+    """The zeros after a member's data up to the next tar block."""
+    return bytes(-size % tarfile.BLOCKSIZE)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    return tar_header(name, len(data)) + data + tar_padding(len(data))
+
+
 class ShardWriter:
-    """Writes one tar under its temporary name; `finish` renames it into place and returns its manifest entry."""
+    """Writes one tar under its temporary name; `finish` renames it into place and returns its manifest entry.
+
+    Members come as bytes (`add`) or as a part file of ready tar members that a worker wrote (`add_part`), which
+    is copied in blocks and deleted: nothing as large as a clip is held in memory. The sha256 is taken on the way.
+    `abort` removes the temporary file."""
+
+    COPY_BLOCK = 1 << 20
 
     def __init__(self, path: Path):
         self.path = path
         self.tmp = temporary_path(path)
-        self.tar = tarfile.open(self.tmp, "w")
+        self.file = open(self.tmp, "wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
         self.keys: list[str] = []
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.size += len(data)
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
+            self._write(tar_member(name, data))
+        self.keys.append(key)
+
+    def add_part(self, key: str, part: Path) -> None:
+        with open(part, "rb") as source:
+            while block := source.read(self.COPY_BLOCK):
+                self._write(block)
+        part.unlink()
         self.keys.append(key)
 
     def finish(self) -> ShardEntry:
-        self.tar.close()
-        with open(self.tmp, "rb+") as file:
-            os.fsync(file.fileno())
+        end = 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, then zeros up to a whole record, as tarfile does
+        self._write(bytes(end + -(self.size + end) % tarfile.RECORDSIZE))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
         os.replace(self.tmp, self.path)
-        return ShardEntry(name=self.path.name, num_samples=len(self.keys), bytes=self.path.stat().st_size,
-                          sha256=sha256_file(self.path), keys=list(self.keys))
+        return ShardEntry(name=self.path.name, num_samples=len(self.keys), bytes=self.size,
+                          sha256=self.digest.hexdigest(), keys=list(self.keys))
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def read_failures(folder: Path) -> list[dict]:

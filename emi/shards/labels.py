@@ -21,7 +21,7 @@ FILENAME_COLUMN = "Filename"
 @dataclass(frozen=True)
 class LabelRow:
     line: int  # line in the CSV where the row starts, for messages
-    filename: str
+    filename: str  # the Filename cell as written, spaces included
     values: dict[str, str]  # label column -> raw text
 
 
@@ -33,7 +33,9 @@ class LabelTable:
 
 
 def read_csv_rows(path: str | Path, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and (line, row) pairs of a CSV; UsageError when it is missing, unreadable or malformed."""
+    """Header and (line, row) pairs of a CSV; UsageError when it is missing, unreadable or malformed.
+
+    Cells are stripped of surrounding spaces, except the Filename cell: a file name may begin or end with one."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: CSV file not found")
@@ -48,7 +50,8 @@ def read_csv_rows(path: str | Path, required: tuple[str, ...]) -> tuple[list[str
                     if len(fields) != len(header):
                         raise UsageError(f"{path}: line {line} has {len(fields)} fields, the header has "
                                          f"{len(header)}")
-                    rows.append((line, dict(zip(header, (field.strip() for field in fields), strict=True))))
+                    rows.append((line, {name: field if name == FILENAME_COLUMN else field.strip()
+                                         for name, field in zip(header, fields, strict=True)}))
                 line = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UsageError(f"{path}: unreadable CSV ({err})") from None
@@ -62,7 +65,7 @@ def read_csv_rows(path: str | Path, required: tuple[str, ...]) -> tuple[list[str
         raise UsageError(f"{path}: no {' or '.join(repr(m) for m in missing)} column (columns: {', '.join(header)})")
     seen: dict[str, int] = {}
     for line, row in rows:
-        name = row[FILENAME_COLUMN]
+        name = row[FILENAME_COLUMN].strip()
         if name and name in seen:
             raise UsageError(f"{path}: duplicate {FILENAME_COLUMN} {name!r} on lines {seen[name]} and {line}")
         seen[name] = line

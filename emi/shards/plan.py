@@ -1,9 +1,10 @@
 """From the labels CSV and the videos folder to the sorted list of clips to build, and the rows that cannot be.
 
 A row's `Filename` is resolved inside the videos folder: the exact relative path first, else the one file in
-that folder whose stem equals the Filename's stem. Absolute paths, `..` and symlinks that lead outside the
-folder are refused. The clip id (WebDataset key) is the file's stem. Top-level files that no row names are
-reported too, since their labels are missing (hidden files and NOT_CLIPS aside).
+that folder whose stem equals the Filename's stem; a Filename with spaces around it is tried as written first,
+then stripped, and the sample's json says which matched (`filename_note`). Absolute paths, `..` and symlinks that
+lead outside the folder are refused. The clip id (WebDataset key) is the file's stem. Top-level files that no row
+names are reported too, since their labels are missing (hidden files and NOT_CLIPS aside).
 """
 from __future__ import annotations
 
@@ -19,12 +20,24 @@ NOT_CLIPS = {".csv", ".json", ".jsonl", ".md", ".txt"}
 
 
 @dataclass(frozen=True)
+class SampleOptions:
+    split: str
+    fps: float
+    sample_rate: int
+    frame_size: int
+    asr_model: str | None  # Whisper name or path, None: no recognition
+    face_crop: bool
+    decoder_threads: int = 0  # per clip; 0: FFmpeg's choice
+
+
+@dataclass(frozen=True)
 class ClipJob:
     key: str  # clip id: the file's stem
     path: str  # absolute path of the clip
     source: str  # path relative to the videos folder, as stored in the sample's json
     labels: dict[str, float | str]
     transcript: str | None  # imported from --transcripts; None: recognise it (or leave it empty)
+    filename_note: str | None = None  # how a Filename with spaces around it was matched
 
 
 @dataclass(frozen=True)
@@ -66,8 +79,19 @@ class ClipFinder:
             self._stems[folder] = index
         return self._stems[folder]
 
-    def find(self, filename: str) -> Path:
-        """The clip a Filename names, as a path under the videos folder; ValueError with the reason if none."""
+    def find(self, filename: str) -> tuple[Path, str | None]:
+        """The clip a Filename names, as a path under the videos folder, and a note when the Filename has spaces
+        around it (matched as written, or only stripped); ValueError with the reason if none."""
+        stripped = filename.strip()
+        if stripped == filename:
+            return self._find(filename), None
+        try:
+            return self._find(filename), f"Filename {filename!r} matched as written, spaces included"
+        except ValueError:
+            pass
+        return self._find(stripped), f"Filename {filename!r} matched {stripped!r}, without its surrounding spaces"
+
+    def _find(self, filename: str) -> Path:
         if not filename:
             raise ValueError("empty Filename")
         if os.path.isabs(filename):
@@ -101,7 +125,7 @@ def plan_clips(videos: Path, table: LabelTable, transcripts: dict[str, str]) -> 
     failures = []
     for row in table.rows:
         try:
-            clip = finder.find(row.filename)
+            clip, note = finder.find(row.filename)
         except ValueError as err:
             failures.append(Failure(path=row.filename, reason=str(err), line=row.line))
             continue
@@ -121,7 +145,7 @@ def plan_clips(videos: Path, table: LabelTable, transcripts: dict[str, str]) -> 
             failures.append(Failure(path=source, reason=str(err), line=row.line))
             continue
         jobs[key] = ClipJob(key=key, path=str(clip.resolve()), source=source, labels=labels,
-                            transcript=transcripts.get(key))
+                            transcript=transcripts.get(key), filename_note=note)
     for entry in sorted(finder.videos.iterdir()):
         if (entry.name.startswith(".") or entry.suffix.lower() in NOT_CLIPS or entry in finder.named
                 or not entry.is_file()):
