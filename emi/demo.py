@@ -38,6 +38,9 @@ class Pipeline:
     corrupt_frac: float = 0.0
     verbose: bool = True
 
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)  # every step runs in it
+
     def run(self, title: str, command: list[str]) -> None:
         if self.verbose:
             print(f"\n== {title}\n$ {' '.join(command)}", flush=True)
