@@ -73,6 +73,7 @@ class TrainSection:
     keep_last: int = 3  # resumable checkpoints kept
     eval_every: int = 1  # epochs between evaluations
     resume: str = "none"  # none | latest (if any) | path to a checkpoint folder
+    trust_checkpoint: bool = False  # load a checkpoint another run wrote (resuming unpickles: trust it like code)
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights for evaluation and export
 
 

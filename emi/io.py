@@ -50,3 +50,43 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def folder_files(folder: Path) -> list[str]:
+    """The regular files under `folder`, as sorted relative POSIX paths."""
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+def file_record(path: Path) -> dict[str, int | str]:
+    """What `file_problem` later checks a file against: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def file_problem(folder: Path, name: str, record: dict[str, int | str]) -> str | None:
+    """Why file `name` of `folder` is no longer the one `record` (a file_record) describes; None when it is."""
+    path = folder / name
+    if not path.is_file():
+        return f"{name}: missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{name}: {size} bytes, {record['bytes']} when written"
+    if sha256_file(path) != record["sha256"]:
+        return f"{name}: its sha256 differs from when it was written"
+    return None
+
+
+def records_digest(records: dict[str, dict[str, int | str]]) -> str:
+    """One sha256 for a set of file records (relative path -> file_record): equal digests, equal contents."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
+def link_or_copy_folder(source: Path, target: Path) -> None:
+    """Put every file of `source` under `target`: a hard link where the file system allows one (no space
+    used, and emi never rewrites a file in place: exports are swapped in as new files), a copy otherwise."""
+    for name in folder_files(source):
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source / name, destination)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(source / name, destination)

@@ -1,9 +1,11 @@
-"""The engine's small parts on their own: the SGDR schedule, EMA, optimizer groups, checkpoint pruning and folder
-swaps, the run command line, the evaluation collector, and what a failed Slurm requeue does."""
+"""The engine's small parts on their own: the SGDR schedule, EMA, optimizer groups, checkpoint pruning, verification
+and fallback, folder swaps, the run command line, the evaluation collector, and what a failed Slurm requeue does."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -15,14 +17,17 @@ import pytest
 import torch
 
 from emi.config import OptimSection
-from emi.engine.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
+from emi.engine.checkpoint import (CHECKSUM_FILE, STATE_FILE, TrainerState, checkpoints, load_checkpoint,
+                                   prune_checkpoints, resolve_resume, save_checkpoint)
+from emi.engine.distributed import build_accelerator
 from emi.engine.ema import EMA
 from emi.engine.evaluation import collect, evaluation_batches
-from emi.engine.loop import FitResult, TrainerState
+from emi.engine.loop import FitResult
 from emi.engine.main import exit_code, parse_run_args
 from emi.engine.optim import build_optimizer, sgdr_lr
 from emi.engine.signals import RequeueError, requeue_slurm_job
-from emi.errors import EXIT_NOT_FINISHED
+from emi.config import TrainSection
+from emi.errors import EXIT_NOT_FINISHED, UsageError
 from emi.io import replace_folder
 from helpers import REPO, cpu_env
 
@@ -83,15 +88,97 @@ def test_optimizer_groups_exempt_vectors_and_logit_scales_from_weight_decay():
     assert no_decay["params"][-1] is model.logit_scale
 
 
-def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
+def test_pruning_keeps_the_newest_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (5, 10, 15, 20):
         (root / f"step-{step:08d}").mkdir(parents=True)
-        (root / f"step-{step:08d}" / STATE_FILE).write_text("{}")
-    (root / "step-00000025").mkdir()  # no state file: not a complete checkpoint, never counted or pruned here
+    (root / ".tmp-step-00000025").mkdir()  # a save in progress: remove_stale_temporaries' business, not pruning's
+    (root / "damaged-step-00000030").mkdir()  # moved aside by a resume: kept for inspection
     prune_checkpoints(root, keep_last=2)
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000015", "step-00000020", "step-00000025"]
-    assert latest_checkpoint(tmp_path) == root / "step-00000020"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step-00000025", "damaged-step-00000030",
+                                                     "step-00000015", "step-00000020"]
+    assert checkpoints(tmp_path) == [root / "step-00000015", root / "step-00000020"]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """One process's accelerator, a small model and its optimizer, prepared as the loop prepares them."""
+    accelerator = build_accelerator(TrainSection(), micro_batch_size=1)
+    model = torch.nn.Linear(4, 3)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, OptimSection()))
+    return accelerator, model
+
+
+def saved_run(tmp_path, accelerator, steps, run_id="run-a"):
+    run_dir = tmp_path / "run"
+    for step in steps:
+        save_checkpoint(accelerator, run_dir, TrainerState(step=step, epoch=step // 2), keep_last=10, run_id=run_id)
+    return run_dir
+
+
+def test_checkpoints_record_and_verify_every_file(trainer, tmp_path):
+    accelerator, model = trainer
+    run_dir = saved_run(tmp_path, accelerator, [4])
+    folder = run_dir / "checkpoints" / "step-00000004"
+    recorded = json.loads((folder / CHECKSUM_FILE).read_text())
+    assert recorded["run_id"] == "run-a"
+    assert sorted(recorded["files"]) == sorted(p.name for p in folder.iterdir() if p.name != CHECKSUM_FILE)
+    assert recorded["files"][STATE_FILE]["bytes"] == (folder / STATE_FILE).stat().st_size
+    assert resolve_resume(accelerator, run_dir, "latest", "run-a", trust=False) == (folder, [])
+    state, _ = load_checkpoint(accelerator, folder)
+    assert (state.step, state.epoch) == (4, 2)
+
+
+def test_resume_latest_skips_damaged_checkpoints_loudly(trainer, tmp_path):
+    accelerator, _ = trainer
+    run_dir = saved_run(tmp_path, accelerator, [2, 4, 6])
+    root = run_dir / "checkpoints"
+    weights, state = root / "step-00000006" / "model.safetensors", root / "step-00000004" / STATE_FILE
+    sizes = weights.stat().st_size, state.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    state.write_text(state.read_text()[:10])  # half-written
+    found, warnings = resolve_resume(accelerator, run_dir, "latest", "run-a", trust=False)
+    assert found == root / "step-00000002"
+    assert warnings == [
+        f"checkpoint {root / 'step-00000006'} is damaged (model.safetensors: 100 bytes, {sizes[0]} when written); "
+        "moved aside to damaged-step-00000006",
+        f"checkpoint {root / 'step-00000004'} is damaged ({STATE_FILE}: 10 bytes, {sizes[1]} when written); "
+        "moved aside to damaged-step-00000004"]
+    assert checkpoints(run_dir) == [root / "step-00000002"]  # pruning can no longer prefer the damaged ones
+    assert (root / "damaged-step-00000006" / "model.safetensors").stat().st_size == 100  # kept for inspection
+
+
+def test_same_size_damage_and_a_lost_checksum_record_are_caught(trainer, tmp_path):
+    accelerator, _ = trainer
+    run_dir = saved_run(tmp_path, accelerator, [2, 4])
+    root = run_dir / "checkpoints"
+    weights = root / "step-00000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit: same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=re.escape(
+            f"--resume {root / 'step-00000004'}: damaged checkpoint (model.safetensors: its sha256 differs")):
+        resolve_resume(accelerator, run_dir, str(root / "step-00000004"), "run-a", trust=False)
+    (root / "step-00000002" / CHECKSUM_FILE).unlink()
+    with pytest.raises(UsageError) as error:
+        resolve_resume(accelerator, run_dir, "latest", "run-a", trust=False)
+    assert str(error.value) == (
+        f"no intact checkpoint to resume from in {root}: step-00000004 is damaged (model.safetensors: its sha256 "
+        f"differs from when it was written); step-00000002 is damaged (no {CHECKSUM_FILE}: written by an older emi "
+        "or another program)")
+    assert checkpoints(run_dir) == [root / "step-00000002", root / "step-00000004"]  # nothing moved: nothing to use
+
+
+def test_a_checkpoint_another_run_wrote_loads_only_when_trusted(trainer, tmp_path):
+    accelerator, _ = trainer
+    run_dir = saved_run(tmp_path, accelerator, [3], run_id="someone-else")
+    folder = run_dir / "checkpoints" / "step-00000003"
+    for resume in ("latest", str(folder)):
+        with pytest.raises(UsageError, match=re.escape(
+                f"{folder} was written by run someone-else, not by this run (run-a, in its run.json). Resuming runs "
+                "DeepSpeed's checkpoint loader, which unpickles") + ".*--trust-checkpoint"):
+            resolve_resume(accelerator, run_dir, resume, "run-a", trust=False)
+        assert resolve_resume(accelerator, run_dir, resume, "run-a", trust=True) == (folder, [])
 
 
 def test_replace_folder_swaps_in_a_complete_folder(tmp_path):
@@ -108,6 +195,8 @@ def test_replace_folder_swaps_in_a_complete_folder(tmp_path):
 def test_run_options_may_stand_anywhere_among_the_overrides():
     args = parse_run_args(["train.epochs=2", "--resume", "latest", "data.batch_size=4", "--config", "c.yaml"], "x")
     assert (args.config, args.resume, args.overrides) == ("c.yaml", "latest", ["train.epochs=2", "data.batch_size=4"])
+    assert not args.trust_checkpoint
+    assert parse_run_args(["--config", "c.yaml", "a=1", "--trust-checkpoint", "b=2"], "x").trust_checkpoint
 
 
 class FakeData:
@@ -175,4 +264,4 @@ def test_a_trainer_whose_requeue_fails_exits_with_not_finished(failing_scontrol,
     assert job.returncode == EXIT_NOT_FINISHED, stderr[-3000:]
     assert "scontrol requeue 4242 failed: scontrol: error: Invalid job id specified" in text
     assert "will not restart by itself" in text
-    assert latest_checkpoint(tmp_path / "requeue") is not None
+    assert checkpoints(tmp_path / "requeue")

@@ -104,6 +104,49 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(strat
     assert steps == list(range(1, 19))  # continuous: the resumed run logs where the killed one stopped
 
 
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one_with_the_uninterrupted_weights(
+        strategy_runs, synthetic_shards):
+    """Cut a ZeRO partition of the newest checkpoint in half and half-write the trainer state of the one before:
+    --resume latest names both, moves them aside, resumes from the newest intact one and ends bit-identical to the
+    uninterrupted ZeRO-2 run."""
+    args = stage1_args(synthetic_shards, strategy_runs, "run.name=damaged", "train.strategy=zero2", "train.epochs=6",
+                       "train.checkpoint_every=2", "train.keep_last=20")
+    run_dir, root = strategy_runs / "damaged", strategy_runs / "damaged" / "checkpoints"
+    launch("train/stage1.py", [*args, "train.max_steps=8"])  # checkpoints at steps 2, 3, 4, 6 and 8
+    partition = sorted((root / "step-00000008").rglob("*optim_states.pt"))[0]
+    state = root / "step-00000006" / "trainer_state.json"
+    sizes = partition.stat().st_size, state.stat().st_size
+    partition.write_bytes(partition.read_bytes()[:sizes[0] // 2])
+    state.write_text(state.read_text()[:sizes[1] // 2])
+
+    launch("train/stage1.py", [*args, "--resume", "latest"])
+    log = (run_dir / "log.txt").read_text()
+    name = partition.relative_to(root / "step-00000008").as_posix()
+    assert (f"warning: checkpoint {root / 'step-00000008'} is damaged ({name}: {sizes[0] // 2} bytes, {sizes[0]} "
+            "when written); moved aside to damaged-step-00000008") in log
+    assert (f"warning: checkpoint {root / 'step-00000006'} is damaged (trainer_state.json: {sizes[1] // 2} bytes, "
+            f"{sizes[1]} when written); moved aside to damaged-step-00000006") in log
+    assert f"resumed from {root / 'step-00000004'}: epoch 1 step 4 (batch 1 of the epoch)" in log
+    reference, resumed = exported(strategy_runs / "zero2"), exported(run_dir)
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[name], resumed[name]) for name in reference)
+
+
+def test_a_checkpoint_of_another_run_is_refused_unless_trusted(strategy_runs, synthetic_shards):
+    """Resuming unpickles DeepSpeed's states: another run's checkpoint needs --trust-checkpoint (exit 2 without)."""
+    foreign = sorted((strategy_runs / "zero2" / "checkpoints").glob("step-*"))[-1]
+    args = stage1_args(synthetic_shards, strategy_runs, "run.name=adopter", "train.strategy=zero2", "train.epochs=7",
+                       "--resume", str(foreign))
+    refused = subprocess.run([sys.executable, str(REPO / "train/stage1.py"), *args], cwd=REPO, env=cpu_env(),
+                             capture_output=True, text=True, timeout=600)  # one process: its own exit code
+    assert refused.returncode == 2, refused.stderr[-4000:]
+    assert f"error: {foreign} was written by run " in refused.stderr and "--trust-checkpoint" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    launch("train/stage1.py", [*args, "--trust-checkpoint"])
+    log = (strategy_runs / "adopter" / "log.txt").read_text()
+    assert f"resumed from {foreign}: epoch 6 step 18" in log and "done: 21 steps" in log
+
+
 def test_exported_encoders_reload_and_give_the_trained_models_outputs(strategy_runs, synthetic_shards):
     """The export (from_pretrained folders) against the model in the run's last resumable checkpoint."""
     run_dir = strategy_runs / "ddp"

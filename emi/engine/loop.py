@@ -26,7 +26,8 @@ from accelerate.utils import DistributedType
 
 from emi.config import TrainSection, save_config
 from emi.engine.checkpoint import (
-    TrainerState, load_checkpoint, remove_stale_temporaries, resolve_resume, save_checkpoint)
+    TrainerState, create_run_id, load_checkpoint, read_run_id, remove_stale_temporaries, resolve_resume,
+    save_checkpoint)
 from emi.engine.distributed import describe, input_dtype, move_to_device
 from emi.engine.ema import EMA
 from emi.engine.logging import RunLogger, format_scalars
@@ -92,9 +93,11 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         remove_stale_temporaries(run_dir)
+        create_run_id(run_dir)
         logger = RunLogger(run_dir)
         logger.line(f"run {run_dir}: {describe(accelerator)} strategy={train.strategy}")
     accelerator.wait_for_everyone()
+    run_id = read_run_id(run_dir)
 
     steps_per_epoch = task.train_data.num_batches // train.grad_accum
     if steps_per_epoch < 1:
@@ -114,7 +117,10 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         ema = EMA(unwrapped, train.ema_decay)
 
     state = TrainerState()
-    resume_from = resolve_resume(run_dir, train.resume)
+    resume_from, warnings = resolve_resume(accelerator, run_dir, train.resume, run_id, train.trust_checkpoint)
+    if is_main:
+        for warning in warnings:
+            logger.line(f"warning: {warning}")
     if resume_from is not None:
         state, ema_state = load_checkpoint(accelerator, resume_from)
         if ema is not None and ema_state is not None:
@@ -136,7 +142,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     batch_size = config.data.batch_size
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, run_dir, state, train.keep_last, ema.state_dict() if ema else None)
+        save_checkpoint(accelerator, run_dir, state, train.keep_last, run_id, ema.state_dict() if ema else None)
 
     def evaluate_and_export_best() -> None:
         nonlocal last_metrics

@@ -1,4 +1,5 @@
-"""The command line every training entry point shares: `--config FILE [--resume latest|PATH] [key=value ...]`.
+"""The command line every training entry point shares:
+`--config FILE [--resume latest|PATH] [--trust-checkpoint] [key=value ...]`.
 
 Usage errors (bad config, missing shards) exit with code 2 and one clear line; a run stopped by SIGUSR1/SIGTERM
 exits 0 after its checkpoint, ready for `--resume latest`.
@@ -28,6 +29,9 @@ def parse_run_args(argv: list[str] | None, description: str) -> argparse.Namespa
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("--resume", default=None, help="none | latest (newest checkpoint, if any) | a checkpoint")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="resume from a checkpoint another run wrote (train.trust_checkpoint=true); loading "
+                        "unpickles DeepSpeed's optimizer states, so only for checkpoints you trust like code")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.batch_size=8")
     # intermixed: options may stand anywhere among the overrides (`a=1 --resume latest b=2`), as batch scripts
     # append `--resume latest` after whatever overrides the user gave
@@ -39,7 +43,8 @@ def run_stage(schema: type[C], build_task: Callable[[C, Accelerator], Task], arg
     """Load the config, set up the processes, build the stage's task and hand it to the shared loop."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_run_args(argv, description)
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else []) + (
+        ["train.trust_checkpoint=true"] if args.trust_checkpoint else [])
     try:
         config: Any = load_config(schema, args.config, overrides)
         accelerator = build_accelerator(config.train, config.data.batch_size)
