@@ -126,17 +126,16 @@ def corrupt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 def expected_stream(keys: list[str], begin: int, per_consumer: int) -> tuple[list[str], int]:
     """The spec'd behaviour for an unshuffled consumer: its slice minus bad samples, filled up from its
-    slice start onwards through the whole (cyclic) sequence; and the number of bad samples met."""
+    slice start onwards through the whole (cyclic) sequence; and the number of bad samples it counts: those of
+    its slice, each once, where the epoch first plans them (not the wrap-around repeats, not the fill-up)."""
     cycle = itertools.cycle(keys[begin % len(keys):] + keys[:begin % len(keys)])
     planned = [next(cycle) for _ in range(per_consumer)]
     stream = [k for k in planned if k not in BAD_KEYS]
-    skipped = len(planned) - len(stream)
+    skipped = sum(key in BAD_KEYS for key in planned[:len(keys) - begin])
     cycle = itertools.cycle(keys[begin % len(keys):] + keys[:begin % len(keys)])
     while len(stream) < per_consumer:
         key = next(cycle)
-        if key in BAD_KEYS:
-            skipped += 1
-        else:
+        if key not in BAD_KEYS:
             stream.append(key)
     return stream, skipped
 
@@ -148,14 +147,20 @@ def test_corrupt_samples_are_skipped_named_counted_and_filled_up(corrupt, caplog
     want, skipped = expected_stream(keys, 0, 20)  # P = 18 rounded up to 20
     assert len(batches) == data.num_batches == 5
     assert list(itertools.chain(*(b["key"] for b in batches))) == want
+    # Met 15 times: the wrap-around (s0-001) and the fill-up, which cycles through all 18 again, repeat them.
+    assert skipped == len(BAD_KEYS) == 7
     assert data.skipped() == skipped and batches[-1]["num_skipped"] == skipped
     assert not (folder / "unpickled").exists()
     shard0, shard1 = folder / "train-000000.tar", folder / "train-000001.tar"
     for key, reason in [("s0-001", "0000.jpg: corrupt JPEG"), ("s0-002", "0001.jpg: not an image"),
                         ("s0-004", "no .wav entry")]:
-        assert f"shard {shard0}: skipping sample '{key}': {reason}" in caplog.text
-    assert f"shard {shard1}: unreadable in sample 's1-004'" in caplog.text
+        assert caplog.text.count(f"shard {shard0}: skipping sample '{key}': {reason}") == 1, key
+    assert caplog.text.count(f"shard {shard1}: unreadable in sample 's1-004'") == 1
     assert f"skipped {skipped} corrupt samples this epoch (see warnings above)" in caplog.text
+
+    caplog.clear()  # every epoch names and counts them again, once
+    run_epoch(data, 1)
+    assert data.skipped() == 7 and caplog.text.count("skipping sample 's0-001'") == 1
 
 
 def test_corrupt_data_with_workers_keeps_the_batch_count_exact(corrupt):
@@ -168,7 +173,8 @@ def test_corrupt_data_with_workers_keeps_the_batch_count_exact(corrupt):
     for worker, (want, skipped) in enumerate(streams):
         assert list(itertools.chain(*(b["key"] for b in batches[worker::2]))) == want
         assert batches[-2 + worker]["num_skipped"] == skipped
-    assert data.skipped() == sum(skipped for _, skipped in streams)
+    assert [skipped for _, skipped in streams] == [3, 4]  # worker 1's wrap-around s0-001 is worker 0's
+    assert data.skipped() == len(BAD_KEYS)
     # Batches built in shared memory by the workers are zero past the mask.
     assert any(not b["frame_mask"].all() for b in batches)
     assert all((b["frames"][~b["frame_mask"]] == 0).all() for b in batches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -81,47 +82,54 @@ class ShardDataset(IterableDataset):
         finally:
             samples.close()
 
-    def _raw_samples(self, consumer: int, epoch: int, skip: int) -> Iterator[RawSample | None]:
+    def _raw_samples(self, consumer: int, epoch: int, skip: int) -> Iterator[tuple[bool, RawSample | None]]:
         """This consumer's samples in emission order after the first `skip`, then, to make up for
-        corrupt ones, its slice again and the rest of the data set (None: a sample that could not be read)."""
+        corrupt ones, its slice again and the rest of the data set (None: a sample that could not be read).
+
+        Each comes with whether it is its sample's first place in the epoch: the plan wraps around to the start
+        to fill the last slices, and the make-up reads come round to samples met before. Only first places count
+        (and name) an unusable sample, so each is reported once per epoch, by the consumer whose slice holds it."""
         wanted = WANTED[self.spec.mode]
-        if self.resampled:
+        if self.resampled:  # every draw is a sample of its own
             segments = resampled_segments(self.sizes, self.seed, epoch, consumer)
             positions: Iterator[int] = itertools.count()
+            repeats_from = math.inf
         else:
             order = shard_order(len(self.sizes), self.seed, epoch, self.shuffle)
             segments = consumer_segments(self.sizes, order, consumer, self.per_consumer)
             positions = iter(range(self.per_consumer))
+            repeats_from = sum(self.sizes) - consumer * self.per_consumer  # the wrap-around part of the slice
         emission = shuffle_buffer_order(positions, self.shuffle_buffer, self.seed, epoch, consumer)
         skipped = set(itertools.islice(emission, skip))
-        reader = read_segments(self.urls, segments, skipped, wanted)
+        reader = read_segments(self.urls, segments, skipped, wanted, repeats_from=repeats_from)
         pending: dict[int, RawSample | None] = {}  # read but not yet emitted: at most shuffle_buffer
         try:
             for position in emission:
                 while position not in pending:
                     read_position, raw = next(reader)
                     pending[read_position] = raw
-                yield pending.pop(position)
+                yield position < repeats_from, pending.pop(position)
         finally:
             reader.close()
         if not self.resampled:
             begin = consumer * self.per_consumer
-            yield from (raw for _, raw in read_segments(self.urls, cycle_segments(self.sizes, order, begin),
-                                                        (), wanted))
+            yield from ((False, raw) for _, raw in read_segments(
+                self.urls, cycle_segments(self.sizes, order, begin), (), wanted, repeats_from=0))
 
-    def _batches(self, samples: Iterator[RawSample | None], epoch: int, quota: int,
+    def _batches(self, samples: Iterator[tuple[bool, RawSample | None]], epoch: int, quota: int,
                  who: str) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
         emitted = skipped = failures_in_a_row = 0
         total = sum(self.sizes)
         while emitted < quota:
-            raw = next(samples)
-            sample = self._decode(raw, epoch)
+            first_place, raw = next(samples)
+            sample = self._decode(raw, epoch, warn=first_place)
             if sample is None:
-                skipped += 1
                 failures_in_a_row += 1
-                with self.shared.skipped.get_lock():
-                    self.shared.skipped.value += 1
+                if first_place:
+                    skipped += 1
+                    with self.shared.skipped.get_lock():
+                        self.shared.skipped.value += 1
                 if failures_in_a_row >= total:
                     raise UsageError(f"{who}: {total} samples in a row were unusable, as many as the "
                                      f"data set holds ({len(self.urls)} shards from {self.urls[0]}): "
@@ -138,13 +146,13 @@ class ShardDataset(IterableDataset):
         if skipped:
             log.warning("%s: skipped %d corrupt samples this epoch (see warnings above)", who, skipped)
 
-    def _decode(self, raw: RawSample | None, epoch: int) -> dict[str, Any] | None:
+    def _decode(self, raw: RawSample | None, epoch: int, warn: bool) -> dict[str, Any] | None:
         if raw is None:  # unreadable; the reader has said why
             return None
         try:
             return decode_sample(raw, self.spec, sample_rng(self.seed, epoch, raw.key))
         except SampleError as err:
-            log.warning("shard %s: skipping sample %r: %s", raw.url, raw.key, err)
+            (log.warning if warn else log.debug)("shard %s: skipping sample %r: %s", raw.url, raw.key, err)
             return None
 
 

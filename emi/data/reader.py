@@ -8,6 +8,7 @@ over without reading its bytes, and nothing is ever unpickled: decoding happens 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tarfile
 from collections.abc import Container, Iterable, Iterator, Sequence
@@ -67,23 +68,26 @@ def count_samples(url: str) -> int:
 
 
 def read_segments(urls: Sequence[str], segments: Iterable[Segment], skip: Container[int],
-                  wanted: re.Pattern[str]) -> Iterator[tuple[int, RawSample | None]]:
+                  wanted: re.Pattern[str], repeats_from: float = math.inf
+                  ) -> Iterator[tuple[int, RawSample | None]]:
     """(position, sample) for every planned position not in `skip`, in plan order.
 
     Positions number the samples of `segments` consecutively from 0. A position whose sample cannot be
     read (a truncated tar, a failing pipe, a shard shorter than its manifest says) comes as None, after a
-    warning naming the shard. Shards whose planned samples are all skipped are not opened.
+    warning naming the shard; positions from `repeats_from` on read samples again that were reported where
+    they came first, so for them the message is a debug one. Shards whose planned samples are all skipped are
+    not opened.
     """
     position = 0
     for segment in segments:
         length = segment.stop - segment.start
         if any(p not in skip for p in range(position, position + length)):
-            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted)
+            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted, repeats_from)
         position += length
 
 
-def _read_segment(url: str, segment: Segment, first: int, skip: Container[int],
-                  wanted: re.Pattern[str]) -> Iterator[tuple[int, RawSample | None]]:
+def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], wanted: re.Pattern[str],
+                  repeats_from: float) -> Iterator[tuple[int, RawSample | None]]:
     index, sample, previous = -1, None, None  # index: of the current sample within the shard
     problem = None
     try:
@@ -117,7 +121,9 @@ def _read_segment(url: str, segment: Segment, first: int, skip: Container[int],
     if problem is None:
         return
     missing = range(max(index, segment.start), segment.stop)
-    log.warning("shard %s: %s; skipping its samples %d..%d", url, problem, missing.start, missing.stop - 1)
+    repeat = first + missing.start - segment.start >= repeats_from
+    (log.debug if repeat else log.warning)("shard %s: %s; skipping its samples %d..%d", url, problem,
+                                           missing.start, missing.stop - 1)
     for shard_index in missing:
         if first + shard_index - segment.start not in skip:
             yield first + shard_index - segment.start, None
