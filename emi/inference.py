@@ -84,8 +84,9 @@ def check_shards(shards: str, manifest: Manifest, config: dict, model: FusionMod
 
 def shard_predictions(model: FusionModel, config: dict, shards: str, batch_size: int = 8, workers: int = 1,
                       device: torch.device | None = None, manifest: str | Path | None = None
-                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, predictions [N, K], targets [N, K]) of every clip of feature or clip shards, each clip once."""
+                      ) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
+    """(keys, predictions [N, K], targets [N, K], clips skipped) of every readable clip of feature or clip
+    shards, each clip once; the skipped ones are those the manifest lists that could not be read or decoded."""
     device = device or default_device()
     shard_set = resolve_shards(shards, manifest)
     manifest = shard_set.manifest("emi evaluate")
@@ -114,10 +115,11 @@ def shard_predictions(model: FusionModel, config: dict, shards: str, batch_size:
         if not row.all():
             absent = [name for name, ok in zip(labels, row.tolist()) if not ok]
             raise UsageError(f"{shards}: clip {key!r} has no label {absent}")
-    if len(keys) < shard_set.num_samples:
+    skipped = shard_set.num_samples - len(keys)
+    if skipped:
         log.warning("%s: evaluated %d clips of %d (unreadable samples were skipped; see warnings above)",
                     shards, len(keys), shard_set.num_samples)
-    return keys, out["pred"], out["labels"]
+    return keys, out["pred"], out["labels"], skipped
 
 
 def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -> dict[str, list[float]]:
@@ -172,16 +174,17 @@ def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report
 def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None, batch_size: int = 8,
              tb: str | Path | None = None, workers: int = 1, manifest: str | Path | None = None) -> dict[str, Any]:
     """Score a checkpoint on labelled shards: the report (also written as JSON, a PNG beside it and TensorBoard
-    scalars `eval/<name>/...`, where name is the shard folder's) with the checkpoint and shards it came from."""
+    scalars `eval/<name>/...`, where name is the shard folder's) with the checkpoint and shards it came from.
+    `num_skipped` counts the clips that could not be read (the command line then exits EXIT_PARTIAL)."""
     from torch.utils.tensorboard import SummaryWriter
 
     check_batching(batch_size, workers)
     device = default_device()
     model, config = load_fusion(checkpoint, device)
-    keys, pred, target = shard_predictions(model, config, shards, batch_size, workers, device, manifest)
+    keys, pred, target, skipped = shard_predictions(model, config, shards, batch_size, workers, device, manifest)
     if len(keys) < 2:
         raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
-    report = emi_report(pred, target, config["labels"])
+    report = {**emi_report(pred, target, config["labels"]), "num_skipped": skipped}
     name = shards_name(shards)
     out = Path(out) if out is not None else Path(checkpoint) / "eval" / f"{name}.json"
     result = {**report, "checkpoint": str(Path(checkpoint).resolve()), "shards": shards}

@@ -188,7 +188,8 @@ def test_predict_matches_evaluate_on_the_same_clips(checkpoint, clip_shards, pre
                       "playlist.mp4": "refused: an HLS playlist, which refers to other files or URLs (only "
                                       "self-contained media is read)"}
     model, config = load_fusion(checkpoint)
-    keys, preds, _ = shard_predictions(model, config, str(clip_shards), batch_size=3, workers=0)
+    keys, preds, _, skipped = shard_predictions(model, config, str(clip_shards), batch_size=3, workers=0)
+    assert skipped == 0
     from_shards = dict(zip(keys, preds.tolist()))
     predicted = [result for result in results if "error" not in result]
     assert [Path(result["file"]).stem for result in predicted] == [CLIPS[i].stem for i in (0, 3, 5)]
@@ -206,7 +207,7 @@ def test_cli_evaluate_defaults_and_exit_codes(checkpoint, feature_shards, encode
     assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--workers", "0"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((folder / "eval" / "test.json").read_text())
-    assert printed["num_samples"] == len(CLIPS)
+    assert printed["num_samples"] == len(CLIPS) and printed["num_skipped"] == 0
     assert (folder / "eval" / "test.png").is_file() and list((folder / "eval" / "tb").glob("events.out.tfevents.*"))
 
     other_labels = save_checkpoint(tmp_path / "valence", encoders, ["Valence", "Joy"])
@@ -221,6 +222,23 @@ def test_cli_evaluate_defaults_and_exit_codes(checkpoint, feature_shards, encode
     (folder / "model.safetensors").write_bytes(b"damaged")
     assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards)]) == 2
     assert f"{folder}: not a usable fusion checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_exits_partial_and_counts_the_clips_it_could_not_read(checkpoint, feature_shards, tmp_path,
+                                                                        capsys):
+    """A shard cut inside its second clip: its last two clips are lost, the other six scored; exit code 3."""
+    shards = tmp_path / "test"
+    shutil.copytree(feature_shards, shards)
+    shard = shards / json.loads((feature_shards / "manifest.json").read_text())["shards"][1]["name"]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    second = next(m for m in members if m.name.split(".")[0] != members[0].name.split(".")[0])
+    shard.write_bytes(shard.read_bytes()[:second.offset_data + second.size // 2])
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards), "--workers", "0",
+                 "--out", str(tmp_path / "report.json")]) == 3
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["num_samples"], printed["num_skipped"]) == (len(CLIPS) - 2, 2)
+    assert json.loads((tmp_path / "report.json").read_text()) == printed
 
 
 def test_cli_predict_exit_codes(checkpoint, predict_inputs, tmp_path, capsys):
