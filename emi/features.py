@@ -34,7 +34,7 @@ from emi.data.modes import pad_stack
 from emi.data.urls import shard_name
 from emi.engine.evaluation import evaluation_batches
 from emi.errors import UsageError
-from emi.io import sha256_file, write_json_atomic
+from emi.io import folder_records, records_digest, sha256_file, write_json_atomic
 from emi.manifest import FEATURE_SHARDS, Manifest, ShardEntry, write_manifest
 from emi.models.encoders import (
     audio_frame_features, load_encoders, pool_audio_to_frames, text_features, vision_features)
@@ -182,6 +182,8 @@ def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_s
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     frozen = load_frozen_encoders(encoders, state.device)
+    # what Stage II checks before it copies these encoders into its checkpoints
+    encoders_sha256 = records_digest(folder_records(frozen.path)) if state.is_main_process else None
     fps, label_names = source.preprocessing.fps, source.float_labels
 
     extracted = 0
@@ -215,7 +217,8 @@ def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_s
             entries.append(entry)
         written = Manifest(format=FEATURE_SHARDS, split=source.split, shards=entries,
                            labels={name: "float" for name in label_names}, preprocessing=source.preprocessing,
-                           dims=frozen.dims, encoders=str(frozen.path), source=shards)
+                           dims=frozen.dims, encoders=str(frozen.path), encoders_sha256=encoders_sha256,
+                           source=shards)
         write_manifest(out, written)
     state.wait_for_everyone()
     return {"out": str(out), "shards": len(shard_set.shards), "extracted_here": extracted,

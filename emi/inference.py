@@ -34,7 +34,7 @@ from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loa
 from emi.io import temporary_path, write_json_atomic
 from emi.manifest import Manifest
 from emi.metrics import emi_report
-from emi.models.fusion import FusionModel, fusion_inputs, load_fusion
+from emi.models.fusion import FusionModel, fusion_encoders, fusion_inputs, load_fusion
 from emi.shards.asr import check_whisper, parse_asr
 from emi.shards.plan import ClipJob, Failure, SampleOptions
 from emi.shards.sample import Sample, SampleBuilder
@@ -71,9 +71,9 @@ def check_shards(shards: str, manifest: Manifest, config: dict, model: FusionMod
                          f"their labels are {sorted(manifest.labels)}")
     if manifest.is_features and manifest.dims != model.dims:
         raise UsageError(f"{shards}: features of dims {manifest.dims}, the checkpoint expects {model.dims}")
-    if manifest.is_features and manifest.encoders != config["encoders"]:
-        log.warning("%s: features come from encoders %s, the checkpoint was trained on %s",
-                    shards, manifest.encoders, config["encoders"])
+    if manifest.is_features and manifest.encoders_sha256 not in (None, config["encoders"].get("sha256")):
+        log.warning("%s: features come from the encoders in %s, not from those the checkpoint was trained with "
+                    "(copied from %s)", shards, manifest.encoders, config["encoders"].get("source"))
     prepared = manifest.preprocessing.to_dict()
     differing = {key: (value, prepared.get(key)) for key, value in config["preprocessing"].items()
                  if prepared.get(key) != value}
@@ -82,11 +82,12 @@ def check_shards(shards: str, manifest: Manifest, config: dict, model: FusionMod
                     shards, differing)
 
 
-def shard_predictions(model: FusionModel, config: dict, shards: str, batch_size: int = 8, workers: int = 1,
-                      device: torch.device | None = None, manifest: str | Path | None = None
+def shard_predictions(checkpoint: str | Path, model: FusionModel, config: dict, shards: str, batch_size: int = 8,
+                      workers: int = 1, device: torch.device | None = None, manifest: str | Path | None = None
                       ) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
     """(keys, predictions [N, K], targets [N, K], clips skipped) of every readable clip of feature or clip
-    shards, each clip once; the skipped ones are those the manifest lists that could not be read or decoded."""
+    shards, each clip once; the skipped ones are those the manifest lists that could not be read or decoded.
+    `model` and `config` are `load_fusion(checkpoint)`'s; clip shards go through the checkpoint's encoders."""
     device = device or default_device()
     shard_set = resolve_shards(shards, manifest)
     manifest = shard_set.manifest("emi evaluate")
@@ -100,7 +101,7 @@ def shard_predictions(model: FusionModel, config: dict, shards: str, batch_size:
         def features_of(batch: dict[str, Any]) -> dict[str, Any]:
             return batch
     else:
-        encoders = load_frozen_encoders(config["encoders"], device)
+        encoders = load_frozen_encoders(fusion_encoders(checkpoint, config), device)
         data = clip_loader(shard_set, encoders, labels, batch_size, workers)
 
         def features_of(batch: dict[str, Any]) -> dict[str, Any]:  # as `emi features extract` would store them
@@ -181,7 +182,8 @@ def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None,
     check_batching(batch_size, workers)
     device = default_device()
     model, config = load_fusion(checkpoint, device)
-    keys, pred, target, skipped = shard_predictions(model, config, shards, batch_size, workers, device, manifest)
+    keys, pred, target, skipped = shard_predictions(checkpoint, model, config, shards, batch_size, workers, device,
+                                                    manifest)
     if len(keys) < 2:
         raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
     report = {**emi_report(pred, target, config["labels"]), "num_skipped": skipped}
@@ -225,7 +227,7 @@ def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = Non
     asr_model = parse_asr(asr if asr is not None else prepared.get("asr", "none"))
     if asr_model is not None:
         check_whisper(asr_model)
-    encoders = load_frozen_encoders(config["encoders"], device)
+    encoders = load_frozen_encoders(fusion_encoders(checkpoint, config), device)
     parts = Path(tempfile.mkdtemp(prefix="emi-predict-"))
     try:
         builder = SampleBuilder(SampleOptions(

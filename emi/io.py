@@ -75,6 +75,17 @@ def file_problem(folder: Path, name: str, record: dict[str, int | str]) -> str |
     return None
 
 
+def folder_records(folder: Path) -> dict[str, dict[str, int | str]]:
+    """{relative path: file_record} of every file under `folder`."""
+    return {name: file_record(folder / name) for name in folder_files(folder)}
+
+
+def folder_problems(folder: Path, records: dict[str, dict[str, int | str]]) -> list[str]:
+    """How the files under `folder` differ from `records` (a folder_records): one line per recorded file that is
+    missing or changed."""
+    return [problem for name, record in records.items() if (problem := file_problem(folder, name, record))]
+
+
 def records_digest(records: dict[str, dict[str, int | str]]) -> str:
     """One sha256 for a set of file records (relative path -> file_record): equal digests, equal contents."""
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()

@@ -6,7 +6,8 @@
      "labels": {"Admiration": "float", "Expression": "str", ...},
      "preprocessing": {"fps": 5.0, "sample_rate": 16000, "frame_size": 256, "face_crop": "none", "asr": "none"},
      clip shards (emi shards build):      "num_frames", "duration_s" (totals), "args" (the build's arguments)
-     feature shards (emi features extract): "dims" {"vision", "audio", "text"}, "encoders", "source"}
+     feature shards (emi features extract): "dims" {"vision", "audio", "text"}, "encoders", "encoders_sha256" (one
+                                            sha256 over the encoder files: emi.io.records_digest), "source"}
 
 Written by `emi shards build` and `emi features extract` (atomically, through `write_manifest`), read by the
 loaders (sample counts), Stage II (feature dims), `emi features extract`, `emi evaluate` and `emi predict` (how
@@ -68,6 +69,7 @@ class Manifest:
     args: dict[str, Any] | None = None  # clip shards: the build's arguments (a re-run with others rebuilds)
     dims: dict[str, int] | None = None  # feature shards: feature widths by modality
     encoders: str | None = None  # feature shards: the Stage I export that computed them
+    encoders_sha256: str | None = None  # feature shards: its files' digest (emi.io.records_digest)
     source: str | None = None  # feature shards: the clip shards they came from
     path: Path | None = None  # where it was read from; not written
 
@@ -94,7 +96,8 @@ class Manifest:
                                     "num_samples": self.num_samples, "labels": self.labels,
                                     "preprocessing": self.preprocessing.to_dict()}
         optional = {"num_frames": self.num_frames, "duration_s": self.duration_s, "args": self.args,
-                    "dims": self.dims, "encoders": self.encoders, "source": self.source}
+                    "dims": self.dims, "encoders": self.encoders, "encoders_sha256": self.encoders_sha256,
+                    "source": self.source}
         document.update({key: value for key, value in optional.items() if value is not None})
         return document
 
@@ -143,7 +146,8 @@ def read_manifest(location: str | Path) -> Manifest:
     return Manifest(format=document["format"], shards=shards, labels=labels, preprocessing=preprocessing,
                     split=document.get("split"), num_frames=document.get("num_frames"),
                     duration_s=document.get("duration_s"), args=document.get("args"), dims=document.get("dims"),
-                    encoders=document.get("encoders"), source=document.get("source"), path=path)
+                    encoders=document.get("encoders"), encoders_sha256=document.get("encoders_sha256"),
+                    source=document.get("source"), path=path)
 
 
 def find_manifest(folder: str | Path) -> Manifest | None:

@@ -18,6 +18,7 @@ from emi.cli import main
 from emi.errors import UsageError
 from emi.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
 from emi.inference import evaluate, predict, shard_predictions
+from emi.io import folder_files, folder_records
 from emi.metrics import emi_report
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
 from emi.models.fusion import FusionModel, load_fusion, save_fusion
@@ -68,8 +69,8 @@ def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: d
     model = FusionModel(**FUSION, num_outputs=len(labels)).eval()
     if features is not None:
         spread_head(model, features)
-    save_fusion(folder, model.state_dict(), {**FUSION, "num_outputs": len(labels)}, labels, str(encoders),
-                PREPROCESSING, NUM_FRAMES)
+    save_fusion(folder, model.state_dict(), {**FUSION, "num_outputs": len(labels)}, labels, encoders,
+                folder_records(encoders), PREPROCESSING, NUM_FRAMES)
     return folder
 
 
@@ -188,7 +189,8 @@ def test_predict_matches_evaluate_on_the_same_clips(checkpoint, clip_shards, pre
                       "playlist.mp4": "refused: an HLS playlist, which refers to other files or URLs (only "
                                       "self-contained media is read)"}
     model, config = load_fusion(checkpoint)
-    keys, preds, _, skipped = shard_predictions(model, config, str(clip_shards), batch_size=3, workers=0)
+    keys, preds, _, skipped = shard_predictions(checkpoint, model, config, str(clip_shards), batch_size=3,
+                                                workers=0)
     assert skipped == 0
     from_shards = dict(zip(keys, preds.tolist()))
     predicted = [result for result in results if "error" not in result]
@@ -251,6 +253,24 @@ def test_cli_predict_exit_codes(checkpoint, predict_inputs, tmp_path, capsys):
     assert "not a fusion checkpoint" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(checkpoint), "--asr", "whisper", predict_inputs[0]]) == 2
     assert "--asr must be 'none' or 'whisper:NAME_OR_PATH'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_carries_its_encoders_and_refuses_changed_ones(checkpoint, encoders, predict_inputs, tmp_path,
+                                                                     capsys):
+    """best/encoders/ holds hard links to the export's files (no space used here); a copy of the checkpoint whose
+    encoder weights were altered is refused, naming the file, rather than predicting with other encoders."""
+    weights = Path("vision") / "model.safetensors"
+    names = folder_files(encoders)
+    assert weights.as_posix() in names
+    assert all((checkpoint / "encoders" / name).samefile(encoders / name) for name in names)
+    altered = tmp_path / "best"
+    shutil.copytree(checkpoint, altered)
+    data = bytearray((altered / "encoders" / weights).read_bytes())
+    data[-1] ^= 1
+    (altered / "encoders" / weights).write_bytes(bytes(data))
+    assert main(["predict", "--checkpoint", str(altered), predict_inputs[0]]) == 2
+    assert (f"{altered / 'encoders'}: not the encoders this checkpoint was trained with ({weights.as_posix()}: its "
+            "sha256 differs from when it was written)") in capsys.readouterr().err
 
 
 def test_evaluate_needs_the_manifest_of_the_shards(checkpoint, clip_shards, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -14,8 +16,9 @@ from safetensors.torch import load_file
 
 from emi.cli import main
 from emi.features import clip_features, clip_loader, load_frozen_encoders
+from emi.inference import predict
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from helpers import REPO, launch, scalars
+from helpers import REPO, cpu_env, launch, scalars
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +129,7 @@ def test_stage2_trains_evaluates_each_clip_once_and_exports_the_best(stage2_runs
     best = json.loads((run_dir / "best" / "trainer.json").read_text())
     assert best["mean_pearson"] == pytest.approx(max(v for _, v in scalars(run_dir, "val/mean_pearson")), rel=1e-6)
     config = json.loads((run_dir / "best" / "config.json").read_text())
-    assert config["format"] == "emi-fusion/1" and config["labels"][-1] == "Joy"
+    assert config["format"] == "emi-fusion/2" and config["labels"][-1] == "Joy"
     assert config["model"]["vision_dim"] == 64 and config["preprocessing"]["frame_size"] == 64
 
 
@@ -136,6 +139,45 @@ def test_stage2_resume_mid_epoch_ends_with_the_uninterrupted_ema_weights(stage2_
     for folder in ("export", "best"):
         a, b = load_file(str(full / folder / "model.safetensors")), load_file(str(cut / folder / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def test_best_predicts_the_same_when_copied_away_from_the_deleted_run_and_encoders(features, encoders,
+                                                                                  synthetic_shards, tmp_path):
+    """best/ carries the encoders the features came from: copied to a fresh folder after the run and the Stage I
+    export are deleted, it predicts exactly what it predicted in place. Stage II refuses encoders that changed since
+    the extraction (it would ship encoders the model never saw)."""
+    export = tmp_path / "stage1" / "export"
+    shutil.copytree(encoders, export)
+    for split in ("train", "val"):  # these features, as if extracted with that copy (same files, same sha256)
+        shutil.copytree(features / split, tmp_path / "features" / split)
+        manifest = tmp_path / "features" / split / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "encoders": str(export)}))
+    args = ["--config", "configs/stage2/tiny.yaml", f"data.train={tmp_path / 'features' / 'train'}",
+            f"data.val={tmp_path / 'features' / 'val'}", f"run.output_dir={tmp_path}", "run.name=run",
+            "data.batch_size=4", "train.epochs=1"]
+
+    weights = export / "text" / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    def train() -> subprocess.CompletedProcess:  # one plain process
+        return subprocess.run([sys.executable, str(REPO / "train/stage2.py"), *args], cwd=REPO, env=cpu_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    changed = train()
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert f"the encoders in {export} changed since these features were extracted with them" in changed.stderr
+    weights.write_bytes(original)
+    trained = train()
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    videos = [str(path) for path in sorted((synthetic_shards["val"].parents[1] / "synth" / "val" / "videos"
+                                            ).glob("*.mp4"))[:3]]
+    in_place = predict(tmp_path / "run" / "best", videos)
+    assert len(in_place) == 3 and all(len(result["intensities"]) == 6 for result in in_place)
+    served = tmp_path / "served"
+    shutil.copytree(tmp_path / "run" / "best", served)
+    shutil.rmtree(tmp_path / "run")
+    shutil.rmtree(tmp_path / "stage1")
+    assert predict(served, videos) == in_place
 
 
 def test_a_corrupt_sample_is_skipped_counted_and_reported_by_the_trainer(features, tmp_path):

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from emi.errors import UsageError
-from emi.io import write_json_atomic
+from emi.io import folder_problems, link_or_copy_folder, records_digest, write_json_atomic
 
 MODALITIES = ("vision", "audio", "text")
 FUSIONS = ("qam", "mean", "concat")
@@ -303,23 +303,45 @@ def fusion_inputs(batch: dict[str, Any], present: torch.Tensor | None = None) ->
             "present": present_modalities(batch) if present is None else present}
 
 
-FUSION_FORMAT = "emi-fusion/1"
-FUSION_WEIGHTS, FUSION_CONFIG = "model.safetensors", "config.json"
+FUSION_FORMAT = "emi-fusion/2"
+FUSION_WEIGHTS, FUSION_CONFIG, FUSION_ENCODERS = "model.safetensors", "config.json", "encoders"
 
 
 FUSION_CONFIG_KEYS = ("model", "labels", "encoders", "preprocessing", "num_frames")
 
 
 def save_fusion(folder: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-                labels: list[str], encoders: str, preprocessing: dict[str, Any], num_frames: int) -> None:
-    """A self-describing checkpoint: weights (safetensors) and config.json with the model arguments, the label
-    order, the Stage I encoders the features came from, how raw clips were prepared (fps, sample rate, frame
-    size, face crop, ASR) and the frames per clip the model saw (0: all)."""
+                labels: list[str], encoders: Path, encoder_files: dict[str, dict], preprocessing: dict[str, Any],
+                num_frames: int) -> None:
+    """A self-contained checkpoint: weights (safetensors); the Stage I encoders the features came from, in
+    `encoders/` (an encoder export folder: hard links to the export's files where the file system allows, copies
+    otherwise); and config.json with the model arguments, the label order, each encoder file's size and sha256
+    (`encoder_files`: emi.io.folder_records of the export, taken when training started, so a change since is
+    caught here), how raw clips were prepared (fps, sample rate, frame size, face crop, ASR) and the frames per
+    clip the model saw (0: all)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / FUSION_WEIGHTS))
-    config = {"format": FUSION_FORMAT, "model": model_config, "labels": list(labels), "encoders": encoders,
+    link_or_copy_folder(encoders, folder / FUSION_ENCODERS)
+    changed = folder_problems(folder / FUSION_ENCODERS, encoder_files)
+    if changed:
+        raise RuntimeError(f"{encoders}: the encoders changed during training ({'; '.join(changed)})")
+    config = {"format": FUSION_FORMAT, "model": model_config, "labels": list(labels),
+              "encoders": {"source": str(encoders), "sha256": records_digest(encoder_files), "files": encoder_files},
               "preprocessing": preprocessing, "num_frames": num_frames}
     write_json_atomic(folder / FUSION_CONFIG, config)
+
+
+def fusion_encoders(folder: str | Path, config: dict[str, Any]) -> Path:
+    """The encoder export folder a `save_fusion` checkpoint carries, every file checked against the size and
+    sha256 recorded at training time; UsageError naming the files that differ."""
+    encoders = Path(folder) / FUSION_ENCODERS
+    files = config["encoders"].get("files") if isinstance(config["encoders"], dict) else None
+    if not isinstance(files, dict) or not files:
+        raise UsageError(f"{Path(folder) / FUSION_CONFIG}: 'encoders' records no encoder files")
+    changed = folder_problems(encoders, files)
+    if changed:
+        raise UsageError(f"{encoders}: not the encoders this checkpoint was trained with ({'; '.join(changed)})")
+    return encoders
 
 
 def load_fusion(folder: str | Path, device: torch.device | str = "cpu") -> tuple[FusionModel, dict[str, Any]]:

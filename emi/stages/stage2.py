@@ -7,7 +7,8 @@
 
 Reads feature shards written by `emi features extract`, regresses the intensities with MSE, keeps an EMA of the
 weights for evaluation and export, evaluates the whole val set every epoch (mean Pearson over the emotions, also
-with each modality removed) and exports the best model by val mean Pearson to <run>/best/.
+with each modality removed) and exports the best model by val mean Pearson to <run>/best/, with the encoders the
+features came from (emi.models.fusion.save_fusion), so that `best/` predicts wherever it is copied.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
 from emi.engine.evaluation import collect
 from emi.errors import UsageError
+from emi.io import folder_records, records_digest
 from emi.manifest import FEATURE_SHARDS, Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, FusionModel, fusion_inputs, present_modalities, save_fusion
@@ -36,6 +38,20 @@ def feature_shards(shards: str, manifest: str | None, needed_by: str) -> tuple[S
         raise UsageError(f"{needed_by}: {shards} are {described.format} shards ({described.path}); Stage II reads "
                          f"{FEATURE_SHARDS} shards: run `emi features extract` first")
     return shard_set, described
+
+
+def encoder_files(manifest: Manifest, shards: str) -> dict[str, dict]:
+    """The files (size, sha256) of the Stage I encoders the features came from, which every export of the run
+    carries so that a checkpoint predicts on its own; UsageError when they are gone or changed since extraction."""
+    folder = Path(manifest.encoders)
+    if not folder.is_dir():
+        raise UsageError(f"{shards}: the features were extracted with the encoders in {folder}, which are gone; "
+                         "Stage II copies them into its checkpoints: extract the features again with encoders at hand")
+    files = folder_records(folder)
+    if manifest.encoders_sha256 is not None and records_digest(files) != manifest.encoders_sha256:
+        raise UsageError(f"{shards}: the encoders in {folder} changed since these features were extracted with "
+                         "them; extract the features again")
+    return files
 
 
 def masked_mse(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
@@ -56,6 +72,7 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
         if val_manifest.dims != manifest.dims:
             raise UsageError(f"data.val {data.val}: features of dims {val_manifest.dims}, data.train's are "
                              f"{manifest.dims}: extract both with the same encoders")
+    encoders = encoder_files(manifest, data.train)
     dims = manifest.dims
     model_config = {"vision_dim": dims["vision"], "audio_dim": dims["audio"], "text_dim": dims["text"],
                     "num_outputs": len(config.labels), **config_to_dict(config.model)}
@@ -101,8 +118,9 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
         return metrics
 
     def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
-        save_fusion(folder, state_dict, model_config, config.labels, encoders=manifest.encoders,
-                    preprocessing=manifest.preprocessing.to_dict(), num_frames=data.num_frames)
+        save_fusion(folder, state_dict, model_config, config.labels, encoders=Path(manifest.encoders),
+                    encoder_files=encoders, preprocessing=manifest.preprocessing.to_dict(),
+                    num_frames=data.num_frames)
 
     return Task(model=model, train_data=train_data, compute_loss=compute_loss,
                 evaluate=evaluate if val_data is not None else None, export=export,
