@@ -15,9 +15,18 @@ def _shards_build(args: argparse.Namespace) -> int:
         videos=args.videos, labels=args.labels, out=args.out, split=args.split, fps=args.fps,
         sample_rate=args.sample_rate, frame_size=args.frame_size, shard_size=args.shard_size,
         workers=args.workers, asr=args.asr, transcripts=args.transcripts, face_crop=args.face_crop,
+        num_tasks=args.num_tasks, task_index=args.task_index,
     )
     print(summary.describe())
     return EXIT_OK if summary.num_failed == 0 else EXIT_PARTIAL
+
+
+def _shards_merge(args: argparse.Namespace) -> int:
+    from emi.shards.merge import merge_shards
+
+    summary = merge_shards(args.out)
+    print(summary.describe())
+    return EXIT_OK if summary.merged and summary.num_failed == 0 else EXIT_PARTIAL
 
 
 def _shards_stats(args: argparse.Namespace) -> int:
@@ -79,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = shards.add_parser("build", help="pack video clips and a labels CSV into WebDataset tar shards")
     build.add_argument("--videos", required=True, help="folder of clips (any container ffmpeg reads)")
     build.add_argument("--labels", required=True, help="CSV with a Filename column and label columns")
-    build.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar and manifest.json")
+    build.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar and manifest.json, or a "
+                       "URL prefix (s3://bucket/prefix, any fsspec URL)")
     build.add_argument("--split", default="train")
     build.add_argument("--fps", type=float, default=5.0, help="frame sampling rate (default 5)")
     build.add_argument("--sample-rate", type=int, default=16000, help="audio rate in Hz (default 16000)")
@@ -89,7 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--asr", default="none", help="none | whisper:NAME_OR_PATH")
     build.add_argument("--transcripts", default=None, help="CSV with Filename and Text columns")
     build.add_argument("--face-crop", default="none", choices=["none", "opencv"])
+    build.add_argument("--num-tasks", type=int, default=None, help="build as one task of a job array of this many "
+                       "(default in a Slurm array: SLURM_ARRAY_TASK_COUNT); then run `emi shards merge`")
+    build.add_argument("--task-index", type=int, default=None, help="this task's index, 0 .. num-tasks - 1 "
+                       "(default in a Slurm array: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
     build.set_defaults(func=_shards_build)
+
+    merge = shards.add_parser("merge", help="merge the partial manifests of a job-array build into manifest.json "
+                              "(exit 3 naming the tasks to run again when some are missing or incomplete)")
+    merge.add_argument("out", help="the --out of the array's tasks")
+    merge.set_defaults(func=_shards_merge)
 
     stats = shards.add_parser("stats", help="print a JSON summary of a shard folder")
     stats.add_argument("dir")

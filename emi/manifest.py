@@ -9,6 +9,12 @@
      feature shards (emi features extract): "dims" {"vision", "audio", "text"}, "encoders", "encoders_sha256" (one
                                             sha256 over the encoder files: emi.io.records_digest), "source"}
 
+A partial manifest is what one task of a job-array build (`emi shards build --num-tasks N --task-index I`) writes
+to `.emi-tasks/task-IIIII-of-NNNNN.json` in the output folder: a clip manifest of the shards that task built, plus
+    "task": {"index": I, "count": N, "first_shard": F, "num_shards": S, "complete": true|false},
+    "failures": [the failures.jsonl records: the labels' and the task's own clips'],
+and `emi shards merge` turns the N of them into the one manifest.json and failures.jsonl.
+
 Written by `emi shards build` and `emi features extract` (atomically, through `write_manifest`), read by the
 loaders (sample counts), Stage II (feature dims), `emi features extract`, `emi evaluate` and `emi predict` (how
 clips were prepared), all through `read_manifest`, which checks it and names the file in every error.
@@ -21,13 +27,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from emi import storage
 from emi.errors import UsageError
-from emi.io import write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 CLIP_SHARDS = "emi-shards/1"
 FEATURE_SHARDS = "emi-features/1"
 FORMATS = (CLIP_SHARDS, FEATURE_SHARDS)
+TASKS_DIR = ".emi-tasks"  # the partial manifests of a job-array build, inside its output folder
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,22 @@ class ShardEntry:
     bytes: int | None = None
     sha256: str | None = None
     keys: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskPart:
+    """Which shards one task of a job-array build owns (`first_shard` .. + `num_shards`), and whether it has
+    built all of them."""
+
+    index: int
+    count: int
+    first_shard: int
+    num_shards: int
+    complete: bool
+
+
+def partial_manifest_name(index: int, count: int) -> str:
+    return f"{TASKS_DIR}/task-{index:05d}-of-{count:05d}.json"
 
 
 @dataclass(frozen=True)
@@ -71,7 +94,9 @@ class Manifest:
     encoders: str | None = None  # feature shards: the Stage I export that computed them
     encoders_sha256: str | None = None  # feature shards: its files' digest (emi.io.records_digest)
     source: str | None = None  # feature shards: the clip shards they came from
-    path: Path | None = None  # where it was read from; not written
+    task: TaskPart | None = None  # partial manifests only: the task that wrote it
+    failures: list[dict[str, Any]] | None = None  # partial manifests only: the failures.jsonl records
+    path: str | Path | None = None  # where it was read from; not written
 
     @property
     def num_samples(self) -> int:
@@ -97,66 +122,80 @@ class Manifest:
                                     "preprocessing": self.preprocessing.to_dict()}
         optional = {"num_frames": self.num_frames, "duration_s": self.duration_s, "args": self.args,
                     "dims": self.dims, "encoders": self.encoders, "encoders_sha256": self.encoders_sha256,
-                    "source": self.source}
+                    "source": self.source,
+                    "task": asdict(self.task) if self.task is not None else None, "failures": self.failures}
         document.update({key: value for key, value in optional.items() if value is not None})
         return document
 
 
-def manifest_path(location: str | Path) -> Path:
-    """The manifest file of a shard folder, or the file itself."""
+def manifest_path(location: str | Path) -> str | Path:
+    """The manifest file of a shard folder (a local one, or a URL prefix), or the file itself."""
+    if storage.is_url(location):
+        return location if str(location).endswith(".json") else storage.join(location, MANIFEST_FILE)
     location = Path(location)
     return location / MANIFEST_FILE if location.is_dir() else location
 
 
 def read_manifest(location: str | Path) -> Manifest:
-    """The manifest of a shard folder (or the manifest file itself); UsageError naming the file and the reason."""
+    """The manifest of a shard folder (or the manifest file itself, local or a URL); UsageError naming the file
+    and the reason."""
     path = manifest_path(location)
+    shown = storage.shown(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(storage.read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"manifest {path}: no such file") from None
+        raise UsageError(f"manifest {shown}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"manifest {path}: not readable JSON ({err})") from None
+        raise UsageError(f"manifest {shown}: not readable JSON ({err})") from None
     if not isinstance(document, dict) or document.get("format") not in FORMATS:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
-        raise UsageError(f"manifest {path}: format is {found!r}, expected one of {list(FORMATS)}")
+        raise UsageError(f"manifest {shown}: format is {found!r}, expected one of {list(FORMATS)}")
     if not isinstance(document.get("shards"), list):
-        raise UsageError(f"manifest {path}: 'shards' must be a list")
+        raise UsageError(f"manifest {shown}: 'shards' must be a list")
     shards = []
     for entry in document["shards"]:
         count = entry.get("num_samples") if isinstance(entry, dict) else None
         if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(count, int)
                 or isinstance(count, bool) or count < 0):
-            raise UsageError(f"manifest {path}: bad shard entry {entry!r} (needs a name and num_samples >= 0)")
+            raise UsageError(f"manifest {shown}: bad shard entry {entry!r} (needs a name and num_samples >= 0)")
         known = {f.name for f in fields(ShardEntry)}
         shards.append(ShardEntry(**{key: value for key, value in entry.items() if key in known}))
     labels = document.get("labels", {})
     if not isinstance(labels, dict):
-        raise UsageError(f"manifest {path}: 'labels' must map label names to kinds")
+        raise UsageError(f"manifest {shown}: 'labels' must map label names to kinds")
     if document["format"] == FEATURE_SHARDS:
         missing = [key for key in ("dims", "encoders", "preprocessing", "labels") if key not in document]
         if missing:
-            raise UsageError(f"manifest {path}: no {missing} (written by an older emi); extract the features again")
+            raise UsageError(f"manifest {shown}: no {missing} (written by an older emi); extract the features again")
     # clip manifests of earlier builds carry the preprocessing among the build arguments only
     prepared = document.get("preprocessing") or document.get("args") or {}
     try:
         preprocessing = Preprocessing.from_dict(prepared)
     except TypeError as err:
-        raise UsageError(f"manifest {path}: bad preprocessing {prepared!r} ({err})") from None
+        raise UsageError(f"manifest {shown}: bad preprocessing {prepared!r} ({err})") from None
+    task = document.get("task")
+    if task is not None:
+        try:
+            task = TaskPart(**task)
+        except TypeError as err:
+            raise UsageError(f"manifest {shown}: bad task {task!r} ({err})") from None
+        if not isinstance(document.get("failures"), list):
+            raise UsageError(f"manifest {shown}: a partial manifest needs its 'failures' list")
     return Manifest(format=document["format"], shards=shards, labels=labels, preprocessing=preprocessing,
                     split=document.get("split"), num_frames=document.get("num_frames"),
                     duration_s=document.get("duration_s"), args=document.get("args"), dims=document.get("dims"),
                     encoders=document.get("encoders"), encoders_sha256=document.get("encoders_sha256"),
-                    source=document.get("source"), path=path)
+                    source=document.get("source"), task=task, failures=document.get("failures"), path=path)
 
 
 def find_manifest(folder: str | Path) -> Manifest | None:
-    """The manifest of `folder`, None when it has none; UsageError when it has a bad one."""
-    return read_manifest(folder) if (Path(folder) / MANIFEST_FILE).is_file() else None
+    """The manifest of `folder` (a local folder or a URL prefix), None when it has none; UsageError when it has a
+    bad one."""
+    return read_manifest(folder) if storage.exists(storage.join(folder, MANIFEST_FILE)) else None
 
 
-def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
-    """Write `folder/manifest.json` atomically (a crash leaves the previous one in place)."""
-    path = Path(folder) / MANIFEST_FILE
-    write_json_atomic(path, manifest.to_json())
+def write_manifest(folder: str | Path, manifest: Manifest, name: str = MANIFEST_FILE) -> str | Path:
+    """Write `folder/manifest.json` (or `name`) atomically: a crash leaves the previous one in place."""
+    path = storage.join(folder, name)
+    storage.write_bytes(path, (json.dumps(manifest.to_json(), indent=1, ensure_ascii=False) + "\n").encode())
     return path

@@ -4,6 +4,10 @@ A sample is a run of tar members sharing a key (the WebDataset rule: the key is 
 first dot of its base name, the rest is the extension, so `00001.0003.jpg` is entry `0003.jpg` of sample
 `00001`). Only entries a mode asks for are read; every other member (a `.pyd` or `.pickle` too) is passed
 over without reading its bytes, and nothing is ever unpickled: decoding happens later, on the bytes.
+
+Local paths and `pipe:` commands open with webdataset's gopen; `scheme://` URLs (s3://, gs://, any fsspec file
+system) stream through emi.storage, which retries transient errors and resumes at the byte it had reached, so a
+shard read across an object store's restart yields each of its samples once.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from webdataset.gopen import gopen, set_options
 from webdataset.tariterators import base_plus_ext
 
 from emi.data.plan import Segment
+from emi.storage import is_url, open_stream
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,11 @@ class RawSample:
     key: str
     url: str
     entries: dict[str, bytes] = field(default_factory=dict)
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A byte stream of a shard: a local path, a `pipe:` command or an fsspec URL."""
+    return open_stream(url) if is_url(url) else gopen(url)
 
 
 def close_quietly(stream: IO[bytes]) -> None:
@@ -55,7 +65,7 @@ def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, str, tarfile.TarFile,
 def count_samples(url: str) -> int:
     """Samples in a tar, counted by streaming it once; a damaged tar is counted up to the damage."""
     count, previous = 0, None
-    stream = gopen(url)
+    stream = open_shard(url)
     try:
         for key, _, _, _ in iter_members(stream):
             if key != previous:
@@ -91,7 +101,7 @@ def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], 
     index, sample, previous = -1, None, None  # index: of the current sample within the shard
     problem = None
     try:
-        stream = gopen(url)
+        stream = open_shard(url)
     except READ_ERRORS as err:
         stream, problem = None, f"cannot open ({err})"
     if stream is not None:

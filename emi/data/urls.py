@@ -1,8 +1,10 @@
 """Shard specs -> the shard URLs with their sample counts, and the manifests that describe them.
 
-A spec is anything WebDataset accepts: a local path, a brace pattern, a `pipe:` command, a folder holding
-a `manifest.json`, a `::`-separated list of these (as OpenCLIP) or a Python list of them. Counts come from
-a manifest (emi.manifest); a shard no manifest lists is counted by streaming it once.
+A spec is anything WebDataset accepts: a local path, a brace pattern, a `pipe:` command, an fsspec URL
+(`s3://bucket/prefix/train-{000000..000009}.tar`), a folder or URL prefix holding a `manifest.json`, a
+`::`-separated list of these (as OpenCLIP) or a Python list of them. Counts come from a manifest (emi.manifest),
+the explicit one or the one beside the shards (in the same folder or URL prefix); a shard no manifest lists is
+counted by streaming it once.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import braceexpand
 
+from emi import storage
 from emi.data.reader import count_samples
 from emi.errors import UsageError
 from emi.manifest import MANIFEST_FILE, Manifest, find_manifest, read_manifest
@@ -84,14 +87,28 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
         part = part.strip()
         if not part:
             continue
-        if not is_remote(part) and os.path.isdir(part):
-            urls += [os.path.join(part, entry.name) for entry in read_manifest(part).shards]
+        if _is_folder(part):
+            urls += [str(storage.join(part, entry.name)) for entry in read_manifest(part).shards]
             continue
         for url in braceexpand.braceexpand(part):
             if not is_remote(url) and not os.path.isfile(url):
                 raise UsageError(f"shard {url}: no such file or folder")
             urls.append(url)
     return urls
+
+
+def _is_folder(part: str) -> bool:
+    """A local folder, or a URL prefix (no shard name, no braces) with a manifest.json in it."""
+    if storage.is_url(part):
+        return not _SHARD_NAME.search(part) and "{" not in part and storage.exists(storage.join(part, MANIFEST_FILE))
+    return not is_remote(part) and os.path.isdir(part)
+
+
+def _folder(url: str) -> str | None:
+    """The folder or URL prefix a shard lies in, where a manifest beside it would be; None for `pipe:`."""
+    if storage.is_url(url):
+        return url.rsplit("/", 1)[0]
+    return None if is_remote(url) else os.path.dirname(os.path.abspath(url))
 
 
 def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | None = None) -> ShardSet:
@@ -113,8 +130,8 @@ def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | 
     for url in urls:
         name = shard_name(url)
         source = explicit if explicit is not None and name in explicit.counts else None
-        if source is None and not is_remote(url):
-            folder = os.path.dirname(os.path.abspath(url))
+        folder = _folder(url)
+        if source is None and folder is not None:
             if folder not in folder_manifests:
                 folder_manifests[folder] = find_manifest(folder)
             candidate = folder_manifests[folder]

@@ -8,42 +8,91 @@ renames it when complete, then rewrites failures.jsonl and manifest.json atomica
 arguments keeps every shard whose bytes still match the manifest and builds the rest; different arguments rebuild
 everything. A write that fails (a full disk) stops the build with StoppedError, leaving the complete shards listed
 in the manifest and no temporary file: the re-run continues from there.
+
+--out may be a URL (s3://bucket/prefix, any fsspec file system): shards are then written in a local temporary
+folder and uploaded whole when complete, so a killed build leaves no partial object, and the manifest is uploaded
+after them.
+
+A job array (--num-tasks N --task-index I, defaulting inside a Slurm array to its task count and this task's
+place in it) splits the shards, and so the sorted clip list, into N contiguous, disjoint slices: task I builds
+only its slice, under the same shard names a single build gives them, and writes a partial manifest
+(emi.manifest: `.emi-tasks/task-IIIII-of-NNNNN.json`, its failures inside) instead of manifest.json and
+failures.jsonl; `emi shards merge` (emi.shards.merge) then writes those two. A re-run task keeps its complete
+shards as a single build does.
 """
 from __future__ import annotations
 
 import fcntl
-import json
 import multiprocessing
 import os
 import re
 import shutil
 import signal
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from emi import storage
 from emi.errors import StoppedError, UsageError
-from emi.io import sha256_file, write_atomic
-from emi.manifest import (
-    CLIP_SHARDS, MANIFEST_FILE, Manifest, Preprocessing, ShardEntry, find_manifest, write_manifest)
+from emi.io import sha256_file
+from emi.manifest import (CLIP_SHARDS, MANIFEST_FILE, Manifest, Preprocessing, ShardEntry, TaskPart, find_manifest,
+                          partial_manifest_name, read_manifest, write_manifest)
 from emi.shards.asr import check_whisper, parse_asr, read_transcripts
+from emi.shards.files import (FAILURES, ShardWriter, failure_lines, read_failures, scan_shard, shard_name,
+                              shard_pattern)
 from emi.shards.labels import read_labels
-from emi.shards.files import FAILURES, ShardWriter, read_failures, read_sample_metadata, shard_name, shard_pattern
 from emi.shards.plan import ClipJob, Failure, SampleOptions, plan_clips
 
-PARTS = ".emi-parts"  # the workers' part files, inside --out
+PARTS = ".emi-parts"  # the workers' part files, inside --out (a local one) or a local temporary folder
 CLIPS_AHEAD_PER_WORKER = 4  # bounds the part files waiting on disk behind a slow clip
 
 
 @dataclass(frozen=True)
+class ArrayTask:
+    index: int
+    count: int
+
+
+def array_task(num_tasks: int | None, task_index: int | None) -> ArrayTask | None:
+    """This process's task of a job-array build: the arguments, else a Slurm array's SLURM_ARRAY_TASK_COUNT and
+    SLURM_ARRAY_TASK_ID (counted from SLURM_ARRAY_TASK_MIN), else None (a single build)."""
+    if num_tasks is None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        try:
+            num_tasks = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+            task_index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        except (KeyError, ValueError):
+            raise UsageError("inside a Slurm array without SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID numbers: "
+                             "pass --num-tasks and --task-index") from None
+    if num_tasks is None and task_index is None:
+        return None
+    if num_tasks is None or task_index is None:
+        raise UsageError("--num-tasks and --task-index go together")
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise UsageError(f"--task-index {task_index} --num-tasks {num_tasks}: need 0 <= index < tasks")
+    return ArrayTask(task_index, num_tasks)
+
+
+def task_shards(num_shards: int, task: ArrayTask | None) -> range:
+    """The shard indices a task owns: contiguous, disjoint, sizes differing by at most one; all without a task."""
+    if task is None:
+        return range(num_shards)
+    return range(task.index * num_shards // task.count, (task.index + 1) * num_shards // task.count)
+
+
+def shard_index(name: str, split: str) -> int | None:
+    return int(name[len(split) + 1:-4]) if shard_pattern(split).fullmatch(name) else None
+
+
+@dataclass(frozen=True)
 class BuildSummary:
-    out: Path
+    out: str | Path
     split: str
     num_samples: int
     num_failed: int
@@ -51,25 +100,33 @@ class BuildSummary:
     shards_written: int
     shards_kept: int
     rebuild_reason: str | None  # why shards of an earlier build were not kept, None if none were thrown away
+    task: ArrayTask | None = None
 
     def describe(self) -> str:
         lines = [self.rebuild_reason] if self.rebuild_reason else []
-        lines.append(f"{self.num_samples} samples in {self.num_shards} {self.split} shard(s) in {self.out} "
+        who = f"task {self.task.index} of {self.task.count}: " if self.task else ""
+        out = storage.shown(self.out)
+        lines.append(f"{who}{self.num_samples} samples in {self.num_shards} {self.split} shard(s) in {out} "
                      f"({self.shards_written} written, {self.shards_kept} kept from an earlier build)")
         if self.num_failed:
-            lines.append(f"{self.num_failed} clip(s) not built: reasons in {self.out / FAILURES}")
+            where = (storage.join(out, partial_manifest_name(self.task.index, self.task.count)) if self.task
+                     else storage.join(out, FAILURES))
+            lines.append(f"{self.num_failed} clip(s) not built: reasons in {where}")
+        if self.task:
+            lines.append(f"when every task is done: emi shards merge {out}")
         return "\n".join(lines)
 
 
-def _check_arguments(videos: Path, out: Path, split: str, fps: float, sample_rate: int, frame_size: int,
+def _check_arguments(videos: Path, out: str | Path, split: str, fps: float, sample_rate: int, frame_size: int,
                      shard_size: int, workers: int, face_crop: str) -> None:
     if not videos.is_dir():
         raise UsageError(f"--videos {videos}: no such folder")
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise UsageError(f"--out {out}: {folder} exists and is not a folder")
-            break
+    if not storage.is_url(out):
+        for folder in (out, *out.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    raise UsageError(f"--out {out}: {folder} exists and is not a folder")
+                break
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
         raise UsageError(f"--split {split!r}: use letters, digits, '_' and '-' (it names the shard files)")
     if not fps > 0:
@@ -85,9 +142,11 @@ def _check_arguments(videos: Path, out: Path, split: str, fps: float, sample_rat
 
 
 @contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One build at a time per output folder: two would delete each other's temporary shards."""
-    with open(out / ".emi-shards.lock", "w") as lock:
+def _exclusive(out: Path, task: ArrayTask | None) -> Iterator[None]:
+    """One build at a time per output folder (per task of an array): two would delete each other's temporary
+    shards."""
+    name = ".emi-shards.lock" if task is None else f".emi-shards-task-{task.index}.lock"
+    with open(out / name, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,49 +154,68 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
 
 
-def _reusable_shards(out: Path, split: str, args: dict, chunks: list[list[ClipJob]]
-                     ) -> tuple[dict[int, ShardEntry], list[Failure], str | None]:
-    """Shards of an earlier build to keep (by index), the failures recorded for their missing clips, and why
-    the earlier build was thrown away (None when it was not)."""
+def _previous_build(out: str | Path, split: str, args: dict, task: ArrayTask | None, owned: range
+                    ) -> tuple[Manifest | None, list[dict], str | None]:
+    """What an earlier build left in `out` for these shards: its manifest (a task's own partial one, else the
+    folder's), its failure records, and why it cannot be used (None when it can, or when there is none)."""
+    partial = storage.join(out, partial_manifest_name(task.index, task.count)) if task else None
     try:
-        old = find_manifest(out)
+        old = read_manifest(partial) if partial is not None and storage.exists(partial) else find_manifest(out)
     except UsageError as err:
-        return {}, [], f"{err}: rebuilding all shards"
+        return None, [], f"{err}: rebuilding all shards"
     if old is None:
-        foreign = sorted(path.name for path in out.iterdir() if shard_pattern(split).fullmatch(path.name))
+        foreign = [name for name in storage.list_names(out) if shard_index(name, split) in owned]
         if foreign:  # never delete shards this tool did not write
-            raise UsageError(f"--out {out} has shards but no {MANIFEST_FILE} ({', '.join(foreign[:3])}, ...): "
-                             "remove them or choose another folder")
-        return {}, [], None
+            raise UsageError(f"--out {storage.shown(out)} has shards but no {MANIFEST_FILE} "
+                             f"({', '.join(foreign[:3])}, ...): remove them or choose another folder"
+                             + (" (or run the array with the --num-tasks that wrote them)" if task else ""))
+        return None, [], None
     if old.format != CLIP_SHARDS:
-        return {}, [], f"{old.path} is a {old.format} manifest: rebuilding all shards"
+        return None, [], f"{old.path} is a {old.format} manifest: rebuilding all shards"
     if old.split != split:
-        raise UsageError(f"--out {out} holds the {old.split!r} split: give each split its own folder")
+        raise UsageError(f"--out {storage.shown(out)} holds the {old.split!r} split: give each split its own folder")
     if old.args != args:
         old_args = old.args or {}
         changed = "; ".join(f"{name}: {old_args.get(name)!r} -> {value!r}" for name, value in args.items()
                             if old_args.get(name) != value)
-        return {}, [], f"arguments differ from the earlier build in {out} ({changed}): rebuilding all shards"
-    old_entries = {entry.name: entry for entry in old.shards}
+        return None, [], (f"arguments differ from the earlier build in {storage.shown(out)} ({changed}): "
+                          "rebuilding all shards")
+    if old.failures is not None:
+        return old, old.failures, None
     try:
-        records = read_failures(out)
+        return old, read_failures(out), None
     except ValueError:  # then shards with failed clips cannot be vouched for, and are rebuilt
-        records = []
+        return old, [], None
+
+
+def _reusable_shards(out: str | Path, old: Manifest, records: list[dict], chunks: list[list[ClipJob]],
+                     owned: range) -> tuple[dict[int, ShardEntry], dict[int, tuple[int, float]], list[Failure]]:
+    """Shards of an earlier build to keep (by index), their (frames, seconds) totals, and the failures recorded for
+    their missing clips. A shard is kept when it holds the planned clips but the recorded failures, and its bytes
+    still hash to the manifest's sha256."""
+    old_entries = {entry.name: entry for entry in old.shards}
     old_failures = {record["key"]: Failure.from_json(record) for record in records if "key" in record}
-    kept, carried = {}, []
-    for index, chunk in enumerate(chunks):
-        entry = old_entries.get(shard_name(split, index))
+    kept, totals, carried = {}, {}, []
+    for index in owned:
+        entry = old_entries.get(shard_name(old.split, index))
         if entry is None:
             continue
         built = set(entry.keys)
-        planned = [job.key for job in chunk]
+        planned = [job.key for job in chunks[index]]
         missing = [key for key in planned if key not in built]
-        path = out / entry.name
-        if ([key for key in planned if key in built] == entry.keys and all(key in old_failures for key in missing)
-                and path.is_file() and path.stat().st_size == entry.bytes and sha256_file(path) == entry.sha256):
+        location = storage.join(out, entry.name)
+        if ([key for key in planned if key in built] != entry.keys or not all(key in old_failures for key in missing)
+                or storage.size(location) != entry.bytes):
+            continue
+        try:
+            scan = scan_shard(location)
+        except ValueError:
+            continue
+        if scan.sha256 == entry.sha256:
             kept[index] = entry
+            totals[index] = (sum(m["num_frames"] for m in scan.metadata), sum(m["duration_s"] for m in scan.metadata))
             carried += [old_failures[key] for key in missing]
-    return kept, carried, None
+    return kept, totals, carried
 
 
 _WORKER_BUILDER = None  # a worker process's SampleBuilder
@@ -197,8 +275,11 @@ def _samples(jobs: list[ClipJob], options: SampleOptions, workers: int, parts: P
 
 def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split: str = "train", fps: float = 5.0,
                  sample_rate: int = 16000, frame_size: int = 256, shard_size: int = 256, workers: int = 1,
-                 asr: str = "none", transcripts: str | Path | None = None, face_crop: str = "none") -> BuildSummary:
-    videos, labels, out = Path(videos), Path(labels), Path(out)
+                 asr: str = "none", transcripts: str | Path | None = None, face_crop: str = "none",
+                 num_tasks: int | None = None, task_index: int | None = None) -> BuildSummary:
+    videos, labels = Path(videos), Path(labels)
+    out = str(out) if storage.is_url(str(out)) else Path(out)
+    task = array_task(num_tasks, task_index)
     _check_arguments(videos, out, split, fps, sample_rate, frame_size, shard_size, workers, face_crop)
     asr_model = parse_asr(asr)
     if asr_model is not None:
@@ -222,74 +303,92 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
     options = SampleOptions(split=split, fps=float(fps), sample_rate=sample_rate, frame_size=frame_size,
                             asr_model=asr_model, face_crop=face_crop == "opencv",
                             decoder_threads=max(1, (os.cpu_count() or 1) // workers))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-    with _exclusive(out):
-        parts = out / PARTS
+    if storage.is_url(out):
+        staging = Path(tempfile.mkdtemp(prefix="emi-shards-"))  # shards wait here until complete, then go up
+        lock = nullcontext()
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+        staging, lock = out, _exclusive(out, task)
+    with lock:
+        parts = staging / (PARTS if task is None else f"{PARTS}-{task.index}")
         try:
             shutil.rmtree(parts, ignore_errors=True)  # what a killed build left
             parts.mkdir()
-            return _build(out, jobs, failures, table.kinds, args, options, shard_size, workers, parts)
+            return _build(out, staging, task, jobs, failures, table.kinds, args, options, shard_size, workers, parts)
         except OSError as err:
-            complete = _complete_shards(out)
+            complete = _complete_shards(out, task)
+            reason = f"{err.strerror}{f': {err.filename}' if err.filename else ''}" if err.strerror else str(err)
             raise StoppedError(
-                f"cannot write in {out} ({err.strerror}{f': {err.filename}' if err.filename else ''}); the build "
-                f"stopped with {complete} complete shard(s) listed in {MANIFEST_FILE}: free space (or fix the folder) "
-                "and run the same command again to continue") from None
+                f"cannot write in {storage.shown(out)} ({reason}); the build stopped with {complete} complete "
+                f"shard(s) listed in its manifest: free space (or fix the folder) and run the same command again "
+                "to continue") from None
         finally:
             shutil.rmtree(parts, ignore_errors=True)
+            if staging != out:
+                shutil.rmtree(staging, ignore_errors=True)
 
 
-def _complete_shards(out: Path) -> int:
+def _complete_shards(out: str | Path, task: ArrayTask | None) -> int:
     try:
-        manifest = find_manifest(out)
+        manifest = (read_manifest(storage.join(out, partial_manifest_name(task.index, task.count))) if task
+                    else find_manifest(out))
     except UsageError:
         return 0
     return len(manifest.shards) if manifest else 0
 
 
-def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[str, str], args: dict,
-           options: SampleOptions, shard_size: int, workers: int, parts: Path) -> BuildSummary:
+def _build(out: str | Path, staging: Path, task: ArrayTask | None, jobs: list[ClipJob], failures: list[Failure],
+           kinds: dict[str, str], args: dict, options: SampleOptions, shard_size: int, workers: int,
+           parts: Path) -> BuildSummary:
     split = options.split
     preprocessing = Preprocessing.from_dict(args)  # the arguments that decide what a sample holds
     chunks = [jobs[start:start + shard_size] for start in range(0, len(jobs), shard_size)]
-    entries, carried, rebuild_reason = _reusable_shards(out, split, args, chunks)
+    owned = task_shards(len(chunks), task)
+    old, records, rebuild_reason = _previous_build(out, split, args, task, owned)
+    entries, totals, carried = _reusable_shards(out, old, records, chunks, owned) if old else ({}, {}, [])
     if rebuild_reason:
         print(f"emi: {rebuild_reason}", file=sys.stderr)
     build_failures = {failure.key: failure for failure in carried}
-    totals = {}  # shard index -> (frames, seconds)
-    for index, entry in entries.items():
-        metadata = read_sample_metadata(out / entry.name)
-        totals[index] = (sum(m["num_frames"] for m in metadata), sum(m["duration_s"] for m in metadata))
 
     def save_state() -> None:
-        # failures first: a manifest never lists a shard whose failed clips are not on record
-        records = failures + [build_failures[key] for key in sorted(build_failures)]
-        lines = [json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records]
-        write_atomic(out / FAILURES, "".join(lines).encode())
+        # failures first (or with the shards, in a partial manifest): a manifest never lists a shard whose failed
+        # clips are not on record
+        records = [record.to_json() for record in failures + [build_failures[key] for key in sorted(build_failures)]]
         indices = sorted(entries)
-        write_manifest(out, Manifest(
+        manifest = Manifest(
             format=CLIP_SHARDS, split=split, shards=[entries[index] for index in indices], labels=kinds,
             preprocessing=preprocessing, num_frames=sum(totals[index][0] for index in indices),
-            duration_s=round(sum(totals[index][1] for index in indices), 6), args=args))
+            duration_s=round(sum(totals[index][1] for index in indices), 6), args=args)
+        if task is None:
+            storage.write_bytes(storage.join(out, FAILURES), failure_lines(records))
+            write_manifest(out, manifest)
+        else:
+            manifest.task = TaskPart(index=task.index, count=task.count, first_shard=owned.start,
+                                     num_shards=len(owned), complete=len(entries) == len(owned))
+            manifest.failures = records
+            write_manifest(out, manifest, partial_manifest_name(task.index, task.count))
 
     save_state()
     kept_names = {entry.name for entry in entries.values()}
-    pattern = shard_pattern(split)
-    for path in out.iterdir():  # shards not kept, and what a killed build left half-written
-        stale_shard = pattern.fullmatch(path.name) and path.name not in kept_names
-        half_written = path.name.startswith(".") and path.name.endswith(".tmp") and pattern.fullmatch(path.name[1:-4])
-        if stale_shard or half_written:
-            path.unlink()
 
-    to_build = [index for index in range(len(chunks)) if index not in entries]
+    def ours(name: str) -> bool:  # a task leaves the other tasks' shards alone
+        index = shard_index(name, split)
+        return index is not None and (task is None or index in owned)
+
+    for name in storage.list_names(out):  # shards not kept, and what a killed build left half-written
+        half_written = name.startswith(".") and name.endswith(".tmp") and ours(name[1:-4])
+        if (ours(name) and name not in kept_names) or half_written:
+            storage.remove(storage.join(out, name))
+
+    to_build = [index for index in owned if index not in entries]
     build_jobs = [job for index in to_build for job in chunks[index]]
     samples = _samples(build_jobs, options, min(workers, max(1, len(build_jobs))), parts)
     with tqdm(total=len(build_jobs), unit="clip", desc=f"{split} shards", file=sys.stderr) as progress:
         for index in to_build:
-            writer = ShardWriter(out / shard_name(split, index))
+            writer = ShardWriter(staging / shard_name(split, index))
             try:
                 frames, seconds = 0, 0.0
                 for _ in chunks[index]:
@@ -301,16 +400,19 @@ def _build(out: Path, jobs: list[ClipJob], failures: list[Failure], kinds: dict[
                     writer.add_part(result.key, result.part)
                     frames += result.num_frames
                     seconds += result.duration_s
-                entries[index] = writer.finish()
+                entry = writer.finish()
+                if staging != out:  # uploaded whole: no partial object ever appears
+                    storage.upload(writer.path, storage.join(out, entry.name))
+                    writer.path.unlink()
             except BaseException:
                 writer.abort()
                 samples.close()
                 raise
+            entries[index] = entry
             totals[index] = (frames, seconds)
             save_state()
 
     return BuildSummary(out=out, split=split, num_samples=sum(entry.num_samples for entry in entries.values()),
-                        num_failed=len(failures) + len(build_failures), num_shards=len(chunks),
-                        shards_written=len(to_build), shards_kept=len(chunks) - len(to_build),
-                        rebuild_reason=rebuild_reason)
-
+                        num_failed=len(failures) + len(build_failures), num_shards=len(owned),
+                        shards_written=len(to_build), shards_kept=len(owned) - len(to_build),
+                        rebuild_reason=rebuild_reason, task=task)

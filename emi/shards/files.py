@@ -1,4 +1,5 @@
-"""Shard files: deterministic tar writing under a temporary name, failures.jsonl, reading samples' json back.
+"""Shard files: deterministic tar writing under a temporary name, failures.jsonl, reading a shard back (its
+samples' json and its sha256, in one streamed pass, local or remote).
 
 The manifest that lists the shards is emi.manifest's.
 """
@@ -7,10 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import io
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from emi import storage
 from emi.io import temporary_path
 from emi.manifest import ShardEntry
 
@@ -91,28 +95,69 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def read_failures(folder: Path) -> list[dict]:
-    """The records of failures.jsonl, [] when there is none; ValueError when a line is not a JSON object."""
-    path = folder / FAILURES
-    if not path.exists():
+def failure_lines(records: list[dict]) -> bytes:
+    """failures.jsonl's bytes: one JSON object per line."""
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode()
+
+
+def read_failures(folder: str | Path) -> list[dict]:
+    """The records of failures.jsonl in a folder or URL prefix, [] when there is none; ValueError when a line is
+    not a JSON object."""
+    path = storage.join(folder, FAILURES)
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {number} is not JSON ({err})") from None
+            raise ValueError(f"{storage.shown(path)}: line {number} is not JSON ({err})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object")
+            raise ValueError(f"{storage.shown(path)}: line {number} is not a JSON object")
         records.append(record)
     return records
 
 
-def read_sample_metadata(path: Path) -> list[dict]:
-    """The `<key>.json` entries of a shard, in order; ValueError when the shard is damaged."""
+@dataclass(frozen=True)
+class ShardScan:
+    sha256: str
+    bytes: int
+    metadata: list[dict]  # the samples' `<key>.json` entries, in order
+
+
+class _Hashing(io.RawIOBase):
+    """A stream that hashes and counts what is read through it."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[:len(data)] = data
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def scan_shard(location: str | Path) -> ShardScan:
+    """A shard's sha256, size and samples' json, read once front to back (streamed: a remote shard is never held
+    whole); ValueError naming it when it is missing or damaged."""
     try:
-        with tarfile.open(path, "r:") as tar:
-            return [json.loads(tar.extractfile(member).read()) for member in tar
-                    if member.isfile() and member.name.endswith(".json")]
-    except (OSError, tarfile.TarError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable shard ({err})") from None
+        with storage.open_stream(location) as stream:
+            hashing = _Hashing(stream)
+            with tarfile.open(fileobj=hashing, mode="r|") as tar:
+                metadata = [json.loads(tar.extractfile(member).read()) for member in tar
+                            if member.isfile() and member.name.endswith(".json")]
+            while hashing.read(1 << 20):  # the end-of-archive blocks
+                pass
+    except FileNotFoundError:
+        raise ValueError(f"{storage.shown(location)}: no such shard") from None
+    except (OSError, EOFError, tarfile.TarError, json.JSONDecodeError) as err:
+        raise ValueError(f"{storage.shown(location)}: unreadable shard ({err})") from None
+    return ShardScan(hashing.digest.hexdigest(), hashing.size, metadata)

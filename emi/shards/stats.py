@@ -6,7 +6,7 @@ from statistics import fmean
 
 from emi.errors import UsageError
 from emi.manifest import CLIP_SHARDS, MANIFEST_FILE, find_manifest
-from emi.shards.files import read_failures, read_sample_metadata
+from emi.shards.files import read_failures, scan_shard
 
 
 def shard_stats(folder: str | Path) -> dict:
@@ -22,7 +22,7 @@ def shard_stats(folder: str | Path) -> dict:
         if not path.is_file():
             raise UsageError(f"{path}: listed in {MANIFEST_FILE} but missing")
         try:
-            metadata = read_sample_metadata(path)
+            metadata = scan_shard(path).metadata
         except ValueError as err:
             raise UsageError(str(err)) from None
         if len(metadata) != entry.num_samples:
