@@ -103,7 +103,7 @@ def retrying(url: str, what: str, action: Callable[[], T], deadline_s: float | N
                 raise OSError(f"{shown(url)}: cannot {what}, still failing after retrying "
                               f"{RETRY_DEADLINE_S if deadline_s is None else deadline_s:.0f} s: {_reason(err)}"
                               ) from None
-            log.warning("%s: cannot %s (%s); retrying in %.1f s", shown(url), what, _reason(err), wait)
+            log.warning("%s: cannot %s (%s); retrying in %.2f s", shown(url), what, _reason(err), wait)
             time.sleep(wait)
             wait = min(2 * wait, BACKOFF_S[1])
 
@@ -127,11 +127,7 @@ class ResumableReader(io.RawIOBase):
         if self._file is None:
             self._file = self.fs.open(self.path, "rb", block_size=READ_BLOCK, cache_type="readahead")
             self._file.seek(self.offset)
-        data = self._file.read(size)
-        if not data and self.offset < self.size:
-            self._reset()
-            raise EOFError(f"the object ended at byte {self.offset} of {self.size}")
-        return data
+        return self._file.read(size)
 
     def _reset(self) -> None:
         file, self._file = self._file, None
@@ -148,7 +144,10 @@ class ResumableReader(io.RawIOBase):
 
         def attempt() -> bytes:
             try:
-                return self._read(want)
+                data = self._read(want)
+                if not data:  # a response cut short: the connection closed before the object's end
+                    raise EOFError(f"the object ended at byte {self.offset} of {self.size}")
+                return data
             except Exception:
                 self._reset()
                 raise
