@@ -24,7 +24,7 @@ import pytest
 
 ACCESS_KEY, SECRET_KEY = "emi-test-key", "emi-test-secret-5b1f0c"  # found nowhere but in this test server
 START_TIMEOUT_S = 60
-STOP_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 5
 PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 
 

@@ -137,3 +137,63 @@ def test_a_killed_build_leaves_no_partial_object_and_the_rerun_completes(grid, s
     assert all(clean[name] == data for name, data in uploaded.items())  # every object there is whole
     assert main(command[3:]) == 0
     assert {name: data for name, data in objects(url).items() if name.endswith(".tar")} == clean
+
+
+def stage1_overrides(train: str, out: Path, name: str) -> list[str]:
+    return ["-m", "emi.stages.stage1", "--config", "configs/stage1/tiny.yaml", f"data.train={train}", "data.val=null",
+            f"run.output_dir={out}", f"run.name={name}", "data.batch_size=2", "data.shuffle_buffer=4",
+            "train.epochs=1", "train.strategy=ddp", "train.log_every=1", "train.checkpoint_every=1000"]
+
+
+def test_stage1_trains_from_the_bucket_through_a_server_restart_mid_epoch(server, tmp_path):
+    """Two ranks read their epoch from the bucket; the server goes down and comes back while they are mid-epoch.
+    The epoch completes with no sample skipped and ends with the weights of the same run from local disk, so every
+    sample was read exactly once."""
+    from emi.synth import synthesize
+
+    synthesize(out=tmp_path / "synth", clips=24, seed=3, workers=2)
+    url = "s3://emi/restart/train"
+    assert main(["shards", "build", "--videos", str(tmp_path / "synth" / "videos"), "--labels",
+                 str(tmp_path / "synth" / "labels.csv"), "--transcripts", str(tmp_path / "synth" / "transcripts.csv"),
+                 "--out", url, "--shard-size", "2", "--frame-size", "64", "--workers", "2"]) == 0
+    local = tmp_path / "local"
+    local.mkdir()
+    for name, data in objects(url).items():
+        (local / name).write_bytes(data)
+
+    runs = tmp_path / "runs"
+    reference = subprocess.run(launch_command(*stage1_overrides(str(local), runs, "local")[:1],
+                                              stage1_overrides(str(local), runs, "local")[1:]),
+                               cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-6000:]
+
+    log = runs / "bucket" / "log.txt"
+    with open(tmp_path / "bucket.err", "w") as stderr:
+        process = subprocess.Popen(launch_command(*stage1_overrides(url, runs, "bucket")[:1],
+                                                  stage1_overrides(url, runs, "bucket")[1:]),
+                                   cwd=REPO, env=cpu_env(**server.env), stdout=subprocess.DEVNULL, stderr=stderr,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (log.exists() and "step 1/" in log.read_text()):
+                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "bucket.err").read_text()
+                time.sleep(0.1)
+            os.killpg(process.pid, signal.SIGSTOP)  # hold the ranks mid-epoch while the server goes down
+            server.stop()
+            os.killpg(process.pid, signal.SIGCONT)
+            time.sleep(3)  # they find no server, and retry
+            server.start()
+            process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            if server.process is None:
+                server.start()
+    errors = (tmp_path / "bucket.err").read_text()
+    text = log.read_text()
+    assert process.returncode == 0, errors[-6000:]
+    assert re.search(r"s3://emi/restart/train/train-\d{6}\.tar: cannot .*; retrying in", errors), errors[-6000:]
+    assert "done: 6 steps" in text and "skipped" not in text, text  # 24 clips / (2 per batch x 2 ranks)
+    assert SECRET_KEY not in errors + text
+    reference_weights, bucket_weights = exported(runs / "local"), exported(runs / "bucket")
+    assert all(torch.equal(reference_weights[key], bucket_weights[key]) for key in reference_weights)
