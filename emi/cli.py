@@ -66,11 +66,22 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from emi.inference import predict
+    from emi.inference import predict, predict_to_csv, video_files
 
-    results = predict(checkpoint=args.checkpoint, videos=args.videos, asr=args.asr, batch_size=args.batch_size)
-    print(json.dumps(results, indent=2, ensure_ascii=False))
-    return EXIT_OK if all("error" not in result for result in results) else EXIT_PARTIAL
+    if args.out is None:
+        if not args.files or args.shards or args.videos:
+            raise UsageError("without --out, name the video files to predict (JSON on stdout); --shards and "
+                             "--videos write a CSV: give --out")
+        results = predict(checkpoint=args.checkpoint, videos=args.files, asr=args.asr, batch_size=args.batch_size)
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return EXIT_OK if all("error" not in result for result in results) else EXIT_PARTIAL
+    if sum(map(bool, (args.files, args.shards, args.videos))) != 1:
+        raise UsageError("give one of --shards URL, --videos DIR or video files")
+    videos = video_files(args.videos) if args.videos else (args.files or None)
+    summary = predict_to_csv(checkpoint=args.checkpoint, out=args.out, shards=args.shards, videos=videos,
+                             manifest=args.manifest, asr=args.asr, batch_size=args.batch_size, workers=args.workers)
+    print(summary.describe())
+    return EXIT_OK if not summary.failures else EXIT_PARTIAL
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -139,12 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=1, help="decoding workers")
     evaluate.set_defaults(func=_evaluate)
 
-    predict = commands.add_parser("predict", help="EMI intensities of raw video files (JSON on stdout)")
+    predict = commands.add_parser(
+        "predict", help="EMI intensities of video files (JSON on stdout), or of shards or a videos folder into the "
+        "challenge's CSV (--out; accelerate-aware: `accelerate launch -m emi.cli predict ...` splits the clips)")
     predict.add_argument("--checkpoint", required=True, help="fusion checkpoint folder (runs/<name>/best)")
-    predict.add_argument("videos", nargs="+", help="video files")
+    predict.add_argument("files", nargs="*", metavar="VIDEO", help="video files")
+    predict.add_argument("--shards", default=None, help="clip or feature shards: a folder or URL prefix with "
+                         "manifest.json, a pattern, ...")
+    predict.add_argument("--videos", default=None, help="a folder of videos: every clip in it")
+    predict.add_argument("--out", default=None, help="predictions CSV (Filename, then the six intensities), a path "
+                         "or a URL; failures go to <out without .csv>.failures.json")
+    predict.add_argument("--manifest", default=None, help="the shards' manifest.json, where it is not beside them")
     predict.add_argument("--asr", default=None, help="none | whisper:NAME_OR_PATH (default: as the checkpoint's "
                          "training clips were prepared)")
     predict.add_argument("--batch-size", type=int, default=8, help="clips per batch")
+    predict.add_argument("--workers", type=int, default=1, help="decoding workers (--shards)")
     predict.set_defaults(func=_predict)
 
     train = commands.add_parser(

@@ -131,11 +131,11 @@ def clip_decoding(encoders: FrozenEncoders) -> dict[str, Any]:
 
 
 def clip_loader(shards: str | ShardSet, encoders: FrozenEncoders, label_names: list[str], batch_size: int,
-                num_workers: int):
-    """A single-consumer, unshuffled `clip` loader (the last batch wraps around: emi.engine.evaluation)."""
-    return build_loader(shards, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=1, rank=0,
-                        seed=0, shuffle=False, train=False, label_names=label_names, persistent_workers=False,
-                        **clip_decoding(encoders))
+                num_workers: int, world_size: int = 1, rank: int = 0):
+    """An unshuffled `clip` loader for one rank (the last batch wraps around: emi.engine.evaluation)."""
+    return build_loader(shards, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=world_size,
+                        rank=rank, seed=0, shuffle=False, train=False, label_names=label_names,
+                        persistent_workers=False, **clip_decoding(encoders))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

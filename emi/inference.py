@@ -11,19 +11,24 @@ raw video reaches the model through the same code as the training data, with no 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from emi import storage
 from emi.data import build_loader, resolve_shards
+from emi.data.urls import shard_name
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import DecodeSpec, collate, decode_sample
 from emi.data.reader import RawSample, iter_members
@@ -36,7 +41,7 @@ from emi.manifest import Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import FusionModel, fusion_encoders, fusion_inputs, load_fusion
 from emi.shards.asr import check_whisper, parse_asr
-from emi.shards.plan import ClipJob, Failure, SampleOptions
+from emi.shards.plan import NOT_CLIPS, ClipJob, Failure, SampleOptions
 from emi.shards.sample import Sample, SampleBuilder
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,21 @@ def check_shards(shards: str, manifest: Manifest, config: dict, model: FusionMod
                     shards, differing)
 
 
+def shard_loader(checkpoint: str | Path, model: FusionModel, config: dict, shard_set, manifest: Manifest,
+                 batch_size: int, workers: int, device: torch.device, world_size: int = 1, rank: int = 0):
+    """(loader, features_of) over feature or clip shards for one rank: features_of(batch) is the Stage II batch the
+    fusion model takes (clip shards go through the checkpoint's encoders, as `emi features extract` would)."""
+    labels, num_frames = config["labels"], config["num_frames"]
+    if manifest.is_features:
+        data = build_loader(shard_set, mode="features", batch_size=batch_size, num_workers=workers,
+                            world_size=world_size, rank=rank, seed=0, shuffle=False, train=False,
+                            num_frames=num_frames, label_names=labels, persistent_workers=False)
+        return data, lambda batch: batch
+    encoders = load_frozen_encoders(fusion_encoders(checkpoint, config), device)
+    data = clip_loader(shard_set, encoders, labels, batch_size, workers, world_size, rank)
+    return data, lambda batch: fusion_batch(clip_features(encoders, batch, manifest.preprocessing.fps), num_frames)
+
+
 def shard_predictions(checkpoint: str | Path, model: FusionModel, config: dict, shards: str, batch_size: int = 8,
                       workers: int = 1, device: torch.device | None = None, manifest: str | Path | None = None
                       ) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
@@ -92,20 +112,8 @@ def shard_predictions(checkpoint: str | Path, model: FusionModel, config: dict, 
     shard_set = resolve_shards(shards, manifest)
     manifest = shard_set.manifest("emi evaluate")
     check_shards(shards, manifest, config, model)
-    labels, num_frames = config["labels"], config["num_frames"]
-    if manifest.is_features:
-        data = build_loader(shard_set, mode="features", batch_size=batch_size, num_workers=workers, world_size=1,
-                            rank=0, seed=0, shuffle=False, train=False, num_frames=num_frames, label_names=labels,
-                            persistent_workers=False)
-
-        def features_of(batch: dict[str, Any]) -> dict[str, Any]:
-            return batch
-    else:
-        encoders = load_frozen_encoders(fusion_encoders(checkpoint, config), device)
-        data = clip_loader(shard_set, encoders, labels, batch_size, workers)
-
-        def features_of(batch: dict[str, Any]) -> dict[str, Any]:  # as `emi features extract` would store them
-            return fusion_batch(clip_features(encoders, batch, manifest.preprocessing.fps), num_frames)
+    labels = config["labels"]
+    data, features_of = shard_loader(checkpoint, model, config, shard_set, manifest, batch_size, workers, device)
 
     def predict(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"pred": fusion_predictions(model, features_of(batch), device), "labels": batch["labels"].cpu(),
@@ -223,6 +231,14 @@ def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = Non
     check_batching(batch_size, workers=0)
     device = default_device()
     model, config = load_fusion(checkpoint, device)
+    with video_predictor(checkpoint, model, config, asr, device) as predictor:
+        return predictor(videos, range(len(videos)), batch_size)
+
+
+@contextmanager
+def video_predictor(checkpoint: str | Path, model: FusionModel, config: dict, asr: str | None, device: torch.device):
+    """predictor(videos, indices, batch_size) -> results of videos[i] for i in indices (as `predict` gives them):
+    each video prepared as the shard builder prepared the checkpoint's training clips."""
     prepared = config["preprocessing"]
     asr_model = parse_asr(asr if asr is not None else prepared.get("asr", "none"))
     if asr_model is not None:
@@ -234,20 +250,21 @@ def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = Non
             split="predict", fps=float(prepared["fps"]), sample_rate=int(prepared["sample_rate"]),
             frame_size=int(prepared["frame_size"]), asr_model=asr_model, face_crop=prepared["face_crop"] == "opencv"),
             parts)
-        return _predict(model, config, encoders, builder, videos, batch_size, device)
+        yield lambda videos, indices, batch_size: _predict(model, config, encoders, builder, videos, list(indices),
+                                                            batch_size, device)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
 
 
 def _predict(model: FusionModel, config: dict, encoders: FrozenEncoders, builder: SampleBuilder,
-             videos: Sequence[str], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+             videos: Sequence[str], indices: list[int], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
     prepared = config["preprocessing"]
     spec = clip_decode_spec(encoders, config["labels"])
 
-    results: list[dict[str, Any]] = [{"file": video} for video in videos]
-    for start in range(0, len(videos), batch_size):
-        decoded, indices = [], []
-        for index in range(start, min(start + batch_size, len(videos))):
+    results: dict[int, dict[str, Any]] = {index: {"file": videos[index]} for index in indices}
+    for start in range(0, len(indices), batch_size):
+        decoded, done = [], []
+        for index in indices[start:start + batch_size]:
             video = videos[index]
             key = f"{index:06d}"  # a WebDataset key: the file name may hold dots
             built = builder(ClipJob(key=key, path=os.path.abspath(video), source=video, labels={}, transcript=None))
@@ -261,12 +278,98 @@ def _predict(model: FusionModel, config: dict, encoders: FrozenEncoders, builder
             except SampleError as err:
                 results[index]["error"] = str(err)
                 continue
-            indices.append(index)
+            done.append(index)
         if not decoded:
             continue
         batch = collate(decoded, spec)
         features = fusion_batch(clip_features(encoders, batch, float(prepared["fps"])), config["num_frames"])
         preds = fusion_predictions(model, features, device)
-        for row, index in enumerate(indices):
+        for row, index in enumerate(done):
             results[index]["intensities"] = dict(zip(config["labels"], preds[row].tolist()))
-    return results
+    return [results[index] for index in indices]
+
+
+# ------------------------------------------------------------------------------------------ batch predict
+
+@dataclass
+class BatchPrediction:
+    out: str | Path
+    report: str | Path
+    num_predicted: int
+    failures: list[dict[str, str]]  # {"file" or "key", "reason"}
+
+    def describe(self) -> str:
+        lines = [f"{self.num_predicted} clip(s) predicted into {storage.shown(self.out)}"]
+        if self.failures:
+            lines.append(f"{len(self.failures)} could not be predicted: reasons in {storage.shown(self.report)}")
+        return "\n".join(lines)
+
+
+def video_files(folder: str | Path) -> list[str]:
+    """The clips of a videos folder, as the shard builder sees them: its files but hidden ones and NOT_CLIPS, by
+    name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"--videos {folder}: no such folder")
+    return [str(path) for path in sorted(folder.iterdir())
+            if not path.name.startswith(".") and path.suffix.lower() not in NOT_CLIPS and not path.is_dir()]
+
+
+def predict_to_csv(checkpoint: str | Path, out: str | Path, shards: str | None = None,
+                   videos: Sequence[str] | None = None, manifest: str | Path | None = None, asr: str | None = None,
+                   batch_size: int = 8, workers: int = 1) -> BatchPrediction:
+    """Predict every clip of `shards` (clip or feature shards) or every file of `videos`, on however many ranks this
+    runs (accelerate launch, torchrun, srun, or one process): each rank its share, gathered once (no clip twice,
+    none missing); rank 0 writes `out`, the challenge's CSV (Filename, then the checkpoint's labels; one row per
+    clip, in input order), and `<out>.failures.json`. Filename is the clip id: the shard key, or the file's name
+    without its extension."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    check_batching(batch_size, workers)
+    if (shards is None) == (videos is None):
+        raise UsageError("give clips to predict: --shards URL or --videos DIR (or video files), not both")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    model, config = load_fusion(checkpoint, device)
+    if shards is not None:
+        shard_set = resolve_shards(shards, manifest)
+        described = shard_set.manifest("emi predict")
+        data, features_of = shard_loader(checkpoint, model, config, shard_set, described, batch_size, workers, device,
+                                         world, rank)
+        keys, outputs = collect(data, lambda batch: {"pred": fusion_predictions(model, features_of(batch), device)},
+                                accelerator)
+        predicted = dict(zip(keys, outputs["pred"].tolist()))
+        listed = {entry.name: entry.keys for source in shard_set.manifests for entry in source.shards}
+        order = [key for info in shard_set.shards for key in listed.get(shard_name(info.url), [])] or keys
+        rows = [(key, predicted[key]) for key in order if key in predicted]
+        failures = [{"key": key, "reason": "unreadable sample (see the warnings in the log)"}
+                    for key in order if key not in predicted]
+    else:
+        indices = range(rank, len(videos), world)  # every rank its share, each video on one rank
+        with video_predictor(checkpoint, model, config, asr, device) as predictor:
+            mine = list(zip(indices, predictor(videos, indices, batch_size)))
+        results = dict(gather_object(mine))
+        if sorted(results) != list(range(len(videos))):
+            raise RuntimeError(f"gathered predictions for {len(results)} of {len(videos)} videos")
+        rows, failures, seen = [], [], set()
+        for index in range(len(videos)):
+            result, clip_id = results[index], Path(videos[index]).stem
+            if "error" in result:
+                failures.append({"file": videos[index], "reason": result["error"]})
+            elif clip_id in seen:
+                failures.append({"file": videos[index], "reason": f"another file has the clip id {clip_id!r}"})
+            else:
+                seen.add(clip_id)
+                rows.append((clip_id, list(result["intensities"].values())))
+    report = (str(out)[:-len(".csv")] if str(out).endswith(".csv") else str(out)) + ".failures.json"
+    if accelerator.is_main_process:  # rank 0 writes; every rank returns the same summary
+        lines = ["Filename," + ",".join(config["labels"])]
+        lines += [f"{clip_id}," + ",".join(f"{value:.6f}" for value in values) for clip_id, values in rows]
+        storage.write_bytes(out, ("\n".join(lines) + "\n").encode())
+        storage.write_bytes(report, (json.dumps({
+            "checkpoint": str(checkpoint), "shards": storage.shown(shards) if shards is not None else None,
+            "num_predicted": len(rows), "num_failed": len(failures), "failures": failures},
+            indent=1, ensure_ascii=False) + "\n").encode())
+    accelerator.wait_for_everyone()
+    return BatchPrediction(out=out, report=report, num_predicted=len(rows), failures=failures)

@@ -3,6 +3,7 @@ import io
 import json
 import re
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from emi.metrics import emi_report
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
 from emi.models.fusion import FusionModel, load_fusion, save_fusion
 from emi.shards.build import build_shards
-from helpers import GRID
+from helpers import GRID, cpu_env, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS = sorted(GRID.glob("*.mpg"))
@@ -298,3 +299,50 @@ def test_evaluate_names_a_clip_without_a_label(checkpoint, feature_shards, tmp_p
             target.addfile(member, io.BytesIO(data))
     with pytest.raises(UsageError, match=re.escape(f"{shards}: clip '{edited}' has no label ['Joy']")):
         evaluate(checkpoint, str(shards), out=tmp_path / "report.json", workers=0)
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    header, *rows = [line.split(",") for line in path.read_text().splitlines()]
+    return header, [row[0] for row in rows], np.array([[float(v) for v in row[1:]] for row in rows])
+
+
+@pytest.mark.parametrize("source", ["videos", "shards"])
+def test_batch_predict_on_two_ranks_equals_one_process(checkpoint, clip_shards, source, tmp_path):
+    """`emi predict --videos DIR|--shards URL --out CSV` under accelerate launch on 2 CPU ranks: the CSV of one
+    process (challenge layout, input order, every clip once) and the same failures report; bad files exit 3."""
+    if source == "videos":
+        folder = tmp_path / "videos"
+        folder.mkdir()
+        for clip in CLIPS[:5]:
+            shutil.copy(clip, folder)
+        (folder / "broken.mp4").write_bytes(CLIPS[0].read_bytes()[:3000])
+        (folder / "notes.mp4").write_text("not a video at all\n")
+        inputs, expected_code = ["--videos", str(folder)], 3
+        expected_ids = [clip.stem for clip in CLIPS[:5]]
+    else:
+        inputs, expected_code = ["--shards", str(clip_shards)], 0
+        expected_ids = [clip.stem for clip in CLIPS]
+    # one clip per encoder call on both sides: the same arithmetic, so the same values to the last digit
+    common = ["predict", "--checkpoint", str(checkpoint), *inputs, "--batch-size", "1", "--workers", "0"]
+    assert main([*common, "--out", str(tmp_path / "one.csv")]) == expected_code
+    ranks = subprocess.run(launch_command("-m", ["emi.cli", *common, "--out", str(tmp_path / "two.csv")], 2),
+                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    if expected_code == 0:
+        assert ranks.returncode == 0, ranks.stderr[-4000:]
+    else:  # torchrun exits 1 when a rank exits non-zero, and says the rank's own code
+        assert ranks.returncode == 1 and re.search(r"exitcode\s+: 3 ", ranks.stderr), ranks.stderr[-4000:]
+
+    header, ids, values = read_predictions(tmp_path / "one.csv")
+    assert header == ["Filename", *EMI_EMOTIONS]
+    assert ids == expected_ids
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    report = json.loads((tmp_path / "one.failures.json").read_text())
+    assert report == json.loads((tmp_path / "two.failures.json").read_text())
+    if source == "videos":
+        assert [Path(failure["file"]).name for failure in report["failures"]] == ["broken.mp4", "notes.mp4"]
+        assert report["failures"][1]["reason"] == "not a media file (it is a text file)"
+        assert (report["num_predicted"], report["num_failed"]) == (5, 2)
+    else:
+        model, config = load_fusion(checkpoint)
+        keys, preds, _, _ = shard_predictions(checkpoint, model, config, str(clip_shards), batch_size=1, workers=0)
+        np.testing.assert_allclose(values, preds[[keys.index(i) for i in ids]].numpy(), atol=5e-7)  # 6 decimals
