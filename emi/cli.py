@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--num-tasks", type=int, default=None, help="build as one task of a job array of this many "
                        "(default in a Slurm array: SLURM_ARRAY_TASK_COUNT); then run `emi shards merge`")
     build.add_argument("--task-index", type=int, default=None, help="this task's index, 0 .. num-tasks - 1 "
-                       "(default in a Slurm array: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
+                       "(default in a Slurm array: SLURM_ARRAY_TASK_ID)")
     build.set_defaults(func=_shards_build)
 
     merge = shards.add_parser("merge", help="merge the partial manifests of a job-array build into manifest.json "

@@ -13,8 +13,8 @@ in the manifest and no temporary file: the re-run continues from there.
 folder and uploaded whole when complete, so a killed build leaves no partial object, and the manifest is uploaded
 after them.
 
-A job array (--num-tasks N --task-index I, defaulting inside a Slurm array to its task count and this task's
-place in it) splits the shards, and so the sorted clip list, into N contiguous, disjoint slices: task I builds
+A job array (--num-tasks N --task-index I, defaulting inside a Slurm array to SLURM_ARRAY_TASK_COUNT and
+SLURM_ARRAY_TASK_ID) splits the shards, and so the sorted clip list, into N contiguous, disjoint slices: task I builds
 only its slice, under the same shard names a single build gives them, and writes a partial manifest
 (emi.manifest: `.emi-tasks/task-IIIII-of-NNNNN.json`, its failures inside) instead of manifest.json and
 failures.jsonl; `emi shards merge` (emi.shards.merge) then writes those two. A re-run task keeps its complete
@@ -61,21 +61,25 @@ class ArrayTask:
 
 
 def array_task(num_tasks: int | None, task_index: int | None) -> ArrayTask | None:
-    """This process's task of a job-array build: the arguments, else a Slurm array's SLURM_ARRAY_TASK_COUNT and
-    SLURM_ARRAY_TASK_ID (counted from SLURM_ARRAY_TASK_MIN), else None (a single build)."""
-    if num_tasks is None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+    """This process's task of a job-array build, None for a single build. Inside a Slurm array each missing
+    argument defaults: the count to SLURM_ARRAY_TASK_COUNT, the index to SLURM_ARRAY_TASK_ID (so an array is
+    numbered from 0, and re-running some of its tasks is `sbatch --array=2,5 ... --num-tasks N`)."""
+    if "SLURM_ARRAY_TASK_ID" in os.environ:
         try:
-            num_tasks = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-            task_index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            if num_tasks is None:
+                num_tasks = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+            if task_index is None:
+                task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
         except (KeyError, ValueError):
             raise UsageError("inside a Slurm array without SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID numbers: "
                              "pass --num-tasks and --task-index") from None
     if num_tasks is None and task_index is None:
         return None
     if num_tasks is None or task_index is None:
-        raise UsageError("--num-tasks and --task-index go together")
+        raise UsageError("--num-tasks and --task-index go together (outside a Slurm array)")
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
-        raise UsageError(f"--task-index {task_index} --num-tasks {num_tasks}: need 0 <= index < tasks")
+        raise UsageError(f"--task-index {task_index} --num-tasks {num_tasks}: need 0 <= index < tasks (a Slurm "
+                         "array for this build is numbered from 0: --array=0-<tasks - 1>)")
     return ArrayTask(task_index, num_tasks)
 
 

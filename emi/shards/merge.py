@@ -43,8 +43,9 @@ class MergeSummary:
             lines += [f"  task {index}: missing (no partial manifest)" for index in self.missing]
             lines += [f"  task {index}: {reason}" for index, reason in sorted(self.incomplete.items())]
             rerun = ",".join(str(index) for index in sorted([*self.missing, *self.incomplete]))
-            lines.append(f"re-run them (same arguments, --num-tasks {self.num_tasks} --task-index I for I in "
-                         f"{rerun}; in Slurm: sbatch --array={rerun} ...), then merge again")
+            lines.append(f"re-run them with the same arguments and --num-tasks {self.num_tasks} (--task-index I for "
+                         f"I in {rerun}; in Slurm: sbatch --array={rerun} slurm/shards.sh ... --num-tasks "
+                         f"{self.num_tasks}), then merge again")
             return "\n".join(lines)
         lines = [f"merged {self.num_tasks} task(s): {self.num_samples} samples in {self.num_shards} shard(s) in {out}"]
         if self.num_failed:
