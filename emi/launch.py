@@ -4,6 +4,7 @@ or near its time limit and resumes from its newest checkpoint.
     python -m emi.launch {stage1,stage2} --config FILE --nodes N --gpus-per-node G [--cpus-per-node C]
         [--partition P] [--time MIN] [--local] [--log-dir DIR] [section.key=value ...]
     python -m emi.launch features --nodes N --gpus-per-node G [...] -- --encoders DIR --shards URL --out DIR
+    python -m emi.launch shards --tasks N [--cpus-per-node C] [--retries R] [...] -- --videos DIR --labels CSV --out OUT
 
 One submitit task per node starts the node's `accelerate launch` (machine rank and rendezvous from
 submitit.JobEnvironment) as a child process, always with `--resume latest` for the training stages, so every
@@ -16,6 +17,11 @@ The job runs in the directory it was submitted from, like sbatch: relative paths
 resolve there. `--local` runs the job on this machine with submitit's LocalExecutor (one node), for development.
 Both modes print the job id and the log to follow, and return while the job runs (a local job's controller
 inherits stdout: a pipe that reads it stays open until the job ends).
+
+`shards` is different: it submits an array of N one-node jobs, task I running `emi shards build ... --num-tasks N
+--task-index I` (emi.shards.build), waits for them, submits again the tasks whose partial manifest is not complete
+(up to --retries times; a re-run task keeps its complete shards, and a preempted one is requeued by submitit), then
+merges (emi.shards.merge) and exits with the merge's code: 0, or 3 when clips failed or tasks never completed.
 """
 from __future__ import annotations
 
@@ -37,9 +43,9 @@ import submitit
 from submitit.helpers import DelayedSubmission
 
 from emi.config import Stage1Config, Stage2Config, load_config
-from emi.errors import EXIT_USAGE, UsageError
+from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
 
-STAGES = ("stage1", "stage2", "features")
+STAGES = ("stage1", "stage2", "features", "shards")
 ENTRY_POINTS = {  # modules of the installed package: no checkout needed on the nodes
     "stage1": ["-m", "emi.stages.stage1"],
     "stage2": ["-m", "emi.stages.stage2"],
@@ -89,6 +95,25 @@ class NodeJob(submitit.helpers.Checkpointable):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=RESEND_STOP_S)
         return DelayedSubmission(dataclasses.replace(self))  # a fresh job: the child process does not pickle
+
+
+@dataclasses.dataclass
+class ShardTask(submitit.helpers.Checkpointable):
+    """Task `index` of a job-array shard build: `emi shards build ARGS --num-tasks count --task-index index`."""
+
+    build_args: list[str]
+    index: int
+    count: int
+    workdir: str
+
+    def __call__(self) -> int:
+        command = [sys.executable, "-m", "emi.cli", "shards", "build", *self.build_args, "--num-tasks",
+                   str(self.count), "--task-index", str(self.index)]
+        print(f"task {self.index} of {self.count} runs: {shlex.join(command)}", flush=True)
+        returncode = subprocess.run(command, cwd=self.workdir, env=child_environment(0)).returncode
+        if returncode not in (EXIT_OK, EXIT_PARTIAL):  # 3: some clips failed, which a re-run cannot change
+            raise RuntimeError(f"task {self.index}: `{shlex.join(command)}` exited with {returncode}")
+        return returncode
 
 
 def node_command(program: list[str], gpus_per_node: int, env: submitit.JobEnvironment, master_addr: str,
@@ -170,8 +195,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", help="run config (stage1, stage2)")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, required=True,
-                        help="one training process per GPU; 0: one process per node on the CPU")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="one training process per GPU; 0: one process per node on the CPU (not for shards)")
+    parser.add_argument("--tasks", type=int, default=None, help="shards: array tasks, each building a slice")
+    parser.add_argument("--retries", type=int, default=1, help="shards: times to submit again the tasks that did not "
+                        "complete (default 1)")
     parser.add_argument("--cpus-per-node", type=int, default=None, help="default: 10 per process")
     parser.add_argument("--partition", default=None)
     parser.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes (default 24 h)")
@@ -181,6 +209,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("args", nargs="*", metavar="ARG",
                         help="config overrides (section.key=value); for features, after --: its arguments")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    if args.stage == "shards":
+        if args.config is not None or args.gpus_per_node is not None or args.nodes != 1:
+            parser.error("shards takes --tasks, not --config, --gpus-per-node or --nodes (each task is one node): "
+                         "pass the build's arguments after --")
+        if args.tasks is None or args.tasks < 1 or args.retries < 0:
+            parser.error(f"shards needs --tasks >= 1 and --retries >= 0, got {args.tasks} and {args.retries}")
+        args.gpus_per_node = 0
+        return args
+    if args.gpus_per_node is None:
+        parser.error(f"{args.stage} needs --gpus-per-node")
     if args.stage == "features":
         if args.config is not None:
             parser.error("features takes no --config: pass --encoders, --shards, --out after --")
@@ -212,8 +250,56 @@ def run_dir(args: argparse.Namespace) -> Path:
     return Path(config.run.output_dir) / config.run.name
 
 
+def run_shards(args: argparse.Namespace) -> int:
+    """Submit the array, wait, submit again what did not complete, merge; returns the merge's exit code."""
+    from emi.cli import build_parser
+    from emi.shards.merge import merge_shards, read_partials
+
+    build = build_parser().parse_args(["shards", "build", *args.args])  # bad arguments exit 2 before submitting
+    if build.num_tasks is not None or build.task_index is not None:
+        raise UsageError("shards: --tasks sets the array; leave --num-tasks and --task-index out")
+    cpus = args.cpus_per_node or 10
+    given_workers = any(arg == "--workers" or arg.startswith("--workers=") for arg in args.args)
+    build_args = list(args.args) if given_workers else [*args.args, "--workers", str(cpus)]
+    executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local" if args.local else "slurm")
+    executor.update_parameters(name="emi-shards", nodes=1, tasks_per_node=1, cpus_per_task=cpus,
+                               timeout_min=args.time, slurm_partition=args.partition,
+                               slurm_additional_parameters={"requeue": True})
+    pending = list(range(args.tasks))
+    for attempt in range(args.retries + 1):
+        with executor.batch():
+            jobs = {index: executor.submit(ShardTask(build_args, index, args.tasks, os.getcwd())) for index in pending}
+        print(f"submitted shard tasks {pending} of {args.tasks} as jobs {[job.job_id for job in jobs.values()]}; "
+              f"logs in {args.log_dir}", flush=True)
+        for index, job in jobs.items():
+            try:
+                job.result()
+            except Exception as err:  # noqa: BLE001 - a failed task is submitted again, or named by the merge
+                lines = str(err).strip().splitlines()  # submitit's message holds the task's traceback
+                reason = next((line for line in reversed(lines) if line.startswith("RuntimeError: ")), lines[0])
+                print(f"task {index} (job {job.job_id}) failed: {reason}", flush=True)
+        try:
+            done = {index for index, partial in read_partials(build.out).items() if partial.task.complete}
+        except UsageError:
+            done = set()
+        pending = [index for index in range(args.tasks) if index not in done]
+        if not pending:
+            break
+        if attempt < args.retries:
+            print(f"tasks {pending} did not complete: submitting them again", flush=True)
+    summary = merge_shards(build.out)
+    print(summary.describe(), flush=True)
+    return EXIT_OK if summary.merged and summary.num_failed == 0 else EXIT_PARTIAL
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.stage == "shards":
+        try:
+            return run_shards(args)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         run = None if args.stage == "features" else run_dir(args)
     except UsageError as err:

@@ -3,6 +3,7 @@ and tiny Stage I runs through submitit's LocalExecutor, one of them preempted (S
 Slurm sends it) and requeued by submitit, ending with the uninterrupted run's weights."""
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from submitit.local.local import LocalJobEnvironment
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from emi.launch import main, master_address, node_command, parse_args, program
-from helpers import REPO, cpu_env, exported, scalars
+from helpers import GRID, REPO, cpu_env, exported, scalars
 
 TINY = str(REPO / "configs" / "stage1" / "tiny.yaml")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -80,11 +81,13 @@ def test_overrides_and_options_may_be_mixed() -> None:
     (["stage1", "--gpus-per-node", "1"], "stage1 needs --config"),
     (["stage1", "--config", "no/such.yaml", "--gpus-per-node", "1"], "--config no/such.yaml: no such file"),
     (["features", "--config", TINY, "--gpus-per-node", "0"], "features takes no --config"),
-    (["stage1", "--config", TINY], "the following arguments are required: --gpus-per-node"),
+    (["stage1", "--config", TINY], "stage1 needs --gpus-per-node"),
     (["stage1", "--config", TINY, "--gpus-per-node", "0", "--nodes", "0"], "need nodes >= 1"),
     (["stage1", "--config", TINY, "--gpus-per-node", "0", "--local", "--nodes", "2"],
      "--local runs on this machine only: --nodes 2 needs a Slurm cluster"),
     (["stage3", "--config", TINY, "--gpus-per-node", "0"], "invalid choice: 'stage3'"),
+    (["shards", "--", "--out", "x"], "shards needs --tasks >= 1"),
+    (["shards", "--tasks", "2", "--gpus-per-node", "1"], "shards takes --tasks, not --config, --gpus-per-node"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(argv: list[str], message: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -196,3 +199,40 @@ def test_a_failing_trainer_fails_the_job_with_the_tail_of_its_log(local_runs: tu
     tail = stderr[error.end():]
     assert f"error: shard {out}/no-shards: no such file or folder" in tail
     assert not (out / "broken" / "export").exists()
+
+
+def test_local_shard_array_submits_a_killed_task_again_and_merges_into_the_single_build(tmp_path: Path) -> None:
+    """`python -m emi.launch shards --tasks 2 --local`: task 1 is killed mid-build; the launcher submits it again,
+    it keeps its complete shards, and the merged folder is byte for byte the single-process build."""
+    from emi.shards.build import build_shards
+    from test_shards_build import KEYS, grid_labels, write_labels
+
+    labels = write_labels(tmp_path / "labels.csv", grid_labels(KEYS), with_extension=True)
+    args = ["--videos", str(GRID), "--labels", str(labels), "--shard-size", "1", "--frame-size", "64"]
+    out = tmp_path / "array"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "emi.launch", "shards", "--tasks", "2", "--local", "--cpus-per-node", "1",
+         "--log-dir", str(tmp_path / "logs"), "--", *args, "--out", str(out)],
+        cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    partial = out / ".emi-tasks" / "task-00001-of-00002.json"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (partial.exists() and json.loads(partial.read_text())["shards"]):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
+        time.sleep(0.05)
+    builders = [process for process in psutil.Process(launcher.pid).children(recursive=True)
+                if "--task-index" in (cmdline := process.cmdline()) and cmdline[cmdline.index("--task-index") + 1] == "1"]
+    assert len(builders) == 1
+    builders[0].kill()
+    printed, _ = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    assert launcher.returncode == 0, printed
+    assert re.search(r"task 1 \(job \d+\) failed: .*exited with -9", printed), printed
+    assert "tasks [1] did not complete: submitting them again" in printed
+    assert "merged 2 task(s): 8 samples in 8 shard(s)" in printed
+    task_log = "\n".join(path.read_text() for path in (tmp_path / "logs").glob("*_log.out"))
+    assert re.search(r"task 1 of 2: 4 samples in 4 train shard\(s\) .*\((\d) written, [1-3] kept", task_log), task_log
+
+    single = build_shards(videos=GRID, labels=labels, out=tmp_path / "single", shard_size=1, frame_size=64)
+    assert single.num_failed == 0
+    assert ({path.name: path.read_bytes() for path in out.iterdir() if not path.name.startswith(".")}
+            == {path.name: path.read_bytes() for path in (tmp_path / "single").iterdir()
+                if not path.name.startswith(".")})
