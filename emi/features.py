@@ -13,7 +13,11 @@ under a temporary name and renamed when complete, with a sidecar `<name>.tar.jso
 a re-run keeps the shards whose sidecar matches and extracts the rest. Rank 0 writes `manifest.json` at the end.
 
 The same `clip_features` turns a decoded clip batch into features for `emi predict`, so training and prediction
-share one path from pixels and waveforms to features.
+share one path from pixels and waveforms to features. Its memory does not grow with a clip's length beyond the
+decoded inputs: frames go through the vision encoder VISION_CHUNK at a time (and `emi predict` decodes them chunk
+by chunk too: DecodeSpec.lazy_frames), the waveform through the audio encoder in windows of AUDIO_WINDOW_S on the
+encoder's own frame grid (`windowed_audio_features`), so attention never spans more than one window. A clip
+shorter than one window gets exactly the features of a single pass.
 """
 from __future__ import annotations
 
@@ -37,10 +41,11 @@ from emi.errors import UsageError
 from emi.io import folder_records, records_digest, sha256_file, write_json_atomic
 from emi.manifest import FEATURE_SHARDS, Manifest, ShardEntry, write_manifest
 from emi.models.encoders import (
-    audio_frame_features, load_encoders, pool_audio_to_frames, text_features, vision_features)
+    audio_frame_features, load_encoders, normalise_waveform, pool_audio_to_frames, text_features, vision_features)
 from emi.shards.files import ShardWriter
 
 VISION_CHUNK = 256  # frames per vision-encoder call
+AUDIO_WINDOW_S = 30.0  # seconds of waveform per audio-encoder call
 ENCODER_SAMPLE_RATE = 16000  # Wav2Vec2 checkpoints hear 16 kHz
 log = logging.getLogger(__name__)
 
@@ -76,19 +81,56 @@ def load_frozen_encoders(export_dir: str | Path, device: torch.device | str = "c
         image=ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"])), device=device)
 
 
+def receptive_field(encoder: torch.nn.Module) -> tuple[int, int]:
+    """(samples one audio-encoder frame sees, samples between frames) of a Wav2Vec2 feature encoder: (400, 320)."""
+    field, stride = 1, 1
+    for kernel, step in zip(encoder.config.conv_kernel, encoder.config.conv_stride):
+        field += (kernel - 1) * stride
+        stride *= step
+    return field, stride
+
+
+def windowed_audio_features(encoder: torch.nn.Module, audio: torch.Tensor, mask: torch.Tensor,
+                            window_s: float = AUDIO_WINDOW_S, sample_rate: int = ENCODER_SAMPLE_RATE
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """audio_frame_features of waveforms [B, S] (valid where mask [B, S]), run over windows of about `window_s`: each window starts on the
+    encoder's frame grid and reaches one receptive field past its last frame, so the windows' frames are exactly the
+    frames of one pass over the whole waveform (20 ms apart), each computed once; attention spans one window.
+    The waveforms are normalised whole first, as one pass would."""
+    field, stride = receptive_field(encoder)
+    frames_per_window = max(1, round(window_s * sample_rate / stride))
+    step = frames_per_window * stride
+    audio = normalise_waveform(audio, mask)
+    if audio.shape[1] <= step + field - stride:  # one window: one pass
+        return audio_frame_features(encoder, audio, mask.long(), normalise=False)
+    states, masks = [], []
+    for start in range(0, audio.shape[1] - field + 1, step):
+        end = start + step + field - stride
+        window_states, window_mask = audio_frame_features(encoder, audio[:, start:end], mask[:, start:end].long(),
+                                                          normalise=False)
+        states.append(window_states)
+        masks.append(window_mask)
+    return torch.cat(states, dim=1), torch.cat(masks, dim=1)
+
+
 @torch.no_grad()
 def clip_features(encoders: FrozenEncoders, batch: dict[str, Any], fps: float) -> list[dict[str, Any]]:
     """Features of every clip of a `clip`-mode batch (all frames, whole audio): a list of per-clip dicts."""
     device = encoders.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        frames, frame_mask = batch["frames"].to(device), batch["frame_mask"].to(device)
-        valid_frames = frames[frame_mask]
-        vision = torch.cat([vision_features(encoders.vision, chunk)
-                            for chunk in valid_frames.split(VISION_CHUNK)]).float()
-        per_clip_vision = vision.split(frame_mask.sum(1).tolist())
+        if isinstance(batch["frames"], list):  # ClipFrames (lazy_frames): decoded chunk by chunk as well
+            per_clip_vision = [torch.cat([vision_features(encoders.vision, chunk.to(device))
+                                          for chunk in frames.chunks(VISION_CHUNK)]).float()
+                               for frames in batch["frames"]]
+        else:
+            frames, frame_mask = batch["frames"].to(device), batch["frame_mask"].to(device)
+            valid_frames = frames[frame_mask]
+            vision = torch.cat([vision_features(encoders.vision, chunk)
+                                for chunk in valid_frames.split(VISION_CHUNK)]).float()
+            per_clip_vision = vision.split(frame_mask.sum(1).tolist())
 
-        audio_states, audio_frame_mask = audio_frame_features(
-            encoders.audio, batch["audio"].to(device), batch["audio_mask"].to(device).long())
+        audio_states, audio_frame_mask = windowed_audio_features(
+            encoders.audio, batch["audio"].to(device), batch["audio_mask"].to(device))
         text = text_features(encoders.text, batch["input_ids"].to(device),
                              batch["attention_mask"].to(device)).float()
 

@@ -210,8 +210,10 @@ def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None,
 # ------------------------------------------------------------------------------------------------ predict
 
 def clip_decode_spec(encoders: FrozenEncoders, labels: list[str]) -> DecodeSpec:
-    """The decoding `clip_loader` applies to clip shards (emi.features.clip_decoding)."""
-    return DecodeSpec(mode="clip", train=False, label_names=tuple(labels), prompt_fn=None, **clip_decoding(encoders))
+    """The decoding `clip_loader` applies to clip shards (emi.features.clip_decoding), with the frames decoded
+    chunk by chunk: a video of any length is predicted without holding all its frames decoded."""
+    return DecodeSpec(mode="clip", train=False, label_names=tuple(labels), prompt_fn=None, lazy_frames=True,
+                      **clip_decoding(encoders))
 
 
 def raw_sample(sample: Sample, url: str) -> RawSample:
@@ -282,8 +284,9 @@ def _predict(model: FusionModel, config: dict, encoders: FrozenEncoders, builder
         if not decoded:
             continue
         batch = collate(decoded, spec)
-        features = fusion_batch(clip_features(encoders, batch, float(prepared["fps"])), config["num_frames"])
-        preds = fusion_predictions(model, features, device)
+        # the frames are decoded here, chunk by chunk: JPEGs the builder has just written
+        clips = clip_features(encoders, batch, float(prepared["fps"]))
+        preds = fusion_predictions(model, fusion_batch(clips, config["num_frames"]), device)
         for row, index in enumerate(done):
             results[index]["intensities"] = dict(zip(config["labels"], preds[row].tolist()))
     return [results[index] for index in indices]

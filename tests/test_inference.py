@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -346,3 +347,60 @@ def test_batch_predict_on_two_ranks_equals_one_process(checkpoint, clip_shards, 
         model, config = load_fusion(checkpoint)
         keys, preds, _, _ = shard_predictions(checkpoint, model, config, str(clip_shards), batch_size=1, workers=0)
         np.testing.assert_allclose(values, preds[[keys.index(i) for i in ids]].numpy(), atol=5e-7)  # 6 decimals
+
+
+def test_audio_windows_lie_on_the_encoders_frame_grid(encoders, monkeypatch):
+    """windowed_audio_features: one pass for a clip within one window (bit-identical); over several windows the
+    frames are exactly one pass's frames (shown on the convolutional features, which see no attention)."""
+    from emi import features
+    from emi.models.encoders import audio_frame_features
+
+    audio_encoder = load_frozen_encoders(encoders).audio
+    torch.manual_seed(0)
+    waveform = torch.randn(2, 16000 * 7 + 123)
+    mask = torch.ones_like(waveform, dtype=torch.long)
+    mask[1, 16000 * 4 + 77:] = 0  # the second clip is shorter: padding inside the windows
+    with torch.no_grad():
+        whole = audio_frame_features(audio_encoder, waveform, mask)
+        assert all(torch.equal(a, b) for a, b in zip(features.windowed_audio_features(audio_encoder, waveform, mask),
+                                                      whole))
+
+        def conv_features(encoder, values, attention_mask, normalise=True):  # the frame grid, no attention
+            states = encoder.feature_extractor(values).transpose(1, 2)
+            lengths = encoder._get_feat_extract_output_lengths(attention_mask.sum(-1))
+            return states, torch.arange(states.shape[1])[None, :] < lengths[:, None]
+
+        monkeypatch.setattr(features, "audio_frame_features", conv_features)
+        normalised = features.normalise_waveform(waveform, mask)
+        one_pass = conv_features(audio_encoder, normalised, mask)
+        for window_s in (1.0, 2.02, 3.3):
+            windowed = features.windowed_audio_features(audio_encoder, waveform, mask, window_s=window_s)
+            assert windowed[0].shape == one_pass[0].shape == (2, 350, 32)
+            torch.testing.assert_close(windowed[0], one_pass[0], rtol=0, atol=1e-5)
+            assert torch.equal(windowed[1], one_pass[1]) and windowed[1].sum(1).tolist() == [350, 199]
+
+
+PEAK_RSS = """
+import sys
+from emi.inference import predict
+result = predict(sys.argv[1], [sys.argv[2]], batch_size=1)[0]
+assert "intensities" in result, result
+print([int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")][0])
+"""
+
+
+def test_predict_memory_does_not_grow_with_the_clips_length(checkpoint, tmp_path):
+    """Peak RSS of `predict` on a 3-minute clip within 1.25x of a 10-second one (tiny encoders): frames are decoded
+    and encoded in chunks, the audio in windows. (Measured: 1.12x; with every frame decoded at once and the whole
+    waveform in one pass, as before, 1.28x: most of the 1 GB peak is the libraries, the same for both clips.)"""
+    peaks = {}
+    for seconds in (10, 180):
+        clip = tmp_path / f"{seconds}s.mp4"
+        subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", f"testsrc=s=320x240:r=25:d={seconds}",
+                        "-f", "lavfi", "-i", f"sine=frequency=300:duration={seconds}", "-c:v", "libx264",
+                        "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", str(clip)], check=True)
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, str(checkpoint), str(clip)], cwd=REPO, env=cpu_env(),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        peaks[seconds] = int(run.stdout.split()[-1])  # kB
+    assert peaks[180] <= 1.25 * peaks[10], peaks

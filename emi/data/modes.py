@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ class DecodeSpec:
     prompt_fn: Callable[[dict], str] | None
     tokenizer: Any | None  # a Hugging Face tokenizer; tokenises the prompt (clip mode: the transcript)
     max_text_len: int
+    lazy_frames: bool = False  # clip mode: `frames` is a ClipFrames decoded chunk by chunk (emi predict: any length)
 
 
 def decode_sample(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> dict[str, Any]:
@@ -64,7 +65,8 @@ def decode_sample(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) ->
         sample["has_text"] = bool(meta.get("has_text", True))
         return sample
     if spec.mode == "clip":
-        sample["frames"] = _clip_frames(raw, spec, rng)
+        frames = ClipFrames(raw, spec, rng)
+        sample["frames"] = frames if spec.lazy_frames else torch.cat(list(frames.chunks(len(frames))))
         txt = raw.entries.get("txt")
         sample["transcript"] = decode_text(txt) if txt is not None else str(meta.get("transcript") or "")
     if spec.mode in ("frame", "frame_audio"):
@@ -98,7 +100,10 @@ def collate(samples: Sequence[dict[str, Any]], spec: DecodeSpec) -> dict[str, An
         batch["has_text"] = torch.tensor([s["has_text"] for s in samples])
         return batch
     if "frames" in first:
-        batch["frames"], batch["frame_mask"] = pad_stack([s["frames"] for s in samples], spec.num_frames)
+        if spec.lazy_frames:
+            batch["frames"] = [s["frames"] for s in samples]  # ClipFrames, one per clip
+        else:
+            batch["frames"], batch["frame_mask"] = pad_stack([s["frames"] for s in samples], spec.num_frames)
         batch["transcript"] = [s["transcript"] for s in samples]
     if "pixel_values" in first:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
@@ -153,14 +158,26 @@ def _frames(raw: RawSample) -> list[tuple[str, bytes]]:
     return [(ext, raw.entries[ext]) for _, ext in frames]
 
 
-def _clip_frames(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> torch.Tensor:
-    """T frames spread evenly over the clip, all seen through one view (the same crop and mirror)."""
-    frames = _frames(raw)
-    chosen = [frames[i] for i in uniform_indices(len(frames), spec.num_frames)]
-    images = [open_jpeg(data, ext) for ext, data in chosen]
-    view = frame_view(*images[0].size, spec.train, rng)
-    pixels = [load_frame(image, ext, view, spec.image.size) for image, (ext, _) in zip(images, chosen)]
-    return normalise(torch.stack(pixels), spec.image)
+class ClipFrames:
+    """Clip mode's T frames, spread evenly over the clip and all seen through one view (the same crop and mirror),
+    decoded `size` at a time by `chunks`: a long clip's frames are never all held decoded at once."""
+
+    def __init__(self, raw: RawSample, spec: DecodeSpec, rng: np.random.Generator):
+        frames = _frames(raw)
+        self.chosen = [frames[i] for i in uniform_indices(len(frames), spec.num_frames)]
+        ext, data = self.chosen[0]
+        self.view = frame_view(*open_jpeg(data, ext).size, spec.train, rng)
+        self.image = spec.image
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Normalised frames [<= size, 3, S, S], in order; SampleError at a frame that does not decode."""
+        for start in range(0, len(self.chosen), size):
+            pixels = [load_frame(open_jpeg(data, ext), ext, self.view, self.image.size)
+                      for ext, data in self.chosen[start:start + size]]
+            yield normalise(torch.stack(pixels), self.image)
 
 
 def _one_frame(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> torch.Tensor:

@@ -184,7 +184,7 @@ def normalise_waveform(input_values: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def audio_frame_features(
-    encoder: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor
+    encoder: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor, normalise: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frame features [N, F, Da] (one per 20 ms) and the valid-frame mask [N, F] of waveforms [N, S].
 
@@ -193,9 +193,11 @@ def audio_frame_features(
     Checkpoints with a group-norm feature extractor (feat_extract_norm="group", e.g. wav2vec2-base,
     wav2vec2-large-960h) were trained without attention masks, so, as the transformers Wav2Vec2 docs advise, they
     get zero padding and no mask; they normalise over the padded length, so their features depend slightly on
-    padding. Layer-norm ones (e.g. -large-960h-lv60-self) do not.
+    padding. Layer-norm ones (e.g. -large-960h-lv60-self) do not. normalise=False: the caller has normalised the
+    waveforms already (emi.features runs a long clip's normalised waveform through in windows).
     """
-    input_values = normalise_waveform(input_values, attention_mask)
+    if normalise:
+        input_values = normalise_waveform(input_values, attention_mask)
     uses_mask = encoder.config.feat_extract_norm == "layer"
     states = encoder(input_values, attention_mask=attention_mask if uses_mask else None).last_hidden_state
     lengths = encoder._get_feat_extract_output_lengths(attention_mask.sum(-1))
