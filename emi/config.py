@@ -31,6 +31,7 @@ class RunSection:
     name: str = "emi"
     output_dir: str = "runs"  # the run lives in <output_dir>/<name>/
     seed: int = 0
+    publish_to: str | None = None  # also copy each export (export/, best/) to <publish_to>/<export>/: a URL or folder
 
 
 @dataclass

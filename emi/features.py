@@ -11,6 +11,7 @@ Each input shard `<name>.tar` becomes a feature shard `<name>.tar` with, per cli
 npy only (np.save with allow_pickle=False), never pickle. Resumable like the shard builder: a shard is written
 under a temporary name and renamed when complete, with a sidecar `<name>.tar.json` (count, bytes, sha256, keys);
 a re-run keeps the shards whose sidecar matches and extracts the rest. Rank 0 writes `manifest.json` at the end.
+--out may be a URL (s3://...): each feature shard is then written locally and uploaded whole, then its sidecar.
 
 The same `clip_features` turns a decoded clip batch into features for `emi predict`, so training and prediction
 share one path from pixels and waveforms to features. Its memory does not grow with a clip's length beyond the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,14 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
+from emi import storage
 from emi.data import AudioSpec, ImageSpec, ShardSet, build_loader, resolve_shards
 from emi.data.decode import uniform_indices
 from emi.data.modes import pad_stack
 from emi.data.urls import shard_name
 from emi.engine.evaluation import evaluation_batches
 from emi.errors import UsageError
-from emi.io import folder_records, records_digest, sha256_file, write_json_atomic
+from emi.io import folder_records, records_digest
 from emi.manifest import FEATURE_SHARDS, Manifest, ShardEntry, write_manifest
 from emi.models.encoders import (
     audio_frame_features, load_encoders, normalise_waveform, pool_audio_to_frames, text_features, vision_features)
@@ -196,44 +199,31 @@ def feature_members(clip: dict[str, Any], labels: dict[str, float]) -> list[tupl
             (f"{key}.text.npy", npy_bytes(clip["text"]))]
 
 
-def _complete(out: Path, name: str) -> ShardEntry | None:
+def _complete(out: str | Path, name: str) -> ShardEntry | None:
     """The sidecar of a finished feature shard, None when the shard must be (re)extracted."""
-    sidecar, shard = out / f"{name}.json", out / name
-    if not (sidecar.is_file() and shard.is_file()):
-        return None
+    shard = storage.join(out, name)
     try:
-        entry = ShardEntry(**json.loads(sidecar.read_text()))
+        entry = ShardEntry(**json.loads(storage.read_bytes(storage.join(out, f"{name}.json"))))
+    except FileNotFoundError:
+        return None
     except (ValueError, TypeError):  # a damaged sidecar: extract the shard again
         return None
-    return entry if entry.sha256 == sha256_file(shard) else None
+    if storage.size(shard) != entry.bytes:
+        return None
+    return entry if entry.sha256 == storage.sha256(shard) else None
 
 
-def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_size: int = 8,
-                     num_workers: int = 1, manifest: str | Path | None = None) -> dict:
-    """Extract features of every clip in `shards` into `out`; on several ranks each takes every n-th shard.
-
-    The shards' manifest (beside them, or `manifest` for `pipe:` and remote URLs) says how the clips were prepared
-    and which labels they carry; shards no manifest describes are refused rather than guessed at."""
-    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate sees one process on CPU
-    out = Path(out)
-    shard_set = resolve_shards(shards, manifest)
-    source = shard_set.manifest("emi features extract")
-    if source.is_features:
-        raise UsageError(f"--shards {shards}: these are feature shards ({source.path}); extract from clip shards")
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    frozen = load_frozen_encoders(encoders, state.device)
-    # what Stage II checks before it copies these encoders into its checkpoints
-    encoders_sha256 = records_digest(folder_records(frozen.path)) if state.is_main_process else None
-    fps, label_names = source.preprocessing.fps, source.float_labels
-
+def _extract(state: PartialState, frozen: FrozenEncoders, shard_set: ShardSet, source: Manifest, out: str | Path,
+             staging: Path, fps: float, label_names: list[str], batch_size: int, num_workers: int) -> int:
+    """This rank's share of the shards (every n-th) not yet complete in `out`, extracted; returns how many. A shard
+    is written under a temporary name and renamed into place (a local `out`), or written in `staging` and
+    uploaded whole (a URL), then its sidecar is written."""
     extracted = 0
     for index, info in enumerate(shard_set.shards):
         name = shard_name(info.url)
         if index % state.num_processes != state.process_index or _complete(out, name) is not None:
             continue
-        writer = ShardWriter(out / name)
+        writer = ShardWriter((staging if storage.is_url(out) else out) / name)
         one_shard = ShardSet(info.url, [info], [source], [])
         data = clip_loader(one_shard, frozen, label_names, batch_size, num_workers)
         for batch, fresh in evaluation_batches(data, frozen.device):
@@ -244,24 +234,51 @@ def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_s
                                                           batch["label_mask"][i].tolist()) if ok}
                 writer.add(clip["key"], feature_members(clip, labels))
         entry = writer.finish()
-        write_json_atomic(out / f"{name}.json", asdict(entry))
+        if storage.is_url(out):
+            storage.upload(writer.path, storage.join(out, name))
+            writer.path.unlink()
+        storage.write_bytes(storage.join(out, f"{name}.json"),
+                            (json.dumps(asdict(entry), indent=1, ensure_ascii=False) + "\n").encode())
         extracted += 1
         log.info("rank %d: %s -> %d clips", state.process_index, name, entry.num_samples)
-    state.wait_for_everyone()
+    return extracted
 
+
+def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_size: int = 8,
+                     num_workers: int = 1, manifest: str | Path | None = None) -> dict:
+    """Extract features of every clip in `shards` into `out`; on several ranks each takes every n-th shard.
+
+    The shards' manifest (beside them, or `manifest` for `pipe:` and remote URLs) says how the clips were prepared
+    and which labels they carry; shards no manifest describes are refused rather than guessed at."""
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate sees one process on CPU
+    out = str(out) if storage.is_url(str(out)) else Path(out)
+    shard_set = resolve_shards(shards, manifest)
+    source = shard_set.manifest("emi features extract")
+    if source.is_features:
+        raise UsageError(f"--shards {shards}: these are feature shards ({source.path}); extract from clip shards")
+    if state.is_main_process and not storage.is_url(out):
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    frozen = load_frozen_encoders(encoders, state.device)
+    # what Stage II checks before it copies these encoders into its checkpoints
+    encoders_sha256 = records_digest(folder_records(frozen.path)) if state.is_main_process else None
+    fps, label_names = source.preprocessing.fps, source.float_labels
+    with tempfile.TemporaryDirectory(prefix="emi-features-") as tmp:  # where a shard for a URL waits until complete
+        extracted = _extract(state, frozen, shard_set, source, out, Path(tmp), fps, label_names, batch_size,
+                             num_workers)
     written = None
     if state.is_main_process:
         entries = []
         for info in shard_set.shards:
             entry = _complete(out, shard_name(info.url))
             if entry is None:
-                raise RuntimeError(f"{out / shard_name(info.url)}: missing or damaged after extraction")
+                raise RuntimeError(f"{storage.join(out, shard_name(info.url))}: missing or damaged after extraction")
             entries.append(entry)
         written = Manifest(format=FEATURE_SHARDS, split=source.split, shards=entries,
                            labels={name: "float" for name in label_names}, preprocessing=source.preprocessing,
                            dims=frozen.dims, encoders=str(frozen.path), encoders_sha256=encoders_sha256,
-                           source=shards)
+                           source=storage.shown(shards))
         write_manifest(out, written)
     state.wait_for_everyone()
-    return {"out": str(out), "shards": len(shard_set.shards), "extracted_here": extracted,
+    return {"out": storage.shown(out), "shards": len(shard_set.shards), "extracted_here": extracted,
             "num_samples": written.num_samples if written is not None else None}

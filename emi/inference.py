@@ -11,10 +11,12 @@ raw video reaches the model through the same code as the training data, with no 
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -36,7 +38,6 @@ from emi.engine.evaluation import collect
 from emi.errors import UsageError
 from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch,
                           load_frozen_encoders)
-from emi.io import temporary_path, write_json_atomic
 from emi.manifest import Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import FusionModel, fusion_encoders, fusion_inputs, load_fusion
@@ -150,10 +151,13 @@ def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -
 def shards_name(shards: str) -> str:
     """The name of the (first) shard folder a spec names: `data/features/val` -> `val`."""
     first = shards.split("::")[0].strip()
+    if storage.is_url(first):  # s3://bucket/features/val, or .../val/val-{000000..000003}.tar
+        parts = first.rstrip("/").split("/")
+        return parts[-2] if re.search(r"\.(tar|tgz)\b|\{", parts[-1]) else parts[-1]
     return Path(first).name if os.path.isdir(first) else Path(os.path.abspath(first)).parent.name
 
 
-def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report: dict, path: Path) -> None:
+def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report: dict, path: str | Path) -> None:
     """Predicted against true intensity per emotion: a grid of scatter plots (3 per row) with the y = x line."""
     import matplotlib
 
@@ -174,10 +178,10 @@ def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report
     figure.suptitle(f"mean Pearson {report['mean_pearson']:.3f}, MSE {report['mse']:.4f}, "
                     f"{report['num_samples']} clips")
     figure.tight_layout()
-    tmp = temporary_path(path)
-    figure.savefig(tmp, dpi=100, format="png")
+    png = io.BytesIO()
+    figure.savefig(png, dpi=100, format="png")
     plt.close(figure)
-    os.replace(tmp, path)  # never a half-written figure under the real name
+    storage.write_bytes(path, png.getvalue())  # whole: never a half-written figure under the real name
 
 
 def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None, batch_size: int = 8,
@@ -196,10 +200,11 @@ def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None,
         raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
     report = {**emi_report(pred, target, config["labels"]), "num_skipped": skipped}
     name = shards_name(shards)
-    out = Path(out) if out is not None else Path(checkpoint) / "eval" / f"{name}.json"
-    result = {**report, "checkpoint": str(Path(checkpoint).resolve()), "shards": shards}
-    write_json_atomic(out, result)
-    write_figure(pred.numpy(), target.numpy(), config["labels"], report, out.with_suffix(".png"))
+    out = str(out) if out is not None else str(Path(checkpoint) / "eval" / f"{name}.json")
+    result = {**report, "checkpoint": str(Path(checkpoint).resolve()), "shards": storage.shown(shards)}
+    storage.write_bytes(out, (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode())
+    figure = (out[:-len(".json")] if out.endswith(".json") else out) + ".png"
+    write_figure(pred.numpy(), target.numpy(), config["labels"], report, figure)
     writer = SummaryWriter(log_dir=str(tb if tb is not None else Path(checkpoint) / "eval" / "tb"))
     for metric, value in report.items():
         writer.add_scalar(f"eval/{name}/{metric}", value, 0)

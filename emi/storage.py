@@ -18,13 +18,14 @@ import io
 import logging
 import os
 import re
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TypeVar
 
 from emi.errors import UsageError
-from emi.io import sha256_file, write_atomic
+from emi.io import sha256_file, temporary_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,21 @@ def upload(local: Path, location: str | os.PathLike) -> None:
     retrying(str(location), "upload it", lambda: fs.put_file(str(local), path))
 
 
+def upload_folder(folder: Path, location: str | os.PathLike, last: str | None = None) -> None:
+    """Copy a local folder's files (recursively) to `location`, a URL prefix or a folder, each file whole; `last`,
+    a file whose presence says the copy is complete, goes after all the others."""
+    files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
+    files.sort(key=lambda path: path.relative_to(folder).as_posix() == last)
+    for path in files:
+        target = join(location, path.relative_to(folder).as_posix())
+        if is_url(location):
+            upload(path, target)
+        else:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, temporary_path(Path(target)))
+            os.replace(temporary_path(Path(target)), target)
+
+
 def exists(location: str | os.PathLike) -> bool:
     if not is_url(location):
         return os.path.exists(location)
@@ -272,6 +288,3 @@ def sha256(location: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def iter_blocks(stream: IO[bytes], block: int = 1 << 20) -> Iterator[bytes]:
-    while data := stream.read(block):
-        yield data

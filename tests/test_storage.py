@@ -24,6 +24,7 @@ from emi.data.plan import Segment
 from emi.data.urls import resolve_shards
 from helpers import GRID, REPO, cpu_env, exported, launch_command
 from s3server import SECRET_KEY, s3_server
+from test_inference import checkpoint, clip_shards, encoders, feature_shards, labels  # noqa: F401 (fixtures)
 from test_shards_build import KEYS, grid_labels, write_labels
 
 EVERYTHING = re.compile(r".*")
@@ -141,7 +142,8 @@ def test_a_killed_build_leaves_no_partial_object_and_the_rerun_completes(grid, s
 
 def stage1_overrides(train: str, out: Path, name: str) -> list[str]:
     return ["-m", "emi.stages.stage1", "--config", "configs/stage1/tiny.yaml", f"data.train={train}", "data.val=null",
-            f"run.output_dir={out}", f"run.name={name}", "data.batch_size=2", "data.shuffle_buffer=4",
+            f"run.output_dir={out}", f"run.name={name}", f"run.publish_to=s3://emi/runs/{name}", "data.batch_size=2",
+            "data.shuffle_buffer=4",
             "train.epochs=1", "train.strategy=ddp", "train.log_every=1", "train.checkpoint_every=1000"]
 
 
@@ -197,3 +199,30 @@ def test_stage1_trains_from_the_bucket_through_a_server_restart_mid_epoch(server
     assert SECRET_KEY not in errors + text
     reference_weights, bucket_weights = exported(runs / "local"), exported(runs / "bucket")
     assert all(torch.equal(reference_weights[key], bucket_weights[key]) for key in reference_weights)
+    published = {path.relative_to(runs / "bucket" / "export").as_posix(): path.read_bytes()
+                 for path in (runs / "bucket" / "export").rglob("*") if path.is_file()}
+    assert {name: storage.read_bytes(f"s3://emi/runs/bucket/export/{name}") for name in published} == published
+
+
+def test_features_reports_and_predictions_go_to_the_bucket(server, encoders, clip_shards, feature_shards, checkpoint,
+                                                           tmp_path):
+    """`emi features extract --out s3://...` writes the local extraction's bytes; evaluate and predict read those
+    features from the bucket and write their report, figure and CSV there, with the local runs' numbers."""
+    from emi.inference import evaluate, predict_to_csv
+
+    url = "s3://emi/features/test"
+    assert main(["features", "extract", "--encoders", str(encoders), "--shards", str(clip_shards), "--out", url,
+                 "--batch-size", "4", "--workers", "0"]) == 0
+    assert objects(url) == {path.name: path.read_bytes() for path in feature_shards.iterdir()}
+
+    report = evaluate(checkpoint, url, out="s3://emi/reports/test.json", batch_size=3, tb=tmp_path / "tb", workers=0)
+    local = evaluate(checkpoint, str(feature_shards), out=tmp_path / "test.json", batch_size=3, tb=tmp_path / "tb",
+                     workers=0)
+    assert json.loads(storage.read_bytes("s3://emi/reports/test.json")) == report == {**local, "shards": url}
+    assert storage.read_bytes("s3://emi/reports/test.png").startswith(b"\x89PNG\r\n\x1a\n")
+
+    predict_to_csv(checkpoint, "s3://emi/predictions/test.csv", shards=url, batch_size=1, workers=0)
+    predict_to_csv(checkpoint, tmp_path / "test.csv", shards=str(feature_shards), batch_size=1, workers=0)
+    assert storage.read_bytes("s3://emi/predictions/test.csv") == (tmp_path / "test.csv").read_bytes()
+    assert (json.loads(storage.read_bytes("s3://emi/predictions/test.failures.json"))["num_predicted"]
+            == len(KEYS))

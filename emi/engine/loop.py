@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from emi import storage
 from emi.config import TrainSection, save_config
 from emi.engine.checkpoint import (
     TrainerState, create_run_id, load_checkpoint, read_run_id, remove_stale_temporaries, resolve_resume,
@@ -170,6 +171,12 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             task.export(full_state, tmp)
             write_json_atomic(tmp / "trainer.json", extra)
             replace_folder(tmp, folder)
+            if config.run.publish_to:  # checkpoints stay local; the exports may go to object storage too
+                target = storage.join(config.run.publish_to, folder.name)
+                try:
+                    storage.upload_folder(folder, target, last="trainer.json")
+                except (OSError, UsageError) as err:  # the local export stands; the next export publishes again
+                    logger.line(f"error: could not publish {folder} to {storage.shown(target)}: {err}")
         accelerator.wait_for_everyone()
 
     batches_per_epoch = steps_per_epoch * train.grad_accum  # leftovers beyond whole optimizer steps are unused
