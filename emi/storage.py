@@ -262,6 +262,27 @@ def list_names(folder: str | os.PathLike) -> list[str]:
     return retrying(str(folder), "list it", get)
 
 
+def list_tree(folder: str) -> list[str]:
+    """Paths, relative to a URL prefix, of every object under it ([] when there is none)."""
+    fs, path = _filesystem(folder)
+    root = path.rstrip("/")
+
+    def get() -> list[str]:
+        try:
+            found = fs.find(root, withdirs=False)
+        except FileNotFoundError:
+            return []
+        return sorted(name[len(root) + 1:] for name in found if name.startswith(root + "/"))
+
+    return retrying(folder, "list it", get)
+
+
+def download(location: str, local: Path) -> None:
+    """Copy a remote object to a local file, retrying transient errors."""
+    fs, path = _filesystem(location)
+    retrying(location, "download it", lambda: fs.get_file(path, str(local)))
+
+
 def remove(location: str | os.PathLike) -> None:
     """Delete a file if it is there."""
     if not is_url(location):

@@ -226,3 +226,21 @@ def test_features_reports_and_predictions_go_to_the_bucket(server, encoders, cli
     assert storage.read_bytes("s3://emi/predictions/test.csv") == (tmp_path / "test.csv").read_bytes()
     assert (json.loads(storage.read_bytes("s3://emi/predictions/test.failures.json"))["num_predicted"]
             == len(KEYS))
+
+
+def test_clips_come_from_a_bucket(grid, tmp_path):
+    """--videos s3://...: the objects are listed, each clip fetched by its worker and decoded: the shards of the
+    local build, and an object no CSV row names is reported as locally."""
+    for clip in GRID.glob("*.mpg"):
+        storage.write_bytes(f"s3://emi/videos/{clip.name}", clip.read_bytes())
+    storage.write_bytes("s3://emi/videos/notes.mp4", b"not a video\n")
+    out = tmp_path / "from-bucket"
+    assert main(["shards", "build", "--videos", "s3://emi/videos", "--labels", str(grid["labels"]), "--out", str(out),
+                 "--shard-size", "3", "--workers", "2"]) == 3
+    for shard in grid["local"].glob("train-*.tar"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    assert [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()] == [
+        {"path": "notes.mp4", "reason": "no row in labels.csv: clip has no labels"}]
+    assert json.loads((out / "manifest.json").read_text())["args"]["videos"] == "s3://emi/videos"
+    assert main(["shards", "build", "--videos", "s3://emi/nothing-here", "--labels", str(grid["labels"]), "--out",
+                 str(tmp_path / "none")]) == 2

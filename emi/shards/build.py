@@ -11,7 +11,8 @@ in the manifest and no temporary file: the re-run continues from there.
 
 --out may be a URL (s3://bucket/prefix, any fsspec file system): shards are then written in a local temporary
 folder and uploaded whole when complete, so a killed build leaves no partial object, and the manifest is uploaded
-after them.
+after them. --videos may be a URL prefix too: the objects under it are listed once, and each clip is downloaded by
+its worker next to its part file, decoded, and deleted.
 
 A job array (--num-tasks N --task-index I, defaulting inside a Slurm array to SLURM_ARRAY_TASK_COUNT and
 SLURM_ARRAY_TASK_ID) splits the shards, and so the sorted clip list, into N contiguous, disjoint slices: task I builds
@@ -121,9 +122,12 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-def _check_arguments(videos: Path, out: str | Path, split: str, fps: float, sample_rate: int, frame_size: int,
-                     shard_size: int, workers: int, face_crop: str) -> None:
-    if not videos.is_dir():
+def _check_arguments(videos: str | Path, out: str | Path, split: str, fps: float, sample_rate: int,
+                     frame_size: int, shard_size: int, workers: int, face_crop: str) -> None:
+    if storage.is_url(videos):
+        if not storage.list_tree(videos):
+            raise UsageError(f"--videos {storage.shown(videos)}: no objects under this prefix")
+    elif not videos.is_dir():
         raise UsageError(f"--videos {videos}: no such folder")
     if not storage.is_url(out):
         for folder in (out, *out.parents):
@@ -281,7 +285,8 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
                  sample_rate: int = 16000, frame_size: int = 256, shard_size: int = 256, workers: int = 1,
                  asr: str = "none", transcripts: str | Path | None = None, face_crop: str = "none",
                  num_tasks: int | None = None, task_index: int | None = None) -> BuildSummary:
-    videos, labels = Path(videos), Path(labels)
+    videos = str(videos) if storage.is_url(str(videos)) else Path(videos)
+    labels = Path(labels)
     out = str(out) if storage.is_url(str(out)) else Path(out)
     task = array_task(num_tasks, task_index)
     _check_arguments(videos, out, split, fps, sample_rate, frame_size, shard_size, workers, face_crop)
@@ -296,7 +301,7 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
     imported = read_transcripts(transcripts) if transcripts is not None else {}
     jobs, failures = plan_clips(videos, table, imported)
     args = {
-        "videos": str(videos.resolve()), "labels": str(labels.resolve()), "labels_sha256": sha256_file(labels),
+        "videos": storage.shown(videos) if storage.is_url(videos) else str(videos.resolve()), "labels": str(labels.resolve()), "labels_sha256": sha256_file(labels),
         "split": split, "fps": float(fps), "sample_rate": sample_rate, "frame_size": frame_size,
         "shard_size": shard_size, "asr": asr,
         "transcripts": str(Path(transcripts).resolve()) if transcripts is not None else None,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 
+from emi import storage
 from emi.errors import UsageError
 from emi.shards.labels import LabelTable, parse_labels
 
@@ -33,7 +34,7 @@ class SampleOptions:
 @dataclass(frozen=True)
 class ClipJob:
     key: str  # clip id: the file's stem
-    path: str  # absolute path of the clip
+    path: str  # absolute path of the clip, or its URL
     source: str  # path relative to the videos folder, as stored in the sample's json
     labels: dict[str, float | str]
     transcript: str | None  # imported from --transcripts; None: recognise it (or leave it empty)
@@ -61,25 +62,46 @@ class Failure:
 
 
 class ClipFinder:
-    """Resolves Filename values inside one folder; remembers which files were named."""
+    """Resolves Filename values inside one local folder; remembers which files were named."""
 
     def __init__(self, videos: Path):
         self.videos = Path(os.path.normpath(videos))
-        self.root = videos.resolve()
-        self.named: set[Path] = set()
-        self._stems: dict[Path, dict[str, list[Path]]] = {}
+        self.root = Path(videos).resolve()
+        self.named: set[PurePath] = set()
+        self._stems: dict[PurePath, dict[str, list[PurePath]]] = {}
 
-    def _files_by_stem(self, folder: Path) -> dict[str, list[Path]]:
+    # The file system, as the finder sees it; RemoteClipFinder answers the same from an object listing.
+    def entries(self, folder: PurePath) -> list[PurePath]:
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
+    def lexists(self, path: PurePath) -> bool:
+        return os.path.lexists(path)
+
+    def is_dir(self, path: PurePath) -> bool:
+        return path.is_dir()
+
+    def is_file(self, path: PurePath) -> bool:
+        return path.is_file()
+
+    def escape(self, path: PurePath) -> str | None:
+        """Why a path that lies in the folder leads outside it (a symlink), None when it does not."""
+        target = path.resolve()
+        return None if target.is_relative_to(self.root) else f"escapes the videos folder (a symlink to {target})"
+
+    def location(self, path: PurePath) -> str:
+        """What decoding opens: an absolute path (or a URL)."""
+        return str(path.resolve())
+
+    def _files_by_stem(self, folder: PurePath) -> dict[str, list[PurePath]]:
         if folder not in self._stems:
-            index: dict[str, list[Path]] = {}
-            if folder.is_dir():
-                for entry in sorted(folder.iterdir()):
-                    if not entry.name.startswith("."):
-                        index.setdefault(entry.stem, []).append(entry)
+            index: dict[str, list[PurePath]] = {}
+            for entry in self.entries(folder):
+                if not entry.name.startswith("."):
+                    index.setdefault(entry.stem, []).append(entry)
             self._stems[folder] = index
         return self._stems[folder]
 
-    def find(self, filename: str) -> tuple[Path, str | None]:
+    def find(self, filename: str) -> tuple[PurePath, str | None]:
         """The clip a Filename names, as a path under the videos folder, and a note when the Filename has spaces
         around it (matched as written, or only stripped); ValueError with the reason if none."""
         stripped = filename.strip()
@@ -91,15 +113,15 @@ class ClipFinder:
             pass
         return self._find(stripped), f"Filename {filename!r} matched {stripped!r}, without its surrounding spaces"
 
-    def _find(self, filename: str) -> Path:
+    def _find(self, filename: str) -> PurePath:
         if not filename:
             raise ValueError("empty Filename")
         if os.path.isabs(filename):
             raise ValueError("absolute path: Filename must be relative to the videos folder")
-        exact = Path(os.path.normpath(self.videos / filename))
+        exact = type(self.videos)(os.path.normpath(self.videos / filename))
         if not exact.is_relative_to(self.videos):
             raise ValueError("escapes the videos folder ('..' leads outside it)")
-        if os.path.lexists(exact) and not exact.is_dir():
+        if self.lexists(exact) and not self.is_dir(exact):
             candidates = [exact]
         else:
             candidates = self._files_by_stem(exact.parent).get(exact.stem, [])
@@ -109,16 +131,48 @@ class ClipFinder:
         if len(candidates) > 1:
             raise ValueError(f"ambiguous: several files match ({', '.join(c.name for c in candidates)})")
         clip = candidates[0]
-        if not clip.resolve().is_relative_to(self.root):  # a symlink (file or folder) leading outside
-            raise ValueError(f"escapes the videos folder (a symlink to {clip.resolve()})")
-        if not clip.is_file():
+        if (escape := self.escape(clip)) is not None:
+            raise ValueError(escape)
+        if not self.is_file(clip):
             raise ValueError("not a regular file (a folder or a broken symlink)")
         return clip
 
 
-def plan_clips(videos: Path, table: LabelTable, transcripts: dict[str, str]) -> tuple[list[ClipJob], list[Failure]]:
-    """Clips to build sorted by key, and failures: bad rows in CSV order, then unnamed media files by name."""
-    finder = ClipFinder(videos)
+class RemoteClipFinder(ClipFinder):
+    """The same over the objects under a URL prefix (s3://bucket/videos, any fsspec URL), listed once: its folders
+    are the objects' key prefixes, and no object leads outside it."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.videos = PurePosixPath("/videos")  # a stand-in root: '..' past it shows as leaving it
+        self.files = {self.videos / name for name in storage.list_tree(self.url)}
+        self.folders = {parent for path in self.files for parent in path.parents if parent.is_relative_to(self.videos)}
+        self.named, self._stems = set(), {}
+
+    def entries(self, folder: PurePath) -> list[PurePath]:
+        return sorted(path for path in self.files | self.folders if path.parent == folder and path != folder)
+
+    def lexists(self, path: PurePath) -> bool:
+        return path in self.files or path in self.folders
+
+    def is_dir(self, path: PurePath) -> bool:
+        return path in self.folders
+
+    def is_file(self, path: PurePath) -> bool:
+        return path in self.files
+
+    def escape(self, path: PurePath) -> str | None:
+        return None
+
+    def location(self, path: PurePath) -> str:
+        return f"{self.url}/{path.relative_to(self.videos).as_posix()}"
+
+
+def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str]
+               ) -> tuple[list[ClipJob], list[Failure]]:
+    """Clips to build sorted by key, and failures: bad rows in CSV order, then unnamed media files by name. `videos`
+    is a local folder or a URL prefix."""
+    finder = RemoteClipFinder(videos) if storage.is_url(videos) else ClipFinder(Path(videos))
     jobs: dict[str, ClipJob] = {}
     lines: dict[str, int] = {}  # clip id -> the row that named it, for duplicate checks
     sources: dict[str, str] = {}
@@ -144,11 +198,11 @@ def plan_clips(videos: Path, table: LabelTable, transcripts: dict[str, str]) -> 
         except ValueError as err:
             failures.append(Failure(path=source, reason=str(err), line=row.line))
             continue
-        jobs[key] = ClipJob(key=key, path=str(clip.resolve()), source=source, labels=labels,
+        jobs[key] = ClipJob(key=key, path=finder.location(clip), source=source, labels=labels,
                             transcript=transcripts.get(key), filename_note=note)
-    for entry in sorted(finder.videos.iterdir()):
+    for entry in finder.entries(finder.videos):
         if (entry.name.startswith(".") or entry.suffix.lower() in NOT_CLIPS or entry in finder.named
-                or not entry.is_file()):
+                or not finder.is_file(entry)):
             continue
         failures.append(Failure(path=entry.name, reason=f"no row in {table.path.name}: clip has no labels"))
     return [jobs[key] for key in sorted(jobs)], failures

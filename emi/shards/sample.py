@@ -7,16 +7,18 @@ and `<key>.json` (the json last: it counts what came before); the parent appends
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import av
 import numpy as np
 from PIL import Image
 
+from emi import storage
 from emi.media import ClipStream, MediaError, as_array, wav_header
 from emi.shards.asr import WhisperTranscriber
 from emi.shards.face import DETECT_FRAMES, DETECT_SHORT_SIDE, face_box, largest_face, load_face_detector
@@ -55,7 +57,14 @@ class SampleBuilder:
 
     def __call__(self, job: ClipJob) -> Sample | Failure:
         part = self.parts / f"{job.key}.part"
+        local = self.parts / f"{job.key}-source{PurePosixPath(job.path).suffix}" if storage.is_url(job.path) else None
         try:
+            if local is not None:  # decoding opens local files only: fetch the object first
+                try:
+                    storage.download(job.path, local)
+                except (storage.StorageError, OSError) as err:
+                    return Failure(path=job.source, reason=f"cannot download it: {err}", key=job.key)
+                job = dataclasses.replace(job, path=str(local))
             return self._build(job, part)
         except MediaError as err:
             part.unlink(missing_ok=True)
@@ -63,6 +72,9 @@ class SampleBuilder:
         except BaseException:
             part.unlink(missing_ok=True)
             raise
+        finally:
+            if local is not None:
+                local.unlink(missing_ok=True)
 
     def _face_crop(self, path: str) -> tuple[tuple[int, int, int, int] | None, dict]:
         """The face box (x, y, w, h) in displayed pixels, from a first pass over small grey frames, and what the
