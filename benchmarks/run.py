@@ -3,7 +3,7 @@
 1. shard building (emi shards build --workers 2 against the faster of two user baselines with 2 workers, on short
 and long clips, and its peak memory on a 10-second and a 10-minute 720p clip), 2. loader (against a minimal
 reader), 3. trainer overhead (fit with DeepSpeed against a plain loop), 4. Stage II from cached features against
-features on the fly. Each section says what was measured, how, the numbers, the ratio, the target and whether it
+features on the fly, 5. the loader reading from a local S3 server against local disk. Each section says what was measured, how, the numbers, the ratio, the target and whether it
 was met, with the load average before it. Every other section of an earlier RESULTS.md (the "## GPU: ..." runs of
 benchmarks/gpu_stage1.py, benchmarks/ablation.py's "## Learning and ablation") is kept. About 7 minutes on 2 cores.
 
@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bench_loader, bench_shards, bench_stage2, bench_trainer
+from benchmarks import bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer
 from benchmarks.timing import cpu_model, load_average, table
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = re.compile(r"^## .*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-OWN_SECTION = re.compile(r"## [1-4]\. ")  # the headings of the sections this run writes
+OWN_SECTION = re.compile(r"## [1-5]\. ")  # the headings of the sections this run writes
 
 
 def kept_sections(text: str) -> list[str]:
@@ -54,6 +54,8 @@ def summary(results: dict[str, dict]) -> str:
          met[trainer["met"]]],
         ["4. Stage II epoch time: on the fly / cached features", f"{stage2['speedup']}x", "cached much faster",
          met[stage2["speedup"] > 1.0]],
+        ["5. loader samples/s: shards on a local S3 server / on local disk",
+         results["storage"].get("ratio_s3_to_local", "skipped"), ">= 0.8", met[results["storage"]["met"]]],
     ])
 
 
@@ -89,6 +91,7 @@ def main() -> None:
             "trainer": (lambda: bench_trainer.run(work / "trainer"), bench_trainer.section),
             # the clip shards the shard benchmark built (48 clips at 256 px)
             "stage2": (lambda: bench_stage2.run(work / "shards" / "emi", work / "stage2"), bench_stage2.section),
+            "storage": (lambda: bench_storage.run(work / "loader", work / "s3"), bench_storage.section),
         }
         results, sections = {}, []
         for name, (measure, section) in benchmarks.items():

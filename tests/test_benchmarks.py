@@ -10,7 +10,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench_loader, bench_shards, bench_stage2, bench_trainer, gpu_stage1, run, timing
+from benchmarks import (bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_stage1, run,
+                        timing)
 from helpers import GRID, REPO, cpu_env
 
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
@@ -114,6 +115,20 @@ def test_loader_benchmark_numbers(tmp_path):
         result["loader_1_worker"]["samples_per_s"] / result["ceiling"]["samples_per_s"], abs=2e-3)
     assert result["met"] == (result["ratio_1_worker_to_ceiling"] >= 0.8 and result["speedup_2_workers_over_1"] > 1)
     assert bench_loader.section(result).startswith("## 2. Loader")
+
+
+def test_storage_benchmark_reads_the_same_samples_from_the_s3_server_and_disk(tmp_path):
+    shards = bench_loader.write_synthetic_shards(tmp_path / "shards", num_clips=8, shard_size=4)
+    result = bench_storage.run(shards, tmp_path / "s3", repeats=1)
+    if "skipped" in result:
+        pytest.skip(result["skipped"])
+    assert result["samples"] == 8 and result["workers"] == 1
+    for name in ("local_disk", "s3"):
+        assert result[name]["samples_per_s"] > 0 and result[name]["cpu_ms_per_sample"] > 0
+    assert result["ratio_s3_to_local"] == pytest.approx(
+        result["s3"]["samples_per_s"] / result["local_disk"]["samples_per_s"], abs=2e-3)
+    assert result["met"] == (result["ratio_s3_to_local"] >= 0.8)
+    assert bench_storage.section(result).startswith("## 5. Object storage")
 
 
 def test_in_memory_data_times_every_request_and_skips_like_the_loader():
