@@ -38,7 +38,7 @@ class RunSection:
 class DataSection:
     train: str = ""  # shard spec: folder with manifest.json, brace pattern, pipe: URL, or a '::' list
     val: str | None = None
-    manifest: str | None = None  # explicit manifest for remote / pipe: shards
+    manifest: str | None = None  # explicit manifest for pipe: shards (or shards with none beside them)
     batch_size: int = 32  # per rank, per micro step
     num_workers: int = 2
     shuffle_buffer: int = 256

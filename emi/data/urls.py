@@ -65,7 +65,7 @@ class ShardSet:
 
 
 def is_remote(url: str) -> bool:
-    """True for `pipe:` commands and `scheme://` URLs, which are opened with webdataset.gopen as they are."""
+    """True for `pipe:` commands and `scheme://` URLs (emi.data.reader.open_shard opens both)."""
     return url.startswith("pipe:") or "://" in url
 
 
@@ -114,8 +114,8 @@ def _folder(url: str) -> str | None:
 def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | None = None) -> ShardSet:
     """The shards a spec names with their sample counts, and the manifests those came from.
 
-    A count comes from, in order: the explicit `manifest` (needed for `pipe:` and remote URLs), the
-    `manifest.json` in the shard's own folder, or else from streaming the shard once (with a warning).
+    A count comes from, in order: the explicit `manifest` (needed for `pipe:` commands), the `manifest.json` in
+    the shard's own folder or URL prefix, or else from streaming the shard once (with a warning).
     An already resolved ShardSet is returned as it is.
     """
     if isinstance(spec, ShardSet):
