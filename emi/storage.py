@@ -86,11 +86,11 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def retrying(url: str, what: str, action: Callable[[], T], deadline_s: float | None = None) -> T:
-    """`action()`, retried with backoff on transient errors for up to `deadline_s` (RETRY_DEADLINE_S); a permanent
-    error raises StorageError naming the URL, and so does a transient one that outlasts the deadline (as OSError,
-    which readers treat as a damaged shard)."""
-    deadline = time.monotonic() + (RETRY_DEADLINE_S if deadline_s is None else deadline_s)
+def retrying(url: str, what: str, action: Callable[[], T]) -> T:
+    """`action()`, retried with backoff on transient errors for up to RETRY_DEADLINE_S. A permanent error raises
+    StorageError naming the URL; a transient one that outlasts the deadline raises OSError naming it (which the
+    reader treats as a damaged shard, and the builder as a failed write)."""
+    deadline = time.monotonic() + RETRY_DEADLINE_S
     wait = BACKOFF_S[0]
     while True:
         try:
@@ -102,8 +102,7 @@ def retrying(url: str, what: str, action: Callable[[], T], deadline_s: float | N
                 raise StorageError(f"{shown(url)}: cannot {what}: {_reason(err)}") from None
             if time.monotonic() + wait > deadline:
                 raise OSError(f"{shown(url)}: cannot {what}, still failing after retrying "
-                              f"{RETRY_DEADLINE_S if deadline_s is None else deadline_s:.0f} s: {_reason(err)}"
-                              ) from None
+                              f"{RETRY_DEADLINE_S:.0f} s: {_reason(err)}") from None
             log.warning("%s: cannot %s (%s); retrying in %.2f s", shown(url), what, _reason(err), wait)
             time.sleep(wait)
             wait = min(2 * wait, BACKOFF_S[1])

@@ -67,6 +67,12 @@ def test_shards_built_into_a_bucket_are_the_local_build(grid):
     assert SECRET_KEY not in remote["manifest.json"].decode()
 
 
+def test_stats_of_the_bucket_are_those_of_the_local_folder(grid):
+    from emi.shards.stats import shard_stats
+
+    assert shard_stats(grid["url"]) == shard_stats(grid["local"])
+
+
 def test_the_reader_streams_shards_from_the_bucket(grid):
     from_bucket = raw_samples(grid["url"])
     assert [key for key, _ in from_bucket] == KEYS

@@ -124,10 +124,7 @@ class BuildSummary:
 
 def _check_arguments(videos: str | Path, out: str | Path, split: str, fps: float, sample_rate: int,
                      frame_size: int, shard_size: int, workers: int, face_crop: str) -> None:
-    if storage.is_url(videos):
-        if not storage.list_tree(videos):
-            raise UsageError(f"--videos {storage.shown(videos)}: no objects under this prefix")
-    elif not videos.is_dir():
+    if not storage.is_url(videos) and not videos.is_dir():  # a URL prefix is listed (and checked) by the plan
         raise UsageError(f"--videos {videos}: no such folder")
     if not storage.is_url(out):
         for folder in (out, *out.parents):

@@ -146,6 +146,8 @@ class RemoteClipFinder(ClipFinder):
         self.url = url.rstrip("/")
         self.videos = PurePosixPath("/videos")  # a stand-in root: '..' past it shows as leaving it
         self.files = {self.videos / name for name in storage.list_tree(self.url)}
+        if not self.files:
+            raise UsageError(f"--videos {storage.shown(url)}: no objects under this prefix")
         self.folders = {parent for path in self.files for parent in path.parents if parent.is_relative_to(self.videos)}
         self.named, self._stems = set(), {}
 

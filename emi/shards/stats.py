@@ -1,32 +1,33 @@
-"""`emi shards stats DIR`: what a shard folder holds, from its manifest and every sample's json entry."""
+"""`emi shards stats DIR|URL`: what a shard folder holds, from its manifest and every sample's json entry."""
 from __future__ import annotations
 
 from pathlib import Path
 from statistics import fmean
 
+from emi import storage
 from emi.errors import UsageError
 from emi.manifest import CLIP_SHARDS, MANIFEST_FILE, find_manifest
 from emi.shards.files import read_failures, scan_shard
 
 
 def shard_stats(folder: str | Path) -> dict:
-    folder = Path(folder)
-    manifest = find_manifest(folder) if folder.is_dir() else None
+    folder = str(folder) if storage.is_url(str(folder)) else Path(folder)
+    manifest = find_manifest(folder) if storage.is_url(folder) or folder.is_dir() else None
     if manifest is None:
-        raise UsageError(f"{folder}: no {MANIFEST_FILE} (not a shard folder)")
+        raise UsageError(f"{storage.shown(folder)}: no {MANIFEST_FILE} (not a shard folder)")
     if manifest.format != CLIP_SHARDS:
         raise UsageError(f"{manifest.path}: {manifest.format} shards; stats reads clip shards ({CLIP_SHARDS})")
     samples = []
     for entry in manifest.shards:
-        path = folder / entry.name
-        if not path.is_file():
-            raise UsageError(f"{path}: listed in {MANIFEST_FILE} but missing")
+        path = storage.join(folder, entry.name)
+        if storage.size(path) is None:
+            raise UsageError(f"{storage.shown(path)}: listed in {MANIFEST_FILE} but missing")
         try:
             metadata = scan_shard(path).metadata
         except ValueError as err:
             raise UsageError(str(err)) from None
         if len(metadata) != entry.num_samples:
-            raise UsageError(f"{path}: holds {len(metadata)} samples, {MANIFEST_FILE} says {entry.num_samples}")
+            raise UsageError(f"{storage.shown(path)}: holds {len(metadata)} samples, {MANIFEST_FILE} says {entry.num_samples}")
         samples += metadata
     try:
         num_failures = len(read_failures(folder))
