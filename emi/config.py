@@ -149,26 +149,76 @@ class Stage2Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sweeps: many Stage II runs from one file (emi sweep, emi/sweep.py)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class SweepData:
+    train: str = ""  # feature shards (emi features extract), as data.train of a run config
+    val: str = ""  # the val set every cell is ranked on
+
+
+@dataclass
+class SweepSlurm:
+    nodes: int = 1  # per cell
+    gpus_per_node: int = 1  # one training process per GPU; 0: one process per node on the CPU
+    cpus_per_node: int | None = None  # default: 10 per process
+    partition: str | None = None
+    time: int = 24 * 60  # minutes per cell job; a cell stopped by its time limit requeues itself and resumes
+    parallelism: int = 1  # cells running at once (the job array's %N; --local: on this machine); 0: no limit
+
+
+@dataclass
+class SweepConfig:
+    """Keys of `overrides`, `grid`, `repeat` and of each cell are dotted Stage II run-config keys."""
+
+    name: str = "sweep"
+    output_dir: str = "runs/sweeps"  # the sweep lives in <output_dir>/<name>/, each cell in <that>/cells/
+    base: str = ""  # the Stage II run config every cell starts from
+    # feature shards by name; a cell trains on the first one unless its cell or grid sets `dataset: NAME`
+    data: dict[str, SweepData] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings of every cell
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)  # named variants: name -> {key: value}
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # key -> values; variants: cells x the product
+    repeat: dict[str, list[Any]] = field(default_factory=dict)  # key -> values each variant runs with, aggregated
+    metric: str = "mean_pearson"  # the val metric (best/trainer.json) that ranks cells; higher is better
+    top_k: int = 3  # the k best cells on one val set are ensembled (mean of predictions); 0: no ensemble
+    slurm: SweepSlurm = field(default_factory=SweepSlurm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading, overrides, validation
 # ---------------------------------------------------------------------------------------------------------------
 def load_config(schema: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """Read `path` (YAML), apply `key.sub=value` overrides, validate against `schema`, return the dataclass."""
-    source = str(path) if path else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise UsageError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise UsageError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise UsageError(f"{path}: the top level must be a mapping of sections")
+    raw = read_config_file(path) if path else {}
     for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise UsageError(f"override {override!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None, override)
+        set_dotted(raw, *parse_override(override), override)
+    return build_config(schema, raw, str(path) if path else "<defaults>")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in `path`, not yet validated."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """`section.key=value` -> (dotted key, value parsed as YAML)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"override {override!r} must look like section.key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def build_config(schema: type[T], raw: dict[str, Any], source: str) -> T:
+    """Validate a raw mapping against `schema`; errors name `source`."""
     config = _build(schema, raw, source, prefix="")
     validate(config, source)
     return config
@@ -211,7 +261,7 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -
         raise UsageError(f"{source}: {key} is {value!r}; choose one of {list(choices)}")
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any, override: str) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any, override: str) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -253,7 +303,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UsageError(f"{source}: {key} must be a mapping, got {value!r}")
-        return dict(value)
+        _, item = typing.get_args(hint)
+        return {name: _coerce(item, v, source, f"{key}.{name}") for name, v in value.items()}
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
