@@ -22,6 +22,8 @@ inherits stdout: a pipe that reads it stays open until the job ends).
 --task-index I` (emi.shards.build), waits for them, submits again the tasks whose partial manifest is not complete
 (up to --retries times; a re-run task keeps its complete shards, and a preempted one is requeued by submitit), then
 merges (emi.shards.merge) and exits with the merge's code: 0, or 3 when clips failed or tasks never completed.
+
+`emi sweep` (emi/sweep.py) submits its Stage II cells as one job array of NodeJobs, through `submitit_executor`.
 """
 from __future__ import annotations
 
@@ -292,6 +294,23 @@ def run_shards(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.merged and summary.num_failed == 0 else EXIT_PARTIAL
 
 
+def submitit_executor(log_dir: Path, local: bool, name: str, nodes: int, gpus_per_node: int, cpus_per_node: int,
+                      minutes: int, partition: str | None, **parameters: object) -> submitit.AutoExecutor:
+    """The executor for NodeJobs: Slurm (requeueable, warned SIGNAL_DELAY_S before the time limit) or, with
+    `local`, this machine. `parameters`: more submitit parameters (slurm_array_parallelism)."""
+    executor = submitit.AutoExecutor(folder=log_dir, cluster="local" if local else "slurm",
+                                     slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
+    executor.update_parameters(
+        name=name, nodes=nodes, tasks_per_node=1, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_node,
+        timeout_min=minutes, slurm_partition=partition, slurm_signal_delay_s=SIGNAL_DELAY_S,
+        slurm_additional_parameters={"requeue": True},
+        # srun does not pass the allocation's CPUs per task on to the step (Slurm 22.05+); kill-on-bad-exit:
+        # a node that fails must not leave the others waiting in a collective.
+        slurm_srun_args=[f"--cpus-per-task={cpus_per_node}", "--kill-on-bad-exit=1"], **parameters,
+    )
+    return executor
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.stage == "shards":
@@ -308,16 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
     procs_per_node = max(1, args.gpus_per_node)
     cpus_per_node = args.cpus_per_node or 10 * procs_per_node
-    executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local" if args.local else "slurm",
-                                     slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
-    executor.update_parameters(
-        name=f"emi-{args.stage}", nodes=args.nodes, tasks_per_node=1, gpus_per_node=args.gpus_per_node,
-        cpus_per_task=cpus_per_node, timeout_min=args.time, slurm_partition=args.partition,
-        slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters={"requeue": True},
-        # srun does not pass the allocation's CPUs per task on to the step (Slurm 22.05+); kill-on-bad-exit:
-        # a node that fails must not leave the others waiting in a collective.
-        slurm_srun_args=[f"--cpus-per-task={cpus_per_node}", "--kill-on-bad-exit=1"],
-    )
+    executor = submitit_executor(args.log_dir, args.local, f"emi-{args.stage}", args.nodes, args.gpus_per_node,
+                                 cpus_per_node, args.time, args.partition)
     job = executor.submit(NodeJob(program=program(args), gpus_per_node=args.gpus_per_node, workdir=os.getcwd()))
 
     where = "locally" if args.local else "to Slurm"
