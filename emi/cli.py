@@ -84,6 +84,12 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_OK if not summary.failures else EXIT_PARTIAL
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from emi.sweep import run_sweep
+
+    return run_sweep(args.config, args.overrides, local=args.local, collect_only=args.collect)
+
+
 def _train(args: argparse.Namespace) -> int:
     from importlib import import_module
 
@@ -174,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["stage1", "stage2"])
     train.add_argument("stage_args", nargs=argparse.REMAINDER, help="--config FILE [--resume ...] [key=value ...]")
     train.set_defaults(func=_train)
+
+    sweep = commands.add_parser(
+        "sweep", help="run a sweep file's Stage II cells (a Slurm job array, or --local) and write its results table",
+        description="Runs the cells of a sweep file that are not finished, waits for them and writes "
+                    "<sweep>/results.md and .csv (mean and std over the repeats, best cell, top-k ensemble), "
+                    "cells.csv and TensorBoard HParams. Exit code 0 when every cell finished, 3 when some did not.")
+    sweep.add_argument("--config", required=True, help="sweep file (configs/sweeps/*.yaml)")
+    sweep.add_argument("--local", action="store_true", help="run the cells on this machine, not on Slurm")
+    sweep.add_argument("--collect", action="store_true", help="run nothing: write the results of the cells "
+                       "finished so far")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the sweep file: top_k=5, "
+                       "slurm.partition=gpu, data.clean.train=DIR, overrides.train.epochs=3, repeat.run.seed=[0,1]")
+    sweep.set_defaults(func=_sweep)
 
     synth = commands.add_parser("synth", help="write a synthetic EMI dataset (mp4 clips, labels, transcripts)")
     synth.add_argument("--out", required=True)
