@@ -50,7 +50,8 @@ test-slow: setup
 bench: setup
 	$(PY) -m benchmarks.run
 
-# The learning numbers and the ablation table of benchmarks/RESULTS.md (about an hour on 2 cores).
+# The learning numbers and the ablation tables of benchmarks/RESULTS.md: the data sets, then one
+# `emi sweep --config configs/sweeps/ablation.yaml --local` (about two hours on 2 cores; a re-run continues).
 ablation: setup
 	$(PY) -m benchmarks.ablation
 

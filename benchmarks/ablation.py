@@ -1,43 +1,55 @@
-"""The learning numbers and the ablation table (paper Tables 3 and 4) on synthetic data, into RESULTS.md.
+"""The learning numbers and the ablation tables (paper Tables 3 and 4) on synthetic data, into RESULTS.md.
 
-    python -m benchmarks.ablation [--root DIR] [--train-clips 600] [--val-clips 200]
+    python -m benchmarks.ablation [--root runs/ablation] [--train-clips 600] [--val-clips 200] [--stage1-epochs 25]
+        [--stage2-epochs 60] [--seeds 3] [--out benchmarks/RESULTS.md]
 
-Two data sets of `emi synth` clips: a clean one and one whose audio is replaced by loud noise on half of the clips.
-On each, Stage I (tiny encoders) then feature extraction run once; Stage II is trained once per variant, each with
-the same epochs and seed, and the variant's best val mean Pearson (and the mean Pearson with each modality removed
-at evaluation time) is recorded. The section "## Learning and ablation" of RESULTS.md is replaced; the rest is
-kept. About an hour on 2 cores.
+Two data sets of `emi synth` clips are prepared with emi.demo's Pipeline (synth -> shards -> Stage I with tiny
+encoders -> features; each step kept and skipped when done): a clean one and one whose audio is replaced by loud
+noise on half of the clips. Then one command trains every variant over the seeds and writes the results table:
+
+    emi sweep --config configs/sweeps/ablation.yaml --local
+
+(with overrides where --root, --stage2-epochs or --seeds differ from what the sweep file says),
+
+then the section "## Learning and ablation" of RESULTS.md is written from the sweep's table (results.csv,
+cells.csv, ensemble.json), with the audio's fusion weight on clean and corrupted clips read from the checkpoints
+(`emi.inference.modality_weights`); the rest of RESULTS.md is kept. About two hours on 2 cores (36 Stage II cells,
+two at a time); a re-run continues where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
+import json
 import re
-import tempfile
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import yaml
+
 from benchmarks.timing import cpu_model, table
+from emi.config import read_config_file
 from emi.demo import Pipeline
 from emi.inference import modality_weights
 
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SWEEP = "configs/sweeps/ablation.yaml"  # relative to the checkout, where the sweep runs
+DEFAULT_ROOT = REPO / "runs/ablation"  # where the sweep file expects the data sets, and puts the sweep
 SECTION = "## Learning and ablation"
-STAGE1_EPOCHS, STAGE2_EPOCHS = 25, 60
-STAGE1 = ("optim.lr=2e-3",)
-FUSION_SEEDS = (0, 1, 2)  # Stage II seeds (initialisation, shuffling, dropout) on the same features
+STAGE1, STAGE1_EPOCHS = ("optim.lr=2e-3",), 25
+STAGE2_EPOCHS = read_config_file(REPO / SWEEP)["overrides"]["train.epochs"]  # the learning tests train as long
+DATA_SETS = {"clean": {}, "audio-noise": {"corrupt_modality": "audio", "corrupt_frac": 0.5}}
 
-# name -> Stage II overrides; the paper's Table 3 (TFE = temporal, QAM = quality-aware) and Table 4 (modalities)
-MODULES = {
-    "baseline (no TFE, concatenation)": ("model.temporal=false", "model.fusion=concat"),
-    "+TFE": ("model.temporal=true", "model.fusion=concat"),
-    "+QAM": ("model.temporal=false", "model.fusion=qam"),
-    "+TFE +QAM (full model)": (),
-}
-MODALITY_SETS = {
-    "V": "[vision]", "V+T": "[vision,text]", "A": "[audio]", "V+A": "[vision,audio]", "A+T": "[audio,text]",
-    "V+A+T": "[vision,audio,text]",
-}
+# label -> the sweep's variant (configs/sweeps/ablation.yaml)
+MODULES = {"baseline (no TFE, concatenation)": "modules-baseline", "+TFE": "modules-tfe", "+QAM": "modules-qam",
+           "+TFE +QAM (full model)": "full"}
+MODALITIES = {"V": "modalities-v", "V+T": "modalities-vt", "A": "modalities-a", "V+A": "modalities-va",
+              "A+T": "modalities-at", "V+A+T": "full"}
+FUSIONS = {"qam": "audio-noise-qam", "mean": "audio-noise-mean", "concat": "audio-noise-concat"}
 
 
 def corrupted_clips(corruption_csv: Path) -> tuple[set[str], set[str]]:
@@ -52,76 +64,118 @@ def audio_weight(weights: dict[str, list[float]], keys: set[str]) -> float:
     return sum(weights[key][1] for key in keys) / len(keys)
 
 
-def run_name(label: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+def prepare(root: Path, train_clips: int, val_clips: int, stage1_epochs: int) -> dict[str, Pipeline]:
+    pipelines = {}
+    for name, corruption in DATA_SETS.items():
+        pipeline = pipelines[name] = Pipeline(root / name, train_clips, val_clips, **corruption)
+        pipeline.prepare_data()
+        pipeline.extract_features(pipeline.train_stage1("stage1", stage1_epochs, *STAGE1))
+    return pipelines
 
 
-def ablation(root: Path, train_clips: int, val_clips: int) -> str:
-    clean = Pipeline(root / "clean", train_clips, val_clips)
-    clean.prepare_data()
-    clean.extract_features(clean.train_stage1("stage1", STAGE1_EPOCHS, *STAGE1))
-    modules = {label: clean.train_stage2(run_name(label), STAGE2_EPOCHS, *overrides)
-               for label, overrides in MODULES.items()}
-    rows_modules = [[label, f"{best['mean_pearson']:.4f}"] for label, best in modules.items()]
-    full = modules["+TFE +QAM (full model)"]
-    rows_modalities = []
-    for label, modalities in MODALITY_SETS.items():
-        best = (full if label == "V+A+T" else
-                clean.train_stage2(f"modalities-{run_name(label)}", STAGE2_EPOCHS, f"model.modalities={modalities}"))
-        rows_modalities.append([label, f"{best['mean_pearson']:.4f}"])
+def sweep_command(root: Path, pipelines: dict[str, Pipeline], stage2_epochs: int | None,
+                  seeds: int | None) -> list[str]:
+    """`emi sweep` of configs/sweeps/ablation.yaml, with overrides only where these options differ from the file
+    (the data under another root, other epochs or seeds)."""
+    overrides = []
+    if root != DEFAULT_ROOT:
+        overrides += [f"output_dir={root}"] + [f"data.{name}.{split}={pipeline.features(split)}"
+                                               for name, pipeline in pipelines.items() for split in ("train", "val")]
+    if stage2_epochs is not None:
+        overrides += [f"overrides.train.epochs={stage2_epochs}", f"overrides.optim.restart_epochs={stage2_epochs}"]
+    if seeds is not None:
+        overrides.append(f"repeat.run.seed=[{','.join(map(str, range(seeds)))}]")
+    return [sys.executable, "-m", "emi.cli", "sweep", "--config", SWEEP, "--local", *overrides]
 
-    noisy = Pipeline(root / "audio-corrupted", train_clips, val_clips, corrupt_modality="audio", corrupt_frac=0.5)
-    noisy.prepare_data()
-    noisy.extract_features(noisy.train_stage1("stage1", STAGE1_EPOCHS, *STAGE1))
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def shown(row: dict[str, str], metric: str) -> str:
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    return f"{float(mean):.4f}" + (f" ± {float(std):.4f}" if std else "")
+
+
+def section(root: Path, pipelines: dict[str, Pipeline], args: argparse.Namespace, command: list[str],
+            seconds: float) -> str:
+    sweep = root / "sweep"
+    variants = {row["variant"]: row for row in read_csv(sweep / "results.csv")}
+    cells = read_csv(sweep / "cells.csv")
+    epochs = yaml.safe_load((sweep / "sweep.yaml").read_text())["overrides"]["train.epochs"]
+    seeds = len({cell["run.seed"] for cell in cells})
+    full = variants["full"]
+    emotions = [name.removeprefix("pearson/").removesuffix("_mean") for name in full
+                if name.startswith("pearson/") and name.endswith("_mean")]
+    noisy = pipelines["audio-noise"]
     corrupted = corrupted_clips(noisy.root / "data/synth/val/corruption.csv")
     rows_fusion = []
-    for fusion in ("qam", "mean", "concat"):
-        for seed in FUSION_SEEDS:
-            name = f"fusion-{fusion}-seed{seed}"
-            best = noisy.train_stage2(name, STAGE2_EPOCHS, f"model.fusion={fusion}", f"run.seed={seed}")
-            trust = "-"
-            if fusion != "concat":
-                weights = modality_weights(noisy.root / "runs" / name / "best", str(noisy.features("val")))
-                clean_w, noisy_w = (audio_weight(weights, keys) for keys in corrupted)
-                trust = f"{clean_w:.3f} / {noisy_w:.3f}"
-            rows_fusion.append([fusion, str(seed), f"{best['mean_pearson']:.4f}"] + [
-                f"{best[f'mean_pearson_without_{m}']:.4f}" for m in ("vision", "audio", "text")] + [trust])
-
-    per_emotion = [[name.removeprefix("pearson/"), f"{value:.4f}"] for name, value in full.items()
-                   if name.startswith("pearson/")]
+    for fusion, variant in FUSIONS.items():
+        row = variants[variant]
+        trust = "-"
+        if fusion != "concat":  # concatenation has no per-modality weights
+            pairs = []
+            for cell in (c for c in cells if c["variant"] == variant and c["status"] == "finished"):
+                weights = modality_weights(REPO / cell["run_dir"] / "best", str(noisy.features("val")))
+                pairs.append([audio_weight(weights, keys) for keys in corrupted])
+            trust = " / ".join(f"{sum(p[i] for p in pairs) / len(pairs):.3f}" for i in (0, 1)) if pairs else "-"
+        rows_fusion.append([fusion, shown(row, "mean_pearson")] + [
+            shown(row, f"mean_pearson_without_{m}") for m in ("vision", "audio", "text")] + [trust])
+    ensemble = json.loads((sweep / "ensemble.json").read_text())
+    best = max((c for c in cells if c["status"] == "finished"), key=lambda c: float(c["mean_pearson"]))
     return "\n\n".join([
         SECTION,
-        f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.ablation` "
-        f"({train_clips} train / {val_clips} val `emi synth` clips, shards at 64 px; Stage I: tiny encoders, "
-        f"{STAGE1_EPOCHS} epochs, lr 2e-3, 2 processes, ZeRO-2; Stage II: configs/stage2/tiny.yaml, {STAGE2_EPOCHS} "
-        "epochs, 2 processes; each number is the best epoch's val mean Pearson, the checkpoint Stage II exports). "
-        "The pipeline is deterministic: a re-run on this machine reproduces the numbers.",
+        f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.ablation` in "
+        f"{seconds / 60:.0f} min ({args.train_clips} train / {args.val_clips} val `emi synth` clips, shards at "
+        f"64 px; Stage I: tiny encoders, {args.stage1_epochs} epochs, lr 2e-3, 2 processes, ZeRO-2). Stage II: one "
+        f"`emi sweep` of {len(cells)} cells, configs/stage2/tiny.yaml for {epochs} epochs at batch 32, one process "
+        f"per cell and two cells at a time, every variant over {seeds} Stage II seeds on the same features:",
+        f"`{' '.join(['emi', *(shown_path(part) for part in command[3:])])}`",
+        "Each number is the best epoch's val mean Pearson (the checkpoint Stage II exports), mean ± sample std over "
+        f"the seeds; the sweep's own table is {shown_path(str(sweep / 'results.md'))}.",
         "Full model, clean data, per emotion:",
-        table(["emotion", "val Pearson"], per_emotion + [["mean", f"{full['mean_pearson']:.4f}"]]),
+        table(["emotion", "val Pearson"], [[name, shown(full, f"pearson/{name}")] for name in emotions] +
+              [["mean", shown(full, "mean_pearson")]]),
         "Modules (paper Table 3), clean data:",
-        table(["Stage II", "val mean Pearson"], rows_modules),
+        table(["Stage II", "val mean Pearson"], [[label, shown(variants[v], "mean_pearson")]
+                                                 for label, v in MODULES.items()]),
         "Modalities (paper Table 4), full model, clean data:",
-        table(["modalities", "val mean Pearson"], rows_modalities),
+        table(["modalities", "val mean Pearson"], [[label, shown(variants[v], "mean_pearson")]
+                                                   for label, v in MODALITIES.items()]),
         "Fusion when half of the clips have their audio replaced by loud noise (`--corrupt-modality audio "
-        "--corrupt-frac 0.5`), over three Stage II seeds on the same features: val mean Pearson, the same with one "
-        "modality removed at evaluation time, and the audio's mean fusion weight on the clean / the corrupted val "
-        "clips (`emi.inference.modality_weights`):",
-        table(["fusion", "Stage II seed", "val mean Pearson", "without vision", "without audio", "without text",
+        "--corrupt-frac 0.5`): val mean Pearson, the same with one modality removed at evaluation time, and the "
+        "audio's mean fusion weight on the clean / the corrupted val clips (`emi.inference.modality_weights`, "
+        "averaged over the seeds):",
+        table(["fusion", "val mean Pearson", "without vision", "without audio", "without text",
                "audio weight clean / corrupted"], rows_fusion),
-        reading(modules, rows_fusion),
+        f"Best cell: {best['cell']} ({float(best['mean_pearson']):.4f}). Top-{len(ensemble['members'])} ensemble "
+        f"(the mean prediction of {', '.join(ensemble['members'])} on its val set): "
+        + (f"{ensemble['report']['mean_pearson']:.4f}." if "report" in ensemble else
+           f"not computed ({ensemble['error']})."),
+        reading(variants, cells),
     ])
 
 
-def reading(modules: dict[str, dict], rows_fusion: list[list[str]]) -> str:
+def shown_path(text: str) -> str:
+    """A path below the checkout relative to it (RESULTS.md names no folder outside the repository)."""
+    path = Path(text)
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else text
+
+
+def reading(variants: dict[str, dict[str, str]], cells: list[dict[str, str]]) -> str:
     """What the tables say, computed from them (so it stays true when the numbers move)."""
-    score = {(row[0], row[1]): float(row[2]) for row in rows_fusion}
-    gains = [score[("qam", str(seed))] - score[("mean", str(seed))] for seed in FUSION_SEEDS]
-    full, no_tfe = modules["+TFE +QAM (full model)"]["mean_pearson"], modules["+QAM"]["mean_pearson"]
-    lines = [f"Reading: quality-aware fusion minus plain averaging, per Stage II seed: "
+    score = {(c["variant"], c["run.seed"]): float(c["mean_pearson"]) for c in cells if c["status"] == "finished"}
+    seeds = sorted({seed for _, seed in score}, key=int)
+    gains = [score[(FUSIONS["qam"], s)] - score[(FUSIONS["mean"], s)] for s in seeds
+             if (FUSIONS["qam"], s) in score and (FUSIONS["mean"], s) in score]
+    full, no_tfe = (float(variants[v]["mean_pearson_mean"]) for v in ("full", "modules-qam"))
+    lines = [f"Reading: quality-aware fusion minus plain averaging on the noisy-audio clips, per Stage II seed: "
              f"{', '.join(f'{gain:+.3f}' for gain in gains)}."]
     if full < no_tfe:
         lines.append(f"On these synthetic clips the temporal blocks (TFE) do not help the quality-aware model "
-                     f"({full:.4f} with, {no_tfe:.4f} without), unlike the paper's Table 3 on Hume-Vidmimic2.")
+                     f"({full:.4f} with, {no_tfe:.4f} without, mean over seeds), unlike the paper's Table 3 on "
+                     "Hume-Vidmimic2.")
     return " ".join(lines)
 
 
@@ -134,14 +188,25 @@ def replace_section(text: str, section: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=None, help="work folder (default: a temporary folder)")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="work folder of the data sets and the "
+                        "sweep (default: runs/ablation in the checkout, which configs/sweeps/ablation.yaml names)")
     parser.add_argument("--train-clips", type=int, default=600)
     parser.add_argument("--val-clips", type=int, default=200)
+    parser.add_argument("--stage1-epochs", type=int, default=STAGE1_EPOCHS)
+    parser.add_argument("--stage2-epochs", type=int, default=None, help=f"default: the sweep file's ({STAGE2_EPOCHS})")
+    parser.add_argument("--seeds", type=int, default=None, help="Stage II seeds per variant (default: the sweep "
+                        "file's)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the RESULTS.md to write the section into")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="emi-ablation-") as tmp:
-        section = ablation(Path(args.root or tmp).resolve(), args.train_clips, args.val_clips)
-    RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "# Results\n", section))
-    print(section)
+    root = args.root.resolve()
+    started = time.perf_counter()
+    pipelines = prepare(root, args.train_clips, args.val_clips, args.stage1_epochs)
+    command = sweep_command(root, pipelines, args.stage2_epochs, args.seeds)
+    print(f"\n== Stage II: every variant of {SWEEP}\n$ {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=REPO, check=True)  # exit 3 (a cell did not finish) stops here: run it again
+    text = section(root, pipelines, args, command, time.perf_counter() - started)
+    args.out.write_text(replace_section(args.out.read_text() if args.out.exists() else "# Results\n", text))
+    print(text)
     return 0
 
 
