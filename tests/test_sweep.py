@@ -126,10 +126,23 @@ def test_finished_cells_are_not_run_again_and_a_changed_one_is_refused(tmp_path,
     asked = []
     monkeypatch.setattr(emi.sweep, "check_data", lambda sweep, cells: None)
     monkeypatch.setattr(emi.sweep, "run_locally", lambda sweep, cells: asked.extend(cell.name for cell in cells))
+    assert main(["sweep", "--config", str(path), "--collect"]) == EXIT_PARTIAL  # runs nothing, writes the table
+    assert asked == [] and "Not finished (3)" in (tmp_path / "out" / "s" / "results.md").read_text()
     assert run_sweep(path, local=True) == EXIT_PARTIAL
     assert asked == ["fusion-qam/seed-1", "fusion-mean/seed-0", "fusion-mean/seed-1"]
-    assert "4 cells in" in capsys.readouterr().out
-    assert "Not finished (3)" in (tmp_path / "out" / "s" / "results.md").read_text()
+    assert "sweep s: 4 cells in" in capsys.readouterr().out
+
+    # On Slurm, a cell whose job from an earlier submission is still queued is waited for, not submitted again.
+    jobs = {"fusion-mean/seed-0": "7_2", "fusion-qam/seed-1": "7_1"}  # the second one has ended
+    (tmp_path / "out" / "s" / "jobs.json").write_text(json.dumps(jobs))
+    monkeypatch.setattr(emi.sweep, "queued_jobs", lambda job_ids: job_ids & {"7_2"})
+    submitted = []
+    monkeypatch.setattr(emi.sweep, "run_on_slurm", lambda sweep, cells, queued: submitted.append(
+        ([cell.name for cell in cells], {cell.name: job for cell, job in queued.items()})))
+    assert run_sweep(path) == EXIT_PARTIAL
+    assert submitted == [(["fusion-qam/seed-1", "fusion-mean/seed-1"], {"fusion-mean/seed-0": "7_2"})]
+    with emi.sweep.sweep_lock(tmp_path / "out" / "s"), pytest.raises(UsageError, match="another emi sweep is running"):
+        run_sweep(path)
 
     config = yaml.safe_load((cells[1].run_dir / "config.yaml").read_text())
     config["train"]["epochs"] = 99
