@@ -53,8 +53,10 @@ DATASET = "dataset"  # the key of a cell or grid that picks one of the sweep's `
 SET_BY_SWEEP = ("run.name", "run.output_dir", "data.train", "data.val")  # the cell's folder and its `data`
 NOT_COMPARED = ("train.resume", "train.trust_checkpoint")  # how a cell (re)starts, not what it trains
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# Slurm job states after which a job does not run again by itself. Not PREEMPTED, which a requeued job may pass
+# through: a job preempted for good waits until Slurm forgets it (MinJobAge) and squeue no longer shows it.
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}  # Slurm job states after which a job does not run again by itself
+         "SPECIAL_EXIT", "REVOKED"}
 SLURM_POLL_S = 10.0
 LOCAL_POLL_S = 1.0
 NOT_METRICS = ("step", "epoch", "num_samples")  # trainer.json entries that are not val metrics
