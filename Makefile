@@ -39,7 +39,7 @@ demo-slurm: setup
 
 # Everything but the slow learning checks (about 10 minutes each; `make test-slow`).
 test: setup
-	$(PY) -m pytest -q -m 'not slow'
+	$(PY) -m pytest -q -m 'not slow' --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m 'not slow and not slurm'
