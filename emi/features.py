@@ -36,7 +36,7 @@ from accelerate import PartialState
 
 from emi import storage
 from emi.data import AudioSpec, ImageSpec, ShardSet, build_loader, resolve_shards
-from emi.data.decode import uniform_indices
+from emi.data.decode import normalise, uniform_indices
 from emi.data.modes import pad_stack
 from emi.data.urls import shard_name
 from emi.engine.evaluation import evaluation_batches
@@ -122,12 +122,13 @@ def clip_features(encoders: FrozenEncoders, batch: dict[str, Any], fps: float) -
     device = encoders.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if isinstance(batch["frames"], list):  # ClipFrames (lazy_frames): decoded chunk by chunk as well
-            per_clip_vision = [torch.cat([vision_features(encoders.vision, chunk.to(device))
-                                          for chunk in frames.chunks(VISION_CHUNK)]).float()
-                               for frames in batch["frames"]]
+            per_clip_vision = [
+                torch.cat([vision_features(encoders.vision, normalise(chunk.to(device), encoders.image))
+                           for chunk in frames.chunks(VISION_CHUNK)]).float()
+                for frames in batch["frames"]]
         else:
             frames, frame_mask = batch["frames"].to(device), batch["frame_mask"].to(device)
-            valid_frames = frames[frame_mask]
+            valid_frames = normalise(frames[frame_mask], encoders.image)  # uint8 from the loader
             vision = torch.cat([vision_features(encoders.vision, chunk)
                                 for chunk in valid_frames.split(VISION_CHUNK)]).float()
             per_clip_vision = vision.split(frame_mask.sum(1).tolist())

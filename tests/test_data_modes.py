@@ -15,8 +15,8 @@ from PIL import Image
 
 from emi import EMI_EMOTIONS
 from emi.data import AudioSpec, ImageSpec, build_loader
-from emi.data.decode import (CLIP_MEAN, CLIP_STD, FrameView, SampleError, decode_wav, load_frame, open_jpeg,
-                             sample_rng)
+from emi.data.decode import (CLIP_MEAN, CLIP_STD, FrameView, SampleError, decode_wav, load_frame, normalise,
+                             open_jpeg, sample_rng)
 from emi.data.modes import DecodeSpec, decode_sample
 from emi.data.reader import RawSample
 from test_data_shards import FPS, grey_level, jpeg_bytes, write_shards
@@ -54,9 +54,9 @@ def one_epoch(folder: Path, **kwargs) -> list[dict]:
 
 
 def levels(frames: torch.Tensor) -> torch.Tensor:
-    """Normalised constant frames [..., 3, H, W] back to their grey level."""
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return ((frames * std + mean) * 255).mean(dim=(-3, -2, -1))
+    """The grey level of constant uint8 frames [..., 3, H, W]."""
+    assert frames.dtype == torch.uint8  # normalised on the device, by the consumer
+    return frames.float().mean(dim=(-3, -2, -1))
 
 
 def test_clip_mode_shapes_masks_labels_and_uniform_frames(dirs):
@@ -65,7 +65,7 @@ def test_clip_mode_shapes_masks_labels_and_uniform_frames(dirs):
                         label_names=["Joy", "Admiration", "Gratitude"])
     assert len(batches) == 2
     batch = batches[0]
-    assert batch["frames"].shape == (3, 4, 3, SIZE, SIZE) and batch["frames"].dtype == torch.float32
+    assert batch["frames"].shape == (3, 4, 3, SIZE, SIZE) and batch["frames"].dtype == torch.uint8
     assert batch["frame_mask"].dtype == torch.bool and batch["audio"].shape == (3, 8000)
     assert batch["audio_mask"].all() and batch["has_audio"].tolist() == [True] * 3
     assert batch["key"] == ["s0-000", "s0-001", "s0-002"] and batch["num_skipped"] == 0
@@ -153,10 +153,11 @@ def spec(**kwargs) -> DecodeSpec:
 
 def test_a_constant_grey_frame_normalises_to_the_expected_value():
     sample = decode_sample(grey_sample(128), spec(), sample_rng(0, 0, "k"))
+    assert sample["pixel_values"].shape == (3, 224, 224) and sample["pixel_values"].dtype == torch.uint8
+    pixels = normalise(sample["pixel_values"], ImageSpec())
     expected = [(128 / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]
-    assert sample["pixel_values"].shape == (3, 224, 224)
-    assert sample["pixel_values"].mean(dim=(1, 2)).tolist() == pytest.approx(expected, abs=1e-3)
-    assert sample["pixel_values"].std(dim=(1, 2)).max() < 1e-3
+    assert pixels.dtype == torch.float32 and pixels.mean(dim=(1, 2)).tolist() == pytest.approx(expected, abs=1e-3)
+    assert pixels.std(dim=(1, 2)).max() < 1e-3
     assert sample["has_audio"] is False and sample["prompt"] == "joy 0.5"
 
 

@@ -174,3 +174,28 @@ def test_count_samples_streams_a_tar_and_a_pipe(shard_dir):
     out, _ = shard_dir
     assert count_samples(str(out / "train-000000.tar")) == 4
     assert count_samples(f"pipe:cat {out / 'train-000001.tar'}") == 3
+
+
+def test_a_local_shard_reads_only_the_selected_entries_and_a_pipe_yields_the_same(shard_dir, monkeypatch):
+    """Frame mode decodes one frame of a clip: from a seekable file the other frames' bytes are never read."""
+    out, keys = shard_dir
+    url = str(out / "train-000000.tar")
+    asked = []
+
+    def middle_frame(key: str, extensions: list[str]) -> set[str]:
+        asked.append((key, extensions))
+        frames = sorted(ext for ext in extensions if ext.endswith(".jpg"))
+        return {"json", frames[len(frames) // 2]}
+
+    extracted = []
+    real_extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda tar, member: extracted.append(member.name) or real_extractfile(tar, member))
+    local = list(read_segments([url], [Segment(0, 0, 4)], set(), ALL_ENTRIES, middle_frame))
+    assert [key for key, _ in asked] == keys[0] and all("wav" in extensions for _, extensions in asked)
+    assert sorted(extracted) == sorted(f"{raw.key}.{ext}" for _, raw in local for ext in raw.entries)
+    for (_, raw), (_, extensions) in zip(local, asked):
+        frames = sorted(ext for ext in extensions if ext.endswith(".jpg"))
+        assert set(raw.entries) == {"json", frames[len(frames) // 2]}
+    piped = list(read_segments([f"pipe:cat {url}"], [Segment(0, 0, 4)], set(), ALL_ENTRIES, middle_frame))
+    assert [(p, raw.key, raw.entries) for p, raw in piped] == [(p, raw.key, raw.entries) for p, raw in local]

@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from emi import EMI_EMOTIONS
-from emi.data.decode import AudioSpec, ImageSpec, SampleError, sample_rng
-from emi.data.modes import MODES, PROMPT_MODES, WANTED, DecodeSpec, collate, decode_sample
+from emi.data.decode import AudioSpec, ImageSpec, SampleError, sample_rng, selection_rng
+from emi.data.modes import MODES, PROMPT_MODES, WANTED, DecodeSpec, collate, decode_sample, entries_to_read
 from emi.data.plan import (consumer_segments, cycle_segments, resampled_batches, resampled_segments,
                            samples_per_consumer, shard_order, shuffle_buffer_order, worker_skip_batches)
 from emi.data.reader import RawSample, read_segments
@@ -101,7 +101,8 @@ class ShardDataset(IterableDataset):
             repeats_from = sum(self.sizes) - consumer * self.per_consumer  # the wrap-around part of the slice
         emission = shuffle_buffer_order(positions, self.shuffle_buffer, self.seed, epoch, consumer)
         skipped = set(itertools.islice(emission, skip))
-        reader = read_segments(self.urls, segments, skipped, wanted, repeats_from=repeats_from)
+        select = self._selection(epoch)
+        reader = read_segments(self.urls, segments, skipped, wanted, select, repeats_from=repeats_from)
         pending: dict[int, RawSample | None] = {}  # read but not yet emitted: at most shuffle_buffer
         try:
             for position in emission:
@@ -114,7 +115,11 @@ class ShardDataset(IterableDataset):
         if not self.resampled:
             begin = consumer * self.per_consumer
             yield from ((False, raw) for _, raw in read_segments(
-                self.urls, cycle_segments(self.sizes, order, begin), (), wanted, repeats_from=0))
+                self.urls, cycle_segments(self.sizes, order, begin), (), wanted, select, repeats_from=0))
+
+    def _selection(self, epoch: int) -> Callable[[str, list[str]], set[str]]:
+        """Which entries of a sample to read: only the frames decoding uses (emi.data.modes.entries_to_read)."""
+        return lambda key, extensions: entries_to_read(extensions, self.spec, selection_rng(self.seed, epoch, key))
 
     def _batches(self, samples: Iterator[tuple[bool, RawSample | None]], epoch: int, quota: int,
                  who: str) -> Iterator[dict[str, Any]]:

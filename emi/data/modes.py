@@ -1,7 +1,8 @@
-"""What each data mode makes of a raw sample (`decode_sample`) and of a list of them (`collate`).
+"""What each data mode makes of a raw sample (`decode_sample`) and of a list of them (`collate`), and which of
+a sample's entries it needs (`entries_to_read`: the reader reads only those).
 
-clip         Stage II feature extraction, predict: T frames, the audio, labels, transcript.
-frame        Stage I vision-text: one frame and the prompt built from the labels.
+clip         Stage II feature extraction, predict: T frames (uint8), the audio, labels, transcript.
+frame        Stage I vision-text: one frame (uint8) and the prompt built from the labels.
 audio        Stage I audio-text: an audio window and the prompt.
 frame_audio  Stage I with both pairs from one sample.
 features     Stage II training on extracted features: vision.npy [T, D], audio.npy [T, D], text.npy.
@@ -19,8 +20,8 @@ import torch
 from torch.utils.data import get_worker_info
 
 from emi.data.decode import (AudioSpec, ImageSpec, SampleError, decode_json, decode_npy, decode_text,
-                             decode_wav, frame_view, label_vector, load_frame, normalise, open_jpeg,
-                             prepare_audio, uniform_indices)
+                             decode_wav, frame_view, label_vector, load_frame, open_jpeg, prepare_audio,
+                             uniform_indices)
 from emi.data.reader import RawSample
 
 # The entries each mode reads; anything else in a shard is passed over unread.
@@ -33,6 +34,7 @@ WANTED = {
 }
 MODES = tuple(WANTED)
 PROMPT_MODES = ("frame", "audio", "frame_audio")
+FRAME_MODES = ("frame", "frame_audio")
 _FRAME = re.compile(r"(\d+)\.jpg")
 
 
@@ -50,7 +52,21 @@ class DecodeSpec:
     lazy_frames: bool = False  # clip mode: `frames` is a ClipFrames decoded chunk by chunk (emi predict: any length)
 
 
+def entries_to_read(extensions: Sequence[str], spec: DecodeSpec, rng: np.random.Generator) -> set[str]:
+    """Which of a sample's entries decoding uses (the reader reads only these): of the frames, in the frame modes
+    one (a random one in training, drawn from `rng`, the middle one in eval), in clip mode `num_frames` spread
+    evenly over the clip (all of them with 0); every other entry."""
+    frames = sorted((extension for extension in extensions if _FRAME.fullmatch(extension)), key=_frame_index)
+    if spec.mode in FRAME_MODES and frames:
+        frames = [frames[int(rng.integers(len(frames))) if spec.train else len(frames) // 2]]
+    elif spec.mode == "clip":
+        frames = [frames[i] for i in uniform_indices(len(frames), spec.num_frames)]
+    return {extension for extension in extensions if not _FRAME.fullmatch(extension)} | set(frames)
+
+
 def decode_sample(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> dict[str, Any]:
+    """A sample's tensors and values. `raw` holds the entries `entries_to_read` chose (in clip mode all of a clip's
+    frames will do too); frames come out as uint8, to be normalised on the device (emi.data.decode.normalise)."""
     meta = decode_json(_entry(raw, "json"))
     labels, label_mask = label_vector(meta.get("labels", {}), spec.label_names)
     sample: dict[str, Any] = {"key": raw.key, "labels": labels, "label_mask": label_mask,
@@ -106,7 +122,8 @@ def collate(samples: Sequence[dict[str, Any]], spec: DecodeSpec) -> dict[str, An
             batch["frames"], batch["frame_mask"] = pad_stack([s["frames"] for s in samples], spec.num_frames)
         batch["transcript"] = [s["transcript"] for s in samples]
     if "pixel_values" in first:
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        pixels = [s["pixel_values"] for s in samples]
+        batch["pixel_values"] = torch.stack(pixels, out=new_empty((len(pixels), *pixels[0].shape), pixels[0].dtype))
     if "audio" in first:
         audio, audio_mask = pad_stack([s["audio"] for s in samples], spec.audio.window)
         names = ("audio", "audio_mask") if spec.mode == "clip" else ("input_values", "audio_attention_mask")
@@ -150,12 +167,16 @@ def _entry(raw: RawSample, extension: str) -> bytes:
     return data
 
 
+def _frame_index(extension: str) -> int:
+    return int(_FRAME.fullmatch(extension).group(1))
+
+
 def _frames(raw: RawSample) -> list[tuple[str, bytes]]:
     """(extension, JPEG bytes) of the sample's frames in frame order."""
-    frames = sorted((int(m.group(1)), ext) for ext in raw.entries if (m := _FRAME.fullmatch(ext)))
+    frames = sorted((ext for ext in raw.entries if _FRAME.fullmatch(ext)), key=_frame_index)
     if not frames:
         raise SampleError("no frames (NNNN.jpg entries)")
-    return [(ext, raw.entries[ext]) for _, ext in frames]
+    return [(ext, raw.entries[ext]) for ext in frames]
 
 
 class ClipFrames:
@@ -167,23 +188,25 @@ class ClipFrames:
         self.chosen = [frames[i] for i in uniform_indices(len(frames), spec.num_frames)]
         ext, data = self.chosen[0]
         self.view = frame_view(*open_jpeg(data, ext).size, spec.train, rng)
-        self.image = spec.image
+        self.size = spec.image.size
 
     def __len__(self) -> int:
         return len(self.chosen)
 
     def chunks(self, size: int) -> Iterator[torch.Tensor]:
-        """Normalised frames [<= size, 3, S, S], in order; SampleError at a frame that does not decode."""
+        """uint8 frames [<= size, 3, S, S] (normalised by the consumer, on its device), in order; SampleError at
+        a frame that does not decode."""
         for start in range(0, len(self.chosen), size):
-            pixels = [load_frame(open_jpeg(data, ext), ext, self.view, self.image.size)
-                      for ext, data in self.chosen[start:start + size]]
-            yield normalise(torch.stack(pixels), self.image)
+            yield torch.stack([load_frame(open_jpeg(data, ext), ext, self.view, self.size)
+                               for ext, data in self.chosen[start:start + size]])
 
 
 def _one_frame(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> torch.Tensor:
-    """A random frame in training, the middle one in eval."""
+    """The frame `entries_to_read` chose, uint8 [3, size, size]."""
     frames = _frames(raw)
-    ext, data = frames[int(rng.integers(len(frames))) if spec.train else len(frames) // 2]
+    if len(frames) != 1:
+        raise ValueError(f"sample {raw.key!r}: {len(frames)} frames; frame modes decode the one frame that "
+                         "entries_to_read chose")
+    ext, data = frames[0]
     image = open_jpeg(data, ext)
-    return normalise(load_frame(image, ext, frame_view(*image.size, spec.train, rng), spec.image.size),
-                     spec.image)
+    return load_frame(image, ext, frame_view(*image.size, spec.train, rng), spec.image.size)

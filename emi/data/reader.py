@@ -8,6 +8,11 @@ over without reading its bytes, and nothing is ever unpickled: decoding happens 
 Local paths and `pipe:` commands open with webdataset's gopen; `scheme://` URLs (s3://, gs://, any fsspec file
 system) stream through emi.storage, which retries transient errors and resumes at the byte it had reached, so a
 shard read across an object store's restart yields each of its samples once.
+
+Of the entries a mode asks for, `select` may keep fewer once it has seen the sample's whole list (frame mode
+decodes one frame of a clip's dozens). A local shard is read with seeks: the headers of a sample first, then only
+the selected entries' bytes. A stream (`pipe:`, a FIFO) cannot go back, so there every wanted entry is read and the
+selection applied afterwards: the same samples, more bytes read.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import logging
 import math
 import re
 import tarfile
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # What a damaged shard or a failing `pipe:` command raises while it is read.
 READ_ERRORS = (tarfile.TarError, OSError, EOFError)
+# (sample key, the extensions of its wanted entries) -> the extensions to read
+Select = Callable[[str, list[str]], Collection[str]]
 
 
 @dataclass
@@ -53,9 +60,11 @@ def close_quietly(stream: IO[bytes]) -> None:
         pass
 
 
-def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
-    """(key, extension, tar, member) for each regular file of a tar stream that has a key."""
-    tar = tarfile.open(fileobj=stream, mode="r|*")
+def iter_members(stream: IO[bytes], seekable: bool = False
+                 ) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
+    """(key, extension, tar, member) for each regular file of a tar stream that has a key. A seekable stream is
+    opened for random access: a member's bytes are then read only when asked for, and skipped with a seek."""
+    tar = tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")
     for member in tar:
         key, extension = base_plus_ext(member.name)
         if member.isreg() and key is not None and not key.startswith("__"):
@@ -78,9 +87,10 @@ def count_samples(url: str) -> int:
 
 
 def read_segments(urls: Sequence[str], segments: Iterable[Segment], skip: Container[int],
-                  wanted: re.Pattern[str], repeats_from: float = math.inf
+                  wanted: re.Pattern[str], select: Select | None = None, repeats_from: float = math.inf
                   ) -> Iterator[tuple[int, RawSample | None]]:
-    """(position, sample) for every planned position not in `skip`, in plan order.
+    """(position, sample) for every planned position not in `skip`, in plan order; each sample holds the entries
+    whose extension `wanted` matches, of those only the ones `select` keeps (all without `select`).
 
     Positions number the samples of `segments` consecutively from 0. A position whose sample cannot be
     read (a truncated tar, a failing pipe, a shard shorter than its manifest says) comes as None, after a
@@ -92,35 +102,38 @@ def read_segments(urls: Sequence[str], segments: Iterable[Segment], skip: Contai
     for segment in segments:
         length = segment.stop - segment.start
         if any(p not in skip for p in range(position, position + length)):
-            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted, repeats_from)
+            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted, select, repeats_from)
         position += length
 
 
 def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], wanted: re.Pattern[str],
-                  repeats_from: float) -> Iterator[tuple[int, RawSample | None]]:
-    index, sample, previous = -1, None, None  # index: of the current sample within the shard
+                  select: Select | None, repeats_from: float) -> Iterator[tuple[int, RawSample | None]]:
+    index, previous = -1, None  # index: of the current sample within the shard
+    pending: dict[str, bytes | tarfile.TarInfo] | None = None  # the current sample's wanted entries, if planned
     problem = None
     try:
         stream = open_shard(url)
     except READ_ERRORS as err:
         stream, problem = None, f"cannot open ({err})"
     if stream is not None:
+        seekable = _seekable(stream)
         try:
-            for key, extension, tar, member in iter_members(stream):
+            for key, extension, tar, member in iter_members(stream, seekable):
                 if key != previous:
-                    if sample is not None:
-                        yield first + index - segment.start, sample
-                        sample = None
+                    if pending is not None:
+                        yield first + index - segment.start, _raw_sample(previous, url, pending, tar, select)
+                        pending = None
                     index, previous = index + 1, key
                     if index >= segment.stop:
                         break
                     if index >= segment.start and first + index - segment.start not in skip:
-                        sample = RawSample(key, url)
-                if sample is not None and wanted.fullmatch(extension):
-                    sample.entries[extension] = tar.extractfile(member).read()
+                        pending = {}
+                if pending is not None and wanted.fullmatch(extension):
+                    # seekable: read once the sample's entries are all known, and only those selected
+                    pending[extension] = member if seekable else tar.extractfile(member).read()
             else:
-                if sample is not None:
-                    yield first + index - segment.start, sample
+                if pending is not None:
+                    yield first + index - segment.start, _raw_sample(previous, url, pending, tar, select)
                 index += 1
                 if index < segment.stop:
                     problem = f"the shard ends after {index} samples, the plan expects {segment.stop}"
@@ -137,3 +150,16 @@ def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], 
     for shard_index in missing:
         if first + shard_index - segment.start not in skip:
             yield first + shard_index - segment.start, None
+
+
+def _seekable(stream: IO[bytes]) -> bool:
+    seekable = getattr(stream, "seekable", None)  # a webdataset Pipe has no such method
+    return bool(seekable and seekable())
+
+
+def _raw_sample(key: str, url: str, pending: dict[str, bytes | tarfile.TarInfo], tar: tarfile.TarFile,
+                select: Select | None) -> RawSample:
+    chosen = pending.keys() if select is None else select(key, list(pending))
+    entries = {extension: tar.extractfile(data).read() if isinstance(data, tarfile.TarInfo) else data
+               for extension, data in pending.items() if extension in chosen}
+    return RawSample(key, url, entries)
