@@ -41,6 +41,9 @@ class DataSection:
     manifest: str | None = None  # explicit manifest for pipe: shards (or shards with none beside them)
     batch_size: int = 32  # per rank, per micro step
     num_workers: int = 2
+    pin_memory: bool | None = None  # page-locked batches for asynchronous host-to-GPU copies (null: on CUDA)
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    persistent_workers: bool = True  # keep the workers (and their open state) from one epoch to the next
     shuffle_buffer: int = 256
     resampled: bool = False  # draw shards with replacement (very large or uneven shard sets)
     augment: bool = True  # training augmentation (crops, flips, audio gain/noise); never in eval
@@ -76,10 +79,17 @@ class TrainSection:
     resume: str = "none"  # none | latest (if any) | path to a checkpoint folder
     trust_checkpoint: bool = False  # load a checkpoint another run wrote (resuming unpickles: trust it like code)
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights for evaluation and export
+    activation_checkpointing: bool = False  # recompute every encoder layer's activations in backward
+    compile: bool = False  # torch.compile the model's repeated blocks and other parts, in place
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
+    compile_backend: str = "inductor"  # inductor; aot_eager or eager trace without generating kernels
+    save: bool = True  # false: no checkpoints and no export, only the logs (benchmark runs)
 
 
 STRATEGIES = ("ddp", "zero2", "zero3")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,8 +248,13 @@ def validate(config: Any, source: str) -> None:
     if train is not None:
         _check_choice(train.strategy, STRATEGIES, "train.strategy", source)
         _check_choice(train.mixed_precision, MIXED_PRECISION, "train.mixed_precision", source)
+        _check_choice(train.compile_mode, COMPILE_MODES, "train.compile_mode", source)
+        _check_choice(train.compile_backend, COMPILE_BACKENDS, "train.compile_backend", source)
         if train.grad_accum < 1 or train.keep_last < 1 or train.checkpoint_every < 1 or train.log_every < 1:
             raise UsageError(f"{source}: train.grad_accum, keep_last, checkpoint_every, log_every must be >= 1")
+    data = getattr(config, "data", None)
+    if data is not None and data.prefetch_factor < 1:
+        raise UsageError(f"{source}: data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
     if isinstance(config, Stage1Config):
         model = config.model
         if not model.pairs:

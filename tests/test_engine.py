@@ -1,5 +1,6 @@
 """The engine's small parts on their own: the SGDR schedule, EMA, optimizer groups, checkpoint pruning, verification
-and fallback, folder swaps, the run command line, the evaluation collector, and what a failed Slurm requeue does."""
+and fallback, folder swaps, the run command line, the evaluation collector, step telemetry, and what a failed Slurm
+requeue does."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ from emi.engine.main import exit_code, parse_run_args
 from emi.engine.optim import build_optimizer, sgdr_lr
 from emi.engine.signals import RequeueError, requeue_slurm_job
 from emi.config import TrainSection
+from emi.engine.telemetry import StepClock, peak_flops, step_scalars
 from emi.errors import EXIT_NOT_FINISHED, UsageError
 from emi.io import replace_folder
 from helpers import REPO, cpu_env
@@ -265,3 +267,35 @@ def test_a_trainer_whose_requeue_fails_exits_with_not_finished(failing_scontrol,
     assert "scontrol requeue 4242 failed: scontrol: error: Invalid job id specified" in text
     assert "will not restart by itself" in text
     assert checkpoints(tmp_path / "requeue")
+
+
+
+def test_the_step_clock_splits_a_window_into_data_wait_and_compute():
+    def slow_loader():
+        for item in range(3):
+            time.sleep(0.05)  # the loader is not ready: the loop blocks
+            yield item
+
+    clock = StepClock(torch.device("cpu"))
+    for _ in clock.batches(slow_loader()):
+        time.sleep(0.02)  # computing
+    with clock.paused():  # a checkpoint: not part of any step
+        time.sleep(0.5)
+    elapsed, data_wait = clock.close_window()
+    assert 0.15 <= data_wait < elapsed and 0.21 <= elapsed < 0.5
+    values = step_scalars(elapsed, data_wait, steps=3, samples=12, train_flops_per_sample=1e9,
+                          device=torch.device("cpu"), precision="no", world_size=2)
+    assert values["step_s"] == pytest.approx(elapsed / 3) and values["samples_per_s"] == pytest.approx(12 / elapsed)
+    assert values["data_wait_s"] + values["compute_s"] == pytest.approx(values["step_s"])
+    assert values["data_wait_share"] == pytest.approx(data_wait / elapsed)
+    assert values["tflops_per_device"] == pytest.approx(1e9 * 6 / elapsed / 1e12)  # 6 samples per device
+    assert "mfu" not in values and "peak_memory_gib" not in values  # no known peak, no GPU
+    assert clock.close_window()[1] == 0.0  # a new window
+
+
+def test_peak_flops_by_device_name_and_precision():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA H200", "fp16") == 989e12
+    assert peak_flops("NVIDIA H200", "no") is None  # fp32 has another peak
+    assert peak_flops("Some GPU", "bf16") is None and peak_flops("cpu", "bf16") is None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +32,9 @@ from emi.engine.distributed import describe, input_dtype, move_to_device
 from emi.engine.ema import EMA
 from emi.engine.logging import RunLogger, format_scalars
 from emi.engine.optim import build_optimizer, sgdr_lr
+from emi.engine.prepare import prepare_model
 from emi.engine.signals import RequeueError, StopRequest, requeue_slurm_job
+from emi.engine.telemetry import StepClock, step_scalars
 from emi.errors import UsageError
 from emi.io import replace_folder, write_json_atomic
 
@@ -52,6 +53,7 @@ class Task:
     evaluate: EvalFn | None = None  # called on every rank; returns the same metrics on every rank
     export: ExportFn | None = None  # rank 0 only: (full state dict, folder) -> writes safetensors + config
     best_metric: str | None = None  # an `evaluate` metric to maximise; its best weights are exported to <run>/best
+    train_flops_per_sample: float | None = None  # model FLOPs of one training sample (emi.models.flops), for MFU
 
 
 @dataclass
@@ -108,6 +110,9 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     if train.max_steps:
         total_steps = min(total_steps, train.max_steps)
 
+    prepared = prepare_model(task.model, train)  # in place: parameter names stay as they are
+    if is_main and prepared:
+        logger.line("; ".join(prepared))
     optimizer = build_optimizer(task.model, config.optim)
     model, optimizer = accelerator.prepare(task.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -139,11 +144,14 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     last_metrics: dict[str, float] = {}
     window: list[torch.Tensor] = []
     scalar_names: list[str] = []
-    window_start = time.perf_counter()
+    clock = StepClock(accelerator.device)
     batch_size = config.data.batch_size
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, run_dir, state, train.keep_last, run_id, ema.state_dict() if ema else None)
+        if train.save:
+            with clock.paused():
+                save_checkpoint(accelerator, run_dir, state, train.keep_last, run_id,
+                                ema.state_dict() if ema else None)
 
     def evaluate_and_export_best() -> None:
         nonlocal last_metrics
@@ -162,7 +170,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             logger.line(f"epoch {state.epoch} val: {format_scalars(metrics)}" + (" (best)" if improved else ""))
 
     def export(folder: Path, extra: dict[str, Any]) -> None:
-        if task.export is None:
+        if task.export is None or not train.save:
             return
         full_state = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers the partitions here
         if is_main:  # written aside and swapped in whole: a crash never leaves a half-written export
@@ -185,7 +193,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         task.train_data.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
         # A checkpoint taken on an epoch's last step resumes straight into the epoch's end.
         batches = task.train_data.dataloader if state.batch_in_epoch < batches_per_epoch else ()
-        for batch in batches:
+        for batch in clock.batches(batches):
             for group in optimizer.param_groups:
                 group["lr"] = sgdr_lr(state.step, config.optim, steps_per_epoch)
             batch = move_to_device(batch, accelerator.device, float_dtype)
@@ -201,17 +209,26 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
                 ema.update(unwrapped)
 
             if state.step % train.log_every == 0:
-                means = accelerator.reduce(torch.stack(window).mean(0), reduction="mean").tolist()
-                elapsed = time.perf_counter() - window_start
+                elapsed, data_wait = clock.close_window()
+                # one all-reduce (sum) for the loss means, the times (averaged over ranks below) and the skips
+                local = torch.cat([torch.stack(window).mean(0).to(accelerator.device),
+                                   torch.tensor([elapsed, data_wait, task.train_data.skipped()],
+                                                device=accelerator.device)])
+                totals = accelerator.reduce(local, reduction="sum").tolist()
                 if is_main:
-                    values = dict(zip(scalar_names, means))
+                    world = accelerator.num_processes
+                    values = {name: total / world for name, total in zip(scalar_names, totals)}
                     values["lr"] = optimizer.param_groups[0]["lr"]
                     if result.grad_norm is not None:
                         values["grad_norm"] = float(result.grad_norm)
-                    values["samples_per_s"] = len(window) * batch_size * accelerator.num_processes / elapsed
+                    values.update(step_scalars(
+                        totals[-3] / world, totals[-2] / world, steps=len(window) // train.grad_accum,
+                        samples=len(window) * batch_size * world, train_flops_per_sample=task.train_flops_per_sample,
+                        device=accelerator.device, precision=accelerator.mixed_precision, world_size=world))
+                    values["skipped_samples"] = totals[-1]  # this epoch so far, all ranks
                     logger.scalars(values, state.step, prefix="train/")
                     logger.line(f"epoch {state.epoch} step {state.step}/{total_steps} {format_scalars(values)}")
-                window, window_start = [], time.perf_counter()
+                window = []
 
             stopped_by = stop.agreed(accelerator)
             epoch_done = state.batch_in_epoch >= batches_per_epoch  # the epoch end checkpoints below
@@ -236,7 +253,8 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         state.epoch += 1
         state.batch_in_epoch = 0
         if task.evaluate is not None and (state.epoch % train.eval_every == 0 or state.step >= total_steps):
-            evaluate_and_export_best()
+            with clock.paused():
+                evaluate_and_export_best()
         checkpoint()
 
     requeue_failed = False
@@ -256,7 +274,8 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         with ema.applied(unwrapped) if ema else nullcontext():
             export(run_dir / "export", extra={"step": state.step, "epoch": state.epoch})
         if is_main:
-            logger.line(f"done: {state.step} steps; exported to {run_dir / 'export'}")
+            saved = f"exported to {run_dir / 'export'}" if train.save else "nothing saved (train.save=false)"
+            logger.line(f"done: {state.step} steps; {saved}")
     if is_main:
         logger.close()
     accelerator.wait_for_everyone()

@@ -19,12 +19,15 @@ from accelerate import Accelerator
 
 from emi.config import Stage1Config
 from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.data.decode import normalise
 from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
 from emi.engine.evaluation import collect
+from emi.engine.loop import LossFn
 from emi.losses import ContrastiveLoss, va_confidence_weights
 from emi.metrics import retrieval_metrics
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders, image_processing
+from emi.models.flops import contrastive_flops
 from emi.prompts import build_prompt
 
 # Per-sample spread of the valence/arousal annotations, when the labels carry it (see emi.losses).
@@ -39,18 +42,65 @@ def data_mode(pairs: list[str]) -> str:
     return "frame" if pairs == ["vision_text"] else "audio"
 
 
-def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
+def build_model(config: Stage1Config) -> ContrastiveModel:
     spec = config.model
     # the config guarantees an encoder spec for every listed pair
     vision = vars(spec.vision) if "vision_text" in spec.pairs else None
     audio = vars(spec.audio) if "audio_text" in spec.pairs else None
-    model = ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
-                             spec.max_logit_scale)
+    return ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
+                            spec.max_logit_scale)
+
+
+def image_spec(model: ContrastiveModel) -> ImageSpec:
+    if model.vision is None:
+        return ImageSpec()
+    info = image_processing(model.vision_spec)
+    return ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"]))
+
+
+def train_flops_per_sample(model: ContrastiveModel, config: Stage1Config) -> float | None:
+    """Model FLOPs of one training sample (emi.models.flops); None when the audio window is not fixed."""
+    audio_samples = AudioSpec(seconds=config.data.audio_seconds).window or None
+    if model.audio is not None and audio_samples is None:
+        return None
+    return float(contrastive_flops(model, config.data.max_text_len, audio_samples)["train"])
+
+
+def forward(model: torch.nn.Module, batch: dict, image: ImageSpec, float_dtype: torch.dtype | None
+            ) -> dict[str, torch.Tensor]:
+    """The model on a batch on the device; frames come as uint8 and are normalised here, on the device."""
+    pixels = batch.get("pixel_values")
+    if pixels is not None:
+        pixels = normalise(pixels, image).to(float_dtype or torch.float32)
+    return model(pixel_values=pixels, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 input_values=batch.get("input_values"), audio_attention_mask=batch.get("audio_attention_mask"))
+
+
+def contrastive_loss(config: Stage1Config, image: ImageSpec, float_dtype: torch.dtype | None) -> LossFn:
+    """The training loss of a batch: each pair's weighted InfoNCE over the global batch, summed."""
+    spec = config.model
+    contrastive = ContrastiveLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad)
+
+    def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = forward(model, batch, image, float_dtype)
+        va_std = batch["labels"].masked_fill(~batch["label_mask"], float("nan"))
+        weights = va_confidence_weights(va_std, va_std.shape[0], spec.va_std_scale)
+        losses, temperatures = {}, {}
+        for pair in spec.pairs:
+            scale = out[f"logit_scale_{pair}"]
+            losses[f"loss_{pair}"] = contrastive(out[PAIR_EMBEDDING[pair]], out["text"], scale, weights)
+            temperatures[f"temperature_{pair}"] = 1.0 / scale.detach()
+        return sum(losses.values()), {**losses, **temperatures}
+
+    return compute_loss
+
+
+def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
+    spec = config.model
+    model = build_model(config)
     tokenizer = build_tokenizer(vars(spec.text))
-    image = ImageSpec()
-    if vision is not None:
-        info = image_processing(vision)
-        image = ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"]))
+    image = image_spec(model)
+    float_dtype = input_dtype(accelerator)
     data = config.data
 
     def loader(shards: str, train: bool):
@@ -62,34 +112,19 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
             drop_last=train, shuffle_buffer=data.shuffle_buffer, manifest=data.manifest, image=image,
             audio=AudioSpec(seconds=data.audio_seconds, **(AUDIO_AUGMENTATION if train and data.augment else {})),
             label_names=VA_STD_LABELS, prompt_fn=build_prompt, tokenizer=tokenizer,
-            max_text_len=data.max_text_len)
+            max_text_len=data.max_text_len, pin_memory=data.pin_memory, prefetch_factor=data.prefetch_factor,
+            persistent_workers=data.persistent_workers)
 
     train_data = loader(data.train, train=True)
     val_data = loader(data.val, train=False) if data.val else None
-    contrastive = ContrastiveLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad)
-
-    def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = model(pixel_values=batch.get("pixel_values"), input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"], input_values=batch.get("input_values"),
-                    audio_attention_mask=batch.get("audio_attention_mask"))
-        va_std = batch["labels"].masked_fill(~batch["label_mask"], float("nan"))
-        weights = va_confidence_weights(va_std, va_std.shape[0], spec.va_std_scale)
-        losses, temperatures = {}, {}
-        for pair in spec.pairs:
-            scale = out[f"logit_scale_{pair}"]
-            losses[f"loss_{pair}"] = contrastive(out[PAIR_EMBEDDING[pair]], out["text"], scale, weights)
-            temperatures[f"temperature_{pair}"] = 1.0 / scale.detach()
-        return sum(losses.values()), {**losses, **temperatures}
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Retrieval R@1/R@5 in both directions over the whole val set, each sample counted once."""
         def embed(batch: dict) -> dict[str, torch.Tensor]:
-            out = model(pixel_values=batch.get("pixel_values"), input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"], input_values=batch.get("input_values"),
-                        audio_attention_mask=batch.get("audio_attention_mask"))
+            out = forward(model, batch, image, float_dtype)
             return {name: out[name].float() for name in ("image", "audio", "text") if name in out}
 
-        _, gathered = collect(val_data, embed, accelerator, float_dtype=input_dtype(accelerator))
+        _, gathered = collect(val_data, embed, accelerator, float_dtype=float_dtype)
         metrics = {"num_samples": float(len(gathered["text"]))}
         for pair in spec.pairs:
             recalls = retrieval_metrics(gathered[PAIR_EMBEDDING[pair]], gathered["text"])
@@ -99,8 +134,9 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
         export_encoders(model, state_dict, folder, tokenizer)
 
-    return Task(model=model, train_data=train_data, compute_loss=compute_loss,
-                evaluate=evaluate if val_data is not None else None, export=export)
+    return Task(model=model, train_data=train_data, compute_loss=contrastive_loss(config, image, float_dtype),
+                evaluate=evaluate if val_data is not None else None, export=export,
+                train_flops_per_sample=train_flops_per_sample(model, config))
 
 
 def main(argv: list[str] | None = None) -> int:

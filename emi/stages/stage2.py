@@ -83,7 +83,8 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
             shards, mode="features", batch_size=data.batch_size, num_workers=data.num_workers,
             world_size=accelerator.num_processes, rank=accelerator.process_index, seed=config.run.seed,
             shuffle=train, train=train, resampled=data.resampled and train, shuffle_buffer=data.shuffle_buffer,
-            num_frames=data.num_frames, label_names=config.labels)
+            num_frames=data.num_frames, label_names=config.labels, pin_memory=data.pin_memory,
+            prefetch_factor=data.prefetch_factor, persistent_workers=data.persistent_workers)
 
     train_data = loader(train_shards, train=True)
     val_data = loader(val_shards, train=False) if val_shards is not None else None
