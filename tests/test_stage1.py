@@ -196,11 +196,11 @@ def test_unknown_config_key_fails_with_exit_code_2(synthetic_shards, tmp_path):
 
 ZERO2_ALIGNMENT_PROBE = """
 from accelerate.utils import DistributedType
-from benchmarks.gpu_stage1 import build_model
-from emi.config import OptimSection, TrainSection
+from emi.config import OptimSection, Stage1Config, TrainSection, load_config
 from emi.engine.distributed import build_accelerator
 from emi.engine.optim import build_optimizer
-model, _ = build_model(tiny=True)
+from emi.stages.stage1 import build_model
+model = build_model(load_config(Stage1Config, "configs/stage1/tiny.yaml"))
 accelerator = build_accelerator(TrainSection(strategy="zero2"), 2)
 model, _ = accelerator.prepare(model, build_optimizer(model, OptimSection()))
 assert accelerator.distributed_type == DistributedType.DEEPSPEED
