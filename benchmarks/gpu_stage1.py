@@ -97,7 +97,7 @@ class Bench:
         self.config = config
         self.accelerator = build_accelerator(config.train, config.data.batch_size)
         set_seed(config.run.seed)
-        model = build_model(config)
+        model = build_model(config, self.accelerator.device)
         self.train_flops = train_flops_per_sample(model, config)
         self.parameters = sum(p.numel() for p in model.parameters())
         image = image_spec(model)

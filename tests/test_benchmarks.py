@@ -9,8 +9,8 @@ import pytest
 import torch
 import webdataset
 
-from benchmarks import (bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_stage1, run,
-                        timing)
+from benchmarks import (bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_e2e, gpu_stage1,
+                        run, timing)
 from emi.data import AudioSpec, ImageSpec, build_loader
 from emi.stages.stage1 import build_model, train_flops_per_sample
 from helpers import GRID, REPO, cpu_env
@@ -255,3 +255,37 @@ def test_sections_this_run_does_not_write_are_kept():
     assert run.kept_sections(old) == ["## GPU: Stage I run one\n\n| a | 1 |\n",
                                       "## Learning and ablation\n\ntable\n", "## GPU: Stage I run two\n\nlast\n"]
     assert run.kept_sections("# Benchmarks\n\n## 1. Shard building\n\n## 4. Stage II: x\n") == []
+
+
+def test_the_end_to_end_gpu_script_dry_runs_its_code_path_on_the_cpu(tmp_path):
+    """benchmarks/gpu_e2e.py --dry-run: emi synth and shards build, the zero2 batch sweeps, the trainer under
+    accelerate launch on the shards and gpu_stage1's ceiling, on the tiny config; the report is written to --out."""
+    before = gpu_stage1.RESULTS.read_bytes()
+    out = subprocess.run([sys.executable, "benchmarks/gpu_e2e.py", "--dry-run", "--out", str(tmp_path),
+                          "--only", "sweep-zero2", "zero2"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["data"]["clips"] == 24 and report["data"]["made_by"].startswith("emi synth + emi shards build")
+    for checkpointing in ("off", "on"):
+        assert report["sweeps"]["zero2"][checkpointing]["largest_batch"] == 8  # the dry run's limit, by doubling
+    run = report["runs"]["zero2"]
+    assert run["batch_size"] == 4 and run["workers"] == 2 and run["strategy"] == "zero2"
+    real, ceiling = run["real"], run["ceiling"]
+    assert real["windows"] == [4, 6] and real["samples_per_s"] > 0 and 0 <= real["data_wait_share"] <= 1
+    assert real["tflops_per_device"] > 0 and real["mfu"] is None  # the CPU has no known peak
+    assert ceiling["batch_size_per_gpu"] == 4 and ceiling["samples_per_s_per_gpu"] > 0
+    assert report["not_run"] == [] and "DEEPSPEED world=1" in (tmp_path / "runs" / "zero2" / "log.txt").read_text()
+    text = (tmp_path / "RESULTS-gpu-e2e.md").read_text()
+    assert text.startswith(gpu_e2e.HEADING) and "| zero2 | zero2 | no | no | 4 | 2 |" in text
+    assert gpu_stage1.RESULTS.read_bytes() == before  # without --results the repository's file is left alone
+
+
+def test_the_training_spec_holds_every_step_in_one_epoch_and_the_section_replaces_its_predecessor(tmp_path):
+    # 12 workers, 25 steps of 100: each worker a slice of ceil(25 / 12) + 1 = 4 batches, 4800 samples: 5 x 1000
+    assert gpu_e2e.training_spec("/d", 1000, 25, 100, 12) == "::".join(["/d"] * 5)
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Benchmarks\n\n## 1. x\n\none\n\n{gpu_e2e.HEADING} (old)\n\nold\n\n## GPU: other\n\nkept\n")
+    gpu_e2e.replace_section(results, f"{gpu_e2e.HEADING} (new)\n\nnew\n")
+    assert results.read_text() == (f"# Benchmarks\n\n## 1. x\n\none\n\n{gpu_e2e.HEADING} (new)\n\nnew\n"
+                                   "\n## GPU: other\n\nkept\n")

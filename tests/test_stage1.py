@@ -32,6 +32,8 @@ def strategy_runs(synthetic_shards, tmp_path_factory):
     for strategy in STRATEGY_TYPE:
         launch("train/stage1.py", stage1_args(synthetic_shards, out, f"run.name={strategy}",
                                               f"train.strategy={strategy}", "train.epochs=6"))
+    launch("train/stage1.py", stage1_args(synthetic_shards, out, "run.name=zero2_checkpointed", "train.strategy=zero2",
+                                          "train.epochs=6", "train.activation_checkpointing=true"))
     return out
 
 
@@ -49,6 +51,37 @@ def test_strategy_trains_two_ranks_and_the_loss_falls(strategy_runs, strategy):
                 "val/audio_text/b2a_R@5"):
         assert scalars(run_dir, tag), tag
     assert [value for _, value in scalars(run_dir, "val/num_samples")] == [16.0] * 6  # each val clip once
+
+
+def test_step_telemetry_is_logged_with_plausible_values(strategy_runs):
+    run_dir = strategy_runs / "zero2"
+    step_s, data_wait, compute = (dict(scalars(run_dir, f"train/{name}"))
+                                  for name in ("step_s", "data_wait_s", "compute_s"))
+    assert sorted(step_s) == list(range(1, 19))
+    for step, seconds in step_s.items():
+        assert 0 <= data_wait[step] <= seconds and compute[step] == pytest.approx(seconds - data_wait[step], abs=1e-4)
+    share = [value for _, value in scalars(run_dir, "train/data_wait_share")]
+    assert all(0 <= value <= 1 for value in share)
+    samples_per_s = dict(scalars(run_dir, "train/samples_per_s"))
+    assert all(samples_per_s[step] == pytest.approx(16 / seconds, rel=1e-3) for step, seconds in step_s.items())
+    # model FLOPs of the tiny config per training sample (emi.models.flops) times samples/s per device
+    flops = [value for _, value in scalars(run_dir, "train/tflops_per_device")]
+    assert len(flops) == 18 and all(value > 0 for value in flops)
+    assert [value for _, value in scalars(run_dir, "train/skipped_samples")] == [0.0] * 18
+    assert not scalars(run_dir, "train/mfu") and not scalars(run_dir, "train/peak_memory_gib")  # CPU: no peak
+    assert "data_wait_s" in (run_dir / "log.txt").read_text()
+
+
+def test_activation_checkpointing_under_zero2_on_two_ranks_trains_as_without(strategy_runs):
+    """Same seed, data and fp32 math: recomputing the activations (dropout masks included) changes no number."""
+    plain, checkpointed = strategy_runs / "zero2", strategy_runs / "zero2_checkpointed"
+    assert "activation checkpointing in text, vision, audio" in (checkpointed / "log.txt").read_text()
+    losses = [value for _, value in scalars(plain, "train/loss")]
+    assert [value for _, value in scalars(checkpointed, "train/loss")] == pytest.approx(losses, rel=1e-5)
+    reference, weights = exported(plain), exported(checkpointed)
+    assert weights.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.allclose(weights[name], tensor, atol=1e-5, rtol=1e-4), name
 
 
 def test_zero_exports_match_ddp(strategy_runs):
@@ -215,3 +248,29 @@ def test_zero2_keeps_the_parameters_16_byte_aligned():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "misaligned: []" in result.stdout, result.stdout[-2000:]
+
+
+def test_compiled_training_resumes_and_exports_plain_names_that_load_with_from_pretrained(synthetic_shards, tmp_path):
+    """train.compile=true: the compiled regions are in place, so checkpoints and exports keep the model's own names.
+    aot_eager traces forward and backward as inductor does, without generating kernels (compile time on the CPU)."""
+    args = [sys.executable, "-m", "emi.stages.stage1",
+            *stage1_args(synthetic_shards, tmp_path, "run.name=compiled", "data.val=null", "train.strategy=ddp",
+                         "train.compile=true", "train.compile_backend=aot_eager", "train.epochs=1")]
+    for max_steps, resume in ((2, []), (4, ["--resume", "latest"])):
+        result = subprocess.run([*args, f"train.max_steps={max_steps}", *resume], cwd=REPO, env=cpu_env(),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "compiled"
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("torch.compile of 23 regions (mode default, aot_eager)") == 2
+    assert re.search(r"resumed from .*step-00000002: epoch 0 step 2", log) and "done: 4 steps" in log
+    assert [step for step, _ in scalars(run_dir, "train/loss")] == [1, 2, 3, 4]
+    spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
+    names = set(ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"]).state_dict())
+    trained = load_file(str(run_dir / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert set(trained) == names  # no _orig_mod. anywhere
+    loaded = load_encoders(run_dir / "export")  # from_pretrained folders
+    for encoder in ("vision", "text", "audio"):
+        state = loaded[encoder].state_dict()
+        assert state.keys() == {name.removeprefix(f"{encoder}.") for name in names if name.startswith(f"{encoder}.")}
+        assert all(torch.equal(tensor, trained[f"{encoder}.{name}"]) for name, tensor in state.items()), encoder

@@ -42,13 +42,16 @@ def data_mode(pairs: list[str]) -> str:
     return "frame" if pairs == ["vision_text"] else "audio"
 
 
-def build_model(config: Stage1Config) -> ContrastiveModel:
+def build_model(config: Stage1Config, device: torch.device | str = "cpu") -> ContrastiveModel:
+    """The contrastive model, its parameters created on `device` (the device it trains on: random init of ViT-L/14
+    and Wav2Vec2-large takes seconds on a GPU and minutes on one CPU core)."""
     spec = config.model
     # the config guarantees an encoder spec for every listed pair
     vision = vars(spec.vision) if "vision_text" in spec.pairs else None
     audio = vars(spec.audio) if "audio_text" in spec.pairs else None
-    return ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
-                            spec.max_logit_scale)
+    with torch.device(device):
+        return ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
+                                spec.max_logit_scale)
 
 
 def image_spec(model: ContrastiveModel) -> ImageSpec:
@@ -97,7 +100,7 @@ def contrastive_loss(config: Stage1Config, image: ImageSpec, float_dtype: torch.
 
 def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     spec = config.model
-    model = build_model(config)
+    model = build_model(config, accelerator.device)
     tokenizer = build_tokenizer(vars(spec.text))
     image = image_spec(model)
     float_dtype = input_dtype(accelerator)
