@@ -10,10 +10,10 @@ import torch
 import webdataset
 
 from benchmarks import (bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_e2e, gpu_stage1,
-                        run, timing)
+                        run, scaling, timing)
 from emi.data import AudioSpec, ImageSpec, build_loader
 from emi.stages.stage1 import build_model, train_flops_per_sample
-from helpers import GRID, REPO, cpu_env
+from helpers import GRID, REPO, cpu_env, free_port
 
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
 GRID_CLIP = GRID_CLIPS[0]
@@ -289,3 +289,58 @@ def test_the_training_spec_holds_every_step_in_one_epoch_and_the_section_replace
     gpu_e2e.replace_section(results, f"{gpu_e2e.HEADING} (new)\n\nnew\n")
     assert results.read_text() == (f"# Benchmarks\n\n## 1. x\n\none\n\n{gpu_e2e.HEADING} (new)\n\nnew\n"
                                    "\n## GPU: other\n\nkept\n")
+
+
+def test_the_collective_counter_records_payloads_and_who_called(monkeypatch):
+    """benchmarks/scaling.py counts every collective with its whole payload, the loss's by the loss's name."""
+    import torch.distributed as dist
+
+    from emi.losses import gather_features
+
+    for name in scaling.PAYLOAD:  # restored after the test
+        if hasattr(dist, name):
+            monkeypatch.setattr(dist, name, getattr(dist, name))
+    counter = scaling.CollectiveCounter()
+    counter.install()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        counter.active = True
+        dist.all_reduce(torch.ones(3000))
+        dist.all_gather_into_tensor(torch.empty(5000), torch.ones(5000))
+        dist.all_reduce(torch.ones(1))
+        features = torch.randn(4, 8, requires_grad=True)
+        gathered, _ = gather_features(features, features.flip(0), gather_with_grad=True, rank=0, world_size=1)
+        gathered.sum().backward()
+        counter.active = False
+        dist.all_reduce(torch.ones(7))  # not counted
+    finally:
+        dist.destroy_process_group()
+    assert counter.records[:3] == [("all_reduce", 3000, "gradients"), ("all_gather_into_tensor", 5000, "parameters"),
+                                   ("all_reduce", 1, "small collectives")]
+    # the loss gathers both sides of the pair, 4 x 8 each, with gradients; the backward sends the used side's
+    # gradient back (gloo: a scatter per rank, together the reduce-scatter's payload)
+    assert counter.records[3:] == [("all_gather", 32, "loss embeddings"), ("all_gather", 32, "loss embeddings"),
+                                   ("scatter", 32, "loss embeddings")]
+
+
+def test_the_scaling_model_is_a_ring_per_collective():
+    counts = {"parameters": 1000, "world_size": 2, "batch_size": 4, "embed_dim": 8, "collectives": {
+        "gradients": {"elements_per_step": 1000, "calls_per_step": 1, "operations": {"all_reduce": 1000}},
+        "parameters": {"elements_per_step": 1000, "calls_per_step": 1, "operations": {"all_gather_into_tensor": 1000}},
+        "loss embeddings": {"elements_per_step": 128, "calls_per_step": 4,
+                            "operations": {"all_gather": 64, "scatter": 64}}}}
+    coeff = scaling.coefficients(counts)
+    assert coeff["gradients"] == {"per_unit": 1.0, "wire": 2.0, "calls": 1}
+    assert coeff["loss embeddings"] == {"per_unit": 2.0, "wire": 1.0, "calls": 4}  # 128 / (2 ranks x 4 x 8)
+    assert coeff["small collectives"]["calls"] == 0.0
+    model = {"parameters": 10**9, "partitioned_parameters": 10**9, "embed_dim": 8}
+    p = scaling.predict("zero2", coeff, counts, model, 64, 1.0, 4, 360.0, 45.0)
+    ring, bandwidth, latency = 63 / 64, 45e9, 8e-6  # 64 GPUs: across nodes
+    gradients = ring * 2 * 2e9 / bandwidth + 5 * 63 * latency  # bf16 all-reduce, 2e8-element buckets: 5
+    parameters = ring * 2e9 / bandwidth + 5 * 63 * latency
+    loss = ring * 2 * 64 * 4 * 8 * 2 / bandwidth + 4 * 63 * latency
+    assert p["gradients s"] == pytest.approx(gradients) and p["parameters s"] == pytest.approx(parameters)
+    assert p["loss embeddings s"] == pytest.approx(loss)
+    # ZeRO-2: the reduction hides in the backward (2/3 of the step), the gather after the step does not
+    assert p["step_s"] == pytest.approx(1.0 + parameters + loss) and p["efficiency"] == pytest.approx(1 / p["step_s"])
+    assert p["step_s_no_overlap"] == pytest.approx(1.0 + gradients + parameters + loss)
