@@ -103,10 +103,14 @@ class Settings:
     def make(cls, args: argparse.Namespace) -> "Settings":
         cores = os.cpu_count() or 1
         if args.dry_run:
-            return cls(True, args.clips or 24, args.workers or 2, 6, 2, 2, 3, 2, 8, 4, "aot_eager", "cpu.yaml")
-        workers = args.workers or max(1, min(MAX_WORKERS, cores - 2))  # a core for the trainer, one to spare
-        return cls(False, args.clips or 1024, workers, args.steps, args.log_every, args.warmup_steps, 15, 16, 4096,
-                   512, "inductor", "single_node.yaml")
+            return cls(dry_run=True, clips=args.clips or 24, workers=args.workers or 2, steps=6, log_every=2,
+                       warmup_steps=2, ceiling_steps=3, first_sweep_batch=2, sweep_limit=8, batch_cap=4,
+                       compile_backend="aot_eager", accelerate_config="cpu.yaml")
+        return cls(dry_run=False, clips=args.clips or 1024,
+                   workers=args.workers or max(1, min(MAX_WORKERS, cores - 2)),  # a core for the trainer, one spare
+                   steps=args.steps, log_every=args.log_every, warmup_steps=args.warmup_steps, ceiling_steps=15,
+                   first_sweep_batch=16, sweep_limit=4096, batch_cap=512, compile_backend="inductor",
+                   accelerate_config="single_node.yaml")
 
 
 class Report:

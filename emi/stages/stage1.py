@@ -69,7 +69,7 @@ def train_flops_per_sample(model: ContrastiveModel, config: Stage1Config) -> flo
     return float(contrastive_flops(model, config.data.max_text_len, audio_samples)["train"])
 
 
-def forward(model: torch.nn.Module, batch: dict, image: ImageSpec, float_dtype: torch.dtype | None
+def model_outputs(model: torch.nn.Module, batch: dict, image: ImageSpec, float_dtype: torch.dtype | None
             ) -> dict[str, torch.Tensor]:
     """The model on a batch on the device; frames come as uint8 and are normalised here, on the device."""
     pixels = batch.get("pixel_values")
@@ -85,7 +85,7 @@ def contrastive_loss(config: Stage1Config, image: ImageSpec, float_dtype: torch.
     contrastive = ContrastiveLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad)
 
     def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = forward(model, batch, image, float_dtype)
+        out = model_outputs(model, batch, image, float_dtype)
         va_std = batch["labels"].masked_fill(~batch["label_mask"], float("nan"))
         weights = va_confidence_weights(va_std, va_std.shape[0], spec.va_std_scale)
         losses, temperatures = {}, {}
@@ -124,7 +124,7 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Retrieval R@1/R@5 in both directions over the whole val set, each sample counted once."""
         def embed(batch: dict) -> dict[str, torch.Tensor]:
-            out = forward(model, batch, image, float_dtype)
+            out = model_outputs(model, batch, image, float_dtype)
             return {name: out[name].float() for name in ("image", "audio", "text") if name in out}
 
         _, gathered = collect(val_data, embed, accelerator, float_dtype=float_dtype)
