@@ -12,6 +12,7 @@ Exports the encoders to <run>/export/{vision,text,audio}/ (from_pretrained folde
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,14 +43,14 @@ def data_mode(pairs: list[str]) -> str:
     return "frame" if pairs == ["vision_text"] else "audio"
 
 
-def build_model(config: Stage1Config, device: torch.device | str = "cpu") -> ContrastiveModel:
+def build_model(config: Stage1Config, device: torch.device | str | None = None) -> ContrastiveModel:
     """The contrastive model, its parameters created on `device` (the device it trains on: random init of ViT-L/14
-    and Wav2Vec2-large takes seconds on a GPU and minutes on one CPU core)."""
+    and Wav2Vec2-large takes seconds on a GPU and minutes on one CPU core); None: torch's current default."""
     spec = config.model
     # the config guarantees an encoder spec for every listed pair
     vision = vars(spec.vision) if "vision_text" in spec.pairs else None
     audio = vars(spec.audio) if "audio_text" in spec.pairs else None
-    with torch.device(device):
+    with torch.device(device) if device is not None else nullcontext():
         return ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
                                 spec.max_logit_scale)
 
