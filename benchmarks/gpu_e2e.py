@@ -6,10 +6,11 @@ model and step (`benchmarks/gpu_stage1.py`) measured in the same run.
     python benchmarks/gpu_e2e.py --dry-run --out /tmp/e2e     (CPU: configs/stage1/tiny.yaml, the same code path)
 
 On a lent GPU machine the working tree arrives without a build step: run it from the repository root with the
-pinned packages importable (torch, transformers, accelerate, deepspeed, webdataset, tensorboard) and ffmpeg on the
-PATH (without ffmpeg the clips are written straight into shards by benchmarks.bench_loader.write_synthetic_shards,
-and the report says so). Nothing is downloaded: configs/stage1/vitl.yaml's ViT-L/14 + BERT-base + Wav2Vec2-large are
-built from config dicts with random weights (gpu_stage1.RANDOM_INIT), bf16. Everything lands in --out: e2e.json
+pinned packages importable (torch, transformers, accelerate, deepspeed, webdataset, tensorboard, av) and ffmpeg on
+the PATH (without ffmpeg or PyAV the clips are written straight into shards by
+benchmarks.bench_loader.write_synthetic_shards, and the report says so). Nothing is downloaded:
+configs/stage1/vitl.yaml's ViT-L/14 + BERT-base + Wav2Vec2-large are built from config dicts with random weights
+(gpu_stage1.RANDOM_INIT), bf16. Everything lands in --out: e2e.json
 (rewritten after every measurement, so a run cut short keeps what it measured), RESULTS-gpu-e2e.md (the section)
 and runs/ (each trainer run's log.txt and TensorBoard); with --results the section also replaces the earlier one
 of its name in benchmarks/RESULTS.md.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -178,7 +180,7 @@ def make_data(out: Path, settings: Settings, env: dict[str, str]) -> dict[str, A
     """Clips and shards on every core; returns where the shards are and how they were made."""
     cores = str(os.cpu_count() or 1)
     shards = out / "data" / "shards"
-    if shutil.which("ffmpeg"):
+    if shutil.which("ffmpeg") and importlib.util.find_spec("av") is not None:
         synth = out / "data" / "synth"
         for name, args in (("synth", ["synth", "--out", str(synth), "--clips", str(settings.clips), "--workers", cores]),
                            ("shards", ["shards", "build", "--videos", str(synth / "videos"), "--labels",
@@ -192,8 +194,9 @@ def make_data(out: Path, settings: Settings, env: dict[str, str]) -> dict[str, A
         from benchmarks.bench_loader import write_synthetic_shards
 
         write_synthetic_shards(shards, num_clips=settings.clips, shard_size=64)
-        made_by = ("no ffmpeg on this machine: benchmarks.bench_loader.write_synthetic_shards (455x256 JPEG frames, "
-                   "16 kHz audio, the builder's tar layout)")
+        made_by = ("no ffmpeg (emi synth) or PyAV (emi shards build) on this machine: "
+                   "benchmarks.bench_loader.write_synthetic_shards (455x256 JPEG frames, 16 kHz audio, the builder's "
+                   "tar layout)")
     manifest = json.loads((shards / "manifest.json").read_text())
     sizes = [path.stat().st_size for path in shards.glob("*.tar")]
     return {"shards": str(shards), "made_by": made_by, "clips": manifest["num_samples"],
