@@ -180,7 +180,8 @@ def test_trainer_benchmark_runs_fit_and_the_plain_loop(tmp_path):
     assert result["batch_size"] == 16
     for name in ("plain", "fit_zero2"):
         assert len(result[name]["block_step_ms"]) == 2 and result[name]["processes"] == 1
-        assert result[name]["step_ms"] == pytest.approx(sum(result[name]["block_step_ms"]) / 2, abs=0.02) > 0
+        assert result[name]["step_ms"] == pytest.approx(sum(result[name]["block_step_ms"]) / 2, abs=0.02)  # median
+        assert result[name]["step_ms"] > 0
     assert result["overhead_zero2"] == pytest.approx(result["fit_zero2"]["step_ms"] / result["plain"]["step_ms"],
                                                      abs=1e-3)
     assert result["met"] == (result["overhead_zero2"] <= bench_trainer.TARGET)
