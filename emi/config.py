@@ -253,7 +253,7 @@ def validate(config: Any, source: str) -> None:
         if train.grad_accum < 1 or train.keep_last < 1 or train.checkpoint_every < 1 or train.log_every < 1:
             raise UsageError(f"{source}: train.grad_accum, keep_last, checkpoint_every, log_every must be >= 1")
     data = getattr(config, "data", None)
-    if data is not None and data.prefetch_factor < 1:
+    if isinstance(data, DataSection) and data.prefetch_factor < 1:  # a sweep's `data` names feature sets
         raise UsageError(f"{source}: data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
     if isinstance(config, Stage1Config):
         model = config.model
