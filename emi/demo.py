@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = Pipeline(Path(args.root).resolve(), args.train_clips, args.val_clips)
     pipeline.prepare_data()
     pipeline.run("shard statistics", [*EMI, "shards", "stats", str(pipeline.shards("train"))])
-    encoders = pipeline.train_stage1("stage1-tiny", 20, "optim.lr=2e-3")
+    # 8 Stage I epochs: 20 gave the same Stage II score on these clips (val 0.706 against 0.703) in 2.5x the time
+    encoders = pipeline.train_stage1("stage1-tiny", 8, "optim.lr=2e-3")
     pipeline.extract_features(encoders)
     pipeline.train_stage2("stage2-tiny", 60)
 
