@@ -202,7 +202,8 @@ def test_stage1_trains_from_the_bucket_through_a_server_restart_mid_epoch(server
     text = log.read_text()
     assert process.returncode == 0, errors[-6000:]
     assert re.search(r"s3://emi/restart/train/train-\d{6}\.tar: cannot .*; retrying in", errors), errors[-6000:]
-    assert "done: 4 steps" in text and "skipped" not in text, text  # 16 clips / (2 per batch x 2 ranks)
+    assert "done: 4 steps" in text, text  # 16 clips / (2 per batch x 2 ranks)
+    assert re.findall(r"skipped_samples (\S+)", text) == ["0"] * 4 and "corrupt or unreadable" not in text, text
     assert SECRET_KEY not in errors + text
     reference_weights, bucket_weights = exported(runs / "local"), exported(runs / "bucket")
     assert all(torch.equal(reference_weights[key], bucket_weights[key]) for key in reference_weights)
