@@ -97,7 +97,7 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class EncoderSpec:
-    arch: str = ""  # clip | vit (vision), bert (text), wav2vec2 (audio)
+    arch: str = ""  # clip | vit (vision), bert (text), wav2vec2 (audio); auto: any transformers model of the modality
     pretrained: str | None = None  # hub name or local folder (from_pretrained)
     config: dict[str, Any] | None = None  # small random config (tests, demo)
 

@@ -44,12 +44,12 @@ from emi.errors import UsageError
 from emi.io import folder_records, records_digest
 from emi.manifest import FEATURE_SHARDS, Manifest, ShardEntry, write_manifest
 from emi.models.encoders import (
-    audio_frame_features, load_encoders, normalise_waveform, pool_audio_to_frames, text_features, vision_features)
+    WAV2VEC2_INPUT, audio_frame_features, audio_frame_grid, load_encoders, pool_audio_to_frames, prepare_waveform,
+    text_features, vision_features)
 from emi.shards.files import ShardWriter
 
 VISION_CHUNK = 256  # frames per vision-encoder call
-AUDIO_WINDOW_S = 30.0  # seconds of waveform per audio-encoder call
-ENCODER_SAMPLE_RATE = 16000  # Wav2Vec2 checkpoints hear 16 kHz
+AUDIO_WINDOW_S = 30.0  # seconds of waveform per audio-encoder call (Whisper: its own fixed window)
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +63,7 @@ class FrozenEncoders:
     audio: torch.nn.Module
     tokenizer: Any
     image: ImageSpec
+    audio_extractor: Any  # the audio encoder's feature extractor: sampling rate, normalisation, log-mel
     device: torch.device
 
     @property
@@ -81,36 +82,29 @@ def load_frozen_encoders(export_dir: str | Path, device: torch.device | str = "c
     return FrozenEncoders(
         path=Path(export_dir).resolve(), vision=loaded["vision"].to(device), text=loaded["text"].to(device),
         audio=loaded["audio"].to(device), tokenizer=loaded["tokenizer"],
-        image=ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"])), device=device)
-
-
-def receptive_field(encoder: torch.nn.Module) -> tuple[int, int]:
-    """(samples one audio-encoder frame sees, samples between frames) of a Wav2Vec2 feature encoder: (400, 320)."""
-    field, stride = 1, 1
-    for kernel, step in zip(encoder.config.conv_kernel, encoder.config.conv_stride):
-        field += (kernel - 1) * stride
-        stride *= step
-    return field, stride
+        image=ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"])),
+        audio_extractor=loaded["audio_extractor"], device=device)
 
 
 def windowed_audio_features(encoder: torch.nn.Module, audio: torch.Tensor, mask: torch.Tensor,
-                            window_s: float = AUDIO_WINDOW_S, sample_rate: int = ENCODER_SAMPLE_RATE
+                            extractor: Any = WAV2VEC2_INPUT, window_s: float = AUDIO_WINDOW_S
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """audio_frame_features of waveforms [B, S] (valid where mask [B, S]), run over windows of about `window_s`: each window starts on the
-    encoder's frame grid and reaches one receptive field past its last frame, so the windows' frames are exactly the
-    frames of one pass over the whole waveform (20 ms apart), each computed once; attention spans one window.
-    The waveforms are normalised whole first, as one pass would."""
-    field, stride = receptive_field(encoder)
-    frames_per_window = max(1, round(window_s * sample_rate / stride))
+    """audio_frame_features of waveforms [B, S] (valid where mask [B, S]), run over windows of about `window_s`
+    (Whisper: its fixed window): each window starts on the encoder's frame grid and reaches one receptive field
+    past its last frame, so the windows' frames are exactly the frames of one pass over the whole waveform (20 ms
+    apart), each computed once; attention spans one window. The waveforms are prepared whole first (normalised
+    over the whole clip where the extractor normalises), as one pass would."""
+    field, stride, max_frames = audio_frame_grid(encoder, extractor)
+    frames_per_window = max_frames or max(1, round(window_s * extractor.sampling_rate / stride))
     step = frames_per_window * stride
-    audio = normalise_waveform(audio, mask)
+    audio = prepare_waveform(audio, mask, extractor)
     if audio.shape[1] <= step + field - stride:  # one window: one pass
-        return audio_frame_features(encoder, audio, mask.long(), normalise=False)
+        return audio_frame_features(encoder, audio, mask.long(), extractor, prepare=False)
     states, masks = [], []
     for start in range(0, audio.shape[1] - field + 1, step):
         end = start + step + field - stride
         window_states, window_mask = audio_frame_features(encoder, audio[:, start:end], mask[:, start:end].long(),
-                                                          normalise=False)
+                                                          extractor, prepare=False)
         states.append(window_states)
         masks.append(window_mask)
     return torch.cat(states, dim=1), torch.cat(masks, dim=1)
@@ -134,14 +128,16 @@ def clip_features(encoders: FrozenEncoders, batch: dict[str, Any], fps: float) -
             per_clip_vision = vision.split(frame_mask.sum(1).tolist())
 
         audio_states, audio_frame_mask = windowed_audio_features(
-            encoders.audio, batch["audio"].to(device), batch["audio_mask"].to(device))
+            encoders.audio, batch["audio"].to(device), batch["audio_mask"].to(device), encoders.audio_extractor)
         text = text_features(encoders.text, batch["input_ids"].to(device),
                              batch["attention_mask"].to(device)).float()
 
+    audio_frame_s = audio_frame_grid(encoders.audio, encoders.audio_extractor)[1] / encoders.audio_extractor.sampling_rate
     clips = []
     for i, key in enumerate(batch["key"]):
         num_frames = len(per_clip_vision[i])
-        audio = pool_audio_to_frames(audio_states[i].float(), audio_frame_mask[i], num_frames, video_fps=fps)
+        audio = pool_audio_to_frames(audio_states[i].float(), audio_frame_mask[i], num_frames, video_fps=fps,
+                                     audio_frame_s=audio_frame_s)
         has_audio = bool(batch["has_audio"][i]) and bool(audio_frame_mask[i].any())
         has_text = bool(batch["transcript"][i].strip())
         clips.append({
@@ -171,7 +167,7 @@ def fusion_batch(clips: list[dict[str, Any]], num_frames: int) -> dict[str, torc
 def clip_decoding(encoders: FrozenEncoders) -> dict[str, Any]:
     """How clips are decoded for the encoders, in extraction, evaluation and prediction alike: every frame, the
     whole audio at the audio encoder's rate, eval views, transcripts tokenised for the text encoder."""
-    return {"image": encoders.image, "audio": AudioSpec(sample_rate=ENCODER_SAMPLE_RATE, seconds=0.0),
+    return {"image": encoders.image, "audio": AudioSpec(sample_rate=encoders.audio_extractor.sampling_rate, seconds=0.0),
             "num_frames": 0, "tokenizer": encoders.tokenizer,
             "max_text_len": min(encoders.tokenizer.model_max_length, 512)}
 

@@ -353,7 +353,7 @@ def test_audio_windows_lie_on_the_encoders_frame_grid(encoders, monkeypatch):
     """windowed_audio_features: one pass for a clip within one window (bit-identical); over several windows the
     frames are exactly one pass's frames (shown on the convolutional features, which see no attention)."""
     from emi import features
-    from emi.models.encoders import audio_frame_features
+    from emi.models.encoders import audio_frame_features, normalise_waveform
 
     audio_encoder = load_frozen_encoders(encoders).audio
     torch.manual_seed(0)
@@ -365,13 +365,13 @@ def test_audio_windows_lie_on_the_encoders_frame_grid(encoders, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(features.windowed_audio_features(audio_encoder, waveform, mask),
                                                       whole))
 
-        def conv_features(encoder, values, attention_mask, normalise=True):  # the frame grid, no attention
+        def conv_features(encoder, values, attention_mask, extractor=None, prepare=True):  # the grid, no attention
             states = encoder.feature_extractor(values).transpose(1, 2)
             lengths = encoder._get_feat_extract_output_lengths(attention_mask.sum(-1))
             return states, torch.arange(states.shape[1])[None, :] < lengths[:, None]
 
         monkeypatch.setattr(features, "audio_frame_features", conv_features)
-        normalised = features.normalise_waveform(waveform, mask)
+        normalised = normalise_waveform(waveform, mask)
         one_pass = conv_features(audio_encoder, normalised, mask)
         for window_s in (1.0, 2.02, 3.3):
             windowed = features.windowed_audio_features(audio_encoder, waveform, mask, window_s=window_s)

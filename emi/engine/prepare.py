@@ -35,6 +35,8 @@ def enable_activation_checkpointing(model: nn.Module) -> list[str]:
     """
     enabled = []
     for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in enabled):  # inside an encoder done already (DINOv2's)
+            continue
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
             if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.24
                 module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -62,10 +62,21 @@ def image_spec(model: ContrastiveModel) -> ImageSpec:
     return ImageSpec(info["image_size"], tuple(info["image_mean"]), tuple(info["image_std"]))
 
 
+def audio_spec(model: ContrastiveModel, config: Stage1Config, train: bool) -> AudioSpec:
+    """The audio window at the audio encoder's sampling rate, augmented in training when data.augment says."""
+    rate = model.audio_extractor.sampling_rate if model.audio is not None else AudioSpec.sample_rate
+    augment = AUDIO_AUGMENTATION if train and config.data.augment else {}
+    return AudioSpec(sample_rate=rate, seconds=config.data.audio_seconds, **augment)
+
+
 def train_flops_per_sample(model: ContrastiveModel, config: Stage1Config) -> float | None:
-    """Model FLOPs of one training sample (emi.models.flops); None when the audio window is not fixed."""
-    audio_samples = AudioSpec(seconds=config.data.audio_seconds).window or None
+    """Model FLOPs of one training sample (emi.models.flops); None when the audio window is not fixed, or for an
+    arch: auto encoder (emi.models.flops counts clip, vit, bert and wav2vec2)."""
+    audio_samples = audio_spec(model, config, train=False).window or None
     if model.audio is not None and audio_samples is None:
+        return None
+    specs = (spec for spec in (model.vision_spec, model.text_spec, model.audio_spec) if spec is not None)
+    if any(spec["arch"] == "auto" for spec in specs):
         return None
     return float(contrastive_flops(model, config.data.max_text_len, audio_samples)["train"])
 
@@ -114,7 +125,7 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
             shuffle=train, train=train and data.augment, resampled=data.resampled and train,
             # in training, no sample twice in an epoch: a repeat in the global batch is its own false negative
             drop_last=train, shuffle_buffer=data.shuffle_buffer, manifest=data.manifest, image=image,
-            audio=AudioSpec(seconds=data.audio_seconds, **(AUDIO_AUGMENTATION if train and data.augment else {})),
+            audio=audio_spec(model, config, train),
             label_names=VA_STD_LABELS, prompt_fn=build_prompt, tokenizer=tokenizer,
             max_text_len=data.max_text_len, pin_memory=data.pin_memory, prefetch_factor=data.prefetch_factor,
             persistent_workers=data.persistent_workers)
