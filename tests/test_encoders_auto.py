@@ -147,6 +147,11 @@ def test_each_family_builds_its_model_with_the_pooling_of_its_kind(families, fam
     torch.manual_seed(0)
     encoder = build_encoder(spec, modality).eval()
     assert type(encoder).__name__ == CLASSES[family]
+    # no parameter the features never use is trained (DDP and ZeRO want a gradient for each): DINOv2's mask
+    # token (masked-image pretraining) is frozen, unused poolers are not built
+    frozen = [name for name, parameter in encoder.named_parameters() if not parameter.requires_grad]
+    assert frozen == {"dinov2": ["embeddings.mask_token"]}.get(family, [])
+    assert getattr(encoder, "pooler", None) is None
     width = WIDTHS.get(family, 32)
     assert encoder.config.hidden_size == width
     with torch.no_grad():
@@ -338,3 +343,33 @@ def test_stage1_with_auto_encoders_then_features_and_predict(families, synthetic
     result, = predict(tmp_path / "best", [str(sorted(GRID.glob("*.mpg"))[0])], batch_size=1)
     assert set(result["intensities"]) == set(EMI_EMOTIONS), result
     assert all(math.isfinite(value) for value in result["intensities"].values())
+
+
+def test_shipped_auto_config_builds_with_local_folders_in_place_of_its_names(families):
+    from emi.config import Stage1Config, load_config
+    from emi.stages.stage1 import audio_spec, build_model, train_flops_per_sample
+
+    folders = {name: spec_of(families, family)["pretrained"]
+               for name, family in (("vision", "dinov2"), ("text", "roberta"), ("audio", "wavlm"))}
+    config = load_config(Stage1Config, REPO / "configs/stage1/auto.yaml",
+                         [f"model.{name}.pretrained={folder}" for name, folder in folders.items()])
+    assert {name: getattr(config.model, name).arch for name in folders} == dict.fromkeys(folders, "auto")
+    torch.manual_seed(0)
+    model = build_model(config)
+    assert [type(getattr(model, name)).__name__ for name in folders] == ["Dinov2Model", "RobertaModel", "WavLMModel"]
+    assert model.audio.config.mask_time_prob == 0.0  # the config's overrides
+    assert audio_spec(model, config, train=False).window == 6 * 16000
+    assert train_flops_per_sample(model, config) is None  # emi.models.flops counts the built-in archs only
+
+
+def test_stage1_refuses_an_audio_window_longer_than_whispers(families):
+    from emi.config import Stage1Config, load_config
+    from emi.stages.stage1 import audio_spec, build_model
+
+    config = load_config(Stage1Config, REPO / "configs/stage1/tiny.yaml",
+                         [f"model.audio={json.dumps(spec_of(families, 'whisper'))}", "data.audio_seconds=2.5"])
+    torch.manual_seed(0)
+    model = build_model(config)
+    with pytest.raises(UsageError, match=r"data.audio_seconds=2.5: the audio encoder \(WhisperEncoder\) hears "
+                                         r"windows of at most 2 s"):
+        audio_spec(model, config, train=True)

@@ -395,7 +395,7 @@ def audio_frame_features(
         states = encoder(log_mel(padded, extractor).to(input_values.dtype)).last_hidden_state
         lengths = lengths // stride
     else:
-        uses_mask = encoder.config.feat_extract_norm == "layer"
+        uses_mask = getattr(encoder.config, "feat_extract_norm", "layer") == "layer"  # Data2VecAudio: always
         states = encoder(input_values, attention_mask=attention_mask if uses_mask else None).last_hidden_state
         lengths = encoder._get_feat_extract_output_lengths(lengths)
     frame_mask = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]

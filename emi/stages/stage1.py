@@ -25,9 +25,11 @@ from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
 from emi.engine.evaluation import collect
 from emi.engine.loop import LossFn
+from emi.errors import UsageError
 from emi.losses import ContrastiveLoss, va_confidence_weights
 from emi.metrics import retrieval_metrics
-from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders, image_processing
+from emi.models.encoders import (ContrastiveModel, audio_frame_grid, build_tokenizer, export_encoders,
+                                 image_processing)
 from emi.models.flops import contrastive_flops
 from emi.prompts import build_prompt
 
@@ -64,9 +66,16 @@ def image_spec(model: ContrastiveModel) -> ImageSpec:
 
 def audio_spec(model: ContrastiveModel, config: Stage1Config, train: bool) -> AudioSpec:
     """The audio window at the audio encoder's sampling rate, augmented in training when data.augment says."""
-    rate = model.audio_extractor.sampling_rate if model.audio is not None else AudioSpec.sample_rate
+    if model.audio is None:
+        return AudioSpec(seconds=config.data.audio_seconds)
     augment = AUDIO_AUGMENTATION if train and config.data.augment else {}
-    return AudioSpec(sample_rate=rate, seconds=config.data.audio_seconds, **augment)
+    spec = AudioSpec(sample_rate=model.audio_extractor.sampling_rate, seconds=config.data.audio_seconds, **augment)
+    _, stride, max_frames = audio_frame_grid(model.audio, model.audio_extractor)
+    if max_frames is not None and not 0 < spec.window <= stride * max_frames:  # Whisper hears fixed windows
+        raise UsageError(f"data.audio_seconds={config.data.audio_seconds}: the audio encoder "
+                         f"({type(model.audio).__name__}) hears windows of at most "
+                         f"{stride * max_frames / spec.sample_rate:g} s; set 0 < data.audio_seconds <= that")
+    return spec
 
 
 def train_flops_per_sample(model: ContrastiveModel, config: Stage1Config) -> float | None:
