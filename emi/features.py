@@ -132,7 +132,8 @@ def clip_features(encoders: FrozenEncoders, batch: dict[str, Any], fps: float) -
         text = text_features(encoders.text, batch["input_ids"].to(device),
                              batch["attention_mask"].to(device)).float()
 
-    audio_frame_s = audio_frame_grid(encoders.audio, encoders.audio_extractor)[1] / encoders.audio_extractor.sampling_rate
+    sample_rate = encoders.audio_extractor.sampling_rate
+    audio_frame_s = audio_frame_grid(encoders.audio, encoders.audio_extractor)[1] / sample_rate  # 20 ms
     clips = []
     for i, key in enumerate(batch["key"]):
         num_frames = len(per_clip_vision[i])
@@ -167,8 +168,8 @@ def fusion_batch(clips: list[dict[str, Any]], num_frames: int) -> dict[str, torc
 def clip_decoding(encoders: FrozenEncoders) -> dict[str, Any]:
     """How clips are decoded for the encoders, in extraction, evaluation and prediction alike: every frame, the
     whole audio at the audio encoder's rate, eval views, transcripts tokenised for the text encoder."""
-    return {"image": encoders.image, "audio": AudioSpec(sample_rate=encoders.audio_extractor.sampling_rate, seconds=0.0),
-            "num_frames": 0, "tokenizer": encoders.tokenizer,
+    audio = AudioSpec(sample_rate=encoders.audio_extractor.sampling_rate, seconds=0.0)
+    return {"image": encoders.image, "audio": audio, "num_frames": 0, "tokenizer": encoders.tokenizer,
             "max_text_len": min(encoders.tokenizer.model_max_length, 512)}
 
 

@@ -67,12 +67,13 @@ PROJECTION_FILE = "projection.safetensors"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 ARCHS_FILE = "archs.json"  # in an export folder: {"vision": arch, "text": arch, "audio": arch}
 
-# How each family's states become one feature (every arch; families not listed take their modality's default).
+# How each family's states become one feature, whatever the arch (vision_features, text_features, audio_features).
 #   cls:    the first token of the last hidden states (after the final norm)
 #   pooler: the model's own pooler_output (CLIP: post-norm CLS; SigLIP: its attention-pooling head)
 #   mean:   the mean over valid positions: text tokens under the attention mask, audio frames whose receptive
 #           field lies in the valid samples (as the paper pools BERT and Wav2Vec2)
-# Defaults: text and audio mean; vision pooler_output where the model gives one, else cls.
+# Only vision families differ: every text and audio family is mean-pooled (listed for the record). A vision family
+# not listed takes its pooler_output where the model gives one, else cls.
 AUTO_POOLING = {
     "vit": "cls", "deit": "cls", "dinov2": "cls", "dinov2_with_registers": "cls",
     "clip_vision_model": "pooler", "siglip_vision_model": "pooler",
@@ -359,9 +360,11 @@ def log_mel(waveforms: torch.Tensor, extractor: WhisperFeatureExtractor) -> torc
     """Whisper's log-mel input features [N, mel, S / hop] of waveforms [N, S], on their device: what
     WhisperFeatureExtractor computes (its torch path), each spectrogram clamped 8 decades below its maximum."""
     window = torch.hann_window(extractor.n_fft, device=waveforms.device)
-    stft = torch.stft(waveforms.float(), extractor.n_fft, extractor.hop_length, window=window, return_complex=True)
-    power = stft[..., :-1].abs() ** 2
-    mel = torch.from_numpy(extractor.mel_filters).to(power).T @ power
+    with torch.autocast(waveforms.device.type, enabled=False):  # float32 even in bf16 runs: logs of small powers
+        stft = torch.stft(waveforms.float(), extractor.n_fft, extractor.hop_length, window=window,
+                          return_complex=True)
+        power = stft[..., :-1].abs() ** 2
+        mel = torch.from_numpy(extractor.mel_filters).to(power).T @ power
     log_spec = mel.clamp(min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
     return (log_spec + 4.0) / 4.0
