@@ -135,7 +135,7 @@ PAIRS = ("vision_text", "audio_text")
 class FusionSection:
     modalities: list[str] = field(default_factory=lambda: ["vision", "audio", "text"])
     temporal: bool = True  # the paper's TFE: TCN (vision) and gated BiLSTM (audio)
-    fusion: str = "qam"  # qam | mean | concat
+    fusion: str = "qam"  # qam | mean | concat | xattn (emi.models.fusion)
     d_model: int = 128
     num_segments: int = 8
     tcn_layers: int = 3
@@ -144,7 +144,7 @@ class FusionSection:
     transformer_layers: int = 2
     transformer_heads: int = 4
     dropout: float = 0.1
-    modality_dropout: float = 0.0
+    modality_dropout: float = 0.0  # training: drop each modality of a clip with this probability (every fusion)
 
 
 @dataclass
@@ -156,6 +156,9 @@ class Stage2Config:
     model: FusionSection = field(default_factory=FusionSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+
+FUSIONS = ("qam", "mean", "concat", "xattn")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ def validate(config: Any, source: str) -> None:
         if "audio_text" in model.pairs and model.audio is None:
             raise UsageError(f"{source}: model.pairs has audio_text but model.audio is not set")
     if isinstance(config, Stage2Config):
-        _check_choice(config.model.fusion, ("qam", "mean", "concat"), "model.fusion", source)
+        _check_choice(config.model.fusion, FUSIONS, "model.fusion", source)
         for modality in config.model.modalities:
             _check_choice(modality, ("vision", "audio", "text"), "model.modalities", source)
 

@@ -27,7 +27,7 @@ def build(**overrides) -> FusionModel:
     return FusionModel(**{**SMALL, **overrides}).eval()
 
 
-@pytest.fixture(scope="module", params=["qam", "mean", "concat"])
+@pytest.fixture(scope="module", params=["qam", "mean", "concat", "xattn"])
 def model(request) -> FusionModel:
     return build(fusion=request.param)
 
@@ -102,7 +102,7 @@ def test_modalities_outside_config_are_always_absent():
 
 def test_clip_with_nothing_present_uses_empty_token():
     none = torch.zeros(4, 3, dtype=torch.bool)
-    for fusion in ("qam", "mean", "concat"):
+    for fusion in ("qam", "mean", "concat", "xattn"):
         model = build(fusion=fusion)
         with torch.no_grad():
             out = model(**make_batch(present=none))
@@ -160,6 +160,33 @@ def test_modality_dropout_never_drops_all():
     assert (out["weights"][~PRESENT[:, None, :].expand(-1, 4, -1)] == 0).all()
 
 
+@pytest.mark.parametrize("fusion", ["qam", "mean", "concat", "xattn"])
+def test_modality_dropout_applies_to_every_fusion(fusion):
+    """In training a fusion sees exactly the modalities drop_modalities keeps (same random draw), never more."""
+    model = build(fusion=fusion, dropout=0.0, modality_dropout=0.5)
+    batch = make_batch()
+    torch.manual_seed(3)
+    kept = drop_modalities(PRESENT, 0.5)
+    assert not torch.equal(kept, PRESENT)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        trained_on = model.train()(**batch)["pred"]
+        model.eval()
+        torch.testing.assert_close(trained_on, model(**{**batch, "present": kept})["pred"])
+        assert not torch.allclose(trained_on, model(**batch)["pred"])
+
+
+def test_xattn_turns_to_the_stand_in_of_an_absent_modality():
+    model = build(fusion="xattn")
+    with torch.no_grad():
+        weights = model(**make_batch())["weights"]
+    present = PRESENT[:, None, :].expand(-1, 4, -1)
+    # absent: all attention on the stand-in (0 on real segments); present: some on the real segments, not all
+    assert (weights[..., :2][~present[..., :2]] == 0).all()
+    assert ((weights[..., :2][present[..., :2]] > 0) & (weights[..., :2][present[..., :2]] < 1)).all()
+    assert torch.equal(weights[..., 2], present[..., 2].float())
+
+
 @pytest.mark.parametrize("overrides", [
     {"temporal": False, "fusion": "qam"},
     {"temporal": False, "fusion": "mean"},
@@ -167,6 +194,8 @@ def test_modality_dropout_never_drops_all():
     {"modalities": ("audio",), "fusion": "qam"},
     {"modalities": ("vision",), "fusion": "concat"},
     {"modalities": ("text",), "fusion": "mean", "temporal": False},
+    {"modalities": ("vision", "audio"), "fusion": "xattn"},
+    {"modalities": ("audio", "text"), "fusion": "xattn", "temporal": False},
 ])
 def test_switches_run(overrides):
     model = build(**overrides)
@@ -199,9 +228,10 @@ def test_bad_inputs_are_rejected():
         model(**{**make_batch(), "audio": torch.zeros(4, 7, 3)})
 
 
-def test_tiny_model_overfits_and_every_parameter_learns():
+@pytest.mark.parametrize("fusion", ["qam", "xattn"])
+def test_tiny_model_overfits_and_every_parameter_learns(fusion):
     torch.manual_seed(0)
-    model = FusionModel(**{**SMALL, "dropout": 0.0}).train()
+    model = FusionModel(**{**SMALL, "dropout": 0.0, "fusion": fusion}).train()
     present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]],
                            dtype=torch.bool)
     batch = make_batch(lengths=[7, 6, 5, 4, 7, 3, 2, 1], present=present, seed=11)

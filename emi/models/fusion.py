@@ -9,6 +9,12 @@ For one clip, with d = d_model and M = num_segments:
                      PRESENT for the clip (Eq. 9); fused = beta_v h_v + beta_a h~_a + beta_s f_s (Eq. 10)
            "mean":   the same with equal weights over the present modalities
            "concat": the paper's baseline: the tokens of all modalities concatenated along time (Eq. 5)
+           "xattn":  text-anchored dual cross-attention (as TAEMI, ABAW10): the text token, plus the positional
+                     embedding, queries the vision segments and, separately, the audio segments;
+                     fused = query + attn_v + attn_a. Each modality has a learned stand-in token: it replaces the
+                     text query when the transcript is absent, and it is always one of the keys of its
+                     modality's attention, the only one when the modality is absent or dropped; so a query can
+                     also turn to the stand-in when the real segments look unreliable (an attention sink).
     -> + learned positional embedding -> Transformer encoder -> masked mean over tokens -> MLP head -> sigmoid
 
 Eq. 10 adds the vision on the segment grid (h_v^m) to the audio on the frame grid (h~_a^t). Here both are put on
@@ -16,8 +22,9 @@ the same M-segment grid: audio features come aligned to the video frames (encode
 gated BiLSTM runs over all frames and its outputs are pooled into the same segments as the vision.
 
 Absent modalities (present False, all frames masked, dropped, or not in `modalities`) have their features zeroed
-on entry and are masked out: -inf before the softmax, key padding in "concat". A clip with no modality at all is
-predicted from a learned `empty` token, so the model never produces NaN. `temporal=False` is the paper's no-TFE
+on entry and are masked out: -inf before the softmax, key padding in "concat", the stand-in token in "xattn". A
+clip with no modality at all is predicted from a learned `empty` token (the stand-ins in "xattn"), so the model
+never produces NaN. `modality_dropout` (training only) drops whole modalities of a clip before any fusion. `temporal=False` is the paper's no-TFE
 ablation: features go to the per-step projection (Eq. 5) without TCN or BiLSTM.
 """
 
@@ -32,11 +39,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from emi.config import FUSIONS
 from emi.errors import UsageError
 from emi.io import folder_problems, link_or_copy_folder, records_digest, write_json_atomic
 
 MODALITIES = ("vision", "audio", "text")
-FUSIONS = ("qam", "mean", "concat")
 
 
 def prefix_lengths(mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -177,8 +184,16 @@ class FusionModel(nn.Module):
             )
         if fusion == "concat":
             self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), d_model) * 0.02)
+        if fusion == "xattn":
+            self.stand_ins = nn.Parameter(torch.randn(len(MODALITIES), d_model) * 0.02)  # vision, audio, text
+            self.query_norm = nn.LayerNorm(d_model)
+            attended = [m for m in ("vision", "audio") if m in modalities]
+            self.key_norms = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in attended})
+            self.cross_attention = nn.ModuleDict({m: nn.MultiheadAttention(
+                d_model, transformer_heads, dropout=dropout, batch_first=True) for m in attended})
+        else:
+            self.empty_token = nn.Parameter(torch.randn(d_model) * 0.02)
         self.position_embedding = nn.Parameter(torch.randn(num_segments, d_model) * 0.02)
-        self.empty_token = nn.Parameter(torch.randn(d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(d_model, transformer_heads, 4 * d_model, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, transformer_layers, norm=nn.LayerNorm(d_model),
@@ -209,7 +224,9 @@ class FusionModel(nn.Module):
         text: torch.Tensor,
         present: torch.Tensor,
     ) -> dict[str, torch.Tensor | None]:
-        """pred [B, num_outputs] in [0, 1]; weights [B, M, 3] (the betas; equal for "mean"; None for "concat")."""
+        """pred [B, num_outputs] in [0, 1]; weights [B, M, 3]: the betas ("qam"; equal for "mean"), for "xattn" the
+        share of each query's attention on the real vision / audio segments rather than the stand-in (text: 1 where
+        present); None for "concat"."""
         self._check_inputs(vision, vision_mask, audio, audio_mask, text, present)
         vision_mask, audio_mask = vision_mask.bool(), audio_mask.bool()
         prefix_lengths(vision_mask, "vision_mask")
@@ -229,6 +246,9 @@ class FusionModel(nn.Module):
         if self.fusion == "concat":
             pooled = self._concat(tokens, present)
             weights = None
+        elif self.fusion == "xattn":
+            fused, weights = self._cross_attention(tokens, present)
+            pooled = self.transformer(fused).mean(1)
         else:
             fused, weights = self._weighted_sum(tokens, present)
             pooled = self.transformer(fused + self.position_embedding).mean(1)
@@ -269,6 +289,26 @@ class FusionModel(nn.Module):
             betas = betas.expand(batch, segments, -1)
         fused = (betas[..., None] * stacked).sum(2)
         return torch.where(any_present[:, None, None], fused, empty), betas
+
+    def _cross_attention(self, tokens, present) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-anchored dual cross-attention ("xattn"): fused [B, M, d] and the attention on real tokens [B, M, 3]."""
+        batch, segments = present.shape[0], self.num_segments
+        text = self.stand_ins[2].expand(batch, 1, -1)
+        if "text" in tokens:
+            text = torch.where(present[:, 2, None, None], tokens["text"], text)
+        query = self.query_norm(text + self.position_embedding)
+        fused, real = text + self.position_embedding, [present[:, 2, None].expand(-1, segments).to(query.dtype)]
+        for index, name in enumerate(("vision", "audio")):
+            if name not in tokens:  # not a modality of this model
+                real.insert(index, torch.zeros_like(real[-1]))
+                continue
+            keys = self.key_norms[name](torch.cat([self.stand_ins[index].expand(batch, 1, -1),
+                                                   tokens[name] + self.position_embedding], dim=1))
+            ignored = torch.cat([present.new_zeros(batch, 1), ~present[:, index, None].expand(-1, segments)], dim=1)
+            attended, attention = self.cross_attention[name](query, keys, keys, key_padding_mask=ignored)
+            fused = fused + attended
+            real.insert(index, 1 - attention[..., 0])
+        return fused, torch.stack(real, dim=-1)
 
     def _concat(self, tokens, present) -> torch.Tensor:
         """The baseline fusion: all modality tokens in one sequence, absent ones masked; masked mean of the outputs."""
