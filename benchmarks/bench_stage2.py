@@ -27,13 +27,14 @@ from emi.data import build_loader
 from emi.features import FrozenEncoders, clip_features, clip_loader, extract_features, fusion_batch, \
     load_frozen_encoders
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
+from emi.losses import RegressionLoss
 from emi.models.fusion import FusionModel, fusion_inputs
-from emi.stages.stage2 import masked_mse
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_TINY = REPO / "configs" / "stage1" / "tiny.yaml"
 STAGE2_TINY = REPO / "configs" / "stage2" / "tiny.yaml"
 LABELS = list(EMI_EMOTIONS)
+MSE = RegressionLoss({"mse": 1.0})
 
 
 def extract_tiny_features(clip_shards: Path, work: Path) -> tuple[Path, Path]:
@@ -58,7 +59,7 @@ def fusion_model(dims: dict[str, int]) -> tuple[FusionModel, torch.optim.Optimiz
 
 
 def train_step(model: FusionModel, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
-    loss = masked_mse(model(**fusion_inputs(batch))["pred"], batch["labels"], batch["label_mask"])
+    loss, _ = MSE(model(**fusion_inputs(batch))["pred"], batch["labels"], batch["label_mask"])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -148,12 +148,23 @@ class FusionSection:
 
 
 @dataclass
+class LossSection:
+    """Weights of the Stage II loss terms (emi.losses.RegressionLoss): e.g. MSE + (1 - mean Pearson) is
+    `{mse: 1, pearson: 1}`, pure Pearson `{mse: 0, pearson: 1}`."""
+
+    mse: float = 1.0
+    pearson: float = 0.0
+    ccc: float = 0.0
+
+
+@dataclass
 class Stage2Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
     labels: list[str] = field(
         default_factory=lambda: ["Admiration", "Amusement", "Determination", "Empathic Pain", "Excitement", "Joy"])
     model: FusionSection = field(default_factory=FusionSection)
+    loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 
@@ -272,6 +283,9 @@ def validate(config: Any, source: str) -> None:
         _check_choice(config.model.fusion, FUSIONS, "model.fusion", source)
         for modality in config.model.modalities:
             _check_choice(modality, ("vision", "audio", "text"), "model.modalities", source)
+        weights = config_to_dict(config.loss)
+        if min(weights.values()) < 0 or not any(weights.values()):
+            raise UsageError(f"{source}: loss weights must be >= 0 and one of them > 0, got {weights}")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -> None:

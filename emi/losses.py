@@ -1,4 +1,6 @@
-"""Stage I contrastive loss: symmetric InfoNCE with annotation-confidence weights (paper Eq. 2), with the negatives
+"""The training objectives: Stage I's contrastive loss and Stage II's regression loss.
+
+Stage I contrastive loss: symmetric InfoNCE with annotation-confidence weights (paper Eq. 2), with the negatives
 taken from the global batch across ranks (modelled on OpenCLIP's `ClipLoss` and `gather_features`).
 
 Eq. 2 weights each sample's term by w_i, "determined by VA value standard deviations". Our reading:
@@ -12,6 +14,17 @@ frames of a clip; the data provides it as `va_std`, one value or a (valence, aro
 whose annotators disagree, or whose affect swings within the clip, has a less reliable prompt and pulls less.
 With sigma_i = s the confidence halves. The mean-normalisation keeps the loss on the scale of plain InfoNCE, so
 learning rates carry over; with all sigma equal the loss is exactly plain symmetric InfoNCE.
+
+Stage II regression loss (`RegressionLoss`): a weighted mix of terms over the GLOBAL batch (every rank's rows,
+all-gathered with gradients), per emotion k over the samples that have label k (mask m):
+
+    mse     = sum m (p - y)^2 / sum m
+    pearson = 1 - mean_k rho_k,   rho_k = cov_k(p, y) / sqrt(var_k(p) var_k(y) + eps)
+    ccc     = 1 - mean_k ccc_k,   ccc_k = 2 cov_k(p, y) / (var_k(p) + var_k(y) + (mu_k(p) - mu_k(y))^2 + eps)
+
+with population moments over the labelled samples; an emotion with fewer than 2 labelled samples in the global
+batch is left out of the means. Pearson and CCC are properties of a whole set, not sums over samples: computed per
+rank they would be a different (noisier) objective than the same batch on one process, hence the gather.
 """
 from __future__ import annotations
 
@@ -129,3 +142,62 @@ class ContrastiveLoss(nn.Module):
         per_sample = (F.cross_entropy(logits_a.to(compute_dtype), targets, reduction="none")
                       + F.cross_entropy(logits_b.to(compute_dtype), targets, reduction="none")) / 2
         return (sample_weights * per_sample).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage II: regression of the intensities
+# ---------------------------------------------------------------------------------------------------------------
+REGRESSION_TERMS = ("mse", "pearson", "ccc")
+MOMENT_EPS = 1e-8  # keeps rho and ccc (and their gradients) finite when a column's predictions are constant
+
+
+def regression_terms(pred: Tensor, labels: Tensor, label_mask: Tensor) -> dict[str, Tensor]:
+    """The terms of the module docstring for [N, K] predictions and labels (NaN where missing) and the [N, K]
+    mask of present labels, on the rows given: {"mse", "pearson", "ccc"}, float32 or wider."""
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
+    mask = label_mask.to(pred.dtype)
+    target = torch.nan_to_num(labels.to(pred.dtype)) * mask
+    counts = mask.sum(0)
+    columns = counts >= 2
+    per_column = counts.clamp(min=1)
+    mean_pred, mean_target = (pred * mask).sum(0) / per_column, target.sum(0) / per_column
+    dev_pred, dev_target = (pred - mean_pred) * mask, (target - mean_target) * mask
+    cov = (dev_pred * dev_target).sum(0) / per_column
+    var_pred, var_target = (dev_pred**2).sum(0) / per_column, (dev_target**2).sum(0) / per_column
+    rho = cov / torch.sqrt(var_pred * var_target + MOMENT_EPS)
+    ccc = 2 * cov / (var_pred + var_target + (mean_pred - mean_target) ** 2 + MOMENT_EPS)
+    used = columns.to(pred.dtype)
+    return {"mse": ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1),
+            "pearson": 1 - (rho * used).sum() / used.sum().clamp(min=1),
+            "ccc": 1 - (ccc * used).sum() / used.sum().clamp(min=1)}
+
+
+class RegressionLoss(nn.Module):
+    """sum_t weights[t] * term_t (terms: `regression_terms`) over the global batch.
+
+    Every rank must hold the same number of rows (the loaders guarantee it). The predictions are all-gathered with
+    gradients and every rank computes the same global loss L, so rank r's input gradient is world_size * dL/dp_r
+    and DDP's (or DeepSpeed's) gradient averaging yields exactly dL/dparams, as on one process with the whole batch.
+    """
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        super().__init__()
+        unknown = sorted(set(weights) - set(REGRESSION_TERMS))
+        if unknown or not any(weight > 0 for weight in weights.values()) or min(weights.values()) < 0:
+            raise ValueError(f"loss weights must be >= 0 for terms among {REGRESSION_TERMS}, at least one > 0; "
+                             f"got {weights}")
+        self.weights = {name: float(weight) for name, weight in weights.items() if weight > 0}
+
+    def forward(self, pred: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, every weighted term's value) for this rank's rows [n, K]."""
+        if pred.dim() != 2 or pred.shape != labels.shape or pred.shape != label_mask.shape:
+            raise ValueError(f"RegressionLoss: pred, labels and label_mask must be [n, K] of one shape, got "
+                             f"{list(pred.shape)}, {list(labels.shape)}, {list(label_mask.shape)}")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            pred = torch.cat(dist_nn.all_gather(pred.contiguous()), dim=0)
+            labels = torch.cat(dist_nn.all_gather(labels.contiguous()), dim=0)
+            # gloo gathers no bools
+            label_mask = torch.cat(dist_nn.all_gather(label_mask.to(torch.uint8).contiguous()), dim=0).bool()
+        terms = regression_terms(pred, labels, label_mask)
+        loss = sum(weight * terms[name] for name, weight in self.weights.items())
+        return loss, {name: terms[name].detach() for name in self.weights}

@@ -1,4 +1,5 @@
-"""ContrastiveLoss against a hand computation, and across 2 gloo ranks against the single-process loss.
+"""ContrastiveLoss and RegressionLoss against hand computations, and across 2 gloo ranks against the
+single-process loss.
 
 The 2-rank check runs this file as a script (`python tests/test_losses.py`) in two processes with
 torchrun-style environment variables; each rank writes its losses and gradients to a safetensors file.
@@ -17,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from emi.losses import VA_STD_SCALE, ContrastiveLoss, va_confidence_weights
+from emi.losses import VA_STD_SCALE, ContrastiveLoss, RegressionLoss, regression_terms, va_confidence_weights
 
 WORLD_SIZE, LOCAL_BATCH, DIM = 2, 3, 5
 CONFIGS = list(itertools.product([False, True], repeat=2))  # (local_loss, gather_with_grad)
+REGRESSION_WEIGHTS = {"mse": 1.0, "pearson": 1.0, "ccc": 0.5}
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,6 +106,68 @@ def test_loss_rejects_mismatched_shapes():
         ContrastiveLoss()(torch.zeros(3, 4), torch.zeros(3, 4), 1.0, torch.ones(2))
 
 
+def regression_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same [6, 3] predictions, labels (one missing) and mask in every process."""
+    generator = torch.Generator().manual_seed(3)
+    n = WORLD_SIZE * LOCAL_BATCH
+    pred = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    labels = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    labels[4, 1] = float("nan")
+    return pred, labels, ~labels.isnan()
+
+
+def hand_regression_terms(pred: list[list[float]], labels: list[list[float]]) -> dict[str, float]:
+    """mse, 1 - mean Pearson, 1 - mean CCC written out per column over the labelled rows (labels None: missing)."""
+    columns = len(pred[0])
+    squared, rhos, cccs = [], [], []
+    for k in range(columns):
+        rows = [(p[k], y[k]) for p, y in zip(pred, labels) if y[k] is not None]
+        squared += [(p - y) ** 2 for p, y in rows]
+        if len(rows) < 2:
+            continue
+        n = len(rows)
+        mean_p, mean_y = sum(p for p, _ in rows) / n, sum(y for _, y in rows) / n
+        cov = sum((p - mean_p) * (y - mean_y) for p, y in rows) / n
+        var_p, var_y = sum((p - mean_p) ** 2 for p, _ in rows) / n, sum((y - mean_y) ** 2 for _, y in rows) / n
+        rhos.append(cov / math.sqrt(var_p * var_y))
+        cccs.append(2 * cov / (var_p + var_y + (mean_p - mean_y) ** 2))
+    return {"mse": sum(squared) / len(squared), "pearson": 1 - sum(rhos) / len(rhos), "ccc": 1 - sum(cccs) / len(cccs)}
+
+
+def test_regression_terms_equal_hand_computation():
+    pred, labels, mask = regression_batch()
+    rows = [[None if math.isnan(v) else v for v in row] for row in labels.tolist()]
+    expected = hand_regression_terms(pred.tolist(), rows)
+    got = regression_terms(pred, labels, mask)
+    for name in ("mse", "pearson", "ccc"):
+        assert got[name].item() == pytest.approx(expected[name], rel=1e-6), name
+    loss, terms = RegressionLoss({"mse": 1.0, "pearson": 0.5})(pred, labels, mask)
+    assert loss.item() == pytest.approx(expected["mse"] + 0.5 * expected["pearson"], rel=1e-6)
+    assert set(terms) == {"mse", "pearson"}
+
+
+def test_regression_terms_edge_cases():
+    pred = torch.tensor([[0.2, 0.5], [0.4, 0.5], [0.9, 0.5]])
+    labels = torch.tensor([[0.1, float("nan")], [0.3, 0.7], [0.8, float("nan")]])
+    terms = regression_terms(pred, labels, ~labels.isnan())
+    # column 1 has one labelled row: out of the correlation means, still in the MSE
+    assert terms["pearson"].item() == pytest.approx(1 - 1.0, abs=1e-6)  # column 0: a perfect linear relation
+    variance = 0.26 / 3  # of column 0's labels and predictions alike (deviations -0.3, -0.1, 0.4); covariance too
+    assert terms["ccc"].item() == pytest.approx(1 - 2 * variance / (2 * variance + 0.1**2), rel=1e-5)
+    assert terms["mse"].item() == pytest.approx((3 * 0.01 + 0.04) / 4, rel=1e-6)
+    # a constant prediction has no correlation: finite, with finite gradients
+    flat = torch.full((3, 2), 0.5, requires_grad=True)
+    terms = regression_terms(flat, labels, ~labels.isnan())
+    (terms["pearson"] + terms["ccc"]).backward()
+    assert terms["pearson"].item() == pytest.approx(1.0) and torch.isfinite(flat.grad).all()
+
+
+@pytest.mark.parametrize("weights", [{}, {"mse": 0.0}, {"mse": -1.0, "pearson": 2.0}, {"huber": 1.0}])
+def test_regression_loss_refuses_bad_weights(weights):
+    with pytest.raises(ValueError, match="loss weights"):
+        RegressionLoss(weights)
+
+
 def single_process_grads(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor,
                          detach_other_than: int | None = None) -> dict[str, torch.Tensor]:
     """Loss and grads of the global loss L, or, with detach_other_than=r, of rank r's local loss L_r with the
@@ -141,6 +205,11 @@ def run_rank() -> None:
         key = f"{int(local_loss)}{int(gather_with_grad)}"
         results.update({f"{key}/loss": loss.detach(), f"{key}/a": local_a.grad, f"{key}/b": local_b.grad,
                         f"{key}/scale": scale.grad})
+    pred, labels, mask = regression_batch()
+    local_pred = pred[rows].clone().requires_grad_()
+    loss, _ = RegressionLoss(REGRESSION_WEIGHTS)(local_pred, labels[rows], mask[rows])
+    loss.backward()
+    results.update({"regression/loss": loss.detach(), "regression/pred": local_pred.grad})
     save_file(results, os.environ["RESULT_PATH"])
     torch.distributed.destroy_process_group()
 
@@ -198,6 +267,22 @@ def test_two_ranks_match_single_process(rank_results, local_loss, gather_with_gr
             expected = {name: partial[name][rows] for name in ("a", "b")}
         for name in ("a", "b"):
             torch.testing.assert_close(result[f"{key}/{name}"], expected[name])
+
+
+def test_regression_loss_on_two_ranks_is_the_global_batch_loss(rank_results):
+    """Each rank holds half the batch; both compute the loss of the whole batch, and DDP's average of their
+    gradients (each world_size * dL/dpred on its own rows) is the single-process gradient."""
+    pred, labels, mask = regression_batch()
+    pred = pred.clone().requires_grad_()
+    loss, _ = RegressionLoss(REGRESSION_WEIGHTS)(pred, labels, mask)
+    loss.backward()
+    for rank, result in enumerate(rank_results):
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        torch.testing.assert_close(result["regression/loss"], loss.detach())
+        torch.testing.assert_close(result["regression/pred"], WORLD_SIZE * pred.grad[rows])
+    # and it is not what each rank's half alone would give
+    half, _ = RegressionLoss(REGRESSION_WEIGHTS)(pred[:LOCAL_BATCH], labels[:LOCAL_BATCH], mask[:LOCAL_BATCH])
+    assert abs(half.item() - loss.item()) > 1e-3
 
 
 def test_local_loss_without_grad_gather_is_only_an_approximation(rank_results):

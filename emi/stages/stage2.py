@@ -5,7 +5,7 @@
     emi train stage2 --config ...                       # one process, or under accelerate launch -m emi.cli
     accelerate launch ... train/stage2.py --config ...   # the script shim, for launchers that want a path
 
-Reads feature shards written by `emi features extract`, regresses the intensities with MSE, keeps an EMA of the
+Reads feature shards written by `emi features extract`, regresses the intensities with a mix of MSE, Pearson and CCC over the global batch (`loss`), keeps an EMA of the
 weights for evaluation and export, evaluates the whole val set every epoch (mean Pearson over the emotions, also
 with each modality removed) and exports the best model by val mean Pearson to <run>/best/, with the encoders the
 features came from (emi.models.fusion.save_fusion), so that `best/` predicts wherever it is copied.
@@ -25,6 +25,7 @@ from emi.engine.distributed import input_dtype
 from emi.engine.evaluation import collect
 from emi.errors import UsageError
 from emi.io import folder_records, records_digest
+from emi.losses import RegressionLoss
 from emi.manifest import FEATURE_SHARDS, Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, FusionModel, fusion_inputs, present_modalities, save_fusion
@@ -52,12 +53,6 @@ def encoder_files(manifest: Manifest, shards: str) -> dict[str, dict]:
         raise UsageError(f"{shards}: the encoders in {folder} changed since these features were extracted with "
                          "them; extract the features again")
     return files
-
-
-def masked_mse(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
-    """MSE over the labels a clip has (the paper's L_MSE); missing labels (NaN) do not count."""
-    errors = torch.where(label_mask, (pred.float() - torch.nan_to_num(labels)) ** 2, 0.0)
-    return errors.sum() / label_mask.sum().clamp(min=1)
 
 
 def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
@@ -89,9 +84,12 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
     train_data = loader(train_shards, train=True)
     val_data = loader(val_shards, train=False) if val_shards is not None else None
 
+    loss = RegressionLoss(config_to_dict(config.loss))
+
     def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**fusion_inputs(batch))
-        return masked_mse(out["pred"], batch["labels"], batch["label_mask"]), {}
+        value, terms = loss(out["pred"], batch["labels"], batch["label_mask"])
+        return value, terms if len(terms) > 1 else {}
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Pearson on the whole val set, each clip once, with all modalities and with each one removed."""
