@@ -39,6 +39,20 @@ def test_unknown_override_and_bad_type_and_choice(tmp_path):
         load_config(Stage2Config, None, ["train.epochs"])
 
 
+def test_stage2_loss_weights_and_fusion_choices(tmp_path):
+    config = load_config(Stage2Config, write(tmp_path, "loss: {pearson: 1}\nmodel: {fusion: xattn}\n"))
+    assert (config.loss.mse, config.loss.pearson, config.loss.ccc) == (1.0, 1.0, 0.0)  # mse keeps its default
+    assert config.model.fusion == "xattn"
+    with pytest.raises(UsageError, match="loss weights must be >= 0 and one of them > 0"):
+        load_config(Stage2Config, None, ["loss.mse=0"])
+    with pytest.raises(UsageError, match="loss weights must be >= 0"):
+        load_config(Stage2Config, None, ["loss.ccc=-1"])
+    with pytest.raises(UsageError, match="unknown key 'loss.huber'"):
+        load_config(Stage2Config, None, ["loss.huber=1"])
+    with pytest.raises(UsageError, match="model.fusion is 'sum'"):
+        load_config(Stage2Config, None, ["model.fusion=sum"])
+
+
 def test_stage1_pairs_need_their_encoders(tmp_path):
     path = write(tmp_path, "model:\n  pairs: [audio_text]\n  text: {arch: bert, pretrained: bert-base-uncased}\n")
     with pytest.raises(UsageError, match="model.audio is not set"):
