@@ -50,6 +50,8 @@ class DataSection:
     num_frames: int = 16  # clip / features mode: frames per clip (uniform sampling or padding)
     audio_seconds: float = 4.0  # waveform window length
     max_text_len: int = 64
+    folds: int = 0  # Stage II, K >= 2: K-fold over train + val (emi.data.folds); 0: train and val as given
+    fold: int = 0  # with folds: this run validates on fold i (0 <= i < K) and trains on the others
 
 
 @dataclass
@@ -269,6 +271,12 @@ def validate(config: Any, source: str) -> None:
     data = getattr(config, "data", None)
     if isinstance(data, DataSection) and data.prefetch_factor < 1:  # a sweep's `data` names feature sets
         raise UsageError(f"{source}: data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
+    if isinstance(data, DataSection) and (data.folds or data.fold):
+        if not isinstance(config, Stage2Config):
+            raise UsageError(f"{source}: data.folds and data.fold are Stage II settings")
+        if data.folds < 2 or not 0 <= data.fold < data.folds:
+            raise UsageError(f"{source}: data.folds must be >= 2 (or 0: no folds) and 0 <= data.fold < data.folds, "
+                             f"got folds={data.folds} fold={data.fold}")
     if isinstance(config, Stage1Config):
         model = config.model
         if not model.pairs:

@@ -115,6 +115,14 @@ class Manifest:
         """Shard name -> samples (computed once: resolving thousands of shards looks each one up)."""
         return {entry.name: entry.num_samples for entry in self.shards}
 
+    @cached_property
+    def _entries(self) -> dict[str, ShardEntry]:
+        return {entry.name: entry for entry in self.shards}
+
+    def entry(self, name: str) -> ShardEntry:
+        """The entry of the shard file `name` (KeyError when not listed)."""
+        return self._entries[name]
+
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {"format": self.format, "split": self.split,
                                     "shards": [asdict(entry) for entry in self.shards],

@@ -75,8 +75,8 @@ def make_sample(key: str, index: int, num_frames: int, *, size: tuple[int, int],
 def write_shards(out: Path, sizes: Sequence[int], *, split: str = "train", frames: tuple[int, int] = (3, 7),
                  size: tuple[int, int] = (64, 48), sample_rate: int = 16000, pattern: str = "gradient",
                  manifest: bool = True, edits: dict[str, dict[str, bytes | None]] | None = None,
-                 seed: int = 0) -> list[list[str]]:
-    """Write `<split>-NNNNNN.tar` shards of sizes[i] samples (keys `s<shard>-<index>`) and a manifest.
+                 seed: int = 0, key_prefix: str = "") -> list[list[str]]:
+    """Write `<split>-NNNNNN.tar` shards of sizes[i] samples (keys `<key_prefix>s<shard>-<index>`) and a manifest.
 
     Each sample has 3..7 frames (size = width, height) at 5 fps, a 16-bit PCM wav as long as the frames
     span, a transcript and labels for the six emotions. `edits[key][ext]` replaces an entry, None drops
@@ -88,7 +88,7 @@ def write_shards(out: Path, sizes: Sequence[int], *, split: str = "train", frame
     keys, entries, index = [], [], 0
     for shard, count in enumerate(sizes):
         name = f"{split}-{shard:06d}.tar"
-        shard_keys = [f"s{shard}-{i:03d}" for i in range(count)]
+        shard_keys = [f"{key_prefix}s{shard}-{i:03d}" for i in range(count)]
         with webdataset.TarWriter(str(out / name), encoder=False) as writer:
             for key in shard_keys:
                 num_frames = int(rng.integers(frames[0], frames[1] + 1))

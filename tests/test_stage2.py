@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from emi.cli import main
+from emi.data.folds import fold_of
 from emi.features import clip_features, clip_loader, load_frozen_encoders
 from emi.inference import predict
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
@@ -198,3 +199,21 @@ def test_a_corrupt_sample_is_skipped_counted_and_reported_by_the_trainer(feature
                                "data.batch_size=4", "train.epochs=1"])
     assert "skipped 1 corrupt or unreadable samples" in (tmp_path / "damaged" / "log.txt").read_text()
     assert scalars(tmp_path / "damaged", "train/skipped_samples") == [(6, 1.0)]
+
+
+def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term(features, tmp_path):
+    common = ["--config", "configs/stage2/tiny.yaml", f"data.train={features / 'train'}", f"run.output_dir={tmp_path}",
+              "data.batch_size=4", "train.epochs=1", "train.log_every=1", "data.folds=3", "data.fold=2"]
+    # `emi synth` names the clips of every split 00001, 00002, ...: a union of train and val is refused by key
+    refused = subprocess.run([sys.executable, "-m", "emi.cli", "train", "stage2", *common,
+                              f"data.val={features / 'val'}", "run.name=refused"],
+                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "clip key '00001' is in" in refused.stderr, refused.stderr[-2000:]
+    launch("train/stage2.py", [*common, "data.val=null", "run.name=fold", "loss.pearson=1.0"])
+    manifest = json.loads((features / "train" / "manifest.json").read_text())
+    folds = fold_of([key for shard in manifest["shards"] for key in shard["keys"]], 3)
+    in_fold = sum(fold == 2 for fold in folds.values())
+    assert in_fold == 16
+    # the other 32 clips train: 16 per rank, 4 steps of 4; the fold is validated, each clip once
+    assert scalars(tmp_path / "fold", "val/num_samples") == [(4, float(in_fold))]
+    assert len(scalars(tmp_path / "fold", "train/pearson")) == len(scalars(tmp_path / "fold", "train/mse")) == 4

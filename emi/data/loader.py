@@ -51,6 +51,7 @@ class ShardDataset(IterableDataset):
                  resampled: bool, drop_last: bool, shuffle_buffer: int) -> None:
         self.urls = [shard.url for shard in shards]
         self.sizes = [shard.num_samples for shard in shards]
+        self.subsets = [shard.keys for shard in shards]  # a fold's keys per shard, None: all its samples
         self.spec, self.shared = spec, shared
         self.batch_size, self.rank, self.seed = batch_size, rank, seed
         self.shuffle, self.resampled = shuffle, resampled
@@ -102,7 +103,8 @@ class ShardDataset(IterableDataset):
         emission = shuffle_buffer_order(positions, self.shuffle_buffer, self.seed, epoch, consumer)
         skipped = set(itertools.islice(emission, skip))
         select = self._selection(epoch)
-        reader = read_segments(self.urls, segments, skipped, wanted, select, repeats_from=repeats_from)
+        reader = read_segments(self.urls, segments, skipped, wanted, select, repeats_from=repeats_from,
+                               subsets=self.subsets)
         pending: dict[int, RawSample | None] = {}  # read but not yet emitted: at most shuffle_buffer
         try:
             for position in emission:
@@ -115,7 +117,8 @@ class ShardDataset(IterableDataset):
         if not self.resampled:
             begin = consumer * self.per_consumer
             yield from ((False, raw) for _, raw in read_segments(
-                self.urls, cycle_segments(self.sizes, order, begin), (), wanted, select, repeats_from=0))
+                self.urls, cycle_segments(self.sizes, order, begin), (), wanted, select, repeats_from=0,
+                subsets=self.subsets))
 
     def _selection(self, epoch: int) -> Callable[[str, list[str]], set[str]]:
         """Which entries of a sample to read: only the frames decoding uses (emi.data.modes.entries_to_read)."""

@@ -87,27 +87,31 @@ def count_samples(url: str) -> int:
 
 
 def read_segments(urls: Sequence[str], segments: Iterable[Segment], skip: Container[int],
-                  wanted: re.Pattern[str], select: Select | None = None, repeats_from: float = math.inf
-                  ) -> Iterator[tuple[int, RawSample | None]]:
+                  wanted: re.Pattern[str], select: Select | None = None, repeats_from: float = math.inf,
+                  subsets: Sequence[Container[str] | None] = ()) -> Iterator[tuple[int, RawSample | None]]:
     """(position, sample) for every planned position not in `skip`, in plan order; each sample holds the entries
     whose extension `wanted` matches, of those only the ones `select` keeps (all without `select`).
 
-    Positions number the samples of `segments` consecutively from 0. A position whose sample cannot be
-    read (a truncated tar, a failing pipe, a shard shorter than its manifest says) comes as None, after a
-    warning naming the shard; positions from `repeats_from` on read samples again that were reported where
-    they came first, so for them the message is a debug one. Shards whose planned samples are all skipped are
-    not opened.
+    Positions number the samples of `segments` consecutively from 0. `subsets[shard]`, where given and not None,
+    holds the keys of the samples the shard contributes (a fold): the others are passed over unread and uncounted,
+    so a segment's indices count those samples only. A position whose sample cannot be read (a truncated tar, a
+    failing pipe, a shard shorter than its manifest says) comes as None, after a warning naming the shard;
+    positions from `repeats_from` on read samples again that were reported where they came first, so for them the
+    message is a debug one. Shards whose planned samples are all skipped are not opened.
     """
     position = 0
     for segment in segments:
         length = segment.stop - segment.start
         if any(p not in skip for p in range(position, position + length)):
-            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted, select, repeats_from)
+            subset = subsets[segment.shard] if subsets else None
+            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted, select, repeats_from,
+                                     subset)
         position += length
 
 
 def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], wanted: re.Pattern[str],
-                  select: Select | None, repeats_from: float) -> Iterator[tuple[int, RawSample | None]]:
+                  select: Select | None, repeats_from: float, subset: Container[str] | None
+                  ) -> Iterator[tuple[int, RawSample | None]]:
     index, previous = -1, None  # index: of the current sample within the shard
     pending: dict[str, bytes | tarfile.TarInfo] | None = None  # the current sample's wanted entries, if planned
     problem = None
@@ -119,6 +123,8 @@ def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], 
         seekable = _seekable(stream)
         try:
             for key, extension, tar, member in iter_members(stream, seekable):
+                if subset is not None and key not in subset:
+                    continue
                 if key != previous:
                     if pending is not None:
                         yield first + index - segment.start, _raw_sample(previous, url, pending, tar, select)

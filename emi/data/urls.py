@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -20,7 +20,7 @@ import braceexpand
 from emi import storage
 from emi.data.reader import count_samples
 from emi.errors import UsageError
-from emi.manifest import MANIFEST_FILE, Manifest, find_manifest, read_manifest
+from emi.manifest import MANIFEST_FILE, Manifest, ShardEntry, find_manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ _SHARD_NAME = re.compile(r"[^/\s:'\"]+\.(?:tar\.gz|tgz|tar)\b")
 class ShardInfo:
     url: str
     num_samples: int
+    keys: frozenset[str] | None = None  # read only the samples with these keys (a fold); num_samples counts them
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ShardSet:
     shards: list[ShardInfo]
     manifests: list[Manifest]
     undescribed: list[str]  # URLs of the shards no manifest lists
+    entries: list[ShardEntry | None] = field(default_factory=list)  # per shard, its manifest's entry (None: none)
 
     @property
     def num_samples(self) -> int:
@@ -126,7 +128,7 @@ def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | 
     explicit = read_manifest(manifest) if manifest is not None else None
     folder_manifests: dict[str, Manifest | None] = {}
     used: dict[int, Manifest] = {}  # by id: in order of first use
-    shards, undescribed = [], []
+    shards, undescribed, entries = [], [], []
     for url in urls:
         name = shard_name(url)
         source = explicit if explicit is not None and name in explicit.counts else None
@@ -141,12 +143,14 @@ def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | 
                         "(write a %s beside the shards or pass manifest= to skip this)", url, MANIFEST_FILE)
             count = count_samples(url)
             undescribed.append(url)
+            entries.append(None)
         else:
             count = source.counts[name]
             used.setdefault(id(source), source)
+            entries.append(source.entry(name))
         shards.append(ShardInfo(url, count))
     named = spec if isinstance(spec, str) else "::".join(spec)
-    resolved = ShardSet(named, shards, list(used.values()), undescribed)
+    resolved = ShardSet(named, shards, list(used.values()), undescribed, entries)
     if resolved.num_samples == 0:
         raise UsageError(f"shard spec {spec!r}: its {len(shards)} shards hold no samples")
     return resolved

@@ -5,7 +5,8 @@
     emi train stage2 --config ...                       # one process, or under accelerate launch -m emi.cli
     accelerate launch ... train/stage2.py --config ...   # the script shim, for launchers that want a path
 
-Reads feature shards written by `emi features extract`, regresses the intensities with a mix of MSE, Pearson and CCC over the global batch (`loss`), keeps an EMA of the
+Reads feature shards written by `emi features extract` (or a fold of train + val: `data.folds`, emi.data.folds),
+regresses the intensities with a mix of MSE, Pearson and CCC over the global batch (`loss`), keeps an EMA of the
 weights for evaluation and export, evaluates the whole val set every epoch (mean Pearson over the emotions, also
 with each modality removed) and exports the best model by val mean Pearson to <run>/best/, with the encoders the
 features came from (emi.models.fusion.save_fusion), so that `best/` predicts wherever it is copied.
@@ -20,6 +21,7 @@ from accelerate import Accelerator
 
 from emi.config import Stage2Config, config_to_dict
 from emi.data import ShardSet, build_loader, resolve_shards
+from emi.data.folds import fold_split
 from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
 from emi.engine.evaluation import collect
@@ -67,6 +69,8 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
         if val_manifest.dims != manifest.dims:
             raise UsageError(f"data.val {data.val}: features of dims {val_manifest.dims}, data.train's are "
                              f"{manifest.dims}: extract both with the same encoders")
+    if data.folds:
+        train_shards, val_shards = fold_split(train_shards, val_shards, data.folds, data.fold)
     encoders = encoder_files(manifest, data.train)
     dims = manifest.dims
     model_config = {"vision_dim": dims["vision"], "audio_dim": dims["audio"], "text_dim": dims["text"],
