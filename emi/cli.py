@@ -60,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from emi.inference import evaluate
 
     report = evaluate(checkpoint=args.checkpoint, shards=args.shards, out=args.out, batch_size=args.batch_size,
-                      tb=args.tb, workers=args.workers, manifest=args.manifest)
+                      tb=args.tb, workers=args.workers, manifest=args.manifest, drop=args.drop, corrupt=args.corrupt)
     print(json.dumps(report, indent=2))
     return EXIT_OK if report["num_skipped"] == 0 else EXIT_PARTIAL  # a score over some of the clips only
 
@@ -88,6 +88,13 @@ def _sweep(args: argparse.Namespace) -> int:
     from emi.sweep import run_sweep
 
     return run_sweep(args.config, args.overrides, local=args.local, collect_only=args.collect)
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from emi.ensemble import write_ensemble
+
+    print(write_ensemble(args.out, args.checkpoint))
+    return EXIT_OK
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -144,12 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--workers", type=int, default=1, help="decoding workers")
     extract.set_defaults(func=_features_extract)
 
-    evaluate = commands.add_parser("evaluate", help="score a Stage II checkpoint on labelled feature or clip shards")
-    evaluate.add_argument("--checkpoint", required=True, help="fusion checkpoint folder (runs/<name>/best)")
+    checkpoint_help = ("fusion checkpoint folder (runs/<name>/best) or ensemble folder (emi ensemble); given several "
+                       "times, an ensemble: the members' predictions are averaged")
+    evaluate = commands.add_parser("evaluate", help="score a Stage II checkpoint or ensemble on labelled feature or "
+                                   "clip shards")
+    evaluate.add_argument("--checkpoint", required=True, action="append", help=checkpoint_help)
     evaluate.add_argument("--shards", required=True, help="feature shards (emi features extract) or clip shards "
                           "(emi shards build): a folder with manifest.json, a pattern, ...")
     evaluate.add_argument("--out", default=None, help="report JSON (default <checkpoint>/eval/<shard folder>.json; "
-                          "the figure goes beside it as .png)")
+                          "the figure goes beside it as .png; needed for several --checkpoint)")
+    evaluate.add_argument("--drop", action="append", default=[], metavar="vision|audio|text",
+                          help="robustness: score with this modality removed from every clip (repeatable)")
+    evaluate.add_argument("--corrupt", action="append", default=[], metavar="vision|audio|text",
+                          help="robustness: score with this modality's features replaced by noise of the same mean "
+                          "and spread, clip by clip (repeatable)")
     evaluate.add_argument("--manifest", default=None, help="the shards' manifest.json, where it is not beside them")
     evaluate.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     evaluate.add_argument("--tb", default=None, help="TensorBoard folder (default <checkpoint>/eval/tb)")
@@ -159,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="EMI intensities of video files (JSON on stdout), or of shards or a videos folder into the "
         "challenge's CSV (--out; accelerate-aware: `accelerate launch -m emi.cli predict ...` splits the clips)")
-    predict.add_argument("--checkpoint", required=True, help="fusion checkpoint folder (runs/<name>/best)")
+    predict.add_argument("--checkpoint", required=True, action="append", help=checkpoint_help)
     predict.add_argument("files", nargs="*", metavar="VIDEO", help="video files")
     predict.add_argument("--shards", default=None, help="clip or feature shards: a folder or URL prefix with "
                          "manifest.json, a pattern, ...")
@@ -172,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     predict.add_argument("--workers", type=int, default=1, help="decoding workers (--shards)")
     predict.set_defaults(func=_predict)
+
+    ensemble = commands.add_parser("ensemble", help="write an ensemble folder listing Stage II checkpoints, for "
+                                   "evaluate and predict")
+    ensemble.add_argument("--out", required=True, help="the ensemble folder (new): ensemble.json lists the members "
+                          "relative to it")
+    ensemble.add_argument("--checkpoint", required=True, action="append", help="a member checkpoint (repeat)")
+    ensemble.set_defaults(func=_ensemble)
 
     train = commands.add_parser(
         "train", help="train a stage (one process; `accelerate launch -m emi.cli train ...` for several)",

@@ -1,7 +1,12 @@
 """Using a Stage II checkpoint: `emi evaluate` on shards and `emi predict` on raw video files.
 
     emi evaluate --checkpoint runs/<stage2>/best --shards data/features/val     # or clip shards
+    emi evaluate --checkpoint runs/a/best --checkpoint runs/b/best --shards ... --out report.json  # an ensemble
+    emi evaluate --checkpoint runs/<stage2>/best --shards ... --drop audio      # robustness: audio removed
     emi predict --checkpoint runs/<stage2>/best clip1.mp4 clip2.mp4
+
+Every command takes an ensemble (emi.ensemble: several checkpoints, or an ensemble folder; one checkpoint is an
+ensemble of one) and averages its members' predictions; evaluate reports each member's score and the ensemble's.
 
 Evaluate reads feature shards as Stage II training reads them, or clip shards through the checkpoint's encoders
 (clip_loader -> clip_features -> fusion_batch, as `emi features extract` does), so both give the same numbers up
@@ -11,6 +16,7 @@ raw video reaches the model through the same code as the training data, with no 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -34,13 +40,14 @@ from emi.data.urls import shard_name
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import DecodeSpec, collate, decode_sample
 from emi.data.reader import RawSample, iter_members
+from emi.ensemble import Ensemble, load_ensemble
 from emi.engine.evaluation import collect
 from emi.errors import UsageError
 from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch,
                           load_frozen_encoders)
 from emi.manifest import Manifest
 from emi.metrics import emi_report
-from emi.models.fusion import FusionModel, fusion_encoders, fusion_inputs, load_fusion
+from emi.models.fusion import MODALITIES, fusion_inputs, load_fusion, present_modalities
 from emi.shards.asr import check_whisper, parse_asr
 from emi.shards.plan import NOT_CLIPS, ClipJob, Failure, SampleOptions
 from emi.shards.sample import Sample, SampleBuilder
@@ -53,12 +60,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@torch.no_grad()
-def fusion_predictions(model: FusionModel, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """[B, K] intensities of a Stage II batch (features-loader layout), on the CPU."""
+def checkpoint_list(checkpoint: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """`--checkpoint` as a list: one path (a checkpoint or an ensemble folder) or several checkpoints."""
+    return [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+
+
+def ensemble_predictions(ensemble: Ensemble, batch: dict[str, Any], device: torch.device,
+                         present: torch.Tensor | None = None) -> torch.Tensor:
+    """[members, B, K] intensities of a Stage II batch (features-loader layout), on the CPU."""
     batch = {name: batch[name].to(device) for name in (*MODEL_INPUTS, "has_audio", "has_text")}
-    out = model(**fusion_inputs(batch))
-    return out["pred"].float().cpu()
+    return ensemble.predictions(batch, None if present is None else present.to(device))
 
 
 def check_batching(batch_size: int, workers: int) -> None:
@@ -68,15 +79,16 @@ def check_batching(batch_size: int, workers: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- evaluate
 
-def check_shards(shards: str, manifest: Manifest, config: dict, model: FusionModel) -> None:
+def check_shards(shards: str, manifest: Manifest, ensemble: Ensemble) -> None:
     """The shards carry the labels the checkpoint predicts, features of its dims; warn where clips were prepared
     or features computed unlike its training data."""
+    config, dims = ensemble.config, ensemble.models[0].dims
     missing = [name for name in config["labels"] if manifest.labels.get(name) != "float"]
     if missing:
         raise UsageError(f"{shards}: the shards carry no labels {missing}, which the checkpoint predicts; "
                          f"their labels are {sorted(manifest.labels)}")
-    if manifest.is_features and manifest.dims != model.dims:
-        raise UsageError(f"{shards}: features of dims {manifest.dims}, the checkpoint expects {model.dims}")
+    if manifest.is_features and manifest.dims != dims:
+        raise UsageError(f"{shards}: features of dims {manifest.dims}, the checkpoint expects {dims}")
     if manifest.is_features and manifest.encoders_sha256 not in (None, config["encoders"].get("sha256")):
         log.warning("%s: features come from the encoders in %s, not from those the checkpoint was trained with "
                     "(copied from %s)", shards, manifest.encoders, config["encoders"].get("source"))
@@ -88,37 +100,75 @@ def check_shards(shards: str, manifest: Manifest, config: dict, model: FusionMod
                     shards, differing)
 
 
-def shard_loader(checkpoint: str | Path, model: FusionModel, config: dict, shard_set, manifest: Manifest,
-                 batch_size: int, workers: int, device: torch.device, world_size: int = 1, rank: int = 0):
+def check_modalities(drop: Sequence[str], corrupt: Sequence[str]) -> None:
+    for name in (*drop, *corrupt):
+        if name not in MODALITIES:
+            raise UsageError(f"--drop and --corrupt take modalities among {list(MODALITIES)}, got {name!r}")
+    both = sorted(set(drop) & set(corrupt))
+    if both:
+        raise UsageError(f"{both}: a modality is either dropped or corrupted, not both")
+
+
+def corrupted(batch: dict[str, Any], modalities: Sequence[str]) -> dict[str, Any]:
+    """The batch with each modality in `modalities` replaced by noise, clip by clip: Gaussian values with the mean
+    and standard deviation of that clip's own valid features of the modality (all frames and dimensions), drawn
+    from a seed made of the clip key and the modality, so a clip gets the same noise in any batch or run. The
+    noise keeps the features' scale and carries nothing of the clip."""
+    batch = dict(batch)
+    for name in modalities:
+        values = batch[name].clone()
+        valid = batch[f"{name}_mask"] if name != "text" else torch.ones(values.shape[:1], dtype=torch.bool,
+                                                                          device=values.device)[:, None]
+        rows = values if name != "text" else values[:, None, :]
+        for index, key in enumerate(batch["key"]):
+            clip = rows[index][valid[index]]
+            if clip.numel() == 0:
+                continue
+            seed = int(hashlib.sha256(f"{key}/{name}".encode()).hexdigest()[:15], 16)
+            noise = torch.randn(clip.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+            std, mean = torch.std_mean(clip.float(), unbiased=False)
+            rows[index][valid[index]] = (mean + std * noise.to(clip.device)).to(clip.dtype)
+        batch[name] = values
+    return batch
+
+
+def shard_loader(ensemble: Ensemble, shard_set, manifest: Manifest, batch_size: int, workers: int,
+                 device: torch.device, world_size: int = 1, rank: int = 0):
     """(loader, features_of) over feature or clip shards for one rank: features_of(batch) is the Stage II batch the
-    fusion model takes (clip shards go through the checkpoint's encoders, as `emi features extract` would)."""
-    labels, num_frames = config["labels"], config["num_frames"]
+    fusion models take (clip shards go through the checkpoint's encoders, as `emi features extract` would)."""
+    labels, num_frames = ensemble.config["labels"], ensemble.config["num_frames"]
     if manifest.is_features:
         data = build_loader(shard_set, mode="features", batch_size=batch_size, num_workers=workers,
                             world_size=world_size, rank=rank, seed=0, shuffle=False, train=False,
                             num_frames=num_frames, label_names=labels, persistent_workers=False)
         return data, lambda batch: batch
-    encoders = load_frozen_encoders(fusion_encoders(checkpoint, config), device)
+    encoders = load_frozen_encoders(ensemble.encoders(), device)
     data = clip_loader(shard_set, encoders, labels, batch_size, workers, world_size, rank)
     return data, lambda batch: fusion_batch(clip_features(encoders, batch, manifest.preprocessing.fps), num_frames)
 
 
-def shard_predictions(checkpoint: str | Path, model: FusionModel, config: dict, shards: str, batch_size: int = 8,
-                      workers: int = 1, device: torch.device | None = None, manifest: str | Path | None = None
+def shard_predictions(ensemble: Ensemble, shards: str, batch_size: int = 8, workers: int = 1,
+                      device: torch.device | None = None, manifest: str | Path | None = None,
+                      drop: Sequence[str] = (), corrupt: Sequence[str] = ()
                       ) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
-    """(keys, predictions [N, K], targets [N, K], clips skipped) of every readable clip of feature or clip
-    shards, each clip once; the skipped ones are those the manifest lists that could not be read or decoded.
-    `model` and `config` are `load_fusion(checkpoint)`'s; clip shards go through the checkpoint's encoders."""
+    """(keys, each member's predictions [members, N, K], targets [N, K], clips skipped) of every readable clip of
+    feature or clip shards, each clip once; the skipped ones are those the manifest lists that could not be read or
+    decoded. Clip shards go through the checkpoint's encoders. `drop`: modalities removed from every clip (as if
+    absent); `corrupt`: modalities replaced by noise (`corrupted`)."""
     device = device or default_device()
+    check_modalities(drop, corrupt)
     shard_set = resolve_shards(shards, manifest)
     manifest = shard_set.manifest("emi evaluate")
-    check_shards(shards, manifest, config, model)
-    labels = config["labels"]
-    data, features_of = shard_loader(checkpoint, model, config, shard_set, manifest, batch_size, workers, device)
+    check_shards(shards, manifest, ensemble)
+    labels = ensemble.config["labels"]
+    data, features_of = shard_loader(ensemble, shard_set, manifest, batch_size, workers, device)
 
     def predict(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"pred": fusion_predictions(model, features_of(batch), device), "labels": batch["labels"].cpu(),
-                "label_mask": batch["label_mask"].cpu()}
+        features = corrupted(features_of(batch), corrupt)
+        present = present_modalities(features)
+        present[:, [MODALITIES.index(name) for name in drop]] = False
+        return {"pred": ensemble_predictions(ensemble, features, device, present).transpose(0, 1),
+                "labels": batch["labels"].cpu(), "label_mask": batch["label_mask"].cpu()}
 
     keys, out = collect(data, predict, device=device)
     for key, row in zip(keys, out["label_mask"]):
@@ -129,7 +179,7 @@ def shard_predictions(checkpoint: str | Path, model: FusionModel, config: dict, 
     if skipped:
         log.warning("%s: evaluated %d clips of %d (unreadable samples were skipped; see warnings above)",
                     shards, len(keys), shard_set.num_samples)
-    return keys, out["pred"], out["labels"], skipped
+    return keys, out["pred"].transpose(0, 1), out["labels"], skipped
 
 
 def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -> dict[str, list[float]]:
@@ -184,28 +234,45 @@ def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report
     storage.write_bytes(path, png.getvalue())  # whole: never a half-written figure under the real name
 
 
-def evaluate(checkpoint: str | Path, shards: str, out: str | Path | None = None, batch_size: int = 8,
-             tb: str | Path | None = None, workers: int = 1, manifest: str | Path | None = None) -> dict[str, Any]:
-    """Score a checkpoint on labelled shards: the report (also written as JSON, a PNG beside it and TensorBoard
-    scalars `eval/<name>/...`, where name is the shard folder's) with the checkpoint and shards it came from.
-    `num_skipped` counts the clips that could not be read (the command line then exits EXIT_PARTIAL)."""
+def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: str | Path | None = None,
+             batch_size: int = 8, tb: str | Path | None = None, workers: int = 1, manifest: str | Path | None = None,
+             drop: Sequence[str] = (), corrupt: Sequence[str] = ()) -> dict[str, Any]:
+    """Score a checkpoint, or an ensemble (emi.ensemble), on labelled shards: the ensemble's report (also written as
+    JSON, a PNG beside it and TensorBoard scalars `eval/<name>/...`, where name is the shard folder's, with
+    `-drop-<m>`/`-corrupt-<m>` appended for a robustness evaluation) with each member's scores under "members", and
+    the checkpoint, shards, dropped and corrupted modalities it came from. `num_skipped` counts the clips that could
+    not be read (the command line then exits EXIT_PARTIAL)."""
     from torch.utils.tensorboard import SummaryWriter
 
     check_batching(batch_size, workers)
+    check_modalities(drop, corrupt)
     device = default_device()
-    model, config = load_fusion(checkpoint, device)
-    keys, pred, target, skipped = shard_predictions(checkpoint, model, config, shards, batch_size, workers, device,
-                                                    manifest)
+    ensemble = load_ensemble(checkpoint_list(checkpoint), device)
+    if out is None and ensemble.home is None:
+        raise UsageError("several --checkpoint: give --out for the report (or list them in an ensemble folder with "
+                         "`emi ensemble`, whose eval/ folder then holds it)")
+    if ensemble.home is None and tb is None and storage.is_url(out):
+        raise UsageError(f"--out {out}: with several --checkpoint and a URL for the report, give --tb (a local folder)")
+    keys, preds, target, skipped = shard_predictions(ensemble, shards, batch_size, workers, device, manifest, drop,
+                                                     corrupt)
     if len(keys) < 2:
         raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
-    report = {**emi_report(pred, target, config["labels"]), "num_skipped": skipped}
-    name = shards_name(shards)
-    out = str(out) if out is not None else str(Path(checkpoint) / "eval" / f"{name}.json")
-    result = {**report, "checkpoint": str(Path(checkpoint).resolve()), "shards": storage.shown(shards)}
+    labels = ensemble.config["labels"]
+    pred = preds.mean(0)
+    report = {**emi_report(pred, target, labels), "num_skipped": skipped}
+    members = [{"checkpoint": str(folder.resolve()), **{key: value for key, value in emi_report(
+        member, target, labels).items() if key != "num_samples"}} for folder, member in zip(ensemble.checkpoints, preds)]
+    name = shards_name(shards) + "".join(f"-drop-{m}" for m in drop) + "".join(f"-corrupt-{m}" for m in corrupt)
+    out = str(out) if out is not None else str(ensemble.home / "eval" / f"{name}.json")
+    result = {**report, "members": members, "drop": list(drop), "corrupt": list(corrupt),
+              "checkpoint": str(ensemble.home.resolve()) if ensemble.home is not None else None,
+              "shards": storage.shown(shards)}
     storage.write_bytes(out, (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode())
     figure = (out[:-len(".json")] if out.endswith(".json") else out) + ".png"
-    write_figure(pred.numpy(), target.numpy(), config["labels"], report, figure)
-    writer = SummaryWriter(log_dir=str(tb if tb is not None else Path(checkpoint) / "eval" / "tb"))
+    write_figure(pred.numpy(), target.numpy(), labels, report, figure)
+    if tb is None:
+        tb = ensemble.home / "eval" / "tb" if ensemble.home is not None else Path(out).parent / "tb"
+    writer = SummaryWriter(log_dir=str(tb))
     for metric, value in report.items():
         writer.add_scalar(f"eval/{name}/{metric}", value, 0)
     writer.close()
@@ -230,41 +297,42 @@ def raw_sample(sample: Sample, url: str) -> RawSample:
     return RawSample(sample.key, url, entries)
 
 
-def predict(checkpoint: str | Path, videos: Sequence[str], asr: str | None = None,
+def predict(checkpoint: str | Path | Sequence[str | Path], videos: Sequence[str], asr: str | None = None,
             batch_size: int = 8) -> list[dict[str, Any]]:
-    """Intensities for each video file, in input order: {"file", "intensities": {name: value}}, or
-    {"file", "error": reason} for a file that cannot be used. asr: 'none' | 'whisper:NAME_OR_PATH' overrides
-    the checkpoint's preprocessing.asr."""
+    """Intensities for each video file, in input order: {"file", "intensities": {name: value}} (an ensemble's: its
+    members' mean), or {"file", "error": reason} for a file that cannot be used. asr: 'none' | 'whisper:NAME_OR_PATH'
+    overrides the checkpoint's preprocessing.asr."""
     check_batching(batch_size, workers=0)
     device = default_device()
-    model, config = load_fusion(checkpoint, device)
-    with video_predictor(checkpoint, model, config, asr, device) as predictor:
+    ensemble = load_ensemble(checkpoint_list(checkpoint), device)
+    with video_predictor(ensemble, asr, device) as predictor:
         return predictor(videos, range(len(videos)), batch_size)
 
 
 @contextmanager
-def video_predictor(checkpoint: str | Path, model: FusionModel, config: dict, asr: str | None, device: torch.device):
+def video_predictor(ensemble: Ensemble, asr: str | None, device: torch.device):
     """predictor(videos, indices, batch_size) -> results of videos[i] for i in indices (as `predict` gives them):
-    each video prepared as the shard builder prepared the checkpoint's training clips."""
-    prepared = config["preprocessing"]
+    each video prepared as the shard builder prepared the checkpoints' training clips."""
+    prepared = ensemble.config["preprocessing"]
     asr_model = parse_asr(asr if asr is not None else prepared.get("asr", "none"))
     if asr_model is not None:
         check_whisper(asr_model)
-    encoders = load_frozen_encoders(fusion_encoders(checkpoint, config), device)
+    encoders = load_frozen_encoders(ensemble.encoders(), device)
     parts = Path(tempfile.mkdtemp(prefix="emi-predict-"))
     try:
         builder = SampleBuilder(SampleOptions(
             split="predict", fps=float(prepared["fps"]), sample_rate=int(prepared["sample_rate"]),
             frame_size=int(prepared["frame_size"]), asr_model=asr_model, face_crop=prepared["face_crop"] == "opencv"),
             parts)
-        yield lambda videos, indices, batch_size: _predict(model, config, encoders, builder, videos, list(indices),
+        yield lambda videos, indices, batch_size: _predict(ensemble, encoders, builder, videos, list(indices),
                                                             batch_size, device)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
 
 
-def _predict(model: FusionModel, config: dict, encoders: FrozenEncoders, builder: SampleBuilder,
-             videos: Sequence[str], indices: list[int], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+def _predict(ensemble: Ensemble, encoders: FrozenEncoders, builder: SampleBuilder, videos: Sequence[str],
+             indices: list[int], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+    config = ensemble.config
     prepared = config["preprocessing"]
     spec = clip_decode_spec(encoders, config["labels"])
 
@@ -291,7 +359,7 @@ def _predict(model: FusionModel, config: dict, encoders: FrozenEncoders, builder
         batch = collate(decoded, spec)
         # the frames are decoded here, chunk by chunk: JPEGs the builder has just written
         clips = clip_features(encoders, batch, float(prepared["fps"]))
-        preds = fusion_predictions(model, fusion_batch(clips, config["num_frames"]), device)
+        preds = ensemble_predictions(ensemble, fusion_batch(clips, config["num_frames"]), device).mean(0)
         for row, index in enumerate(done):
             results[index]["intensities"] = dict(zip(config["labels"], preds[row].tolist()))
     return [results[index] for index in indices]
@@ -323,14 +391,15 @@ def video_files(folder: str | Path) -> list[str]:
             if not path.name.startswith(".") and path.suffix.lower() not in NOT_CLIPS and not path.is_dir()]
 
 
-def predict_to_csv(checkpoint: str | Path, out: str | Path, shards: str | None = None,
+def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Path, shards: str | None = None,
                    videos: Sequence[str] | None = None, manifest: str | Path | None = None, asr: str | None = None,
                    batch_size: int = 8, workers: int = 1) -> BatchPrediction:
     """Predict every clip of `shards` (clip or feature shards) or every file of `videos`, on however many ranks this
     runs (accelerate launch, torchrun, srun, or one process): each rank its share, gathered once (no clip twice,
     none missing); rank 0 writes `out`, the challenge's CSV (Filename, then the checkpoint's labels; one row per
     clip, in input order), and `<out>.failures.json`. Filename is the clip id: the shard key, or the file's name
-    without its extension."""
+    without its extension. `checkpoint`: one checkpoint, an ensemble folder or several checkpoints, whose
+    predictions are averaged."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
@@ -339,14 +408,14 @@ def predict_to_csv(checkpoint: str | Path, out: str | Path, shards: str | None =
         raise UsageError("give clips to predict: --shards URL or --videos DIR (or video files), not both")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    model, config = load_fusion(checkpoint, device)
+    ensemble = load_ensemble(checkpoint_list(checkpoint), device)
     if shards is not None:
         shard_set = resolve_shards(shards, manifest)
         described = shard_set.manifest("emi predict")
-        data, features_of = shard_loader(checkpoint, model, config, shard_set, described, batch_size, workers, device,
-                                         world, rank)
-        keys, outputs = collect(data, lambda batch: {"pred": fusion_predictions(model, features_of(batch), device)},
-                                accelerator)
+        data, features_of = shard_loader(ensemble, shard_set, described, batch_size, workers, device, world, rank)
+        keys, outputs = collect(
+            data, lambda batch: {"pred": ensemble_predictions(ensemble, features_of(batch), device).mean(0)},
+            accelerator)
         predicted = dict(zip(keys, outputs["pred"].tolist()))
         listed = {entry.name: entry.keys for source in shard_set.manifests for entry in source.shards}
         order = [key for info in shard_set.shards for key in listed.get(shard_name(info.url), [])] or keys
@@ -355,7 +424,7 @@ def predict_to_csv(checkpoint: str | Path, out: str | Path, shards: str | None =
                     for key in order if key not in predicted]
     else:
         indices = range(rank, len(videos), world)  # every rank its share, each video on one rank
-        with video_predictor(checkpoint, model, config, asr, device) as predictor:
+        with video_predictor(ensemble, asr, device) as predictor:
             mine = list(zip(indices, predictor(videos, indices, batch_size)))
         results = dict(gather_object(mine))
         if sorted(results) != list(range(len(videos))):
@@ -372,11 +441,12 @@ def predict_to_csv(checkpoint: str | Path, out: str | Path, shards: str | None =
                 rows.append((clip_id, list(result["intensities"].values())))
     report = (str(out)[:-len(".csv")] if str(out).endswith(".csv") else str(out)) + ".failures.json"
     if accelerator.is_main_process:  # rank 0 writes; every rank returns the same summary
-        lines = ["Filename," + ",".join(config["labels"])]
+        lines = ["Filename," + ",".join(ensemble.config["labels"])]
         lines += [f"{clip_id}," + ",".join(f"{value:.6f}" for value in values) for clip_id, values in rows]
         storage.write_bytes(out, ("\n".join(lines) + "\n").encode())
         storage.write_bytes(report, (json.dumps({
-            "checkpoint": str(checkpoint), "shards": storage.shown(shards) if shards is not None else None,
+            "checkpoint": str(ensemble.home) if ensemble.home is not None else None,
+            "members": [str(folder) for folder in ensemble.checkpoints], "shards": storage.shown(shards) if shards is not None else None,
             "num_predicted": len(rows), "num_failed": len(failures), "failures": failures},
             indent=1, ensure_ascii=False) + "\n").encode())
     accelerator.wait_for_everyone()

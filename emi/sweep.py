@@ -451,27 +451,16 @@ def config_value(config: dict[str, Any], key: str) -> Any:
 
 
 def ensemble_report(checkpoints: list[Path], shards: str) -> dict[str, Any]:
-    """Score the mean of the checkpoints' predictions on labelled feature shards, clip by clip. (The sweep's top-k
-    ensemble; `emi evaluate` with several checkpoints can take its place.)"""
-    import torch
-
+    """Score the mean of the checkpoints' predictions on labelled feature shards, clip by clip (as `emi evaluate`
+    with several checkpoints does); UsageError where they do not read the same features or predict the same
+    labels."""
+    from emi.ensemble import load_ensemble
     from emi.inference import shard_predictions
     from emi.metrics import emi_report
-    from emi.models.fusion import load_fusion
 
-    predictions, reference = [], None
-    for checkpoint in checkpoints:
-        model, config = load_fusion(checkpoint)
-        keys, pred, target, _ = shard_predictions(checkpoint, model, config, shards, workers=0)
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        clips = (sorted(keys), config["labels"], target[order])
-        if reference is None:
-            reference = clips
-        elif clips[:2] != reference[:2]:
-            raise UsageError(f"{checkpoint}: predicts other clips or labels than {checkpoints[0]}; not ensembled")
-        predictions.append(pred[order])
-    keys, names, target = reference
-    return emi_report(torch.stack(predictions).mean(0), target, names)
+    ensemble = load_ensemble(checkpoints)
+    _, preds, target, _ = shard_predictions(ensemble, shards, workers=0)
+    return emi_report(preds.mean(0), target, ensemble.config["labels"])
 
 
 def top_k_ensemble(sweep: Sweep, ranked: list[Cell]) -> dict[str, Any] | None:

@@ -19,11 +19,13 @@ from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.errors import UsageError
 from emi.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
-from emi.inference import evaluate, predict, shard_predictions
+from emi.ensemble import load_ensemble
+from emi.inference import corrupted, evaluate, predict, shard_predictions
 from emi.io import folder_files, folder_records
 from emi.metrics import emi_report
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from emi.models.fusion import FusionModel, load_fusion, save_fusion
+from emi.data import build_loader
+from emi.models.fusion import FusionModel, fusion_inputs, load_fusion, present_modalities, save_fusion
 from emi.shards.build import build_shards
 from helpers import GRID, cpu_env, launch_command
 
@@ -66,8 +68,9 @@ def spread_head(model: FusionModel, features: dict) -> None:
         model.head[-1].bias.copy_(-(inputs[0] @ weight.T).mean(0))
 
 
-def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: dict | None = None) -> Path:
-    torch.manual_seed(0)
+def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: dict | None = None,
+                    seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     model = FusionModel(**FUSION, num_outputs=len(labels)).eval()
     if features is not None:
         spread_head(model, features)
@@ -165,7 +168,7 @@ def test_report_figure_and_tensorboard_written(reports, feature_shards):
     assert len(events) == 1
     accumulator = EventAccumulator(str(events[0]))
     accumulator.Reload()
-    expected = {f"eval/test/{key}": value for key, value in report.items() if key not in ("checkpoint", "shards")}
+    expected = {f"eval/test/{key}": value for key, value in report.items() if isinstance(value, (int, float))}
     assert set(accumulator.Tags()["scalars"]) == set(expected)
     for tag, value in expected.items():
         assert accumulator.Scalars(tag)[0].value == pytest.approx(value, rel=1e-6)
@@ -190,11 +193,10 @@ def test_predict_matches_evaluate_on_the_same_clips(checkpoint, clip_shards, pre
                       "missing.mp4": "file not found", "folder": "is a directory, not a media file",
                       "playlist.mp4": "refused: an HLS playlist, which refers to other files or URLs (only "
                                       "self-contained media is read)"}
-    model, config = load_fusion(checkpoint)
-    keys, preds, _, skipped = shard_predictions(checkpoint, model, config, str(clip_shards), batch_size=3,
+    keys, preds, _, skipped = shard_predictions(load_ensemble([checkpoint]), str(clip_shards), batch_size=3,
                                                 workers=0)
-    assert skipped == 0
-    from_shards = dict(zip(keys, preds.tolist()))
+    assert skipped == 0 and preds.shape == (1, len(CLIPS), len(EMI_EMOTIONS))
+    from_shards = dict(zip(keys, preds[0].tolist()))
     predicted = [result for result in results if "error" not in result]
     assert [Path(result["file"]).stem for result in predicted] == [CLIPS[i].stem for i in (0, 3, 5)]
     for result in predicted:
@@ -344,9 +346,8 @@ def test_batch_predict_on_two_ranks_equals_one_process(checkpoint, clip_shards, 
         assert report["failures"][1]["reason"] == "not a media file (it is a text file)"
         assert (report["num_predicted"], report["num_failed"]) == (5, 2)
     else:
-        model, config = load_fusion(checkpoint)
-        keys, preds, _, _ = shard_predictions(checkpoint, model, config, str(clip_shards), batch_size=1, workers=0)
-        np.testing.assert_allclose(values, preds[[keys.index(i) for i in ids]].numpy(), atol=5e-7)  # 6 decimals
+        keys, preds, _, _ = shard_predictions(load_ensemble([checkpoint]), str(clip_shards), batch_size=1, workers=0)
+        np.testing.assert_allclose(values, preds[0][[keys.index(i) for i in ids]].numpy(), atol=5e-7)  # 6 decimals
 
 
 def test_audio_windows_lie_on_the_encoders_frame_grid(encoders, monkeypatch):
@@ -404,3 +405,141 @@ def test_predict_memory_does_not_grow_with_the_clips_length(checkpoint, tmp_path
         assert run.returncode == 0, run.stderr[-3000:]
         peaks[seconds] = int(run.stdout.split()[-1])  # kB
     assert peaks[180] <= 1.25 * peaks[10], peaks
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(encoders, clip_shards, tmp_path_factory) -> Path:
+    (_, features), = direct_batches(encoders, clip_shards, batch_size=len(CLIPS))
+    return save_checkpoint(tmp_path_factory.mktemp("second"), encoders, list(EMI_EMOTIONS), features, seed=1)
+
+
+def test_an_ensemble_averages_its_members_and_reports_each(checkpoint, second_checkpoint, feature_shards, reports,
+                                                            tmp_path, capsys):
+    single = reports["features"][0]
+    alone = evaluate(second_checkpoint, str(feature_shards), out=tmp_path / "second.json", workers=0)
+    both = evaluate([checkpoint, second_checkpoint], str(feature_shards), out=tmp_path / "both.json", workers=0)
+    assert [member["checkpoint"] for member in both["members"]] == [str(checkpoint.resolve()),
+                                                                    str(second_checkpoint.resolve())]
+    assert single["members"][0]["mean_pearson"] == single["mean_pearson"]  # one checkpoint: an ensemble of one
+    for member, report in zip(both["members"], (single, alone)):
+        assert member["mean_pearson"] == pytest.approx(report["mean_pearson"], abs=1e-9)
+    keys, preds, target, _ = shard_predictions(load_ensemble([checkpoint, second_checkpoint]), str(feature_shards),
+                                               workers=0)
+    assert preds.shape[0] == 2 and not torch.allclose(preds[0], preds[1])
+    assert both["mean_pearson"] == pytest.approx(emi_report(preds.mean(0), target)["mean_pearson"], abs=1e-9)
+    assert both["mean_pearson"] not in (single["mean_pearson"], alone["mean_pearson"])
+
+    # an ensemble folder, made by `emi ensemble`, lists the members relative to itself; its report lands in it
+    folder = tmp_path / "ensemble"
+    assert main(["ensemble", "--out", str(folder), "--checkpoint", str(checkpoint), "--checkpoint",
+                 str(second_checkpoint)]) == 0
+    capsys.readouterr()
+    members = json.loads((folder / "ensemble.json").read_text())["members"]
+    assert all(not Path(member).is_absolute() for member in members)
+    assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--workers", "0"]) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert from_folder == json.loads((folder / "eval" / "test.json").read_text())
+    assert from_folder["mean_pearson"] == both["mean_pearson"] and from_folder["checkpoint"] == str(folder.resolve())
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--checkpoint", str(second_checkpoint), "--shards",
+                 str(feature_shards)]) == 2
+    assert "several --checkpoint: give --out" in capsys.readouterr().err
+
+
+def test_ensemble_members_must_read_the_same_features_and_predict_the_same_labels(checkpoint, encoders, tmp_path,
+                                                                                  capsys):
+    reordered = save_checkpoint(tmp_path / "reordered", encoders, list(reversed(EMI_EMOTIONS)))
+    assert main(["ensemble", "--out", str(tmp_path / "mixed"), "--checkpoint", str(checkpoint), "--checkpoint",
+                 str(reordered)]) == 2
+    assert f"{reordered / 'config.json'}: differs from {checkpoint} in ['labels']" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ensemble.json").write_text('{"format": "emi-ensemble/1", "members": []}')
+    assert main(["predict", "--checkpoint", str(tmp_path / "bad"), str(CLIPS[0])]) == 2
+    assert "'members': [checkpoint folders]" in capsys.readouterr().err
+
+
+def test_predict_with_an_ensemble_averages_the_members(checkpoint, second_checkpoint, predict_inputs):
+    videos = [predict_inputs[0], predict_inputs[2]]
+    each = [predict(member, videos) for member in (checkpoint, second_checkpoint)]
+    both = predict([checkpoint, second_checkpoint], videos)
+    for index, result in enumerate(both):
+        expected = [(a + b) / 2 for a, b in zip(each[0][index]["intensities"].values(),
+                                                each[1][index]["intensities"].values())]
+        np.testing.assert_allclose(list(result["intensities"].values()), expected, atol=1e-6)
+
+
+
+def test_batch_predict_with_an_ensemble_writes_the_members_mean(checkpoint, second_checkpoint, feature_shards,
+                                                               tmp_path, capsys):
+    """`emi predict --shards ... --out CSV` with two --checkpoint: each row the mean of the members' rows."""
+    common = ["predict", "--shards", str(feature_shards), "--workers", "0"]
+    for name, members in (("a", [checkpoint]), ("b", [second_checkpoint]), ("both", [checkpoint, second_checkpoint])):
+        flags = [arg for member in members for arg in ("--checkpoint", str(member))]
+        assert main([*common, *flags, "--out", str(tmp_path / f"{name}.csv")]) == 0
+    capsys.readouterr()
+    (_, ids_a, a), (_, ids_b, b), (header, ids, both) = (read_predictions(tmp_path / f"{name}.csv")
+                                                         for name in ("a", "b", "both"))
+    assert header == ["Filename", *EMI_EMOTIONS] and ids == ids_a == ids_b and len(ids) == len(CLIPS)
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(both, (a + b) / 2, atol=1.5e-6)  # rows written to 6 decimals
+    report = json.loads((tmp_path / "both.failures.json").read_text())
+    assert report["members"] == [str(checkpoint), str(second_checkpoint)] and report["checkpoint"] is None
+
+def test_corruption_keeps_each_clips_scale_and_draws_by_key():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.arange(40)[None, :] < torch.tensor([40, 25])[:, None]
+    audio = torch.where(mask[..., None], 3 + 2 * torch.randn(2, 40, 16, generator=generator), 0.0)
+    batch = {"key": ["a", "b"], "audio": audio, "audio_mask": mask, "text": torch.randn(2, 8, generator=generator)}
+    noisy = corrupted(batch, ["audio", "text"])
+    assert torch.equal(batch["audio"], audio)  # the input is left alone
+    for index in (0, 1):
+        valid, original = noisy["audio"][index][mask[index]], audio[index][mask[index]]
+        assert (valid - original).abs().mean() > 1  # replaced, not perturbed
+        assert valid.mean().item() == pytest.approx(original.mean().item(), abs=0.15)
+        assert valid.std().item() == pytest.approx(original.std().item(), rel=0.1)
+    assert (noisy["audio"][1][~mask[1]] == 0).all()  # padding stays padding
+    assert not torch.equal(noisy["text"], batch["text"])
+    alone = corrupted({key: value[1:] for key, value in batch.items() if key != "key"} | {"key": ["b"]}, ["audio"])
+    assert torch.equal(alone["audio"][0], noisy["audio"][1])  # the same clip gets the same noise in any batch
+
+
+def test_evaluate_with_a_modality_dropped_or_corrupted(checkpoint, feature_shards, reports, tmp_path, capsys):
+    model, config = load_fusion(checkpoint)
+    data = build_loader(str(feature_shards), mode="features", batch_size=3, num_workers=0, world_size=1, rank=0,
+                        seed=0, shuffle=False, train=False, num_frames=NUM_FRAMES, label_names=config["labels"],
+                        persistent_workers=False)
+    data.set_epoch(0)
+    by_hand = {}
+    for batch in data.dataloader:
+        present = present_modalities(batch)
+        present[:, 1] = False
+        with torch.no_grad():
+            for key, pred in zip(batch["key"], model(**fusion_inputs(batch, present))["pred"]):
+                by_hand.setdefault(key, pred)
+    keys, preds, target, _ = shard_predictions(load_ensemble([checkpoint]), str(feature_shards), workers=0,
+                                               drop=["audio"])
+    torch.testing.assert_close(preds[0], torch.stack([by_hand[key] for key in keys]))
+
+    folder = tmp_path / "best"
+    shutil.copytree(checkpoint, folder)
+    clean = reports["features"][0]["mean_pearson"]
+    scores = {}
+    for flag in ("--drop", "--corrupt"):
+        assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--workers", "0",
+                     flag, "audio"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        name = flag.strip("-")
+        assert report == json.loads((folder / "eval" / f"test-{name}-audio.json").read_text())
+        assert report[name] == ["audio"] and report["mean_pearson"] != clean
+        scores[name] = report["mean_pearson"]
+    assert scores["drop"] == pytest.approx(emi_report(preds[0], target)["mean_pearson"], abs=1e-9)
+    assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--workers", "0",
+                 "--corrupt", "audio", "--out", str(tmp_path / "again.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_pearson"] == scores["corrupt"]  # the same noise every run
+    assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--drop", "smell"]) == 2
+    assert "--drop and --corrupt take modalities among ['vision', 'audio', 'text'], got 'smell'" in \
+        capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--drop", "audio",
+                 "--corrupt", "audio"]) == 2
+    assert "either dropped or corrupted" in capsys.readouterr().err

@@ -16,10 +16,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import emi.sweep
 from emi.cli import main
 from emi.config import parse_override
+from emi.ensemble import load_ensemble
 from emi.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from emi.inference import shard_predictions
 from emi.metrics import emi_report
-from emi.models.fusion import load_fusion
 from emi.sweep import collect, expand, load_sweep, run_sweep, top_k_ensemble
 from helpers import REPO
 
@@ -233,8 +233,8 @@ def test_local_sweep_runs_every_cell_writes_the_table_and_skips_them_when_run_ag
     predictions, targets = [], {}
     for name in ensemble["members"]:
         best = sweep.folder / "cells" / name / "best"
-        keys, pred, target, _ = shard_predictions(best, *load_fusion(best), str(tiny_features["val"]), workers=0)
-        predictions.append(dict(zip(keys, pred)))
+        keys, preds, target, _ = shard_predictions(load_ensemble([best]), str(tiny_features["val"]), workers=0)
+        predictions.append(dict(zip(keys, preds[0])))
         targets.update(zip(keys, target))
     keys = sorted(targets)
     mean = torch.stack([(predictions[0][key] + predictions[1][key]) / 2 for key in keys])
