@@ -40,11 +40,10 @@ from emi.data.urls import shard_name
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import DecodeSpec, collate, decode_sample
 from emi.data.reader import RawSample, iter_members
-from emi.ensemble import Ensemble, load_ensemble
 from emi.engine.evaluation import collect
+from emi.ensemble import Ensemble, load_ensemble
 from emi.errors import UsageError
-from emi.features import (FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch,
-                          load_frozen_encoders)
+from emi.features import FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch, load_frozen_encoders
 from emi.manifest import Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, fusion_inputs, load_fusion, present_modalities
@@ -260,8 +259,9 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: st
     labels = ensemble.config["labels"]
     pred = preds.mean(0)
     report = {**emi_report(pred, target, labels), "num_skipped": skipped}
-    members = [{"checkpoint": str(folder.resolve()), **{key: value for key, value in emi_report(
-        member, target, labels).items() if key != "num_samples"}} for folder, member in zip(ensemble.checkpoints, preds)]
+    members = [{"checkpoint": str(folder.resolve()),
+                **{key: value for key, value in emi_report(member, target, labels).items() if key != "num_samples"}}
+               for folder, member in zip(ensemble.checkpoints, preds)]
     name = shards_name(shards) + "".join(f"-drop-{m}" for m in drop) + "".join(f"-corrupt-{m}" for m in corrupt)
     out = str(out) if out is not None else str(ensemble.home / "eval" / f"{name}.json")
     result = {**report, "members": members, "drop": list(drop), "corrupt": list(corrupt),

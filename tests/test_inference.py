@@ -17,14 +17,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from emi import EMI_EMOTIONS
 from emi.cli import main
+from emi.data import build_loader
+from emi.ensemble import load_ensemble
 from emi.errors import UsageError
 from emi.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
-from emi.ensemble import load_ensemble
 from emi.inference import corrupted, evaluate, predict, shard_predictions
 from emi.io import folder_files, folder_records
 from emi.metrics import emi_report
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from emi.data import build_loader
 from emi.models.fusion import FusionModel, fusion_inputs, load_fusion, present_modalities, save_fusion
 from emi.shards.build import build_shards
 from helpers import GRID, cpu_env, launch_command
@@ -423,8 +423,8 @@ def test_an_ensemble_averages_its_members_and_reports_each(checkpoint, second_ch
     assert single["members"][0]["mean_pearson"] == single["mean_pearson"]  # one checkpoint: an ensemble of one
     for member, report in zip(both["members"], (single, alone)):
         assert member["mean_pearson"] == pytest.approx(report["mean_pearson"], abs=1e-9)
-    keys, preds, target, _ = shard_predictions(load_ensemble([checkpoint, second_checkpoint]), str(feature_shards),
-                                               workers=0)
+    _, preds, target, _ = shard_predictions(load_ensemble([checkpoint, second_checkpoint]), str(feature_shards),
+                                            workers=0)
     assert preds.shape[0] == 2 and not torch.allclose(preds[0], preds[1])
     assert both["mean_pearson"] == pytest.approx(emi_report(preds.mean(0), target)["mean_pearson"], abs=1e-9)
     assert both["mean_pearson"] not in (single["mean_pearson"], alone["mean_pearson"])

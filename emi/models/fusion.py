@@ -24,8 +24,9 @@ gated BiLSTM runs over all frames and its outputs are pooled into the same segme
 Absent modalities (present False, all frames masked, dropped, or not in `modalities`) have their features zeroed
 on entry and are masked out: -inf before the softmax, key padding in "concat", the stand-in token in "xattn". A
 clip with no modality at all is predicted from a learned `empty` token (the stand-ins in "xattn"), so the model
-never produces NaN. `modality_dropout` (training only) drops whole modalities of a clip before any fusion. `temporal=False` is the paper's no-TFE
-ablation: features go to the per-step projection (Eq. 5) without TCN or BiLSTM.
+never produces NaN. `modality_dropout` (training only) drops whole modalities of a clip before any fusion.
+`temporal=False` is the paper's no-TFE ablation: features go to the per-step projection (Eq. 5) without TCN or
+BiLSTM.
 """
 
 import json
