@@ -179,8 +179,9 @@ def reading(variants: dict[str, dict[str, str]], cells: list[dict[str, str]]) ->
     return " ".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-    pattern = re.compile(rf"^{re.escape(SECTION)}.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+def replace_section(text: str, section: str, title: str = SECTION) -> str:
+    """`text` with its section headed `title` replaced by `section` (appended when it has none)."""
+    pattern = re.compile(rf"^{re.escape(title)}.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
         return pattern.sub(lambda _: section.rstrip() + "\n\n", text)
     return text.rstrip() + "\n\n" + section.rstrip() + "\n"

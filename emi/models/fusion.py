@@ -192,9 +192,9 @@ class FusionModel(nn.Module):
             self.key_norms = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in attended})
             self.cross_attention = nn.ModuleDict({m: nn.MultiheadAttention(
                 d_model, transformer_heads, dropout=dropout, batch_first=True) for m in attended})
-        else:
-            self.empty_token = nn.Parameter(torch.randn(d_model) * 0.02)
         self.position_embedding = nn.Parameter(torch.randn(num_segments, d_model) * 0.02)
+        if fusion != "xattn":  # (created after the positional embedding: the other fusions' initialisation as before)
+            self.empty_token = nn.Parameter(torch.randn(d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(d_model, transformer_heads, 4 * d_model, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, transformer_layers, norm=nn.LayerNorm(d_model),
