@@ -446,7 +446,8 @@ def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Pat
         storage.write_bytes(out, ("\n".join(lines) + "\n").encode())
         storage.write_bytes(report, (json.dumps({
             "checkpoint": str(ensemble.home) if ensemble.home is not None else None,
-            "members": [str(folder) for folder in ensemble.checkpoints], "shards": storage.shown(shards) if shards is not None else None,
+            "members": [str(folder) for folder in ensemble.checkpoints],
+            "shards": storage.shown(shards) if shards is not None else None,
             "num_predicted": len(rows), "num_failed": len(failures), "failures": failures},
             indent=1, ensure_ascii=False) + "\n").encode())
     accelerator.wait_for_everyone()
