@@ -1,24 +1,27 @@
 """Fusion under corrupted audio, and seed ensembles, on synthetic data: the section "## Fusion, robustness and
 ensembles" of RESULTS.md.
 
-    python -m benchmarks.fusion_study [--root DIR] [--train-clips 600] [--val-clips 200]
+    python -m benchmarks.fusion_study [--root DIR] [--train-clips 600] [--val-clips 200] [--stage2-epochs 60]
 
 The data set is `make ablation`'s second one (`emi synth --corrupt-modality audio --corrupt-frac 0.5`: half of the
 train and of the val clips have their audio replaced by loud white noise), with the same Stage I and features, so a
 `--root` shared with `python -m benchmarks.ablation --root` reuses them. Stage II is trained per fusion and seed (the
 seed sets the initialisation, the shuffling and the dropout; the features stay the same), with configs/stage2/tiny.yaml
-and the ablation's epochs. Each run's best checkpoint is scored on the val clips whose audio is clean and on those
+and the ablation's epochs (or --stage2-epochs). Each run's best checkpoint is scored on the val clips whose audio is clean and on those
 whose audio is noise, with the audio missing (`emi evaluate --drop audio`) and with every clip's audio features
 replaced by noise (`--corrupt audio`); for the fusions that weigh modalities, the audio's mean weight on clean and on
 corrupted val clips. Then seed ensembles: the best checkpoints of five seeds, averaged (`emi evaluate --checkpoint`
-x 5), against the mean of their members. About an hour and a half on 2 cores once the features exist.
+x 5), against the mean of their members. About an hour and a half on 2 cores once the features exist (40 minutes
+with --stage2-epochs 30).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,15 +47,16 @@ FUSIONS = {
     "concat": ("model.fusion=concat",),
     "mean": ("model.fusion=mean",),
     "qam": ("model.fusion=qam",),
+    "gated": ("model.fusion=gated",),
     "xattn": ("model.fusion=xattn",),
 }
 SEEDS = (0, 1, 2)
 ENSEMBLE_SEEDS = (0, 1, 2, 3, 4)
-ENSEMBLED = ("concat", "xattn")  # the fusions whose five seeds are ensembled
+ENSEMBLED = ("gated",)  # the fusions whose five seeds are ensembled
 
 
-def run_name(label: str, seed: int) -> str:
-    return f"study-{label}-seed{seed}"
+def run_name(label: str, seed: int, epochs: int) -> str:
+    return f"study-{label}-e{epochs}-seed{seed}"
 
 
 def scores(pipeline: Pipeline, run: str, clean: set[str], noisy: set[str]) -> dict[str, float]:
@@ -79,23 +83,31 @@ def scores(pipeline: Pipeline, run: str, clean: set[str], noisy: set[str]) -> di
     return result
 
 
-def study(root: Path, train_clips: int, val_clips: int) -> str:
+def study(root: Path, train_clips: int, val_clips: int, epochs: int) -> str:
+    started = time.perf_counter()
     pipeline = Pipeline(root / "audio-corrupted", train_clips, val_clips, corrupt_modality="audio", corrupt_frac=0.5)
     pipeline.prepare_data()
     pipeline.extract_features(pipeline.train_stage1("stage1", STAGE1_EPOCHS, *STAGE1))
     clean, noisy = corrupted_clips(pipeline.root / "data/synth/val/corruption.csv")
-    results: dict[str, list[dict[str, float]]] = {}
-    for label, overrides in FUSIONS.items():
-        for seed in sorted(set(SEEDS) | (set(ENSEMBLE_SEEDS) if label in ENSEMBLED else set())):
-            pipeline.train_stage2(run_name(label, seed), STAGE2_EPOCHS, *overrides, f"run.seed={seed}")
-            if seed in SEEDS:
-                results.setdefault(label, []).append(scores(pipeline, run_name(label, seed), clean, noisy))
+    results: dict[str, list[dict[str, float]]] = {label: [] for label in FUSIONS}
+    for seed in SEEDS:  # seed by seed: every fusion's first seed is in before any second one
+        for label, overrides in FUSIONS.items():
+            pipeline.train_stage2(run_name(label, seed, epochs), epochs, *overrides, f"run.seed={seed}")
+            results[label].append(scores(pipeline, run_name(label, seed, epochs), clean, noisy))
+    for label in ENSEMBLED:
+        for seed in sorted(set(ENSEMBLE_SEEDS) - set(SEEDS)):
+            pipeline.train_stage2(run_name(label, seed, epochs), epochs, *FUSIONS[label], f"run.seed={seed}")
 
+    minutes = (time.perf_counter() - started) / 60
+    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())  # 1, 5, 15 min: other jobs share the machine
     columns = ["all", "clean audio", "noise audio", "audio missing", "audio features noise"]
     rows = []
     for label, runs in results.items():
         cells = [f"{statistics.mean(run[c] for run in runs):.4f} ± {statistics.stdev(run[c] for run in runs):.4f}"
                  for c in columns]
+        # seed by seed against concatenation: the same seed draws the same batches
+        margins = [run["all"] - base["all"] for run, base in zip(runs, results["concat"])]
+        cells.append(f"{statistics.mean(margins):+.4f} ± {statistics.stdev(margins):.4f}")
         trust = "-"
         if "audio weight clean" in runs[0]:
             trust = (f"{statistics.mean(run['audio weight clean'] for run in runs):.3f} / "
@@ -104,7 +116,7 @@ def study(root: Path, train_clips: int, val_clips: int) -> str:
 
     ensemble_rows = []
     for label in ENSEMBLED:
-        members = [pipeline.root / "runs" / run_name(label, seed) / "best" for seed in ENSEMBLE_SEEDS]
+        members = [pipeline.root / "runs" / run_name(label, seed, epochs) / "best" for seed in ENSEMBLE_SEEDS]
         report = evaluate(members, str(pipeline.features("val")),
                           out=pipeline.root / "reports" / f"ensemble-{label}.json", workers=0)
         member_scores = [member["mean_pearson"] for member in report["members"]]
@@ -117,15 +129,16 @@ def study(root: Path, train_clips: int, val_clips: int) -> str:
         SECTION,
         f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.fusion_study` "
         f"({train_clips} train / {val_clips} val `emi synth` clips with the audio of half of them replaced by loud "
-        f"noise; Stage I: tiny encoders, {STAGE1_EPOCHS} epochs; Stage II: configs/stage2/tiny.yaml, {STAGE2_EPOCHS} "
+        f"noise; Stage I: tiny encoders, {STAGE1_EPOCHS} epochs; Stage II: configs/stage2/tiny.yaml, {epochs} "
         "epochs, 2 processes, modality dropout 0.1, MSE; each number is the val mean Pearson of a run's best "
         "checkpoint). Mean ± standard deviation over the Stage II seeds "
-        f"{', '.join(map(str, SEEDS))}; the last column lists each seed's score.",
+        f"{', '.join(map(str, SEEDS))} ({minutes:.0f} min, load average {load}); the last column lists each seed's "
+        "score.",
         "Fusion: all val clips; the val clips whose audio is clean; those whose audio is noise; all clips with the "
         "audio missing (`--drop audio`); all clips with the audio features replaced by noise of the same scale "
-        "(`--corrupt audio`); the audio's mean fusion weight on clean / noise clips (qam, mean: the betas; xattn: the "
+        "(`--corrupt audio`); the audio's mean fusion weight on clean / noise clips (qam, gated, mean: the betas; xattn: the "
         "text query's attention on the real audio segments rather than the stand-in token).",
-        table(["fusion", *columns, "audio weight clean / noise", "per seed"], rows),
+        table(["fusion", *columns, "all - concat", "audio weight clean / noise", "per seed"], rows),
         f"Seed ensembles: the best checkpoints of seeds {', '.join(map(str, ENSEMBLE_SEEDS))} averaged "
         "(`emi evaluate --checkpoint ... x 5`), against their members:",
         table(["fusion", "members", "members' mean", "best member", "ensemble", "ensemble - members' mean"],
@@ -138,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="work folder (default: a temporary folder)")
     parser.add_argument("--train-clips", type=int, default=600)
     parser.add_argument("--val-clips", type=int, default=200)
+    parser.add_argument("--stage2-epochs", type=int, default=STAGE2_EPOCHS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="emi-fusion-study-") as tmp:
-        section = study(Path(args.root or tmp).resolve(), args.train_clips, args.val_clips)
+        section = study(Path(args.root or tmp).resolve(), args.train_clips, args.val_clips, args.stage2_epochs)
     RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "# Results\n", section,
                                        SECTION))
     print(section)

@@ -421,8 +421,8 @@ def test_an_ensemble_averages_its_members_and_reports_each(checkpoint, second_ch
     assert [member["checkpoint"] for member in both["members"]] == [str(checkpoint.resolve()),
                                                                     str(second_checkpoint.resolve())]
     assert single["members"][0]["mean_pearson"] == single["mean_pearson"]  # one checkpoint: an ensemble of one
-    for member, report in zip(both["members"], (single, alone)):
-        assert member["mean_pearson"] == pytest.approx(report["mean_pearson"], abs=1e-9)
+    for member, report in zip(both["members"], (single, alone)):  # (single: batches of 3, padded otherwise)
+        assert member["mean_pearson"] == pytest.approx(report["mean_pearson"], abs=1e-6)
     _, preds, target, _ = shard_predictions(load_ensemble([checkpoint, second_checkpoint]), str(feature_shards),
                                             workers=0)
     assert preds.shape[0] == 2 and not torch.allclose(preds[0], preds[1])
