@@ -13,7 +13,7 @@ noise on half of the clips. Then one command trains every variant over the seeds
 
 then the section "## Learning and ablation" of RESULTS.md is written from the sweep's table (results.csv,
 cells.csv, ensemble.json), with the audio's fusion weight on clean and corrupted clips read from the checkpoints
-(`emi.inference.modality_weights`); the rest of RESULTS.md is kept. About two hours on 2 cores (36 Stage II cells,
+(`emi.inference.modality_weights`); the rest of RESULTS.md is kept. About two hours on 2 cores (39 Stage II cells,
 two at a time); a re-run continues where it stopped.
 """
 from __future__ import annotations
@@ -49,7 +49,8 @@ MODULES = {"baseline (no TFE, concatenation)": "modules-baseline", "+TFE": "modu
            "+TFE +QAM (full model)": "full"}
 MODALITIES = {"V": "modalities-v", "V+T": "modalities-vt", "A": "modalities-a", "V+A": "modalities-va",
               "A+T": "modalities-at", "V+A+T": "full"}
-FUSIONS = {"qam": "audio-noise-qam", "mean": "audio-noise-mean", "concat": "audio-noise-concat"}
+FUSIONS = {"qam": "audio-noise-qam", "mean": "audio-noise-mean", "concat": "audio-noise-concat",
+           "xattn": "audio-noise-xattn"}
 
 
 def corrupted_clips(corruption_csv: Path) -> tuple[set[str], set[str]]:

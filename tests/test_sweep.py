@@ -251,3 +251,10 @@ def test_local_sweep_runs_every_cell_writes_the_table_and_skips_them_when_run_ag
     assert f"sweep s: 4 cells in {sweep.folder}: 4 finished, 0 still queued, 0 to run" in capsys.readouterr().out
     assert sorted((sweep.folder / "submitit").iterdir()) == logs
     assert (sweep.folder / "results.csv").read_bytes() == table
+
+
+def test_the_shipped_ablation_sweep_runs_every_fusion_on_noisy_audio():
+    cells = expand(load_sweep(REPO / "configs/sweeps/ablation.yaml"))
+    noisy = [cell for cell in cells if cell.dataset == "audio-noise"]
+    assert sorted({cell.config["model"]["fusion"] for cell in noisy}) == ["concat", "mean", "qam", "xattn"]
+    assert len(noisy) == 4 * 3 and len(cells) == 13 * 3  # three seeds each
