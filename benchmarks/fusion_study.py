@@ -7,8 +7,8 @@ The data set is `make ablation`'s second one (`emi synth --corrupt-modality audi
 train and of the val clips have their audio replaced by loud white noise), with the same Stage I and features, so a
 `--root` shared with `python -m benchmarks.ablation --root` reuses them. Stage II is trained per fusion and seed (the
 seed sets the initialisation, the shuffling and the dropout; the features stay the same), with configs/stage2/tiny.yaml
-and the ablation's epochs (or --stage2-epochs). Each run's best checkpoint is scored on the val clips whose audio is clean and on those
-whose audio is noise, with the audio missing (`emi evaluate --drop audio`) and with every clip's audio features
+and the ablation's epochs (or --stage2-epochs). Each run's best checkpoint is scored on the val clips whose audio is
+clean and on those whose audio is noise, with the audio missing (`emi evaluate --drop audio`) and with every clip's audio features
 replaced by noise (`--corrupt audio`); for the fusions that weigh modalities, the audio's mean weight on clean and on
 corrupted val clips. Then seed ensembles: the best checkpoints of five seeds, averaged (`emi evaluate --checkpoint`
 x 5), against the mean of their members. About an hour and a half on 2 cores once the features exist (40 minutes
@@ -85,7 +85,7 @@ def scores(pipeline: Pipeline, run: str, clean: set[str], noisy: set[str]) -> di
 
 def study(root: Path, train_clips: int, val_clips: int, epochs: int) -> str:
     started = time.perf_counter()
-    pipeline = Pipeline(root / "audio-corrupted", train_clips, val_clips, corrupt_modality="audio", corrupt_frac=0.5)
+    pipeline = Pipeline(root / "audio-noise", train_clips, val_clips, corrupt_modality="audio", corrupt_frac=0.5)
     pipeline.prepare_data()
     pipeline.extract_features(pipeline.train_stage1("stage1", STAGE1_EPOCHS, *STAGE1))
     clean, noisy = corrupted_clips(pipeline.root / "data/synth/val/corruption.csv")
@@ -136,8 +136,8 @@ def study(root: Path, train_clips: int, val_clips: int, epochs: int) -> str:
         "score.",
         "Fusion: all val clips; the val clips whose audio is clean; those whose audio is noise; all clips with the "
         "audio missing (`--drop audio`); all clips with the audio features replaced by noise of the same scale "
-        "(`--corrupt audio`); the audio's mean fusion weight on clean / noise clips (qam, gated, mean: the betas; xattn: the "
-        "text query's attention on the real audio segments rather than the stand-in token).",
+        "(`--corrupt audio`); the audio's mean fusion weight on clean / noise clips (qam, gated, mean: the betas; "
+        "xattn: the text query's attention on the real audio segments rather than the stand-in token).",
         table(["fusion", *columns, "all - concat", "audio weight clean / noise", "per seed"], rows),
         f"Seed ensembles: the best checkpoints of seeds {', '.join(map(str, ENSEMBLE_SEEDS))} averaged "
         "(`emi evaluate --checkpoint ... x 5`), against their members:",

@@ -69,12 +69,12 @@ def spread_head(model: FusionModel, features: dict) -> None:
 
 
 def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: dict | None = None,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, **model_options) -> Path:
     torch.manual_seed(seed)
-    model = FusionModel(**FUSION, num_outputs=len(labels)).eval()
+    model = FusionModel(**FUSION, **model_options, num_outputs=len(labels)).eval()
     if features is not None:
         spread_head(model, features)
-    save_fusion(folder, model.state_dict(), {**FUSION, "num_outputs": len(labels)}, labels, encoders,
+    save_fusion(folder, model.state_dict(), {**FUSION, **model_options, "num_outputs": len(labels)}, labels, encoders,
                 folder_records(encoders), PREPROCESSING, NUM_FRAMES)
     return folder
 
@@ -543,3 +543,18 @@ def test_evaluate_with_a_modality_dropped_or_corrupted(checkpoint, feature_shard
     assert main(["evaluate", "--checkpoint", str(folder), "--shards", str(feature_shards), "--drop", "audio",
                  "--corrupt", "audio"]) == 2
     assert "either dropped or corrupted" in capsys.readouterr().err
+
+
+def test_dropping_or_corrupting_a_modality_the_model_does_not_read_changes_nothing(encoders, clip_shards,
+                                                                                  feature_shards, tmp_path):
+    """A model without vision scores the same with the vision dropped or replaced by noise; with its audio replaced by
+    noise (the clips have no transcript: the audio is all it reads) its score moves."""
+    (_, features), = direct_batches(encoders, clip_shards, batch_size=len(CLIPS))
+    blind = save_checkpoint(tmp_path / "audio-text", encoders, list(EMI_EMOTIONS), features,
+                            modalities=["audio", "text"])
+    flags = {"clean": {}, "drop": {"drop": ["vision"]}, "corrupt": {"corrupt": ["vision"]},
+             "noisy audio": {"corrupt": ["audio"]}}
+    score = {name: evaluate(blind, str(feature_shards), out=tmp_path / f"{name}.json", workers=0, **given)[
+        "mean_pearson"] for name, given in flags.items()}
+    assert score["drop"] == score["corrupt"] == score["clean"]
+    assert abs(score["noisy audio"] - score["clean"]) > 1e-2
