@@ -12,7 +12,7 @@ and the ablation's epochs (or --stage2-epochs), seed by seed; a re-run continues
 finished run's best checkpoint is scored on the val clips whose audio is clean and on those whose audio is noise, with
 the audio missing (`emi evaluate --drop audio`) and with every clip's audio features replaced by noise (`--corrupt
 audio`); for the fusions that weigh modalities, the audio's mean weight on clean and on corrupted val clips. Then
-seed ensembles: each fusion's finished seeds (five for gated, three for the others) averaged (`emi evaluate
+seed ensembles: each fusion's finished seeds (five for concat, three for the others) averaged (`emi evaluate
 --checkpoint ...`), against the mean of their members. About two hours on 2 idle cores once the features exist
 (17 Stage II runs of 60 epochs); --stage2-epochs 30 halves it.
 """
@@ -50,12 +50,11 @@ FUSIONS = {
     "concat": ("model.fusion=concat",),
     "mean": ("model.fusion=mean",),
     "qam": ("model.fusion=qam",),
-    "gated": ("model.fusion=gated",),
     "xattn": ("model.fusion=xattn",),
 }
 SEEDS = (0, 1, 2)
 ENSEMBLE_SEEDS = (0, 1, 2, 3, 4)
-ENSEMBLED = ("gated",)  # the fusions whose five seeds are ensembled
+ENSEMBLED = ("concat",)  # the fusions whose five seeds are ensembled
 
 
 def run_name(label: str, seed: int, epochs: int) -> str:
@@ -161,7 +160,7 @@ def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_onl
         "Fusion: all val clips; the val clips whose audio is clean; those whose audio is noise; all clips with the "
         "audio missing (`--drop audio`); all clips with the audio features replaced by noise of the same scale "
         "(`--corrupt audio`); the difference to concat seed by seed; the audio's mean fusion weight on clean / "
-        "noise clips (qam, gated, mean: the betas; xattn: the text query's attention on the real audio segments "
+        "noise clips (qam, mean: the betas; xattn: the text query's attention on the real audio segments "
         "rather than the stand-in token).",
         table(["fusion", *columns, "all - concat", "audio weight clean / noise", "per seed"], rows),
         "Seed ensembles: the best checkpoints of a fusion's finished seeds averaged (`emi evaluate --checkpoint ... "

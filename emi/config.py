@@ -137,7 +137,7 @@ PAIRS = ("vision_text", "audio_text")
 class FusionSection:
     modalities: list[str] = field(default_factory=lambda: ["vision", "audio", "text"])
     temporal: bool = True  # the paper's TFE: TCN (vision) and gated BiLSTM (audio)
-    fusion: str = "qam"  # qam | gated | mean | concat | xattn (emi.models.fusion)
+    fusion: str = "qam"  # qam | mean | concat | xattn (emi.models.fusion)
     d_model: int = 128
     num_segments: int = 8
     tcn_layers: int = 3
@@ -171,7 +171,7 @@ class Stage2Config:
     train: TrainSection = field(default_factory=TrainSection)
 
 
-FUSIONS = ("qam", "gated", "mean", "concat", "xattn")
+FUSIONS = ("qam", "mean", "concat", "xattn")
 
 
 # ---------------------------------------------------------------------------------------------------------------

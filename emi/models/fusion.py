@@ -7,8 +7,6 @@ For one clip, with d = d_model and M = num_segments:
     text   [Dt]    -> MLP -> f_s [d], broadcast to the M segments
     fusion "qam":    q_m = MLP_m(h_m) per modality and segment (Eq. 8); beta = softmax of q over the modalities
                      PRESENT for the clip (Eq. 9); fused = beta_v h_v + beta_a h~_a + beta_s f_s (Eq. 10)
-           "gated":  the same quality MLPs, each modality's weight sigmoid(q_m) on its own, not a softmax over the
-                     modalities: a reliable audio track need not take weight from the text
            "mean":   the same with equal weights over the present modalities
            "concat": the paper's baseline: the tokens of all modalities concatenated along time (Eq. 5)
            "xattn":  text-anchored dual cross-attention (as TAEMI, ABAW10): the text token, plus the positional
@@ -181,7 +179,7 @@ class FusionModel(nn.Module):
             self.audio_projection = projection(audio_out, d_model, dropout)
         if "text" in modalities:
             self.text_projection = projection(text_dim, d_model, dropout)
-        if fusion in ("qam", "gated"):
+        if fusion == "qam":
             self.quality = nn.ModuleDict(
                 {m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1)) for m in modalities}
             )
@@ -227,9 +225,9 @@ class FusionModel(nn.Module):
         text: torch.Tensor,
         present: torch.Tensor,
     ) -> dict[str, torch.Tensor | None]:
-        """pred [B, num_outputs] in [0, 1]; weights [B, M, 3]: the betas ("qam", "gated"; equal for "mean"), for
-        "xattn" the share of each query's attention on the real vision / audio segments rather than the stand-in
-        (text: 1 where present); None for "concat"."""
+        """pred [B, num_outputs] in [0, 1]; weights [B, M, 3]: the betas ("qam"; equal for "mean"), for "xattn" the
+        share of each query's attention on the real vision / audio segments rather than the stand-in (text: 1 where
+        present); None for "concat"."""
         self._check_inputs(vision, vision_mask, audio, audio_mask, text, present)
         vision_mask, audio_mask = vision_mask.bool(), audio_mask.bool()
         prefix_lengths(vision_mask, "vision_mask")
@@ -274,19 +272,15 @@ class FusionModel(nn.Module):
         return tokens
 
     def _weighted_sum(self, tokens, present) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eqs. 8-10 ("qam"), sigmoid gates ("gated") or equal weights ("mean") over the present modalities:
-        fused [B, M, d], betas [B, M, 3]."""
+        """Eqs. 8-10 ("qam") or equal weights ("mean") over the present modalities: fused [B, M, d], betas [B, M, 3]."""
         batch, segments = present.shape[0], self.num_segments
         empty = self.empty_token.expand(batch, segments, -1)
         stacked = torch.stack([tokens[m].expand(batch, segments, -1) if m in tokens else torch.zeros_like(empty)
                                for m in MODALITIES], dim=2)
         any_present = present.any(1)
-        if self.fusion in ("qam", "gated"):
+        if self.fusion == "qam":
             scores = torch.cat([self.quality[m](tokens[m]).expand(batch, segments, 1) if m in tokens
                                 else empty.new_zeros(batch, segments, 1) for m in MODALITIES], dim=-1)
-        if self.fusion == "gated":
-            betas = torch.sigmoid(scores) * present[:, None, :]
-        elif self.fusion == "qam":
             scores = scores.masked_fill(~present[:, None, :], float("-inf"))
             # A clip with nothing present would be all -inf (NaN softmax); its betas are zeroed below anyway.
             scores = scores.masked_fill(~any_present[:, None, None], 0.0)
