@@ -126,8 +126,9 @@ def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_onl
             continue
         cells = [mean_std([run[c] for run in runs.values()]) for c in columns]
         # seed by seed against concatenation: the same seed draws the same batches
-        cells.append(mean_std([run["all"] - results["concat"][seed]["all"] for seed, run in runs.items()
-                               if seed in results["concat"]], sign="+"))
+        cells.append("-" if label == "concat" else mean_std(
+            [run["all"] - results["concat"][seed]["all"] for seed, run in runs.items() if seed in results["concat"]],
+            sign="+"))
         trust = "-"
         if "audio weight clean" in next(iter(runs.values())):
             trust = (f"{statistics.mean(run['audio weight clean'] for run in runs.values()):.3f} / "
