@@ -320,7 +320,7 @@ def encode_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{FRAME_SIZE}x{FRAME_SIZE}", "-r", str(FPS), "-i", "pipe:0",
             "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", str(pcm),
             "-map", "0:v", "-map", "1:a",
-            "-c:v", "libx264", "-preset", "ultrafast", "-g", str(FPS), "-pix_fmt", "yuv420p", "-threads", "1",
+            "-c:v", "libx264", "-preset", "veryfast", "-g", str(FPS), "-pix_fmt", "yuv420p", "-threads", "1",
             "-b:v", VIDEO_BITRATE, "-minrate", VIDEO_BITRATE, "-maxrate", VIDEO_BITRATE, "-bufsize", VIDEO_BITRATE,
             "-x264-params", "nal-hrd=cbr",
             "-c:a", "aac", "-b:a", AUDIO_BITRATE,
