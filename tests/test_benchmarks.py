@@ -64,8 +64,8 @@ def test_shard_benchmark_builds_every_clip_and_does_the_same_work_as_the_baselin
         for runner in ("emi", *bench_shards.BASELINES):
             timings = speed[runner]
             assert timings["wall_s"] > 0 and timings["cpu_ms_per_clip"] > 0
-            # clips_per_s is rounded to 2 decimals: within half of the last one
-            assert timings["clips_per_s"] == pytest.approx(clips_in_set / timings["wall_s"], abs=0.005)
+            # clips_per_s is rounded to 2 decimals and wall_s to 3 (0.1% at half a second)
+            assert timings["clips_per_s"] == pytest.approx(clips_in_set / timings["wall_s"], rel=2e-3, abs=5e-3)
         assert speed["baseline"] == max(bench_shards.BASELINES, key=lambda runner: speed[runner]["clips_per_s"])
         assert speed["ratio"] == pytest.approx(speed["emi"]["clips_per_s"] / speed[speed["baseline"]]["clips_per_s"],
                                                abs=1e-3)
