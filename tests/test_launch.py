@@ -201,6 +201,14 @@ def test_a_failing_trainer_fails_the_job_with_the_tail_of_its_log(local_runs: tu
     assert not (out / "broken" / "export").exists()
 
 
+def command_line(process: psutil.Process) -> list[str]:
+    """A process's arguments; none for one that has ended meanwhile (gone or a zombie: task 0 may end first)."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def test_local_shard_array_submits_a_killed_task_again_and_merges_into_the_single_build(tmp_path: Path) -> None:
     """`python -m emi.launch shards --tasks 2 --local`: task 1 is killed mid-build; the launcher submits it again,
     it keeps its complete shards, and the merged folder is byte for byte the single-process build."""
@@ -220,7 +228,8 @@ def test_local_shard_array_submits_a_killed_task_again_and_merges_into_the_singl
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
         time.sleep(0.05)
     builders = [process for process in psutil.Process(launcher.pid).children(recursive=True)
-                if "--task-index" in (cmdline := process.cmdline()) and cmdline[cmdline.index("--task-index") + 1] == "1"]
+                if "--task-index" in (cmdline := command_line(process))
+                and cmdline[cmdline.index("--task-index") + 1] == "1"]
     assert len(builders) == 1
     builders[0].kill()
     printed, _ = launcher.communicate(timeout=RUN_TIMEOUT_S)
