@@ -41,7 +41,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     summary = synthesize(
         out=args.out, clips=args.clips, seed=args.seed, corrupt_modality=args.corrupt_modality,
-        corrupt_frac=args.corrupt_frac, workers=args.workers,
+        corrupt_frac=args.corrupt_frac, workers=args.workers, prefix=args.prefix,
     )
     print(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--corrupt-modality", choices=["video", "audio", "text"], default=None)
     synth.add_argument("--corrupt-frac", type=float, default=0.0)
     synth.add_argument("--workers", type=int, default=1)
+    synth.add_argument("--prefix", default="", help="clip names start with it (00001 ...: default); one per split "
+                       "(train-, val-) gives every clip its own key, as k-fold over train + val needs")
     synth.set_defaults(func=_synth)
     return parser
 

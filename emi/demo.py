@@ -70,7 +70,7 @@ class Pipeline:
             if not (synth / "labels.csv").is_file():
                 self.run(f"synthesise {clips} {split} clips", [
                     *EMI, "synth", "--out", str(synth), "--clips", str(clips), "--seed", str(seed),
-                    "--workers", "2", *corruption])
+                    "--prefix", f"{split}-", "--workers", "2", *corruption])
             self.run(f"pack the {split} clips into shards", [
                 *EMI, "shards", "build", "--videos", str(synth / "videos"), "--labels", str(synth / "labels.csv"),
                 "--transcripts", str(synth / "transcripts.csv"), "--out", str(self.shards(split)), "--split",

@@ -60,6 +60,7 @@ mp4 bytes are identical for identical seeds.
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import subprocess
 import tempfile
@@ -349,7 +350,10 @@ def write_clip(plan: ClipPlan, seed: int, videos: Path) -> None:
 
 
 def _check_arguments(out: Path, clips: int, seed: int, corrupt_modality: str | None, corrupt_frac: float,
-                     workers: int) -> None:
+                     workers: int, prefix: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", prefix):
+        # the name becomes the clip's file name and its WebDataset key, which ends at the first dot
+        raise UsageError(f"--prefix must be letters, digits, '-' or '_', got {prefix!r}")
     if clips < 1:
         raise UsageError(f"--clips must be at least 1, got {clips}")
     if seed < 0:
@@ -376,13 +380,16 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 
 def synthesize(out: str | Path, clips: int, seed: int = 0, corrupt_modality: str | None = None,
-               corrupt_frac: float = 0.0, workers: int = 1) -> dict:
+               corrupt_frac: float = 0.0, workers: int = 1, prefix: str = "") -> dict:
     """Write `clips` synthetic clips with labels, transcripts and a corruption record under `out`.
+
+    Clips are named `prefix` + their 1-based index (00001, ...); a prefix per split (train-, val-) gives every clip
+    of a data set its own key, which k-fold over train + val needs (emi.data.folds).
 
     Returns a JSON-able summary: counts, durations, paths and the corruption applied.
     """
     out = Path(out)
-    _check_arguments(out, clips, seed, corrupt_modality, corrupt_frac, workers)
+    _check_arguments(out, clips, seed, corrupt_modality, corrupt_frac, workers, prefix)
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
 
@@ -393,7 +400,7 @@ def synthesize(out: str | Path, clips: int, seed: int = 0, corrupt_modality: str
     for index in range(clips):
         labels = draw_labels(clip_rng(seed, index, "labels"))
         corrupted_modality = corrupt_modality if index in corrupted else None
-        plans.append(ClipPlan(index=index, name=f"{index + 1:0{width}d}", labels=tuple(labels.tolist()),
+        plans.append(ClipPlan(index=index, name=f"{prefix}{index + 1:0{width}d}", labels=tuple(labels.tolist()),
                               num_frames=draw_num_frames(clip_rng(seed, index, "duration")),
                               corrupted=corrupted_modality))
         if corrupted_modality == "text":

@@ -303,11 +303,19 @@ def test_corruption_hits_the_chosen_fraction_and_looks_like_noise(dataset: tuple
                 assert len(texts[index - 1][1].split()) >= 12
 
 
-def test_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["synth", "--out", str(tmp_path / "cli"), "--clips", "1", "--seed", "5"]) == 0
+def test_cli_prints_the_summary_and_a_prefix_renames_the_same_clips(dataset: tuple[Path, dict], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    out, _ = dataset
+    assert main(["synth", "--out", str(tmp_path / "cli"), "--clips", "2", "--seed", "0", "--prefix", "val-"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["clips"] == 1 and summary["seed"] == 5
-    assert (tmp_path / "cli" / "videos" / "00001.mp4").stat().st_size > 0
+    assert summary["clips"] == 2 and summary["seed"] == 0
+    # the prefix changes the names only: the clips, labels and transcripts are those of the unprefixed data set
+    for index in (1, 2):
+        assert ((tmp_path / "cli" / "videos" / f"val-{index:05d}.mp4").read_bytes()
+                == (out / "videos" / f"{index:05d}.mp4").read_bytes())
+    for table in ("labels.csv", "transcripts.csv"):
+        assert read_csv(tmp_path / "cli" / table)[1:] == [
+            [f"val-{row[0]}", *row[1:]] for row in read_csv(out / table)[1:3]]
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -318,6 +326,8 @@ def test_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -
     ({"corrupt_frac": 0.2, "corrupt_modality": "smell"}, "--corrupt-modality"),
     ({"workers": 0}, "--workers"),
     ({"seed": -1}, "--seed"),
+    ({"prefix": "val."}, "--prefix"),
+    ({"prefix": "a/b"}, "--prefix"),
 ])
 def test_bad_arguments_are_usage_errors(tmp_path: Path, arguments: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
