@@ -50,7 +50,7 @@ MODULES = {"baseline (no TFE, concatenation)": "modules-baseline", "+TFE": "modu
 MODALITIES = {"V": "modalities-v", "V+T": "modalities-vt", "A": "modalities-a", "V+A": "modalities-va",
               "A+T": "modalities-at", "V+A+T": "full"}
 FUSIONS = {"qam": "audio-noise-qam", "mean": "audio-noise-mean", "concat": "audio-noise-concat",
-           "xattn": "audio-noise-xattn"}
+           "xattn": "audio-noise-xattn", "late": "audio-noise-late"}
 
 
 def corrupted_clips(corruption_csv: Path) -> tuple[set[str], set[str]]:

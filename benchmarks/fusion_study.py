@@ -2,7 +2,7 @@
 ensembles" of RESULTS.md.
 
     python -m benchmarks.fusion_study [--root DIR] [--train-clips 600] [--val-clips 200] [--stage2-epochs 60]
-        [--collect]
+        [--collect] [--fusions concat,late]
 
 The data set is `make ablation`'s second one (`emi synth --corrupt-modality audio --corrupt-frac 0.5`: half of the
 train and of the val clips have their audio replaced by loud white noise), with the same Stage I and features, so a
@@ -51,6 +51,7 @@ FUSIONS = {
     "mean": ("model.fusion=mean",),
     "qam": ("model.fusion=qam",),
     "xattn": ("model.fusion=xattn",),
+    "late": ("model.fusion=late",),
 }
 SEEDS = (0, 1, 2)
 ENSEMBLE_SEEDS = (0, 1, 2, 3, 4)
@@ -98,27 +99,30 @@ def mean_std(values: list[float], digits: int = 4, sign: str = "") -> str:
     return shown + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
-def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_only: bool) -> str:
-    """Train what is not trained yet (nothing with collect_only), then the section from the runs that finished."""
+def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_only: bool,
+          fusions: list[str] | None = None) -> str:
+    """Train what is not trained yet (nothing with collect_only), then the section from the runs that finished;
+    `fusions`: only these (default: all of FUSIONS)."""
+    fusions = {label: FUSIONS[label] for label in fusions or FUSIONS}
     started = time.perf_counter()
     pipeline = Pipeline(root / "audio-noise", train_clips, val_clips, corrupt_modality="audio", corrupt_frac=0.5)
     if not collect_only:
         pipeline.prepare_data()
         pipeline.extract_features(pipeline.train_stage1("stage1", STAGE1_EPOCHS, *STAGE1))
         for seed in SEEDS:  # seed by seed: every fusion's first seed is in before any second one
-            for label, overrides in FUSIONS.items():
+            for label, overrides in fusions.items():
                 pipeline.train_stage2(run_name(label, seed, epochs), epochs, *overrides, f"run.seed={seed}")
-        for label in ENSEMBLED:
+        for label in (label for label in ENSEMBLED if label in fusions):
             for seed in sorted(set(ENSEMBLE_SEEDS) - set(SEEDS)):
-                pipeline.train_stage2(run_name(label, seed, epochs), epochs, *FUSIONS[label], f"run.seed={seed}")
+                pipeline.train_stage2(run_name(label, seed, epochs), epochs, *fusions[label], f"run.seed={seed}")
     minutes = (time.perf_counter() - started) / 60
     load = " / ".join(f"{value:.1f}" for value in os.getloadavg())  # 1, 5, 15 min: other jobs share the machine
 
     clean, noisy = corrupted_clips(pipeline.root / "data/synth/val/corruption.csv")
     seeds = {label: [seed for seed in ENSEMBLE_SEEDS if finished(pipeline, run_name(label, seed, epochs))]
-             for label in FUSIONS}
+             for label in fusions}
     results = {label: {seed: scores(pipeline, run_name(label, seed, epochs), clean, noisy)
-                       for seed in seeds[label] if seed in SEEDS} for label in FUSIONS}
+                       for seed in seeds[label] if seed in SEEDS} for label in fusions}
     columns = ["all", "clean audio", "noise audio", "audio missing", "audio features noise"]
     rows = []
     for label, runs in results.items():
@@ -178,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-clips", type=int, default=200)
     parser.add_argument("--stage2-epochs", type=int, default=STAGE2_EPOCHS)
     parser.add_argument("--collect", action="store_true", help="train nothing: the section from the finished runs")
+    parser.add_argument("--fusions", default=",".join(FUSIONS), help=f"comma-separated, among {', '.join(FUSIONS)}")
     args = parser.parse_args(argv)
+    fusions = args.fusions.split(",")
+    if not fusions or not set(fusions) <= set(FUSIONS) or "concat" not in fusions:
+        parser.error(f"--fusions: names among {', '.join(FUSIONS)}, concat included (the others are compared to it)")
     with tempfile.TemporaryDirectory(prefix="emi-fusion-study-") as tmp:
         section = study(Path(args.root or tmp).resolve(), args.train_clips, args.val_clips, args.stage2_epochs,
-                        args.collect)
+                        args.collect, fusions)
     RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "# Results\n", section,
                                        SECTION))
     print(section)

@@ -137,7 +137,7 @@ PAIRS = ("vision_text", "audio_text")
 class FusionSection:
     modalities: list[str] = field(default_factory=lambda: ["vision", "audio", "text"])
     temporal: bool = True  # the paper's TFE: TCN (vision) and gated BiLSTM (audio)
-    fusion: str = "qam"  # qam | mean | concat | xattn (emi.models.fusion)
+    fusion: str = "qam"  # qam | mean | concat | xattn | late (emi.models.fusion)
     d_model: int = 128
     num_segments: int = 8
     tcn_layers: int = 3
@@ -157,6 +157,7 @@ class LossSection:
     mse: float = 1.0
     pearson: float = 0.0
     ccc: float = 0.0
+    unimodal: float = 1.0  # fusion "late": the same loss on each modality's own prediction, times this, averaged
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Stage2Config:
     train: TrainSection = field(default_factory=TrainSection)
 
 
-FUSIONS = ("qam", "mean", "concat", "xattn")
+FUSIONS = ("qam", "mean", "concat", "xattn", "late")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,8 +293,11 @@ def validate(config: Any, source: str) -> None:
         for modality in config.model.modalities:
             _check_choice(modality, ("vision", "audio", "text"), "model.modalities", source)
         weights = config_to_dict(config.loss)
+        unimodal = weights.pop("unimodal")
         if min(weights.values()) < 0 or not any(weights.values()):
             raise UsageError(f"{source}: loss weights must be >= 0 and one of them > 0, got {weights}")
+        if unimodal < 0:
+            raise UsageError(f"{source}: loss.unimodal must be >= 0, got {unimodal}")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -> None:

@@ -183,8 +183,9 @@ def shard_predictions(ensemble: Ensemble, shards: str, batch_size: int = 8, work
 
 def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -> dict[str, list[float]]:
     """How much the fusion trusted each modality for each clip of feature shards: {key: [vision, audio, text]},
-    the fusion weights (the quality-aware betas, or equal weights for mean fusion) averaged over the segments.
-    Absent modalities weigh 0. Concatenation fusion has no such weights (UsageError)."""
+    the fusion weights (the quality-aware betas, or equal weights for mean fusion) averaged over the segments (for
+    late fusion: the weights of the modalities' predictions averaged over the emotions). Absent modalities weigh 0.
+    Concatenation fusion has no such weights (UsageError)."""
     device = default_device()
     model, config = load_fusion(checkpoint, device)
     if config["model"].get("fusion") == "concat":

@@ -47,6 +47,10 @@ def test_stage2_loss_weights_and_fusion_choices(tmp_path):
         load_config(Stage2Config, None, ["loss.mse=0"])
     with pytest.raises(UsageError, match="loss weights must be >= 0"):
         load_config(Stage2Config, None, ["loss.ccc=-1"])
+    with pytest.raises(UsageError, match="loss weights must be >= 0 and one of them > 0"):
+        load_config(Stage2Config, None, ["loss.mse=0", "loss.unimodal=1"])  # a term of the fused prediction
+    with pytest.raises(UsageError, match="loss.unimodal must be >= 0"):
+        load_config(Stage2Config, None, ["loss.unimodal=-0.5"])
     with pytest.raises(UsageError, match="unknown key 'loss.huber'"):
         load_config(Stage2Config, None, ["loss.huber=1"])
     with pytest.raises(UsageError, match="model.fusion is 'sum'"):

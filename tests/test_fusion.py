@@ -27,7 +27,7 @@ def build(**overrides) -> FusionModel:
     return FusionModel(**{**SMALL, **overrides}).eval()
 
 
-FUSIONS = ["qam", "mean", "concat", "xattn"]
+FUSIONS = ["qam", "mean", "concat", "xattn", "late"]
 
 
 @pytest.fixture(scope="module", params=FUSIONS)
@@ -42,8 +42,8 @@ def test_shapes_and_range(model):
     assert ((out["pred"] > 0) & (out["pred"] < 1)).all()
     if model.fusion == "concat":
         assert out["weights"] is None
-    else:
-        assert out["weights"].shape == (4, 4, 3)
+    else:  # per segment, or per emotion ("late")
+        assert out["weights"].shape == ((4, 6, 3) if model.fusion == "late" else (4, 4, 3))
 
 
 def test_appended_padding_changes_nothing(model):
@@ -177,6 +177,30 @@ def test_modality_dropout_applies_to_every_fusion(fusion):
         model.eval()
         torch.testing.assert_close(trained_on, model(**{**batch, "present": kept})["pred"])
         assert not torch.allclose(trained_on, model(**batch)["pred"])
+
+
+def test_late_fusion_weighs_each_present_modalitys_prediction_per_emotion():
+    batch = make_batch()
+    batch["vision_mask"][3] = False  # no valid frame: vision absent although flagged present
+    effective = PRESENT.clone()
+    effective[3, 0] = False
+    model = build(fusion="late")
+    with torch.no_grad():
+        out = model(**batch)
+    weights, experts = out["weights"], out["experts"]  # [B, 6, 3], [B, 3, 6]
+    assert torch.equal(out["present"], effective)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4, 6))
+    assert (weights[~effective[:, None, :].expand(-1, 6, -1)] == 0).all()
+    assert (weights[effective[:, None, :].expand(-1, 6, -1)] > 0).all()
+    assert not torch.allclose(weights[0], weights[0, :1].expand(6, -1))  # each emotion has its own weights
+    torch.testing.assert_close(out["pred"], torch.einsum("bem,bme->be", weights, experts))
+    # a clip with one modality is that modality's own prediction
+    torch.testing.assert_close(out["pred"][2], experts[2, 1])
+    # each expert sees its own modality only: changing the text changes the text expert alone
+    changed = {**batch, "text": batch["text"] + torch.randn(4, DIMS["text_dim"])}
+    with torch.no_grad():
+        other = model(**changed)["experts"]
+    assert torch.equal(other[:, :2], experts[:, :2]) and not torch.allclose(other[0, 2], experts[0, 2])
 
 
 def test_xattn_turns_to_the_stand_in_of_an_absent_modality():

@@ -18,7 +18,7 @@ from helpers import REPO, exported, scalars
 from test_slurm_cluster import FINAL_STATES, cluster, job_field, slurm_root  # noqa: F401 (fixtures)
 
 TINY = "configs/stage1/tiny.yaml"
-EPOCHS = 10
+EPOCHS = 6
 STEPS = EPOCHS * 48 // (8 * 2)  # 48 clips / (batch 8 x 2 ranks) = 3 steps per epoch
 FIRST_CHECKPOINT = 4  # the interruptions wait for a checkpoint at least this far: epoch 1, mid-epoch
 ALL_JOBS_TIMEOUT_S = 420

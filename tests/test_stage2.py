@@ -201,7 +201,7 @@ def test_a_corrupt_sample_is_skipped_counted_and_reported_by_the_trainer(feature
     assert scalars(tmp_path / "damaged", "train/skipped_samples") == [(6, 1.0)]
 
 
-def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term(features, tmp_path):
+def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term_and_late_fusion(features, tmp_path):
     common = ["--config", "configs/stage2/tiny.yaml", f"data.train={features / 'train'}", f"run.output_dir={tmp_path}",
               "data.batch_size=4", "train.epochs=1", "train.log_every=1", "data.folds=3", "data.fold=2"]
     # `emi synth` names the clips of every split 00001, 00002, ...: a union of train and val is refused by key
@@ -209,7 +209,8 @@ def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term(features, tmp_pa
                               f"data.val={features / 'val'}", "run.name=refused"],
                              cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "clip key '00001' is in" in refused.stderr, refused.stderr[-2000:]
-    launch("train/stage2.py", [*common, "data.val=null", "run.name=fold", "loss.pearson=1.0"])
+    launch("train/stage2.py", [*common, "data.val=null", "run.name=fold", "loss.pearson=1.0", "model.fusion=late",
+                               "loss.unimodal=0.5"])
     manifest = json.loads((features / "train" / "manifest.json").read_text())
     folds = fold_of([key for shard in manifest["shards"] for key in shard["keys"]], 3)
     in_fold = sum(fold == 2 for fold in folds.values())
@@ -217,3 +218,8 @@ def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term(features, tmp_pa
     # the other 32 clips train: 16 per rank, 4 steps of 4; the fold is validated, each clip once
     assert scalars(tmp_path / "fold", "val/num_samples") == [(4, float(in_fold))]
     assert len(scalars(tmp_path / "fold", "train/pearson")) == len(scalars(tmp_path / "fold", "train/mse")) == 4
+    # late fusion: the loss adds the same terms on each modality's own prediction, times loss.unimodal
+    terms = {name: dict(scalars(tmp_path / "fold", f"train/{name}")) for name in ("loss", "mse", "pearson", "unimodal")}
+    for step, loss in terms["loss"].items():
+        expected = terms["mse"][step] + terms["pearson"][step] + 0.5 * terms["unimodal"][step]
+        assert loss == pytest.approx(expected, rel=1e-4) and terms["unimodal"][step] > 0

@@ -256,5 +256,16 @@ def test_local_sweep_runs_every_cell_writes_the_table_and_skips_them_when_run_ag
 def test_the_shipped_ablation_sweep_runs_every_fusion_on_noisy_audio():
     cells = expand(load_sweep(REPO / "configs/sweeps/ablation.yaml"))
     noisy = [cell for cell in cells if cell.dataset == "audio-noise"]
-    assert sorted({cell.config["model"]["fusion"] for cell in noisy}) == ["concat", "mean", "qam", "xattn"]
-    assert len(noisy) == 4 * 3 and len(cells) == 13 * 3  # three seeds each
+    assert sorted({cell.config["model"]["fusion"] for cell in noisy}) == ["concat", "late", "mean", "qam", "xattn"]
+    assert len(noisy) == 5 * 3 and len(cells) == 14 * 3  # three seeds each
+
+
+def test_the_shipped_kfold_sweep_runs_every_seed_on_every_fold_of_train_and_val():
+    cells = expand(load_sweep(REPO / "configs/sweeps/kfold.yaml"))
+    for fusion in ("qam", "late"):
+        runs = [cell.config for cell in cells if cell.config["model"]["fusion"] == fusion]
+        assert sorted((run["run"]["seed"], run["data"]["fold"]) for run in runs) == [
+            (seed, fold) for seed in range(5) for fold in range(5)]
+        assert {(run["data"]["folds"], run["data"]["train"], run["data"]["val"]) for run in runs} == {
+            (5, "data/features/train", "data/features/val")}
+    assert len(cells) == 50 and len({cell.run_dir for cell in cells}) == 50

@@ -15,6 +15,11 @@ For one clip, with d = d_model and M = num_segments:
                      text query when the transcript is absent, and it is always one of the keys of its
                      modality's attention, the only one when the modality is absent or dropped; so a query can
                      also turn to the stand-in when the real segments look unreliable (an attention sink).
+           "late":   quality-aware fusion of decisions: each present modality's tokens alone go through the
+                     Transformer to that modality's own prediction p_m [6] (an expert head per modality);
+                     w = softmax over the present modalities of a quality MLP's score per modality AND emotion;
+                     pred = sum_m w_m * p_m. Each expert is also trained on its own (loss.unimodal, Stage II),
+                     so a modality's prediction and its weight can only be good for the emotions it carries.
     -> + learned positional embedding -> Transformer encoder -> masked mean over tokens -> MLP head -> sigmoid
 
 Eq. 10 adds the vision on the segment grid (h_v^m) to the audio on the frame grid (h~_a^t). Here both are put on
@@ -22,9 +27,9 @@ the same M-segment grid: audio features come aligned to the video frames (encode
 gated BiLSTM runs over all frames and its outputs are pooled into the same segments as the vision.
 
 Absent modalities (present False, all frames masked, dropped, or not in `modalities`) have their features zeroed
-on entry and are masked out: -inf before the softmax, key padding in "concat", the stand-in token in "xattn". A
-clip with no modality at all is predicted from a learned `empty` token (the stand-ins in "xattn"), so the model
-never produces NaN. `modality_dropout` (training only) drops whole modalities of a clip before any fusion.
+on entry and are masked out: -inf before the softmax ("qam", "late"), key padding in "concat", the stand-in token
+in "xattn". A clip with no modality at all is predicted from a learned `empty` token (the stand-ins in "xattn"), so
+the model never produces NaN. `modality_dropout` (training only) drops whole modalities of a clip before any fusion.
 `temporal=False` is the paper's no-TFE ablation: features go to the per-step projection (Eq. 5) without TCN or
 BiLSTM.
 """
@@ -179,11 +184,11 @@ class FusionModel(nn.Module):
             self.audio_projection = projection(audio_out, d_model, dropout)
         if "text" in modalities:
             self.text_projection = projection(text_dim, d_model, dropout)
-        if fusion == "qam":
-            self.quality = nn.ModuleDict(
-                {m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1)) for m in modalities}
-            )
-        if fusion == "concat":
+        if fusion in ("qam", "late"):  # one quality score per segment ("qam"), per emotion ("late")
+            scores = 1 if fusion == "qam" else num_outputs
+            self.quality = nn.ModuleDict({m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(),
+                                                           nn.Linear(d_model, scores)) for m in modalities})
+        if fusion in ("concat", "late"):
             self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), d_model) * 0.02)
         if fusion == "xattn":
             self.stand_ins = nn.Parameter(torch.randn(len(MODALITIES), d_model) * 0.02)  # vision, audio, text
@@ -201,6 +206,10 @@ class FusionModel(nn.Module):
                                                  enable_nested_tensor=False)
         self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout),
                                   nn.Linear(d_model, num_outputs))
+        if fusion == "late":
+            self.experts = nn.ModuleDict({m: nn.Sequential(
+                nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, num_outputs))
+                for m in modalities})
 
     def _check_inputs(self, vision, vision_mask, audio, audio_mask, text, present) -> None:
         batch = present.shape[0]
@@ -227,7 +236,9 @@ class FusionModel(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """pred [B, num_outputs] in [0, 1]; weights [B, M, 3]: the betas ("qam"; equal for "mean"), for "xattn" the
         share of each query's attention on the real vision / audio segments rather than the stand-in (text: 1 where
-        present); None for "concat"."""
+        present), for "late" [B, num_outputs, 3]: each emotion's weights of the modalities' predictions; None for
+        "concat". "late" also returns `experts` [B, 3, num_outputs] (each modality's own prediction) and `present`
+        [B, 3] (the modalities it saw, after modality dropout): what loss.unimodal trains the experts on."""
         self._check_inputs(vision, vision_mask, audio, audio_mask, text, present)
         vision_mask, audio_mask = vision_mask.bool(), audio_mask.bool()
         prefix_lengths(vision_mask, "vision_mask")
@@ -250,6 +261,8 @@ class FusionModel(nn.Module):
         elif self.fusion == "xattn":
             fused, weights = self._cross_attention(tokens, present)
             pooled = self.transformer(fused).mean(1)
+        elif self.fusion == "late":
+            return self._late(tokens, present)
         else:
             fused, weights = self._weighted_sum(tokens, present)
             pooled = self.transformer(fused + self.position_embedding).mean(1)
@@ -310,6 +323,28 @@ class FusionModel(nn.Module):
             fused = fused + attended
             real.insert(index, 1 - attention[..., 0])
         return fused, torch.stack(real, dim=-1)
+
+    def _late(self, tokens, present) -> dict[str, torch.Tensor]:
+        """Quality-aware fusion of the modalities' own predictions ("late"), as `forward` returns it."""
+        batch, num_outputs = present.shape[0], self.head[-1].out_features
+        experts, scores = [], []
+        for index, name in enumerate(MODALITIES):
+            if name not in tokens:  # not a modality of this model: weight 0 below
+                experts.append(present.new_zeros(batch, num_outputs, dtype=self.position_embedding.dtype))
+                scores.append(torch.zeros_like(experts[-1]))
+                continue
+            token = tokens[name] + self.modality_embedding[index]
+            pooled = self.transformer(token if name == "text" else token + self.position_embedding).mean(1)
+            experts.append(torch.sigmoid(self.experts[name](pooled)))
+            scores.append(self.quality[name](pooled))
+        experts, scores = torch.stack(experts, dim=1), torch.stack(scores, dim=1)  # [B, 3, num_outputs]
+        any_present = present.any(1)
+        scores = scores.masked_fill(~present[..., None], float("-inf"))
+        scores = scores.masked_fill(~any_present[:, None, None], 0.0)  # nothing present: no NaN (weights zeroed)
+        weights = torch.softmax(scores, dim=1) * present[..., None]
+        empty = torch.sigmoid(self.head(self.transformer(self.empty_token.expand(batch, 1, -1)).mean(1)))
+        pred = torch.where(any_present[:, None], (weights * experts).sum(1), empty)
+        return {"pred": pred, "weights": weights.transpose(1, 2), "experts": experts, "present": present}
 
     def _concat(self, tokens, present) -> torch.Tensor:
         """The baseline fusion: all modality tokens in one sequence, absent ones masked; masked mean of the outputs."""

@@ -6,7 +6,8 @@
     accelerate launch ... train/stage2.py --config ...   # the script shim, for launchers that want a path
 
 Reads feature shards written by `emi features extract` (or a fold of train + val: `data.folds`, emi.data.folds),
-regresses the intensities with a mix of MSE, Pearson and CCC over the global batch (`loss`), keeps an EMA of the
+regresses the intensities with a mix of MSE, Pearson and CCC over the global batch (`loss`; with fusion "late" the
+same loss also trains each modality's own prediction, weighted by loss.unimodal), keeps an EMA of the
 weights for evaluation and export, evaluates the whole val set every epoch (mean Pearson over the emotions, also
 with each modality removed) and exports the best model by val mean Pearson to <run>/best/, with the encoders the
 features came from (emi.models.fusion.save_fusion), so that `best/` predicts wherever it is copied.
@@ -88,11 +89,22 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
     train_data = loader(train_shards, train=True)
     val_data = loader(val_shards, train=False) if val_shards is not None else None
 
-    loss = RegressionLoss(config_to_dict(config.loss))
+    weights = config_to_dict(config.loss)
+    unimodal_weight = weights.pop("unimodal")
+    loss = RegressionLoss(weights)
+    experts = [index for index, name in enumerate(MODALITIES) if name in config.model.modalities]
 
     def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**fusion_inputs(batch))
         value, terms = loss(out["pred"], batch["labels"], batch["label_mask"])
+        if "experts" in out and unimodal_weight > 0:
+            # each modality's own prediction, on the clips where the model saw that modality (the same number
+            # of calls on every rank: the loss gathers over the global batch)
+            unimodal = sum(loss(out["experts"][:, index], batch["labels"],
+                                batch["label_mask"] & out["present"][:, index, None])[0]
+                           for index in experts) / len(experts)
+            value = value + unimodal_weight * unimodal
+            terms = {**terms, "unimodal": unimodal.detach()}
         return value, terms if len(terms) > 1 else {}
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
