@@ -1,5 +1,5 @@
 """Fusion under corrupted audio, and seed ensembles, on synthetic data: the section "## Fusion, robustness and
-ensembles" of RESULTS.md.
+ensembles (N Stage II epochs)" of RESULTS.md.
 
     python -m benchmarks.fusion_study [--root DIR] [--train-clips 600] [--val-clips 200] [--stage2-epochs 60]
         [--collect] [--fusions concat,late]
@@ -44,7 +44,12 @@ from emi.ensemble import load_ensemble
 from emi.inference import evaluate, modality_weights, shard_predictions
 from emi.metrics import mean_pearson
 
-SECTION = "## Fusion, robustness and ensembles"
+
+def section_title(epochs: int) -> str:
+    """One section per Stage II length: a 60-epoch study does not overwrite a 30-epoch one."""
+    return f"## Fusion, robustness and ensembles ({epochs} Stage II epochs)"
+
+
 # label -> Stage II overrides
 FUSIONS = {
     "concat": ("model.fusion=concat",),
@@ -155,18 +160,19 @@ def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_onl
     timing = (f"{minutes:.0f} min of training, load average {load} at the end" if not collect_only else
               f"collected with --collect, load average {load}")
     return "\n\n".join([
-        SECTION,
+        section_title(epochs),
         f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.fusion_study "
         f"--stage2-epochs {epochs}` ({train_clips} train / {val_clips} val `emi synth` clips with the audio of half "
         f"of them replaced by loud noise; Stage I: tiny encoders, {STAGE1_EPOCHS} epochs; Stage II: "
-        f"configs/stage2/tiny.yaml, {epochs} epochs, 2 processes, modality dropout 0.1, MSE; each number is the val "
-        f"mean Pearson of a run's best checkpoint; {timing}). Mean ± sample standard deviation over the Stage II "
+        f"configs/stage2/tiny.yaml, {epochs} epochs, 2 processes, modality dropout 0.1, MSE (late: plus the MSE "
+        f"of each modality's own prediction, loss.unimodal 1); each number is the val mean Pearson of a run's best "
+        f"checkpoint; {timing}). Mean ± sample standard deviation over the Stage II "
         "seeds that finished (the last column: each seed's score).",
         "Fusion: all val clips; the val clips whose audio is clean; those whose audio is noise; all clips with the "
         "audio missing (`--drop audio`); all clips with the audio features replaced by noise of the same scale "
         "(`--corrupt audio`); the difference to concat seed by seed; the audio's mean fusion weight on clean / "
         "noise clips (qam, mean: the betas; xattn: the text query's attention on the real audio segments "
-        "rather than the stand-in token).",
+        "rather than the stand-in token; late: the weight of the audio's own prediction, mean over the emotions).",
         table(["fusion", *columns, "all - concat", "audio weight clean / noise", "per seed"], rows),
         "Seed ensembles: the best checkpoints of a fusion's finished seeds averaged (`emi evaluate --checkpoint ... "
         "--checkpoint ...`), against their members:",
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         section = study(Path(args.root or tmp).resolve(), args.train_clips, args.val_clips, args.stage2_epochs,
                         args.collect, fusions)
     RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "# Results\n", section,
-                                       SECTION))
+                                       section_title(args.stage2_epochs)))
     print(section)
     return 0
 

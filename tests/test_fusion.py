@@ -223,6 +223,8 @@ def test_xattn_turns_to_the_stand_in_of_an_absent_modality():
     {"modalities": ("text",), "fusion": "mean", "temporal": False},
     {"modalities": ("vision", "audio"), "fusion": "xattn"},
     {"modalities": ("audio", "text"), "fusion": "xattn", "temporal": False},
+    {"modalities": ("audio",), "fusion": "late"},
+    {"modalities": ("vision", "text"), "fusion": "late", "temporal": False},
 ])
 def test_switches_run(overrides):
     model = build(**overrides)

@@ -22,7 +22,7 @@ from helpers import GRID, REPO, cpu_env, exported, scalars
 
 TINY = str(REPO / "configs" / "stage1" / "tiny.yaml")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-EPOCHS = 6
+EPOCHS = 4
 STEPS = EPOCHS * 48 // 8  # one process: 48 clips / batch 8 = 6 steps per epoch
 RUN_TIMEOUT_S = 240
 

@@ -19,7 +19,8 @@ For one clip, with d = d_model and M = num_segments:
                      Transformer to that modality's own prediction p_m [6] (an expert head per modality);
                      w = softmax over the present modalities of a quality MLP's score per modality AND emotion;
                      pred = sum_m w_m * p_m. Each expert is also trained on its own (loss.unimodal, Stage II),
-                     so a modality's prediction and its weight can only be good for the emotions it carries.
+                     so the weights choose among predictors, per emotion (a modality may show one emotion well
+                     and another badly), instead of mixing one feature vector for all six.
     -> + learned positional embedding -> Transformer encoder -> masked mean over tokens -> MLP head -> sigmoid
 
 Eq. 10 adds the vision on the segment grid (h_v^m) to the audio on the frame grid (h~_a^t). Here both are put on
