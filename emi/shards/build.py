@@ -298,7 +298,8 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
     imported = read_transcripts(transcripts) if transcripts is not None else {}
     jobs, failures = plan_clips(videos, table, imported)
     args = {
-        "videos": storage.shown(videos) if storage.is_url(videos) else str(videos.resolve()), "labels": str(labels.resolve()), "labels_sha256": sha256_file(labels),
+        "videos": storage.shown(videos) if storage.is_url(videos) else str(videos.resolve()),
+        "labels": str(labels.resolve()), "labels_sha256": sha256_file(labels),
         "split": split, "fps": float(fps), "sample_rate": sample_rate, "frame_size": frame_size,
         "shard_size": shard_size, "asr": asr,
         "transcripts": str(Path(transcripts).resolve()) if transcripts is not None else None,

@@ -27,7 +27,8 @@ def shard_stats(folder: str | Path) -> dict:
         except ValueError as err:
             raise UsageError(str(err)) from None
         if len(metadata) != entry.num_samples:
-            raise UsageError(f"{storage.shown(path)}: holds {len(metadata)} samples, {MANIFEST_FILE} says {entry.num_samples}")
+            raise UsageError(f"{storage.shown(path)}: holds {len(metadata)} samples, {MANIFEST_FILE} says "
+                             f"{entry.num_samples}")
         samples += metadata
     try:
         num_failures = len(read_failures(folder))

@@ -27,7 +27,7 @@ for split in train val; do
     [[ -f data/shards/$split/manifest.json ]] && continue
     clips=96 seed=0
     [[ $split == val ]] && clips=32 seed=1
-    "$python" -m emi.cli synth --out "data/synth/$split" --clips "$clips" --seed "$seed" --workers 2
+    "$python" -m emi.cli synth --out "data/synth/$split" --clips "$clips" --seed "$seed" --prefix "$split-" --workers 2
     "$python" -m emi.cli shards build --videos "data/synth/$split/videos" --labels "data/synth/$split/labels.csv" \
         --transcripts "data/synth/$split/transcripts.csv" --out "data/shards/$split" --split "$split" \
         --frame-size 64 --shard-size 16 --workers 2
