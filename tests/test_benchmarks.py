@@ -64,8 +64,10 @@ def test_shard_benchmark_builds_every_clip_and_does_the_same_work_as_the_baselin
         for runner in ("emi", *bench_shards.BASELINES):
             timings = speed[runner]
             assert timings["wall_s"] > 0 and timings["cpu_ms_per_clip"] > 0
-            # clips_per_s is rounded to 2 decimals and wall_s to 3 (0.1% at half a second)
-            assert timings["clips_per_s"] == pytest.approx(clips_in_set / timings["wall_s"], rel=2e-3, abs=5e-3)
+            # clips_per_s is rounded to 2 decimals and wall_s to 3: the wall time measured lies within 0.0005 s
+            # of wall_s (0.3% of a 0.15 s set)
+            fastest, slowest = (clips_in_set / (timings["wall_s"] + sign * 5e-4) for sign in (-1, 1))
+            assert slowest - 5e-3 <= timings["clips_per_s"] <= fastest + 5e-3
         assert speed["baseline"] == max(bench_shards.BASELINES, key=lambda runner: speed[runner]["clips_per_s"])
         assert speed["ratio"] == pytest.approx(speed["emi"]["clips_per_s"] / speed[speed["baseline"]]["clips_per_s"],
                                                abs=1e-3)
@@ -176,6 +178,7 @@ def test_block_means_skip_warmup_and_average_each_block():
         bench_trainer.block_means(times, warmup=2, blocks=2, block_steps=2)
 
 
+@pytest.mark.slow  # a minute of the benchmark's own plumbing: `make test-slow`, and `make bench` runs it for real
 def test_trainer_benchmark_runs_fit_and_the_plain_loop(tmp_path):
     result = bench_trainer.run(tmp_path, warmup=1, blocks=2, block_steps=2, configs=("plain", "fit_zero2"))
     assert result["batch_size"] == 16
@@ -259,6 +262,7 @@ def test_sections_this_run_does_not_write_are_kept():
     assert run.kept_sections("# Benchmarks\n\n## 1. Shard building\n\n## 4. Stage II: x\n") == []
 
 
+@pytest.mark.slow  # a minute: `make test-slow`, and before every device session (benchmarks/gpu_e2e.py --dry-run)
 def test_the_end_to_end_gpu_script_dry_runs_its_code_path_on_the_cpu(tmp_path):
     """benchmarks/gpu_e2e.py --dry-run: emi synth and shards build, the zero2 batch sweeps, the trainer under
     accelerate launch on the shards and gpu_stage1's ceiling, on the tiny config; the report is written to --out."""

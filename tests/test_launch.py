@@ -117,7 +117,7 @@ def submit_local(shards: dict[str, Path], out: Path, name: str, *extra: str) -> 
             [sys.executable, "-m", "emi.launch", "stage1", "--config", TINY, "--gpus-per-node", "0", "--local",
              "--log-dir", str(log_dir), f"data.train={shards['train']}", f"data.val={shards['val']}",
              f"run.output_dir={out}", f"run.name={name}", "data.batch_size=8", "train.log_every=1",
-             "train.checkpoint_every=2", f"train.epochs={EPOCHS}", *extra],
+             "train.checkpoint_every=4", f"train.epochs={EPOCHS}", "train.eval_every=100", *extra],
             cwd=REPO, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT, timeout=60)
     output = printed.read_text()
     assert result.returncode == 0, output

@@ -26,8 +26,8 @@ ALL_JOBS_TIMEOUT_S = 420
 
 def overrides(shards: dict[str, Path], out: Path, name: str) -> list[str]:
     return [f"data.train={shards['train']}", f"data.val={shards['val']}", f"run.output_dir={out}",
-            f"run.name={name}", "data.batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
-            f"train.epochs={EPOCHS}"]
+            f"run.name={name}", "data.batch_size=8", "train.log_every=1", "train.checkpoint_every=4",
+            f"train.epochs={EPOCHS}", "train.eval_every=100"]  # evaluated once, at the end: this is about resuming
 
 
 def sbatch_stage1(env: dict[str, str], shards: dict[str, Path], out: Path, name: str, mode: str) -> int:
