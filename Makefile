@@ -52,7 +52,7 @@ bench: setup
 	$(PY) -m benchmarks.run
 
 # The learning numbers and the ablation tables of benchmarks/RESULTS.md: the data sets, then one
-# `emi sweep --config configs/sweeps/ablation.yaml --local` (about two hours on 2 cores; a re-run continues).
+# `emi sweep --config configs/sweeps/ablation.yaml --local` (about 1.5 hours on 2 cores; a re-run continues).
 ablation: setup
 	$(PY) -m benchmarks.ablation
 

@@ -1,7 +1,7 @@
 """The learning numbers and the ablation tables (paper Tables 3 and 4) on synthetic data, into RESULTS.md.
 
     python -m benchmarks.ablation [--root runs/ablation] [--train-clips 600] [--val-clips 200] [--stage1-epochs 25]
-        [--stage2-epochs 60] [--seeds 3] [--out benchmarks/RESULTS.md]
+        [--stage2-epochs 60] [--seeds 3] [--out benchmarks/RESULTS.md] [--collect]
 
 Two data sets of `emi synth` clips are prepared with emi.demo's Pipeline (synth -> shards -> Stage I with tiny
 encoders -> features; each step kept and skipped when done): a clean one and one whose audio is replaced by loud
@@ -13,8 +13,9 @@ noise on half of the clips. Then one command trains every variant over the seeds
 
 then the section "## Learning and ablation" of RESULTS.md is written from the sweep's table (results.csv,
 cells.csv, ensemble.json), with the audio's fusion weight on clean and corrupted clips read from the checkpoints
-(`emi.inference.modality_weights`); the rest of RESULTS.md is kept. About two hours on 2 cores (39 Stage II cells,
-two at a time); a re-run continues where it stopped.
+(`emi.inference.modality_weights`); the rest of RESULTS.md is kept. About 1.5 hours on 2 cores (the two data sets
+about 12 minutes each, then 42 Stage II cells, two at a time); a re-run continues where it stopped, and --collect
+trains nothing: the section from the finished sweep.
 """
 from __future__ import annotations
 
@@ -65,13 +66,24 @@ def audio_weight(weights: dict[str, list[float]], keys: set[str]) -> float:
     return sum(weights[key][1] for key in keys) / len(keys)
 
 
-def prepare(root: Path, train_clips: int, val_clips: int, stage1_epochs: int) -> dict[str, Pipeline]:
+def prepare(root: Path, train_clips: int, val_clips: int, stage1_epochs: int,
+            build: bool = True) -> dict[str, Pipeline]:
+    """The data sets' pipelines; each one's data built first where `build` (steps done before are skipped)."""
     pipelines = {}
     for name, corruption in DATA_SETS.items():
         pipeline = pipelines[name] = Pipeline(root / name, train_clips, val_clips, **corruption)
-        pipeline.prepare_data()
-        pipeline.extract_features(pipeline.train_stage1("stage1", stage1_epochs, *STAGE1))
+        if build:
+            pipeline.prepare_data()
+            pipeline.extract_features(pipeline.train_stage1("stage1", stage1_epochs, *STAGE1))
     return pipelines
+
+
+def sweep_minutes(sweep: Path) -> float:
+    """Minutes from the first cell's start to the last cell's last logged step, from the cells' TensorBoard event
+    files (named by their creation time, last written at the run's end)."""
+    events = list(sweep.glob("cells/*/*/tb/**/events.out.tfevents.*"))
+    start = min(float(path.name.split(".")[3]) for path in events)
+    return (max(path.stat().st_mtime for path in events) - start) / 60
 
 
 def sweep_command(root: Path, pipelines: dict[str, Pipeline], stage2_epochs: int | None,
@@ -100,7 +112,8 @@ def shown(row: dict[str, str], metric: str) -> str:
 
 
 def section(root: Path, pipelines: dict[str, Pipeline], args: argparse.Namespace, command: list[str],
-            seconds: float) -> str:
+            seconds: float | None) -> str:
+    """The RESULTS.md section from the finished sweep; `seconds`: this command's time (None with --collect)."""
     sweep = root / "sweep"
     variants = {row["variant"]: row for row in read_csv(sweep / "results.csv")}
     cells = read_csv(sweep / "cells.csv")
@@ -127,11 +140,13 @@ def section(root: Path, pipelines: dict[str, Pipeline], args: argparse.Namespace
     best = max((c for c in cells if c["status"] == "finished"), key=lambda c: float(c["mean_pearson"]))
     return "\n\n".join([
         SECTION,
-        f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.ablation` in "
-        f"{seconds / 60:.0f} min ({args.train_clips} train / {args.val_clips} val `emi synth` clips, shards at "
+        f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.ablation`"
+        + (f" in {seconds / 60:.0f} min" if seconds is not None else ", this section written by its `--collect`")
+        + f" ({args.train_clips} train / {args.val_clips} val `emi synth` clips, shards at "
         f"64 px; Stage I: tiny encoders, {args.stage1_epochs} epochs, lr 2e-3, 2 processes, ZeRO-2). Stage II: one "
         f"`emi sweep` of {len(cells)} cells, configs/stage2/tiny.yaml for {epochs} epochs at batch 32, one process "
-        f"per cell and two cells at a time, every variant over {seeds} Stage II seeds on the same features:",
+        f"per cell and two cells at a time ({sweep_minutes(sweep):.0f} min from the first cell's start to the last "
+        f"cell's end), every variant over {seeds} Stage II seeds on the same features:",
         f"`{' '.join(['emi', *(shown_path(part) for part in command[3:])])}`",
         "Each number is the best epoch's val mean Pearson (the checkpoint Stage II exports), mean ± sample std over "
         f"the seeds; the sweep's own table is {shown_path(str(sweep / 'results.md'))}.",
@@ -168,11 +183,16 @@ def reading(variants: dict[str, dict[str, str]], cells: list[dict[str, str]]) ->
     """What the tables say, computed from them (so it stays true when the numbers move)."""
     score = {(c["variant"], c["run.seed"]): float(c["mean_pearson"]) for c in cells if c["status"] == "finished"}
     seeds = sorted({seed for _, seed in score}, key=int)
-    gains = [score[(FUSIONS["qam"], s)] - score[(FUSIONS["mean"], s)] for s in seeds
-             if (FUSIONS["qam"], s) in score and (FUSIONS["mean"], s) in score]
+
+    def gains(fusion: str, baseline: str) -> str:
+        """`fusion` minus `baseline` on the noisy-audio clips, seed by seed."""
+        a, b = FUSIONS[fusion], FUSIONS[baseline]
+        return ", ".join(f"{score[(a, s)] - score[(b, s)]:+.3f}" for s in seeds if (a, s) in score and (b, s) in score)
+
     full, no_tfe = (float(variants[v]["mean_pearson_mean"]) for v in ("full", "modules-qam"))
-    lines = [f"Reading: quality-aware fusion minus plain averaging on the noisy-audio clips, per Stage II seed: "
-             f"{', '.join(f'{gain:+.3f}' for gain in gains)}."]
+    lines = [f"Reading: on the noisy-audio clips, per Stage II seed, quality-aware fusion minus plain averaging: "
+             f"{gains('qam', 'mean')}; quality-aware fusion minus concatenation: {gains('qam', 'concat')}; late "
+             f"fusion minus concatenation: {gains('late', 'concat')}."]
     if full < no_tfe:
         lines.append(f"On these synthetic clips the temporal blocks (TFE) do not help the quality-aware model "
                      f"({full:.4f} with, {no_tfe:.4f} without, mean over seeds), unlike the paper's Table 3 on "
@@ -199,14 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="Stage II seeds per variant (default: the sweep "
                         "file's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the RESULTS.md to write the section into")
+    parser.add_argument("--collect", action="store_true", help="build and train nothing: the section from the "
+                        "finished sweep")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     started = time.perf_counter()
-    pipelines = prepare(root, args.train_clips, args.val_clips, args.stage1_epochs)
+    pipelines = prepare(root, args.train_clips, args.val_clips, args.stage1_epochs, build=not args.collect)
     command = sweep_command(root, pipelines, args.stage2_epochs, args.seeds)
-    print(f"\n== Stage II: every variant of {SWEEP}\n$ {' '.join(command)}", flush=True)
-    subprocess.run(command, cwd=REPO, check=True)  # exit 3 (a cell did not finish) stops here: run it again
-    text = section(root, pipelines, args, command, time.perf_counter() - started)
+    if not args.collect:
+        print(f"\n== Stage II: every variant of {SWEEP}\n$ {' '.join(command)}", flush=True)
+        subprocess.run(command, cwd=REPO, check=True)  # exit 3 (a cell did not finish) stops here: run it again
+    text = section(root, pipelines, args, command, None if args.collect else time.perf_counter() - started)
     args.out.write_text(replace_section(args.out.read_text() if args.out.exists() else "# Results\n", text))
     print(text)
     return 0

@@ -1,5 +1,6 @@
 """Every benchmark runs on tiny inputs and returns well-formed, self-consistent numbers (never a speed check)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import pytest
 import torch
 import webdataset
 
-from benchmarks import (bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_e2e, gpu_stage1,
-                        run, scaling, timing)
+from benchmarks import (ablation, bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_e2e,
+                        gpu_stage1, run, scaling, timing)
 from emi.data import AudioSpec, ImageSpec, build_loader
 from emi.stages.stage1 import build_model, train_flops_per_sample
 from helpers import GRID, REPO, cpu_env, free_port
@@ -251,6 +252,17 @@ def test_the_batch_sweep_doubles_then_fills_the_memory_a_linear_model_predicts()
     assert gpu_stage1.next_batch(tried, 80 * gib, 0.92, 4096) is None  # no room for 8 more
     assert gpu_stage1.next_batch(tried, 80 * gib, 0.92, 264) is None
     assert gpu_stage1.next_batch(tried[:1], None, 0.92, 16) is None  # CPU: doubling up to the limit
+
+
+def test_the_ablation_sweep_time_spans_the_first_cell_start_to_the_last_cell_end(tmp_path):
+    """benchmarks/ablation.py times the sweep from its cells' TensorBoard event files: the name holds the creation
+    time, the mtime the last write; a resumed cell's second file counts too."""
+    for cell, start, end in (("a/seed-0", 1000, 1100), ("a/seed-1", 1010, 1300), ("b/seed-0", 1200, 1250)):
+        event = tmp_path / "cells" / cell / "tb" / f"events.out.tfevents.{start}.host.name.42.0"
+        event.parent.mkdir(parents=True)
+        event.touch()
+        os.utime(event, (end, end))
+    assert ablation.sweep_minutes(tmp_path) == 5.0  # 1000 .. 1300
 
 
 def test_sections_this_run_does_not_write_are_kept():
