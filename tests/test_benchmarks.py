@@ -207,6 +207,7 @@ def test_stage2_benchmark_sees_the_same_clips_both_ways(shards_result, clips, tm
     assert bench_stage2.section(result).startswith("## 4. Stage II")
 
 
+@pytest.mark.slow  # 45 s: `make test-slow`, and before every device session (gpu_e2e.py --dry-run runs it too)
 def test_gpu_script_runs_tiny_on_cpu_and_leaves_results_alone():
     before = gpu_stage1.RESULTS.read_bytes() if gpu_stage1.RESULTS.is_file() else None
     out = subprocess.run([sys.executable, "benchmarks/gpu_stage1.py", "--tiny", "--steps", "2", "--profile"],
