@@ -258,12 +258,13 @@ def test_the_batch_sweep_doubles_then_fills_the_memory_a_linear_model_predicts()
 def test_the_ablation_sweep_time_spans_the_first_cell_start_to_the_last_cell_end(tmp_path):
     """benchmarks/ablation.py times the sweep from its cells' TensorBoard event files: the name holds the creation
     time, the mtime the last write; a resumed cell's second file counts too."""
-    for cell, start, end in (("a/seed-0", 1000, 1100), ("a/seed-1", 1010, 1300), ("b/seed-0", 1200, 1250)):
+    for cell, start, end in (("a/seed-0", 1000, 1100), ("a/seed-1", 1010, 1300), ("b/seed-0", 1200, 1250),
+                             ("b/seed-0", 1280, 1360)):  # b/seed-0 preempted, then resumed
         event = tmp_path / "cells" / cell / "tb" / f"events.out.tfevents.{start}.host.name.42.0"
-        event.parent.mkdir(parents=True)
+        event.parent.mkdir(parents=True, exist_ok=True)
         event.touch()
         os.utime(event, (end, end))
-    assert ablation.sweep_minutes(tmp_path) == 5.0  # 1000 .. 1300
+    assert ablation.sweep_minutes(tmp_path) == 6.0  # 1000 .. 1360
 
 
 def test_sections_this_run_does_not_write_are_kept():
