@@ -38,7 +38,7 @@ demo-slurm: setup
 	bash slurm/local/demo.sh
 
 # Everything but the slow checks (`make test-slow`: the learning checks, about 10 minutes each, and the
-# trainer benchmark and GPU script dry runs, a minute each).
+# trainer benchmark's and the GPU scripts' CPU runs, a minute each).
 test: setup
 	$(PY) -m pytest -q -m 'not slow' --durations=15
 
