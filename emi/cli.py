@@ -59,9 +59,12 @@ def _features_extract(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from emi.inference import evaluate
 
+    from emi.ranks import process_state
+
     report = evaluate(checkpoint=args.checkpoint, shards=args.shards, out=args.out, batch_size=args.batch_size,
                       tb=args.tb, workers=args.workers, manifest=args.manifest, drop=args.drop, corrupt=args.corrupt)
-    print(json.dumps(report, indent=2))
+    if process_state().is_main_process:  # on several ranks every rank has the report; one prints it
+        print(json.dumps(report, indent=2))
     return EXIT_OK if report["num_skipped"] == 0 else EXIT_PARTIAL  # a score over some of the clips only
 
 
@@ -80,7 +83,8 @@ def _predict(args: argparse.Namespace) -> int:
     videos = video_files(args.videos) if args.videos else (args.files or None)
     summary = predict_to_csv(checkpoint=args.checkpoint, out=args.out, shards=args.shards, videos=videos,
                              manifest=args.manifest, asr=args.asr, batch_size=args.batch_size, workers=args.workers)
-    print(summary.describe())
+    if summary.main_process:  # on several ranks every rank has the summary; one prints it
+        print(summary.describe())
     return EXIT_OK if not summary.failures else EXIT_PARTIAL
 
 

@@ -10,7 +10,8 @@ Each input shard `<name>.tar` becomes a feature shard `<name>.tar` with, per cli
     <key>.json        key, labels, has_audio, has_text, num_frames, transcript
 npy only (np.save with allow_pickle=False), never pickle. Resumable like the shard builder: a shard is written
 under a temporary name and renamed when complete, with a sidecar `<name>.tar.json` (count, bytes, sha256, keys);
-a re-run keeps the shards whose sidecar matches and extracts the rest. Rank 0 writes `manifest.json` at the end.
+a re-run keeps the shards whose sidecar matches and extracts the rest. Once every rank has done its share, rank 0
+checks every shard and writes `manifest.json`.
 --out may be a URL (s3://...): each feature shard is then written locally and uploaded whole, then its sidecar.
 
 The same `clip_features` turns a decoded clip batch into features for `emi predict`, so training and prediction
@@ -46,6 +47,7 @@ from emi.manifest import FEATURE_SHARDS, Manifest, ShardEntry, write_manifest
 from emi.models.encoders import (
     WAV2VEC2_INPUT, audio_frame_features, audio_frame_grid, load_encoders, pool_audio_to_frames, prepare_waveform,
     text_features, vision_features)
+from emi.ranks import process_state, wait_for_ranks
 from emi.shards.files import ShardWriter
 
 VISION_CHUNK = 256  # frames per vision-encoder call
@@ -248,7 +250,7 @@ def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_s
 
     The shards' manifest (beside them, or `manifest` for `pipe:` and remote URLs) says how the clips were prepared
     and which labels they carry; shards no manifest describes are refused rather than guessed at."""
-    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate sees one process on CPU
+    state = process_state()
     out = str(out) if storage.is_url(str(out)) else Path(out)
     shard_set = resolve_shards(shards, manifest)
     source = shard_set.manifest("emi features extract")
@@ -264,6 +266,7 @@ def extract_features(encoders: str | Path, shards: str, out: str | Path, batch_s
     with tempfile.TemporaryDirectory(prefix="emi-features-") as tmp:  # where a shard for a URL waits until complete
         extracted = _extract(state, frozen, shard_set, source, out, Path(tmp), fps, label_names, batch_size,
                              num_workers)
+    wait_for_ranks(state, f"extracted {extracted} shard(s)")  # rank 0 checks every rank's shards next
     written = None
     if state.is_main_process:
         entries = []

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from emi import storage
 from emi.data import build_loader, resolve_shards
@@ -47,6 +50,7 @@ from emi.features import FrozenEncoders, clip_decoding, clip_features, clip_load
 from emi.manifest import Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, fusion_inputs, load_fusion, present_modalities
+from emi.ranks import process_state
 from emi.shards.asr import check_whisper, parse_asr
 from emi.shards.plan import NOT_CLIPS, ClipJob, Failure, SampleOptions
 from emi.shards.sample import Sample, SampleBuilder
@@ -148,19 +152,21 @@ def shard_loader(ensemble: Ensemble, shard_set, manifest: Manifest, batch_size: 
 
 def shard_predictions(ensemble: Ensemble, shards: str, batch_size: int = 8, workers: int = 1,
                       device: torch.device | None = None, manifest: str | Path | None = None,
-                      drop: Sequence[str] = (), corrupt: Sequence[str] = ()
+                      drop: Sequence[str] = (), corrupt: Sequence[str] = (), state: PartialState | None = None
                       ) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
     """(keys, each member's predictions [members, N, K], targets [N, K], clips skipped) of every readable clip of
     feature or clip shards, each clip once; the skipped ones are those the manifest lists that could not be read or
     decoded. Clip shards go through the checkpoint's encoders. `drop`: modalities removed from every clip (as if
-    absent); `corrupt`: modalities replaced by noise (`corrupted`)."""
-    device = device or default_device()
+    absent); `corrupt`: modalities replaced by noise (`corrupted`). With `state` (a command on several ranks) every
+    rank predicts its share and gets everything (every rank must call this)."""
+    device = state.device if state is not None else device or default_device()
+    world, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
     check_modalities(drop, corrupt)
     shard_set = resolve_shards(shards, manifest)
     manifest = shard_set.manifest("emi evaluate")
     check_shards(shards, manifest, ensemble)
     labels = ensemble.config["labels"]
-    data, features_of = shard_loader(ensemble, shard_set, manifest, batch_size, workers, device)
+    data, features_of = shard_loader(ensemble, shard_set, manifest, batch_size, workers, device, world, rank)
 
     def predict(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         features = corrupted(features_of(batch), corrupt)
@@ -169,7 +175,7 @@ def shard_predictions(ensemble: Ensemble, shards: str, batch_size: int = 8, work
         return {"pred": ensemble_predictions(ensemble, features, device, present).transpose(0, 1),
                 "labels": batch["labels"].cpu(), "label_mask": batch["label_mask"].cpu()}
 
-    keys, out = collect(data, predict, device=device)
+    keys, out = collect(data, predict, state, device=device)
     for key, row in zip(keys, out["label_mask"]):
         if not row.all():
             absent = [name for name, ok in zip(labels, row.tolist()) if not ok]
@@ -241,12 +247,14 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: st
     JSON, a PNG beside it and TensorBoard scalars `eval/<name>/...`, where name is the shard folder's, with
     `-drop-<m>`/`-corrupt-<m>` appended for a robustness evaluation) with each member's scores under "members", and
     the checkpoint, shards, dropped and corrupted modalities it came from. `num_skipped` counts the clips that could
-    not be read (the command line then exits EXIT_PARTIAL)."""
+    not be read (the command line then exits EXIT_PARTIAL). On several ranks (accelerate launch -m emi.cli evaluate)
+    each rank scores its share of the clips and rank 0 writes the files; every rank returns the report."""
     from torch.utils.tensorboard import SummaryWriter
 
     check_batching(batch_size, workers)
     check_modalities(drop, corrupt)
-    device = default_device()
+    state = process_state()
+    device = state.device
     ensemble = load_ensemble(checkpoint_list(checkpoint), device)
     if out is None and ensemble.home is None:
         raise UsageError("several --checkpoint: give --out for the report (or list them in an ensemble folder with "
@@ -254,7 +262,7 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: st
     if ensemble.home is None and tb is None and storage.is_url(out):
         raise UsageError(f"--out {out}: with several --checkpoint and a URL for the report, give --tb (a local folder)")
     keys, preds, target, skipped = shard_predictions(ensemble, shards, batch_size, workers, device, manifest, drop,
-                                                     corrupt)
+                                                     corrupt, state)
     if len(keys) < 2:
         raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
     labels = ensemble.config["labels"]
@@ -268,15 +276,19 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: st
     result = {**report, "members": members, "drop": list(drop), "corrupt": list(corrupt),
               "checkpoint": str(ensemble.home.resolve()) if ensemble.home is not None else None,
               "shards": storage.shown(shards)}
-    storage.write_bytes(out, (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode())
     figure = (out[:-len(".json")] if out.endswith(".json") else out) + ".png"
-    write_figure(pred.numpy(), target.numpy(), labels, report, figure)
     if tb is None:
         tb = ensemble.home / "eval" / "tb" if ensemble.home is not None else Path(out).parent / "tb"
-    writer = SummaryWriter(log_dir=str(tb))
-    for metric, value in report.items():
-        writer.add_scalar(f"eval/{name}/{metric}", value, 0)
-    writer.close()
+    if state.is_main_process:  # rank 0 writes; every rank returns the same report
+        storage.write_bytes(out, (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode())
+        write_figure(pred.numpy(), target.numpy(), labels, report, figure)
+        writer = SummaryWriter(log_dir=str(tb))
+        for metric, value in report.items():
+            writer.add_scalar(f"eval/{name}/{metric}", value, 0)
+        writer.close()
+        print(f"emi evaluate: report {storage.shown(out)}, figure {storage.shown(figure)}, TensorBoard scalars "
+              f"eval/{name}/* in {tb}", file=sys.stderr, flush=True)
+    state.wait_for_everyone()
     return result
 
 
@@ -374,6 +386,7 @@ class BatchPrediction:
     report: str | Path
     num_predicted: int
     failures: list[dict[str, str]]  # {"file" or "key", "reason"}
+    main_process: bool = True  # the rank that wrote the files and prints the summary
 
     def describe(self) -> str:
         lines = [f"{self.num_predicted} clip(s) predicted into {storage.shown(self.out)}"]
@@ -401,22 +414,18 @@ def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Pat
     clip, in input order), and `<out>.failures.json`. Filename is the clip id: the shard key, or the file's name
     without its extension. `checkpoint`: one checkpoint, an ensemble folder or several checkpoints, whose
     predictions are averaged."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
     check_batching(batch_size, workers)
     if (shards is None) == (videos is None):
         raise UsageError("give clips to predict: --shards URL or --videos DIR (or video files), not both")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    state = process_state()
+    device, rank, world = state.device, state.process_index, state.num_processes
     ensemble = load_ensemble(checkpoint_list(checkpoint), device)
     if shards is not None:
         shard_set = resolve_shards(shards, manifest)
         described = shard_set.manifest("emi predict")
         data, features_of = shard_loader(ensemble, shard_set, described, batch_size, workers, device, world, rank)
         keys, outputs = collect(
-            data, lambda batch: {"pred": ensemble_predictions(ensemble, features_of(batch), device).mean(0)},
-            accelerator)
+            data, lambda batch: {"pred": ensemble_predictions(ensemble, features_of(batch), device).mean(0)}, state)
         predicted = dict(zip(keys, outputs["pred"].tolist()))
         listed = {entry.name: entry.keys for source in shard_set.manifests for entry in source.shards}
         order = [key for info in shard_set.shards for key in listed.get(shard_name(info.url), [])] or keys
@@ -441,7 +450,7 @@ def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Pat
                 seen.add(clip_id)
                 rows.append((clip_id, list(result["intensities"].values())))
     report = (str(out)[:-len(".csv")] if str(out).endswith(".csv") else str(out)) + ".failures.json"
-    if accelerator.is_main_process:  # rank 0 writes; every rank returns the same summary
+    if state.is_main_process:  # rank 0 writes; every rank returns the same summary
         lines = ["Filename," + ",".join(ensemble.config["labels"])]
         lines += [f"{clip_id}," + ",".join(f"{value:.6f}" for value in values) for clip_id, values in rows]
         storage.write_bytes(out, ("\n".join(lines) + "\n").encode())
@@ -451,5 +460,6 @@ def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Pat
             "shards": storage.shown(shards) if shards is not None else None,
             "num_predicted": len(rows), "num_failed": len(failures), "failures": failures},
             indent=1, ensure_ascii=False) + "\n").encode())
-    accelerator.wait_for_everyone()
-    return BatchPrediction(out=out, report=report, num_predicted=len(rows), failures=failures)
+    state.wait_for_everyone()
+    return BatchPrediction(out=out, report=report, num_predicted=len(rows), failures=failures,
+                           main_process=state.is_main_process)

@@ -5,8 +5,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -59,6 +63,76 @@ def launch(script: str, args: list[str], num_processes: int = 2, timeout: float 
     assert result.returncode == 0, (f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                                     f"{result.stderr[-8000:]}")
     return result
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, alive: subprocess.Popen | None = None):
+    """Poll `condition` until it returns something true (returned), failing after `timeout_s` seconds or as soon as
+    `alive` (a process the condition waits on) has ended."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"{what}: the process ended first (exit code {alive.returncode})")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.02)
+    return value
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
+    """The process of `rank` among the launcher's descendants (the one whose parent is not of that rank: not its
+    dataloader workers), None while it has not started."""
+    def rank_of(process: psutil.Process) -> str | None:
+        try:
+            return process.environ().get("RANK")
+        except psutil.Error:  # ended meanwhile, or not ours to read
+            return None
+
+    try:
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    return next((process for process in descendants
+                 if rank_of(process) == str(rank) and rank_of(process.parent()) != str(rank)), None)
+
+
+@dataclass
+class HeldBackRun:
+    returncode: int
+    output: str  # stdout and stderr, interleaved
+    released_at: str  # the output when the held rank was let go
+
+
+def launch_holding_back(args: list[str], held_rank: int, hold_when: Callable[[], object], release_when: str,
+                        log: Path, num_processes: int = 2, timeout_s: float = 600,
+                        before_release: Callable[[], None] | None = None) -> HeldBackRun:
+    """`accelerate launch -m ARGS` on `num_processes` ranks, with `held_rank` stopped (SIGSTOP) once `hold_when()`
+    is true (it is mid-way through its share: past the process group's start, which needs every rank) until the
+    output shows `release_when` (what the other ranks print once they wait for it); then `before_release()` runs
+    (the test's look at the world while the rank is still held) and the rank continues. Returns the exit code and
+    the output, which `log` (a file) holds too."""
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(launch_command("-m", args, num_processes), cwd=REPO, env=cpu_env(), stdout=out,
+                                    stderr=subprocess.STDOUT)
+    try:
+        held = wait_until(lambda: rank_process(launcher, held_rank), timeout_s, f"rank {held_rank} to start",
+                          launcher)
+        wait_until(hold_when, timeout_s, f"rank {held_rank} to reach the point where it is held", launcher)
+        held.suspend()
+        released_at = wait_until(lambda: release_when in (text := log.read_text()) and text, timeout_s,
+                                 f"{release_when!r} in the output", launcher)
+        if before_release is not None:
+            before_release()
+        held.resume()
+        launcher.wait(timeout=timeout_s)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; output:\n{log.read_text()[-6000:]}") from None
+    finally:
+        if launcher.poll() is None:
+            for process in psutil.Process(launcher.pid).children(recursive=True):
+                process.kill()
+            launcher.kill()
+            launcher.wait()
+    return HeldBackRun(launcher.returncode, log.read_text(), released_at)
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:

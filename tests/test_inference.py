@@ -334,6 +334,7 @@ def test_batch_predict_on_two_ranks_equals_one_process(checkpoint, clip_shards, 
         assert ranks.returncode == 0, ranks.stderr[-4000:]
     else:  # torchrun exits 1 when a rank exits non-zero, and says the rank's own code
         assert ranks.returncode == 1 and re.search(r"exitcode\s+: 3 ", ranks.stderr), ranks.stderr[-4000:]
+    assert ranks.stdout.count("clip(s) predicted into") == 1, ranks.stdout  # the summary, once
 
     header, ids, values = read_predictions(tmp_path / "one.csv")
     assert header == ["Filename", *EMI_EMOTIONS]
@@ -348,6 +349,27 @@ def test_batch_predict_on_two_ranks_equals_one_process(checkpoint, clip_shards, 
     else:
         keys, preds, _, _ = shard_predictions(load_ensemble([checkpoint]), str(clip_shards), batch_size=1, workers=0)
         np.testing.assert_allclose(values, preds[0][[keys.index(i) for i in ids]].numpy(), atol=5e-7)  # 6 decimals
+
+
+def test_evaluate_on_two_ranks_scores_every_clip_once_and_rank_0_writes(checkpoint, feature_shards, reports,
+                                                                         tmp_path):
+    """`accelerate launch -m emi.cli evaluate` on 2 CPU ranks: each rank scores its share, the report is the one
+    process's, printed once, with a line saying where it went."""
+    out = tmp_path / "two.json"
+    ranks = subprocess.run(launch_command("-m", ["emi.cli", "evaluate", "--checkpoint", str(checkpoint), "--shards",
+                                                 str(feature_shards), "--out", str(out), "--tb", str(tmp_path / "tb"),
+                                                 "--batch-size", "3", "--workers", "0"], 2),
+                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert ranks.returncode == 0, ranks.stderr[-4000:]
+    one, _ = reports["features"]
+    two = json.loads(out.read_text())
+    assert two["num_samples"] == one["num_samples"] == len(CLIPS) and two["num_skipped"] == 0
+    for key in ("mean_pearson", "mse", *(f"pearson/{name}" for name in EMI_EMOTIONS)):
+        # the ranks batch the clips otherwise: the same model on the same features, rounded otherwise
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    assert json.loads(ranks.stdout) == two  # printed by one rank
+    assert ranks.stderr.count(f"emi evaluate: report {out}, figure {tmp_path / 'two.png'}") == 1, ranks.stderr
+    assert (tmp_path / "two.png").is_file() and list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 def test_audio_windows_lie_on_the_encoders_frame_grid(encoders, monkeypatch):

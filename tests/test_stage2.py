@@ -19,7 +19,7 @@ from emi.data.folds import fold_of
 from emi.features import clip_features, clip_loader, load_frozen_encoders
 from emi.inference import predict
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from helpers import REPO, cpu_env, launch, scalars
+from helpers import REPO, cpu_env, launch, launch_holding_back, scalars
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,37 @@ def test_extraction_resumes_and_redoes_only_a_damaged_shard(features, synthetic_
         mtime, data = before[path.name]
         assert path.read_bytes() == data  # byte-identical, the redone one included
         assert (path.stat().st_mtime_ns == mtime) == (path != shards[1])
+
+
+def test_a_held_back_rank_is_waited_for_and_a_half_done_output_is_completed(encoders, synthetic_shards, tmp_path):
+    """Rank 1 is stopped as it starts writing its shard, until rank 0 has extracted its share and waits for it: the
+    run succeeds and the manifest lists every shard. Then rank 1's shard is deleted and the extraction run again
+    with rank 1 held back the same way: rank 0 has nothing to do and waits at once; the shard comes back byte for
+    byte."""
+    out = tmp_path / "features"
+    args = ["emi.cli", "features", "extract", "--encoders", str(encoders), "--shards", str(synthetic_shards["train"]),
+            "--out", str(out), "--batch-size", "4"]
+    names = [entry["name"] for entry in json.loads((synthetic_shards["train"] / "manifest.json").read_text())["shards"]]
+    assert len(names) == 3
+    held = names[1]  # each of the two ranks takes every other shard: rank 1 this one
+    writing = out / f".{held}.tmp"  # where rank 1 writes it until it is complete
+
+    def rank_1_is_not_done() -> None:
+        assert writing.exists() and not (out / held).exists()
+
+    first = launch_holding_back(args, 1, writing.exists, "rank 0: extracted 2 shard(s); waiting for the other ranks",
+                                tmp_path / "first.log", before_release=rank_1_is_not_done)
+    assert first.returncode == 0, first.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [entry["name"] for entry in manifest["shards"]] == names and manifest["num_samples"] == 48
+
+    extracted = (out / held).read_bytes()
+    (out / held).unlink()
+    again = launch_holding_back(args, 1, writing.exists, "rank 0: extracted 0 shard(s); waiting for the other ranks",
+                                tmp_path / "again.log", before_release=rank_1_is_not_done)
+    assert again.returncode == 0, again.output
+    assert (out / held).read_bytes() == extracted
+    assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
 def test_extraction_needs_a_manifest_to_know_how_the_clips_were_prepared(features, synthetic_shards, encoders,

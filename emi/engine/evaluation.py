@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather, gather_object
 
 from emi.engine.distributed import move_to_device
 
@@ -34,12 +34,14 @@ def evaluation_batches(data: Any, device: torch.device | str, float_dtype: torch
             yield move_to_device(batch, torch.device(device), float_dtype), fresh
 
 
-def collect(data: Any, forward: Forward, accelerator: Accelerator | None = None, device: torch.device | str = "cpu",
-            float_dtype: torch.dtype | None = None) -> tuple[list[str], dict[str, torch.Tensor]]:
+def collect(data: Any, forward: Forward, accelerator: Accelerator | PartialState | None = None,
+            device: torch.device | str = "cpu", float_dtype: torch.dtype | None = None
+            ) -> tuple[list[str], dict[str, torch.Tensor]]:
     """(keys, {name: [N, ...] on the CPU}) of `forward` over every sample of `data`, each sample once.
 
-    With an accelerator every rank must call this (it gathers), on its own share of the data, and gets the same
-    result; without one (a single process) `device` says where the batches go."""
+    With an accelerator (or the process state of a command on several ranks) every rank must call this (it
+    gathers), on its own share of the data, and gets the same result; without one (a single process) `device` says
+    where the batches go."""
     if accelerator is not None:
         device = accelerator.device
     keys: list[str] = []
@@ -52,12 +54,12 @@ def collect(data: Any, forward: Forward, accelerator: Accelerator | None = None,
     return gather_unique(accelerator, keys, outputs)
 
 
-def gather_unique(accelerator: Accelerator | None, keys: list[str], tensors: dict[str, torch.Tensor]
+def gather_unique(accelerator: Accelerator | PartialState | None, keys: list[str], tensors: dict[str, torch.Tensor]
                   ) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Every rank's rows of `tensors` (first dim matching `keys`) on the CPU, each key once (its first occurrence
     in rank order); without an accelerator, this process's rows. Every rank calls this and gets the same result."""
     if accelerator is not None and accelerator.num_processes > 1:
-        keys = gather_object(keys)  # in rank order, like accelerator.gather
-        tensors = {name: accelerator.gather(tensor.contiguous()) for name, tensor in tensors.items()}
+        keys = gather_object(keys)  # in rank order, like gather
+        tensors = {name: gather(tensor.contiguous()) for name, tensor in tensors.items()}
     first = sorted({key: i for i, key in reversed(list(enumerate(keys)))}.values())
     return [keys[i] for i in first], {name: tensor.cpu()[first] for name, tensor in tensors.items()}
