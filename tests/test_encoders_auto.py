@@ -248,14 +248,19 @@ def test_export_records_auto_and_reloads_with_identical_outputs(families, combin
     assert type(extractor) is type(model.audio_extractor)
     assert extractor.to_dict() == model.audio_extractor.to_dict()
     assert loaded["image_processing"] == image_processing(vision)
+    # A reloaded model may run another attention kernel than the one built in memory (SigLIP's pooling head
+    # took another path on some runs): the same weights, rounded otherwise in the last bits.
+    same = {"rtol": 1e-5, "atol": 1e-6}
     with torch.no_grad():
         for name, encoder in (("loaded", loaded), ("from_pretrained", plain)):
             assert type(encoder["audio"]) is type(model.audio), name
-            assert torch.equal(vision_features(encoder["vision"], pixels), vision_features(model.vision, pixels))
-            assert torch.equal(text_features(encoder["text"], tokens["input_ids"], tokens["attention_mask"]),
-                               text_features(model.text, tokens["input_ids"], tokens["attention_mask"]))
-            assert torch.equal(audio_features(encoder["audio"], wave, mask, extractor),
-                               audio_features(model.audio, wave, mask, model.audio_extractor))
+            torch.testing.assert_close(vision_features(encoder["vision"], pixels),
+                                       vision_features(model.vision, pixels), **same)
+            torch.testing.assert_close(text_features(encoder["text"], tokens["input_ids"], tokens["attention_mask"]),
+                                       text_features(model.text, tokens["input_ids"], tokens["attention_mask"]),
+                                       **same)
+            torch.testing.assert_close(audio_features(encoder["audio"], wave, mask, extractor),
+                                       audio_features(model.audio, wave, mask, model.audio_extractor), **same)
     heads = load_file(str(tmp_path / "projection.safetensors"))
     assert heads["text_projection.weight"].shape == (16, WIDTHS.get(combination[1], 32))
 

@@ -271,26 +271,28 @@ def test_a_trainer_whose_requeue_fails_exits_with_not_finished(failing_scontrol,
 
 
 def test_the_step_clock_splits_a_window_into_data_wait_and_compute():
+    now = [100.0]  # a clock the test moves: the loader waits 0.05 s per batch, each step computes 0.02 s
+
     def slow_loader():
         for item in range(3):
-            time.sleep(0.05)  # the loader is not ready: the loop blocks
+            now[0] += 0.05
             yield item
 
-    clock = StepClock(torch.device("cpu"))
+    clock = StepClock(torch.device("cpu"), now=lambda: now[0])
     for _ in clock.batches(slow_loader()):
-        time.sleep(0.02)  # computing
+        now[0] += 0.02
     with clock.paused():  # a checkpoint: not part of any step
-        time.sleep(0.5)
+        now[0] += 0.5
     elapsed, data_wait = clock.close_window()
-    assert 0.15 <= data_wait < elapsed and 0.21 <= elapsed < 0.5
+    assert data_wait == pytest.approx(0.15) and elapsed == pytest.approx(0.21)
     values = step_scalars(elapsed, data_wait, steps=3, samples=12, train_flops_per_sample=1e9,
                           device=torch.device("cpu"), precision="no", world_size=2)
-    assert values["step_s"] == pytest.approx(elapsed / 3) and values["samples_per_s"] == pytest.approx(12 / elapsed)
-    assert values["data_wait_s"] + values["compute_s"] == pytest.approx(values["step_s"])
-    assert values["data_wait_share"] == pytest.approx(data_wait / elapsed)
-    assert values["tflops_per_device"] == pytest.approx(1e9 * 6 / elapsed / 1e12)  # 6 samples per device
+    assert values["step_s"] == pytest.approx(0.07) and values["samples_per_s"] == pytest.approx(12 / 0.21)
+    assert values["data_wait_s"] == pytest.approx(0.05) and values["compute_s"] == pytest.approx(0.02)
+    assert values["data_wait_share"] == pytest.approx(0.15 / 0.21)
+    assert values["tflops_per_device"] == pytest.approx(1e9 * 6 / 0.21 / 1e12)  # 6 samples per device
     assert "mfu" not in values and "peak_memory_gib" not in values  # no known peak, no GPU
-    assert clock.close_window()[1] == 0.0  # a new window
+    assert clock.close_window() == (0.0, 0.0)  # a new window
 
 
 def test_peak_flops_by_device_name_and_precision():

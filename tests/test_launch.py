@@ -18,13 +18,13 @@ from submitit.local.local import LocalJobEnvironment
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from emi.launch import main, master_address, node_command, parse_args, program
-from helpers import GRID, REPO, cpu_env, exported, scalars
+from helpers import GRID, REPO, cpu_env, exported, scalars, wait_until
 
 TINY = str(REPO / "configs" / "stage1" / "tiny.yaml")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 EPOCHS = 4
 STEPS = EPOCHS * 48 // 8  # one process: 48 clips / batch 8 = 6 steps per epoch
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 600
 
 
 def slurm_environment(monkeypatch: pytest.MonkeyPatch, **values: str) -> SlurmJobEnvironment:
@@ -223,15 +223,18 @@ def test_local_shard_array_submits_a_killed_task_again_and_merges_into_the_singl
          "--log-dir", str(tmp_path / "logs"), "--", *args, "--out", str(out)],
         cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     partial = out / ".emi-tasks" / "task-00001-of-00002.json"
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not (partial.exists() and json.loads(partial.read_text())["shards"]):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
-        time.sleep(0.05)
-    builders = [process for process in psutil.Process(launcher.pid).children(recursive=True)
-                if "--task-index" in (cmdline := command_line(process))
-                and cmdline[cmdline.index("--task-index") + 1] == "1"]
-    assert len(builders) == 1
-    builders[0].kill()
+
+    def task_1_builder() -> psutil.Process | None:
+        return next((process for process in psutil.Process(launcher.pid).children(recursive=True)
+                     if "--task-index" in (cmdline := command_line(process))
+                     and cmdline[cmdline.index("--task-index") + 1] == "1"), None)
+
+    # found before it has built anything (the slow part, listing processes, stays out of the window between its
+    # first shard and its last), killed once it has built one
+    builder = wait_until(task_1_builder, RUN_TIMEOUT_S, "task 1's builder", alive=launcher)
+    wait_until(lambda: partial.exists() and json.loads(partial.read_text())["shards"], RUN_TIMEOUT_S,
+               "task 1's first shard", alive=launcher)
+    builder.kill()
     printed, _ = launcher.communicate(timeout=RUN_TIMEOUT_S)
     assert launcher.returncode == 0, printed
     assert re.search(r"task 1 \(job \d+\) failed: .*exited with -9", printed), printed

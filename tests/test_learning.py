@@ -12,7 +12,7 @@ from benchmarks.ablation import STAGE1, STAGE1_EPOCHS, STAGE2_EPOCHS, audio_weig
 from emi.demo import Pipeline
 from emi.inference import modality_weights
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600)]  # tens of minutes each on 2 cores
 
 
 def trained_pipeline(root, **corruption) -> Pipeline:
@@ -30,13 +30,18 @@ def test_full_pipeline_reaches_val_mean_pearson_0_7(tmp_path):
 
 def test_quality_aware_fusion_turns_away_from_corrupted_audio_and_beats_plain_averaging(tmp_path):
     """Half of the clips have their audio replaced by loud noise. The quality-aware weights move away from it
-    clip by clip (measured: audio weight 0.18 on clean val clips, 0.02 on corrupted ones); plain averaging
-    cannot, and ends lower (measured over three Stage II seeds: +0.005 to +0.022 mean Pearson for QAM)."""
+    clip by clip (measured: audio weight 0.21 on clean val clips, 0.04 on corrupted ones); plain averaging
+    cannot, and ends lower. One seed is not enough to say so: the make ablation sweep measured QAM 0.6323 +- 0.0061
+    and mean 0.6108 +- 0.0035 over three Stage II seeds, a difference of 0.021 that varied from +0.005 to +0.022
+    seed by seed; so both train with the same three seeds and their means are compared (standard error of the
+    difference about 0.004)."""
     pipeline = trained_pipeline(tmp_path, corrupt_modality="audio", corrupt_frac=0.5)
-    qam = pipeline.train_stage2("qam", STAGE2_EPOCHS)
-    mean = pipeline.train_stage2("mean", STAGE2_EPOCHS, "model.fusion=mean")
-    assert qam["mean_pearson"] > mean["mean_pearson"], (qam, mean)
+    seeds = (0, 1, 2)
+    qam = [pipeline.train_stage2(f"qam-{seed}", STAGE2_EPOCHS, f"run.seed={seed}")["mean_pearson"] for seed in seeds]
+    mean = [pipeline.train_stage2(f"mean-{seed}", STAGE2_EPOCHS, "model.fusion=mean", f"run.seed={seed}")[
+        "mean_pearson"] for seed in seeds]
+    assert sum(qam) / len(qam) > sum(mean) / len(mean), (qam, mean)
     clean, corrupted = corrupted_clips(pipeline.root / "data/synth/val/corruption.csv")
-    weights = modality_weights(pipeline.root / "runs/qam/best", str(pipeline.features("val")))
+    weights = modality_weights(pipeline.root / "runs/qam-0/best", str(pipeline.features("val")))
     assert len(clean) == len(corrupted) == 100
     assert audio_weight(weights, corrupted) < audio_weight(weights, clean) / 3

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from emi.cli import main
 from emi.data.reader import read_segments
 from emi.data.plan import Segment
 from emi.data.urls import resolve_shards
-from helpers import GRID, REPO, cpu_env, exported, launch_command
+from helpers import GRID, REPO, cpu_env, exported, launch_command, wait_until
 from s3server import SECRET_KEY, s3_server
 from test_inference import checkpoint, clip_shards, encoders, feature_shards, labels  # noqa: F401 (fixtures)
 from test_shards_build import KEYS, grid_labels, write_labels
@@ -128,10 +127,9 @@ def test_a_killed_build_leaves_no_partial_object_and_the_rerun_completes(grid, s
                str(grid["labels"]), "--out", url, "--shard-size", "1"]
     process = subprocess.Popen(command, cwd=REPO, env=cpu_env(**server.env), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
-    try:
-        while process.poll() is None and not [n for n in storage.list_names(url) if n.endswith(".tar")]:
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the next shard's upload, as likely as not
+    try:  # killed once the first shard is up, while the next ones are built and uploaded
+        wait_until(lambda: [n for n in storage.list_names(url) if n.endswith(".tar")], 300, "a first shard uploaded",
+                   alive=process)
     finally:
         process.send_signal(signal.SIGKILL)
         _, stderr = process.communicate()
@@ -183,14 +181,12 @@ def test_stage1_trains_from_the_bucket_through_a_server_restart_mid_epoch(server
                                    cwd=REPO, env=cpu_env(**server.env), stdout=subprocess.DEVNULL, stderr=stderr,
                                    start_new_session=True)
         try:
-            deadline = time.monotonic() + 300
-            while not (log.exists() and "step 1/" in log.read_text()):
-                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "bucket.err").read_text()
-                time.sleep(0.1)
+            wait_until(lambda: log.exists() and "step 1/" in log.read_text(), 300, "step 1", alive=process)
             os.killpg(process.pid, signal.SIGSTOP)  # hold the ranks mid-epoch while the server goes down
             server.stop()
             os.killpg(process.pid, signal.SIGCONT)
-            time.sleep(3)  # they find no server, and retry
+            wait_until(lambda: "; retrying in" in (tmp_path / "bucket.err").read_text(), 300,
+                       "the ranks finding no server and retrying", alive=process)
             server.start()
             process.wait(timeout=300)
         finally:

@@ -13,7 +13,7 @@ tensor-core FLOP/s in the training precision. Devices not listed, and the CPU, g
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,38 +37,39 @@ def device_name(device: torch.device) -> str:
 class StepClock:
     """Seconds blocked on the loader and seconds in total since the window began."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, now: Callable[[], float] = time.perf_counter) -> None:
         self.device = device
+        self.now = now
         self.data_wait = 0.0
-        self.start = time.perf_counter()
+        self.start = now()
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """The loader's batches, timing each wait for the next one."""
         iterator = iter(loader)
         while True:
-            begin = time.perf_counter()
+            begin = self.now()
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
             finally:
-                self.data_wait += time.perf_counter() - begin
+                self.data_wait += self.now() - begin
             yield batch
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Leave the time inside out of the window."""
-        begin = time.perf_counter()
+        begin = self.now()
         try:
             yield
         finally:
-            self.start += time.perf_counter() - begin
+            self.start += self.now() - begin
 
     def close_window(self) -> tuple[float, float]:
         """(seconds since the window began, of them blocked on the loader); starts the next window."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
+        now = self.now()
         window = now - self.start, self.data_wait
         self.start, self.data_wait = now, 0.0
         return window
