@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,face]'
+	$(PY) -c 'from emi.engine.distributed import build_deepspeed_cpu_ops; build_deepspeed_cpu_ops()'
 	touch $(STAMP)
 
 demo: setup
@@ -56,5 +57,7 @@ bench: setup
 ablation: setup
 	$(PY) -m benchmarks.ablation
 
+# Everything `make demo` (and demo-slurm) wrote; the venv stays.
 clean:
-	rm -rf runs logs data/synth data/shards/*.tar data/shards/*.json data/shards/*.jsonl
+	rm -rf runs logs/* data/synth data/features
+	find data/shards -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

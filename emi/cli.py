@@ -5,6 +5,11 @@ import argparse
 import json
 import sys
 
+from emi import __version__
+from emi.arguments import HelpFormatter, parse_run_args
+from emi.config import (
+    CONFIG_KINDS, CONFIG_SCHEMAS, SHIPPED_CONFIGS, config_kind, config_to_dict, load_config, resolve_config_path,
+    shipped_config_names)
 from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, StoppedError, UsageError
 
 
@@ -104,66 +109,105 @@ def _ensemble(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from importlib import import_module
 
+    parse_run_args(args.stage_args, prog=f"emi train {args.stage}")  # --help and bad options: before the imports
     return import_module(f"emi.stages.{args.stage}").main(args.stage_args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emi", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _config_list(args: argparse.Namespace) -> int:
+    print(f"shipped configs (in {SHIPPED_CONFIGS}); give one by name: --config stage1/tiny.yaml")
+    for name in shipped_config_names():
+        print(f"  {name}")
+    return EXIT_OK
 
-    shards = commands.add_parser("shards", help="build and inspect WebDataset shards").add_subparsers(
-        dest="shards_command", required=True)
-    build = shards.add_parser("build", help="pack video clips and a labels CSV into WebDataset tar shards")
-    build.add_argument("--videos", required=True, help="folder of clips (any container ffmpeg reads)")
+
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    path = resolve_config_path(args.name)
+    kind = args.kind or config_kind(path)
+    if kind == "sweep":
+        from emi.sweep import load_sweep
+
+        config = load_sweep(path, args.overrides).config
+    else:
+        config = load_config(CONFIG_SCHEMAS[kind], path, args.overrides)
+    print(f"# {kind} config {path}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _commands(parent: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:
+    return parent.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+
+
+def _command(commands: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=kwargs.pop("description", help),
+                               formatter_class=HelpFormatter, **kwargs)
+
+
+def _add_shards(commands: argparse._SubParsersAction) -> None:
+    shards = _commands(_command(commands, "shards", "build and inspect WebDataset shards"), "shards_command")
+    build = _command(shards, "build", "pack video clips and a labels CSV into WebDataset tar shards")
+    build.add_argument("--videos", required=True, help="folder of clips (any container ffmpeg reads), or a URL prefix")
     build.add_argument("--labels", required=True, help="CSV with a Filename column and label columns")
     build.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar and manifest.json, or a "
                        "URL prefix (s3://bucket/prefix, any fsspec URL)")
-    build.add_argument("--split", default="train")
-    build.add_argument("--fps", type=float, default=5.0, help="frame sampling rate (default 5)")
-    build.add_argument("--sample-rate", type=int, default=16000, help="audio rate in Hz (default 16000)")
-    build.add_argument("--frame-size", type=int, default=256, help="short side of stored frames in pixels")
+    build.add_argument("--split", default="train", help="the split's name: it names the shard files")
+    build.add_argument("--fps", type=float, default=5.0, help="frames kept per second of video")
+    build.add_argument("--sample-rate", type=int, default=16000, help="audio sampling rate in Hz")
+    build.add_argument("--frame-size", type=int, default=256, help="short side of the stored frames, in pixels")
     build.add_argument("--shard-size", type=int, default=256, help="clips per shard")
-    build.add_argument("--workers", type=int, default=1, help="parallel clip decoders")
-    build.add_argument("--asr", default="none", help="none | whisper:NAME_OR_PATH")
-    build.add_argument("--transcripts", default=None, help="CSV with Filename and Text columns")
-    build.add_argument("--face-crop", default="none", choices=["none", "opencv"])
+    build.add_argument("--workers", type=int, default=1, help="clips decoded in parallel (processes)")
+    build.add_argument("--asr", default="none", help="speech recognition for the transcripts: none | "
+                       "whisper:NAME_OR_PATH")
+    build.add_argument("--transcripts", default=None, help="CSV with Filename and Text columns (instead of --asr)")
+    build.add_argument("--face-crop", default="none", choices=["none", "opencv"], help="crop the frames to the face")
     build.add_argument("--num-tasks", type=int, default=None, help="build as one task of a job array of this many "
-                       "(default in a Slurm array: SLURM_ARRAY_TASK_COUNT); then run `emi shards merge`")
+                       "(in a Slurm array: SLURM_ARRAY_TASK_COUNT); then run `emi shards merge`")
     build.add_argument("--task-index", type=int, default=None, help="this task's index, 0 .. num-tasks - 1 "
-                       "(default in a Slurm array: SLURM_ARRAY_TASK_ID)")
+                       "(in a Slurm array: SLURM_ARRAY_TASK_ID)")
     build.set_defaults(func=_shards_build)
 
-    merge = shards.add_parser("merge", help="merge the partial manifests of a job-array build into manifest.json "
-                              "(exit 3 naming the tasks to run again when some are missing or incomplete)")
+    merge = _command(shards, "merge", "merge the partial manifests of a job-array build into manifest.json",
+                     description="Merge the partial manifests of a job-array build into manifest.json; exit 3 "
+                     "naming the tasks to run again when some are missing or incomplete.")
     merge.add_argument("out", help="the --out of the array's tasks")
     merge.set_defaults(func=_shards_merge)
 
-    stats = shards.add_parser("stats", help="print a JSON summary of a shard folder")
-    stats.add_argument("dir")
+    stats = _command(shards, "stats", "print a JSON summary of a shard folder")
+    stats.add_argument("dir", help="a shard folder with its manifest.json")
     stats.set_defaults(func=_shards_stats)
 
-    features = commands.add_parser("features", help="Stage II features from the frozen Stage I encoders"
-                                   ).add_subparsers(dest="features_command", required=True)
-    extract = features.add_parser("extract", help="run the exported encoders over clip shards (accelerate-aware: "
-                                  "`accelerate launch -m emi.cli features extract ...` splits the shards)")
+
+def _add_features(commands: argparse._SubParsersAction) -> None:
+    features = _commands(_command(commands, "features", "Stage II features from the frozen Stage I encoders"),
+                         "features_command")
+    extract = _command(features, "extract", "run the exported encoders over clip shards",
+                       description="Run the exported Stage I encoders over clip shards into feature shards; "
+                       "`accelerate launch -m emi.cli features extract ...` splits the shards over the ranks.")
     extract.add_argument("--encoders", required=True, help="Stage I export folder (runs/<name>/export)")
     extract.add_argument("--shards", required=True, help="clip shards: a folder with manifest.json, a pattern, ...")
-    extract.add_argument("--out", required=True, help="output folder for feature shards and manifest.json")
+    extract.add_argument("--out", required=True, help="output folder (or URL prefix) for the feature shards and "
+                         "manifest.json")
     extract.add_argument("--manifest", default=None, help="the shards' manifest.json, where it is not beside them "
                          "(pipe: and remote URLs)")
     extract.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch")
     extract.add_argument("--workers", type=int, default=1, help="decoding workers")
     extract.set_defaults(func=_features_extract)
 
+
+def _add_evaluate_and_predict(commands: argparse._SubParsersAction) -> None:
     checkpoint_help = ("fusion checkpoint folder (runs/<name>/best) or ensemble folder (emi ensemble); given several "
                        "times, an ensemble: the members' predictions are averaged")
-    evaluate = commands.add_parser("evaluate", help="score a Stage II checkpoint or ensemble on labelled feature or "
-                                   "clip shards")
+    evaluate = _command(commands, "evaluate", "score a Stage II checkpoint or ensemble on labelled shards",
+                        description="Score a Stage II checkpoint or ensemble on labelled feature or clip shards; "
+                        "writes a JSON report, a figure beside it and TensorBoard scalars. `accelerate launch -m "
+                        "emi.cli evaluate ...` splits the clips over the ranks.")
     evaluate.add_argument("--checkpoint", required=True, action="append", help=checkpoint_help)
     evaluate.add_argument("--shards", required=True, help="feature shards (emi features extract) or clip shards "
                           "(emi shards build): a folder with manifest.json, a pattern, ...")
-    evaluate.add_argument("--out", default=None, help="report JSON (default <checkpoint>/eval/<shard folder>.json; "
-                          "the figure goes beside it as .png; needed for several --checkpoint)")
+    evaluate.add_argument("--out", default=None, help="report JSON, a path or a URL (default: <checkpoint>/eval/"
+                          "<shard folder>.json; the figure goes beside it as .png; needed for several --checkpoint)")
     evaluate.add_argument("--drop", action="append", default=[], metavar="vision|audio|text",
                           help="robustness: score with this modality removed from every clip (repeatable)")
     evaluate.add_argument("--corrupt", action="append", default=[], metavar="vision|audio|text",
@@ -171,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "and spread, clip by clip (repeatable)")
     evaluate.add_argument("--manifest", default=None, help="the shards' manifest.json, where it is not beside them")
     evaluate.add_argument("--batch-size", type=int, default=8, help="clips per batch")
-    evaluate.add_argument("--tb", default=None, help="TensorBoard folder (default <checkpoint>/eval/tb)")
+    evaluate.add_argument("--tb", default=None, help="TensorBoard folder (default: <checkpoint>/eval/tb)")
     evaluate.add_argument("--workers", type=int, default=1, help="decoding workers")
     evaluate.set_defaults(func=_evaluate)
 
-    predict = commands.add_parser(
-        "predict", help="EMI intensities of video files (JSON on stdout), or of shards or a videos folder into the "
-        "challenge's CSV (--out; accelerate-aware: `accelerate launch -m emi.cli predict ...` splits the clips)")
+    predict = _command(commands, "predict", "EMI intensities of videos: JSON on stdout, or the challenge's CSV",
+                       description="EMI intensities of video files (JSON on stdout), or of shards or a videos folder "
+                       "into the challenge's CSV (--out); `accelerate launch -m emi.cli predict ...` splits the "
+                       "clips over the ranks.")
     predict.add_argument("--checkpoint", required=True, action="append", help=checkpoint_help)
     predict.add_argument("files", nargs="*", metavar="VIDEO", help="video files")
     predict.add_argument("--shards", default=None, help="clip or feature shards: a folder or URL prefix with "
@@ -192,27 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--workers", type=int, default=1, help="decoding workers (--shards)")
     predict.set_defaults(func=_predict)
 
-    ensemble = commands.add_parser("ensemble", help="write an ensemble folder listing Stage II checkpoints, for "
-                                   "evaluate and predict")
+    ensemble = _command(commands, "ensemble", "write an ensemble folder listing Stage II checkpoints",
+                        description="Write an ensemble folder listing Stage II checkpoints, for evaluate and predict.")
     ensemble.add_argument("--out", required=True, help="the ensemble folder (new): ensemble.json lists the members "
                           "relative to it")
     ensemble.add_argument("--checkpoint", required=True, action="append", help="a member checkpoint (repeat)")
     ensemble.set_defaults(func=_ensemble)
 
-    train = commands.add_parser(
-        "train", help="train a stage (one process; `accelerate launch -m emi.cli train ...` for several)",
-        description="Runs emi.stages.<stage>: the arguments after the stage are that stage's own "
-                    "(--config FILE [--resume latest|PATH] [section.key=value ...]).")
-    train.add_argument("stage", choices=["stage1", "stage2"])
-    train.add_argument("stage_args", nargs=argparse.REMAINDER, help="--config FILE [--resume ...] [key=value ...]")
+
+def _add_train_and_sweep(commands: argparse._SubParsersAction) -> None:
+    train = _command(commands, "train", "train a stage (one process; accelerate launch -m emi.cli train ... for "
+                     "several)", description="Run emi.stages.<stage>: the arguments after the stage are the stage's "
+                     "own; `emi train stage1 --help` lists them.")
+    train.add_argument("stage", choices=["stage1", "stage2"], help="which stage")
+    train.add_argument("stage_args", nargs=argparse.REMAINDER, metavar="...",
+                       help="--config FILE [--resume latest|PATH] [--trust-checkpoint] [key=value ...]")
     train.set_defaults(func=_train)
 
-    sweep = commands.add_parser(
-        "sweep", help="run a sweep file's Stage II cells (a Slurm job array, or --local) and write its results table",
-        description="Runs the cells of a sweep file that are not finished, waits for them and writes "
-                    "<sweep>/results.md and .csv (mean and std over the repeats, best cell, top-k ensemble), "
-                    "cells.csv and TensorBoard HParams. Exit code 0 when every cell finished, 3 when some did not.")
-    sweep.add_argument("--config", required=True, help="sweep file (configs/sweeps/*.yaml)")
+    sweep = _command(commands, "sweep", "run a sweep file's Stage II cells and write its results table",
+                     description="Run the cells of a sweep file that are not finished (a Slurm job array, or "
+                     "--local), wait for them and write <sweep>/results.md and .csv (mean and std over the repeats, "
+                     "best cell, top-k ensemble), cells.csv and TensorBoard HParams. Exit code 0 when every cell "
+                     "finished, 3 when some did not.")
+    sweep.add_argument("--config", required=True, help="sweep file: a path or a shipped name (sweeps/ablation.yaml)")
     sweep.add_argument("--local", action="store_true", help="run the cells on this machine, not on Slurm")
     sweep.add_argument("--collect", action="store_true", help="run nothing: write the results of the cells "
                        "finished so far")
@@ -220,16 +267,44 @@ def build_parser() -> argparse.ArgumentParser:
                        "slurm.partition=gpu, data.clean.train=DIR, overrides.train.epochs=3, repeat.run.seed=[0,1]")
     sweep.set_defaults(func=_sweep)
 
-    synth = commands.add_parser("synth", help="write a synthetic EMI dataset (mp4 clips, labels, transcripts)")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--clips", type=int, required=True)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--corrupt-modality", choices=["video", "audio", "text"], default=None)
-    synth.add_argument("--corrupt-frac", type=float, default=0.0)
-    synth.add_argument("--workers", type=int, default=1)
-    synth.add_argument("--prefix", default="", help="clip names start with it (00001 ...: default); one per split "
-                       "(train-, val-) gives every clip its own key, as k-fold over train + val needs")
+
+def _add_config(commands: argparse._SubParsersAction) -> None:
+    config = _commands(_command(commands, "config", "list the shipped configs, show one resolved"), "config_command")
+    listed = _command(config, "list", "the shipped configs, by the name --config takes")
+    listed.set_defaults(func=_config_list)
+    show = _command(config, "show", "print a config resolved: its overrides applied, every default filled in")
+    show.add_argument("name", help="a config file, or a shipped config's name (stage1/tiny.yaml)")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as the stage takes them")
+    show.add_argument("--kind", choices=sorted(CONFIG_KINDS), default=None,
+                      help="what the file configures (default: from its folder, stage1/, stage2/ or sweeps/, else "
+                      "from its keys)")
+    show.set_defaults(func=_config_show)
+
+
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    synth = _command(commands, "synth", "write a synthetic EMI dataset (mp4 clips, labels, transcripts)")
+    synth.add_argument("--out", required=True, help="output folder: videos/, labels.csv, transcripts.csv")
+    synth.add_argument("--clips", type=int, required=True, help="clips to write")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the clips' content and labels")
+    synth.add_argument("--corrupt-modality", choices=["video", "audio", "text"], default=None,
+                       help="replace this modality by noise on a share of the clips (corruption.csv says which)")
+    synth.add_argument("--corrupt-frac", type=float, default=0.0, help="the share of clips corrupted")
+    synth.add_argument("--workers", type=int, default=1, help="clips encoded in parallel (processes)")
+    synth.add_argument("--prefix", default="", help="clip names start with it (default: none, 00001 ...); one per "
+                       "split (train-, val-) gives every clip its own key, as k-fold over train + val needs")
     synth.set_defaults(func=_synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emi", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"emi {__version__}")
+    commands = _commands(parser, "command")
+    _add_shards(commands)
+    _add_features(commands)
+    _add_evaluate_and_predict(commands)
+    _add_train_and_sweep(commands)
+    _add_config(commands)
+    _add_synth(commands)
     return parser
 
 

@@ -6,6 +6,10 @@ file, the key and the keys that are allowed there. Overrides use the same dotted
     emi train stage1 --config configs/stage1/tiny.yaml train.epochs=3 data.batch_size=8 model.pairs=[vision_text]
 
 Values are parsed as YAML (numbers, booleans, lists, null). The resolved config is saved with every run.
+
+A config is named by its path, or by its name among the shipped configs (emi/configs, `emi config list`):
+`--config stage1/tiny.yaml` works from any folder once emi is installed. `emi config show NAME [key=value ...]`
+prints the resolved config with every default filled in.
 """
 from __future__ import annotations
 
@@ -18,9 +22,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from emi import configs as shipped_configs
 from emi.errors import UsageError
 
 T = TypeVar("T")
+SHIPPED_CONFIGS = Path(shipped_configs.__file__).parent
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,15 +219,61 @@ class SweepConfig:
     slurm: SweepSlurm = field(default_factory=SweepSlurm)
 
 
+CONFIG_SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config}  # what `emi config show` loads, by kind
+CONFIG_KINDS = (*CONFIG_SCHEMAS, "sweep")
+KIND_FOLDERS = {"stage1": "stage1", "stage2": "stage2", "sweeps": "sweep"}  # the shipped layout
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading, overrides, validation
 # ---------------------------------------------------------------------------------------------------------------
+def config_kind(path: Path) -> str:
+    """What a config file configures (one of CONFIG_KINDS): its folder says (stage1/, stage2/, sweeps/), else its
+    sections do (a sweep has a base, Stage I a model with pairs or encoders, Stage II labels, a loss or a fusion
+    model); UsageError when neither does."""
+    if path.parent.name in KIND_FOLDERS:
+        return KIND_FOLDERS[path.parent.name]
+    raw = read_config_file(path)
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if "base" in raw:
+        return "sweep"
+    if {"pairs", "vision", "text", "audio", "embed_dim"} & set(model):
+        return "stage1"
+    if "labels" in raw or "loss" in raw or {"fusion", "modalities", "d_model"} & set(model):
+        return "stage2"
+    raise UsageError(f"{path}: cannot tell which kind of config it is; say it with --kind ({', '.join(CONFIG_KINDS)})")
+
+
 def load_config(schema: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Read `path` (YAML), apply `key.sub=value` overrides, validate against `schema`, return the dataclass."""
+    """Read `path` (YAML; a path or a shipped config's name), apply `key.sub=value` overrides, validate against
+    `schema`, return the dataclass."""
+    path = resolve_config_path(path) if path else None
     raw = read_config_file(path) if path else {}
     for override in overrides:
         set_dotted(raw, *parse_override(override), override)
     return build_config(schema, raw, str(path) if path else "<defaults>")
+
+
+def resolve_config_path(name: str | Path, beside: Path | None = None) -> Path:
+    """The config file `name` names: a file relative to the current folder, else a shipped config
+    (`stage1/tiny.yaml`). With `beside` (a sweep's base: the sweep file's folder), relative to that folder first,
+    then a shipped config, then relative to the current folder. UsageError saying where it looked."""
+    if beside is None:
+        candidates = [Path(name), SHIPPED_CONFIGS / name]
+    else:
+        candidates = [beside / name, SHIPPED_CONFIGS / name, Path(name)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(candidate) for candidate in dict.fromkeys(candidates))
+    raise UsageError(f"config file not found: {name} (looked for {looked}); `emi config list` names the shipped "
+                     "configs")
+
+
+def shipped_config_names() -> list[str]:
+    """The shipped configs by name (`stage1/tiny.yaml`, `deepspeed/zero2.json`, ...), sorted."""
+    return sorted(path.relative_to(SHIPPED_CONFIGS).as_posix() for path in SHIPPED_CONFIGS.rglob("*")
+                  if path.suffix in CONFIG_SUFFIXES)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -229,6 +282,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"config {path}: a folder, not a file") from None
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -246,7 +301,11 @@ def parse_override(override: str) -> tuple[str, Any]:
 
 def build_config(schema: type[T], raw: dict[str, Any], source: str) -> T:
     """Validate a raw mapping against `schema`; errors name `source`."""
-    config = _build(schema, raw, source, prefix="")
+    try:
+        config = _build(schema, raw, source, prefix="")
+    except UnknownKeyError as err:
+        elsewhere = [key for key in dotted_keys(schema) if key.rsplit(".", 1)[-1] == err.name]
+        raise UsageError(str(err) + (f"; did you mean {' or '.join(elsewhere)}?" if elsewhere else "")) from None
     validate(config, source)
     return config
 
@@ -316,6 +375,24 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, override: str) -> None
     node[parts[-1]] = value
 
 
+class UnknownKeyError(UsageError):
+    """A key the schema does not have; `name` is its last part, by which build_config looks for it elsewhere."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def dotted_keys(schema: type) -> list[str]:
+    """Every key of a schema, dotted through its sections (`optim.lr`, `model.vision.arch`, ...)."""
+    keys = []
+    for name, hint in typing.get_type_hints(schema).items():
+        options = [h for h in typing.get_args(hint) if h is not type(None)] or [hint]
+        section = next((option for option in options if dataclasses.is_dataclass(option)), None)
+        keys += [f"{name}.{key}" for key in dotted_keys(section)] if section else [name]
+    return keys
+
+
 def _build(schema: type[T], raw: Any, source: str, prefix: str) -> T:
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
@@ -324,8 +401,8 @@ def _build(schema: type[T], raw: Any, source: str, prefix: str) -> T:
     fields = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise UsageError(
-            f"{source}: unknown key {prefix + unknown[0]!r} in {where}; known keys: {', '.join(sorted(fields))}")
+        raise UnknownKeyError(f"{source}: unknown key {prefix + unknown[0]!r} in {where}; known keys: "
+                              f"{', '.join(sorted(fields))}", unknown[0])
     values = {name: _coerce(hints[name], raw[name], source, f"{prefix}{name}") for name in raw}
     return schema(**values)
 

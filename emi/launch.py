@@ -44,7 +44,7 @@ import psutil
 import submitit
 from submitit.helpers import DelayedSubmission
 
-from emi.config import Stage1Config, Stage2Config, load_config
+from emi.config import Stage1Config, Stage2Config, load_config, resolve_config_path
 from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
 
 STAGES = ("stage1", "stage2", "features", "shards")
@@ -226,8 +226,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("features takes no --config: pass --encoders, --shards, --out after --")
     elif args.config is None:
         parser.error(f"{args.stage} needs --config")
-    elif not Path(args.config).is_file():
-        parser.error(f"--config {args.config}: no such file")
+    else:
+        try:
+            args.config = os.path.abspath(resolve_config_path(args.config))  # the nodes may start elsewhere
+        except UsageError as err:
+            parser.error(f"--config: {err}")
     if args.nodes < 1 or args.gpus_per_node < 0 or args.time < 1:
         parser.error(f"--nodes {args.nodes}, --gpus-per-node {args.gpus_per_node}, --time {args.time}: need "
                      "nodes >= 1, GPUs >= 0, minutes >= 1")

@@ -44,8 +44,8 @@ from typing import Any
 import yaml
 
 from emi.config import (
-    Stage2Config, SweepConfig, build_config, config_to_dict, parse_override, read_config_file, save_config,
-    set_dotted)
+    Stage2Config, SweepConfig, build_config, config_to_dict, parse_override, read_config_file, resolve_config_path,
+    save_config, set_dotted)
 from emi.errors import EXIT_OK, EXIT_PARTIAL, StoppedError, UsageError
 from emi.io import write_atomic, write_json_atomic
 
@@ -68,6 +68,7 @@ class Sweep:
     config: SweepConfig
     source: str  # the sweep file, for messages
     folder: Path  # <output_dir>/<name>
+    base: Path  # the Stage II config every cell starts from: config.base found beside the sweep file, or shipped
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one object per cell
@@ -92,13 +93,19 @@ class Cell:
 # ----------------------------------------------------------------------------------------------------- loading
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
-    """Read and check a sweep file; `overrides` are `key=value` on the sweep file itself (see `set_sweep_key`)."""
+    """Read and check a sweep file (a path or a shipped name); `overrides` are `key=value` on the sweep file itself
+    (see `set_sweep_key`)."""
+    path = resolve_config_path(path)
     raw = read_config_file(path)
     for override in overrides:
         set_sweep_key(raw, *parse_override(override), override)
     config = build_config(SweepConfig, raw, str(path))
     check_sweep(config, str(path))
-    return Sweep(config, str(path), Path(config.output_dir) / config.name)
+    try:
+        base = Path(os.path.abspath(resolve_config_path(config.base, beside=Path(path).parent)))
+    except UsageError as err:
+        raise UsageError(f"{path}: base: {err}") from None
+    return Sweep(config, str(path), Path(config.output_dir) / config.name, base)
 
 
 def set_sweep_key(raw: dict[str, Any], key: str, value: Any, override: str) -> None:
@@ -120,8 +127,9 @@ def set_sweep_key(raw: dict[str, Any], key: str, value: Any, override: str) -> N
 
 
 def check_sweep(config: SweepConfig, source: str) -> None:
-    if not config.base or not Path(config.base).is_file():
-        raise UsageError(f"{source}: base {config.base!r}: no such file (paths are relative to the current folder)")
+    if not config.base:
+        raise UsageError(f"{source}: base names no Stage II config: give the file every cell starts from (relative "
+                         "to the sweep file, or a shipped name such as stage2/tiny.yaml)")
     for what, name in [("name", config.name)] + [("data", name) for name in config.data] + [
             ("cells", name) for name in config.cells]:
         if not NAME.fullmatch(str(name)):
@@ -200,7 +208,7 @@ def expand(sweep: Sweep) -> list[Cell]:
     """The sweep's cells, in a fixed order: named cells (in file order) x grid points x repeats. Each cell's Stage
     II config is built and checked here, so a bad key or value fails before anything runs."""
     config, source = sweep.config, sweep.source
-    base = read_config_file(config.base)
+    base = read_config_file(sweep.base)
     grid_labels, repeat_labels = labels(list(config.grid)), labels(list(config.repeat))
 
     def resolved(overrides: list[str], where: str) -> dict[str, Any]:
@@ -310,7 +318,7 @@ def cell_job(sweep: Sweep, cell: Cell):
     """What a cell's job runs: emi.launch's NodeJob with the Stage II entry point, always `--resume latest`."""
     from emi.launch import ENTRY_POINTS, NodeJob
 
-    return NodeJob(program=[*ENTRY_POINTS["stage2"], "--config", sweep.config.base, "--resume", "latest",
+    return NodeJob(program=[*ENTRY_POINTS["stage2"], "--config", str(sweep.base), "--resume", "latest",
                             *cell.overrides], gpus_per_node=sweep.config.slurm.gpus_per_node, workdir=os.getcwd())
 
 
@@ -573,7 +581,7 @@ def results_markdown(sweep: Sweep, cells: list[Cell], variants: dict[str, list[C
     repeats = " x ".join(f"{key} ({len(values)})" for key, values in config.repeat.items())
     lines = [f"# Sweep {config.name}", "",
              f"{len(cells)} cells ({len(variants)} variants" + (f" x {repeats}" if repeats else "") +
-             f") from {sweep.source}, each a Stage II run of {config.base} with its settings; {len(metrics)} "
+             f") from {sweep.source}, each a Stage II run of {sweep.base} with its settings; {len(metrics)} "
              f"finished. Val metrics of each cell's best epoch; mean ± sample std over the repeats.", "",
              "| variant | data | settings | cells | " + " | ".join(columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]

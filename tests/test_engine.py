@@ -3,6 +3,7 @@ and fallback, folder swaps, the run command line, the evaluation collector, step
 requeue does."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -12,22 +13,23 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from emi.config import OptimSection
+from emi.arguments import parse_run_args, run_overrides
+from emi.config import OptimSection, TrainSection
 from emi.engine.checkpoint import (CHECKSUM_FILE, STATE_FILE, TrainerState, checkpoints, load_checkpoint,
                                    prune_checkpoints, resolve_resume, save_checkpoint)
-from emi.engine.distributed import build_accelerator
+from emi.engine.distributed import build_accelerator, extensions_dir
 from emi.engine.ema import EMA
 from emi.engine.evaluation import collect, evaluation_batches
 from emi.engine.loop import FitResult
-from emi.engine.main import exit_code, parse_run_args
+from emi.engine.main import exit_code
 from emi.engine.optim import build_optimizer, sgdr_lr
 from emi.engine.signals import RequeueError, requeue_slurm_job
-from emi.config import TrainSection
 from emi.engine.telemetry import StepClock, peak_flops, step_scalars
 from emi.errors import EXIT_NOT_FINISHED, UsageError
 from emi.io import replace_folder
@@ -195,10 +197,12 @@ def test_replace_folder_swaps_in_a_complete_folder(tmp_path):
 
 
 def test_run_options_may_stand_anywhere_among_the_overrides():
-    args = parse_run_args(["train.epochs=2", "--resume", "latest", "data.batch_size=4", "--config", "c.yaml"], "x")
+    args = parse_run_args(["train.epochs=2", "--resume", "latest", "data.batch_size=4", "--config", "c.yaml"])
     assert (args.config, args.resume, args.overrides) == ("c.yaml", "latest", ["train.epochs=2", "data.batch_size=4"])
     assert not args.trust_checkpoint
-    assert parse_run_args(["--config", "c.yaml", "a=1", "--trust-checkpoint", "b=2"], "x").trust_checkpoint
+    assert run_overrides(args) == ["train.epochs=2", "data.batch_size=4", "train.resume=latest"]
+    trusted = parse_run_args(["--config", "c.yaml", "a=1", "--trust-checkpoint", "b=2"])
+    assert run_overrides(trusted) == ["a=1", "b=2", "train.trust_checkpoint=true"]
 
 
 class FakeData:
@@ -301,3 +305,17 @@ def test_peak_flops_by_device_name_and_precision():
     assert peak_flops("NVIDIA H200", "fp16") == 989e12
     assert peak_flops("NVIDIA H200", "no") is None  # fp32 has another peak
     assert peak_flops("Some GPU", "bf16") is None and peak_flops("cpu", "bf16") is None
+
+
+def test_deepspeed_ops_are_built_in_a_folder_of_the_python_environment(monkeypatch, tmp_path):
+    """Two environments (checkouts, a wheel) never share the folder torch builds DeepSpeed's ops in: it held one
+    build at a time, and they rebuilt the CPU communication op for each other."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = extensions_dir()
+    assert here.parent == tmp_path / "emi" / "torch_extensions" and here == extensions_dir()
+    elsewhere = types.SimpleNamespace(origin="/another/venv/site-packages/deepspeed/__init__.py")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: elsewhere)
+    assert extensions_dir().parent == here.parent and extensions_dir() != here
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))  # the user's choice stands
+    assert extensions_dir() == tmp_path / "mine"

@@ -79,7 +79,7 @@ def test_overrides_and_options_may_be_mixed() -> None:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["stage1", "--gpus-per-node", "1"], "stage1 needs --config"),
-    (["stage1", "--config", "no/such.yaml", "--gpus-per-node", "1"], "--config no/such.yaml: no such file"),
+    (["stage1", "--config", "no/such.yaml", "--gpus-per-node", "1"], "--config: config file not found: no/such.yaml"),
     (["features", "--config", TINY, "--gpus-per-node", "0"], "features takes no --config"),
     (["stage1", "--config", TINY], "stage1 needs --gpus-per-node"),
     (["stage1", "--config", TINY, "--gpus-per-node", "0", "--nodes", "0"], "need nodes >= 1"),

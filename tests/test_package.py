@@ -16,7 +16,7 @@ import yaml
 from emi import EMI_EMOTIONS
 from helpers import GRID, REPO, cpu_env
 
-WHEEL_SOURCES = ("pyproject.toml", "README.md", "emi", "configs")  # what setuptools packs; nothing else
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "emi")  # what setuptools packs (emi/configs inside)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def installed(tmp_path_factory) -> dict:
     elsewhere.mkdir()
     env = cpu_env()
     env["PYTHONPATH"] = str(site)  # instead of the repository, which cpu_env puts there
-    return {"site": site, "cwd": elsewhere, "env": env, "emi": [str(site / "bin" / "emi")]}
+    return {"site": site, "cwd": elsewhere, "env": env, "emi": [str(site / "bin" / "emi")], "source": source}
 
 
 def run(installed: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -67,6 +67,24 @@ def test_the_installed_package_is_the_wheel_with_its_configs(installed):
     assert not (installed["site"] / "tests").exists() and not (installed["site"] / "train").exists()
 
 
+def test_version_and_a_shipped_config_by_name_from_an_empty_folder(installed):
+    assert run(installed, "--version").stdout.strip() == "emi 0.1.0"
+    shown = run(installed, "config", "show", "stage1/tiny.yaml", "optim.lr=0.1").stdout
+    assert shown.startswith(f"# stage1 config {installed['site'] / 'emi/configs/stage1/tiny.yaml'}")
+    config = yaml.safe_load(shown)
+    assert config["optim"]["lr"] == 0.1 and config["run"]["name"] == "stage1-tiny"
+    assert "stage2/vitl.yaml" in run(installed, "config", "list").stdout.split()
+
+
+def test_the_checkout_beside_a_regular_install_runs_with_its_own_configs(installed):
+    """`pip install .` (not editable), then `python -m emi.cli` from the checkout's root: the checkout's emi/
+    comes first on the path, and it is a whole package, its configs included."""
+    result = subprocess.run([sys.executable, "-m", "emi.cli", "config", "show", "stage2/tiny.yaml"],
+                            cwd=installed["source"], env=installed["env"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"# stage2 config {installed['source'] / 'emi/configs/stage2/tiny.yaml'}")
+
+
 def test_shards_build_on_a_real_clip_from_the_wheel(installed, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -82,14 +100,13 @@ def test_shards_build_on_a_real_clip_from_the_wheel(installed, tmp_path):
 
 
 def test_tiny_stage1_trains_and_exports_from_the_wheel(installed):
-    """`emi synth` -> `emi shards build` -> `emi train stage1` with the wheel's own tiny config and ZeRO-2 (the
-    DeepSpeed defaults come from the package), a few steps in one process."""
+    """`emi synth` -> `emi shards build` -> `emi train stage1` with the wheel's own tiny config, by its name, and
+    ZeRO-2 (the DeepSpeed defaults come from the package), a few steps in one process."""
     data = installed["cwd"] / "synth"
     run(installed, "synth", "--out", str(data), "--clips", "8", "--seed", "3")
     run(installed, "shards", "build", "--videos", str(data / "videos"), "--labels", str(data / "labels.csv"),
         "--transcripts", str(data / "transcripts.csv"), "--frame-size", "64", "--out", "train-shards")
-    tiny = installed["site"] / "emi" / "configs" / "stage1" / "tiny.yaml"
-    result = run(installed, "train", "stage1", "--config", str(tiny), "data.train=train-shards", "data.val=null",
+    result = run(installed, "train", "stage1", "--config", "stage1/tiny.yaml", "data.train=train-shards", "data.val=null",
                  "data.batch_size=4", "train.max_steps=2", "train.log_every=1", "train.strategy=zero2",
                  "run.output_dir=runs")
     run_dir = installed["cwd"] / "runs" / "stage1-tiny"

@@ -129,7 +129,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(strat
     launch("train/stage1.py", [*args, "--resume", "latest"])
     log = (run_dir / "log.txt").read_text()
     assert "resumed from" in log and "step 18/18" in log
-    assert re.search(r"resumed from .*step-00000008: epoch 2 step 8 \(batch 2 of the epoch\)", log), log
+    assert re.search(r"resumed from .*step-00000008: epoch 3 step 8 \(batch 2 of the epoch\)", log), log
     reference, resumed = exported(strategy_runs / "zero2"), exported(run_dir)
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[name], resumed[name]) for name in reference)
@@ -159,7 +159,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one_with_the_uninter
             "when written); moved aside to damaged-step-00000008") in log
     assert (f"warning: checkpoint {root / 'step-00000006'} is damaged (trainer_state.json: {sizes[1] // 2} bytes, "
             f"{sizes[1]} when written); moved aside to damaged-step-00000006") in log
-    assert f"resumed from {root / 'step-00000004'}: epoch 1 step 4 (batch 1 of the epoch)" in log
+    assert f"resumed from {root / 'step-00000004'}: epoch 2 step 4 (batch 1 of the epoch)" in log
     reference, resumed = exported(strategy_runs / "zero2"), exported(run_dir)
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[name], resumed[name]) for name in reference)
@@ -177,7 +177,7 @@ def test_a_checkpoint_of_another_run_is_refused_unless_trusted(strategy_runs, sy
     assert "Traceback" not in refused.stderr
     launch("train/stage1.py", [*args, "--trust-checkpoint"])
     log = (strategy_runs / "adopter" / "log.txt").read_text()
-    assert f"resumed from {foreign}: epoch 6 step 18" in log and "done: 21 steps" in log
+    assert f"resumed from {foreign}: epoch 7 step 18" in log and "done: 21 steps" in log
 
 
 def test_exported_encoders_reload_and_give_the_trained_models_outputs(strategy_runs, synthetic_shards):
@@ -263,7 +263,7 @@ def test_compiled_training_resumes_and_exports_plain_names_that_load_with_from_p
     run_dir = tmp_path / "compiled"
     log = (run_dir / "log.txt").read_text()
     assert log.count("torch.compile of 23 regions (mode default, aot_eager)") == 2
-    assert re.search(r"resumed from .*step-00000002: epoch 0 step 2", log) and "done: 4 steps" in log
+    assert re.search(r"resumed from .*step-00000002: epoch 1 step 2", log) and "done: 4 steps" in log
     assert [step for step, _ in scalars(run_dir, "train/loss")] == [1, 2, 3, 4]
     spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
     names = set(ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"]).state_dict())

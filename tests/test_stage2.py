@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -144,8 +145,9 @@ def stage2_runs(features, tmp_path_factory):
                                    "data.batch_size=4", "train.epochs=4", "train.log_every=1",
                                    "train.checkpoint_every=2", *extra])
     run("full")
-    run("cut", "train.max_steps=9")  # stops mid-epoch (6 steps per epoch)
-    run("cut", "--resume", "latest")
+    # stops mid-epoch (6 steps per epoch), then resumes; logging every 20 steps, more than the first part runs
+    run("cut", "train.max_steps=9", "train.log_every=20")
+    run("cut", "--resume", "latest", "train.log_every=20")
     return out
 
 
@@ -163,6 +165,17 @@ def test_stage2_trains_evaluates_each_clip_once_and_exports_the_best(stage2_runs
     config = json.loads((run_dir / "best" / "config.json").read_text())
     assert config["format"] == "emi-fusion/2" and config["labels"][-1] == "Joy"
     assert config["model"]["vision_dim"] == 64 and config["preprocessing"]["frame_size"] == 64
+
+
+def test_the_first_and_last_steps_are_logged_and_lines_count_epochs_alike(stage2_runs):
+    """log_every=20 in runs of 9 and then 24 steps: the first step and each part's last are logged anyway, so a
+    short run still has a curve; step, val and resume lines number the epochs from 1 alike."""
+    cut = stage2_runs / "cut"
+    assert [step for step, _ in scalars(cut, "train/loss")] == [1, 9, 20, 24]
+    log = (cut / "log.txt").read_text()
+    assert "epoch 1/4 step 1/9 loss" in log and "epoch 1/4 val: " in log and "epoch 4/4 step 24/24 " in log
+    assert re.search(r"resumed from .*step-00000009: epoch 2 step 9 \(batch 3 of the epoch\)", log), log
+    assert "epoch 2/4 step 9/9 " in log and "epoch 2/4 val" not in log.split("resumed from")[0]
 
 
 def test_stage2_resume_mid_epoch_ends_with_the_uninterrupted_ema_weights(stage2_runs):

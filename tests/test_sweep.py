@@ -17,6 +17,7 @@ import emi.sweep
 from emi.cli import main
 from emi.config import parse_override
 from emi.ensemble import load_ensemble
+from emi.config import SHIPPED_CONFIGS
 from emi.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from emi.inference import shard_predictions
 from emi.metrics import emi_report
@@ -98,13 +99,25 @@ def test_a_grid_alone_names_variants_by_its_values_and_needs_no_repeat(tmp_path)
     ({"cells": {"a b": {}}}, "cells 'a b': use letters, digits"),
     ({"cells": {"a": {"run.seed": 1}}, "repeat": {"run.seed": [0]}}, "run.seed is set both in cells.a and in repeat"),
     ({"metric": "mse"}, "metric 'mse': rank by a val Pearson metric"),
-    ({"base": "configs/stage2/none.yaml"}, "base 'configs/stage2/none.yaml': no such file"),
+    ({"base": "configs/stage2/none.yaml"}, "base: config file not found: configs/stage2/none.yaml (looked for "),
 ])
 def test_a_bad_sweep_file_is_refused_naming_the_file_and_the_key(tmp_path, sections, message):
     path = write_sweep(tmp_path, **sections)
     with pytest.raises(UsageError) as err:
         expand(load_sweep(path))
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_the_base_is_found_beside_the_sweep_file_then_among_the_shipped_configs(tmp_path, monkeypatch):
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    (tmp_path / "mine.yaml").write_text("train: {epochs: 3}\n")
+    monkeypatch.chdir(folder)  # neither name is a file here
+    assert load_sweep(write_sweep(folder, base="../mine.yaml")).base == tmp_path / "mine.yaml"
+    shipped = load_sweep(write_sweep(folder, base="stage2/tiny.yaml"))
+    assert shipped.base == SHIPPED_CONFIGS / "stage2/tiny.yaml"
+    assert expand(shipped)[0].config["run"]["seed"] == 0
+    assert load_sweep("sweeps/kfold.yaml").base == SHIPPED_CONFIGS / "stage2/tiny.yaml"  # a shipped sweep's own base
 
 
 def test_command_line_overrides_set_sweep_keys_and_run_keys(tmp_path):

@@ -7,9 +7,13 @@ DS_ACCELERATOR=cpu there).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,18 @@ from emi.config import TrainSection
 from emi.errors import UsageError
 
 DEEPSPEED_CONFIGS = Path(shipped_configs.__file__).parent / "deepspeed"
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory collectives on the CPU, built when it starts there
+
+
+def build_deepspeed_cpu_ops() -> Path:
+    """Build DeepSpeed's CPU communication op into `extensions_dir()` now (`make setup` does), not at the first
+    training run; returns the folder."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_extensions_dir()
+    ShareMemCommBuilder().load()
+    return extensions_dir()
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -45,10 +61,36 @@ def deepspeed_config(train: TrainSection, micro_batch_size: int) -> dict:
     return config
 
 
+def extensions_dir() -> Path:
+    """Where torch builds DeepSpeed's just-in-time ops for this Python environment (TORCH_EXTENSIONS_DIR when set):
+    a folder per DeepSpeed install, torch and Python version. torch's default folder is shared by every environment
+    of the user and holds one build of an op at a time, so two checkouts (or a checkout and an installed wheel)
+    rebuilt DeepSpeed's CPU communication op for each other, minutes each time."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    installed = importlib.util.find_spec("deepspeed").origin  # without importing it: ddp runs never do
+    environment = f"{installed}|{importlib.metadata.version('deepspeed')}|{torch.__version__}|{sys.version}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "emi" / "torch_extensions" / hashlib.sha256(environment.encode()).hexdigest()[:16]
+
+
+def use_extensions_dir() -> None:
+    """Build and find DeepSpeed's ops in `extensions_dir()`; when its CPU communication op (which DeepSpeed builds as
+    it starts on the CPU) is not built there yet, say so on one line: the build takes a minute or more, silently."""
+    folder = extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    built = folder / SHM_OP / f"{SHM_OP}.so"
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and not built.exists() and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"emi: building DeepSpeed's CPU communication op {SHM_OP} for this Python environment, once (a minute "
+              f"or more), in {folder}", file=sys.stderr, flush=True)
+
+
 def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: str | None = None) -> Accelerator:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo" and train.strategy != "ddp":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if train.strategy != "ddp":
+        use_extensions_dir()
     plugin = None
     if train.strategy in ("zero2", "zero3"):
         if "WORLD_SIZE" not in os.environ:

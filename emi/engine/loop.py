@@ -132,7 +132,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         if ema is not None and ema_state is not None:
             ema.load_state_dict(ema_state)
         if is_main:
-            logger.line(f"resumed from {resume_from}: epoch {state.epoch} step {state.step} "
+            logger.line(f"resumed from {resume_from}: epoch {state.epoch + 1} step {state.step} "
                         f"(batch {state.batch_in_epoch} of the epoch)")
     elif is_main and train.resume == "latest":
         logger.line("no checkpoint to resume from; starting fresh")
@@ -167,7 +167,8 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         last_metrics = metrics
         if is_main:
             logger.scalars(metrics, state.step, prefix="val/")
-            logger.line(f"epoch {state.epoch} val: {format_scalars(metrics)}" + (" (best)" if improved else ""))
+            logger.line(f"epoch {state.epoch}/{train.epochs} val: {format_scalars(metrics)}"
+                        + (" (best)" if improved else ""))
 
     def export(folder: Path, extra: dict[str, Any]) -> None:
         if task.export is None or not train.save:
@@ -208,7 +209,8 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             if ema is not None:
                 ema.update(unwrapped)
 
-            if state.step % train.log_every == 0:
+            # the first step and the last are always logged: a run shorter than log_every still has a curve
+            if state.step % train.log_every == 0 or state.step in (1, total_steps):
                 elapsed, data_wait = clock.close_window()
                 # one all-reduce (sum) for the loss means, the times (averaged over ranks below) and the skips
                 local = torch.cat([torch.stack(window).mean(0).to(accelerator.device),
@@ -227,7 +229,8 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
                         device=accelerator.device, precision=accelerator.mixed_precision, world_size=world))
                     values["skipped_samples"] = totals[-1]  # this epoch so far, all ranks
                     logger.scalars(values, state.step, prefix="train/")
-                    logger.line(f"epoch {state.epoch} step {state.step}/{total_steps} {format_scalars(values)}")
+                    logger.line(f"epoch {state.epoch + 1}/{train.epochs} step {state.step}/{total_steps} "
+                                f"{format_scalars(values)}")
                 window = []
 
             stopped_by = stop.agreed(accelerator)
@@ -243,13 +246,14 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             if state.step >= total_steps:  # train.max_steps ends the run mid-epoch
                 checkpoint()
                 break
-            raise RuntimeError(f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch}, "
+            raise RuntimeError(f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch + 1}, "
                                f"expected {batches_per_epoch}")
         skipped = int(accelerator.reduce(torch.tensor(task.train_data.skipped(), device=accelerator.device),
                                          reduction="sum"))
         if is_main and skipped:
             logger.scalars({"skipped_samples": skipped}, state.step, prefix="train/")
-            logger.line(f"epoch {state.epoch}: skipped {skipped} corrupt or unreadable samples (see the warnings)")
+            logger.line(f"epoch {state.epoch + 1}/{train.epochs}: skipped {skipped} corrupt or unreadable samples "
+                        "(see the warnings)")
         state.epoch += 1
         state.batch_in_epoch = 0
         if task.evaluate is not None and (state.epoch % train.eval_every == 0 or state.step >= total_steps):

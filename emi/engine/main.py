@@ -1,12 +1,11 @@
-"""The command line every training entry point shares:
-`--config FILE [--resume latest|PATH] [--trust-checkpoint] [key=value ...]`.
+"""How every training entry point runs: its command line (emi.arguments.parse_run_args: `--config FILE
+[--resume latest|PATH] [--trust-checkpoint] [key=value ...]`), the processes, the stage's task, the shared loop.
 
 Usage errors (bad config, missing shards) exit with code 2 and one clear line; a run stopped by SIGUSR1/SIGTERM
 exits 0 after its checkpoint, ready for `--resume latest`.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from emi.arguments import parse_run_args, run_overrides
 from emi.config import load_config
 from emi.engine.distributed import build_accelerator
 from emi.engine.loop import FitResult, Task, fit
@@ -25,28 +25,13 @@ from emi.errors import EXIT_NOT_FINISHED, EXIT_OK, EXIT_USAGE, UsageError
 C = TypeVar("C")
 
 
-def parse_run_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML run config")
-    parser.add_argument("--resume", default=None, help="none | latest (newest checkpoint, if any) | a checkpoint")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="resume from a checkpoint another run wrote (train.trust_checkpoint=true); loading "
-                        "unpickles DeepSpeed's optimizer states, so only for checkpoints you trust like code")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.batch_size=8")
-    # intermixed: options may stand anywhere among the overrides (`a=1 --resume latest b=2`), as batch scripts
-    # append `--resume latest` after whatever overrides the user gave
-    return parser.parse_intermixed_args(argv)
-
-
 def run_stage(schema: type[C], build_task: Callable[[C, Accelerator], Task], argv: list[str] | None,
               description: str) -> FitResult | int:
     """Load the config, set up the processes, build the stage's task and hand it to the shared loop."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_run_args(argv, description)
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else []) + (
-        ["train.trust_checkpoint=true"] if args.trust_checkpoint else [])
+    args = parse_run_args(argv, description=description)
     try:
-        config: Any = load_config(schema, args.config, overrides)
+        config: Any = load_config(schema, args.config, run_overrides(args))
         accelerator = build_accelerator(config.train, config.data.batch_size)
         set_seed(config.run.seed)  # the same initial weights on every rank
         task = build_task(config, accelerator)
