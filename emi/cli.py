@@ -11,6 +11,7 @@ from emi.config import (
     CONFIG_KINDS, CONFIG_SCHEMAS, SHIPPED_CONFIGS, config_kind, config_to_dict, load_config, resolve_config_path,
     shipped_config_names)
 from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, StoppedError, UsageError
+from emi.storage import StorageUnavailable
 
 
 def _shards_build(args: argparse.Namespace) -> int:
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"emi: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except StoppedError as err:
+    except (StoppedError, StorageUnavailable) as err:
         print(f"emi: error: {err}", file=sys.stderr)
         return EXIT_PARTIAL
 

@@ -6,10 +6,19 @@ variables, ~/.aws/config and ~/.aws/credentials, AWS_ENDPOINT_URL for S3-compati
 secret, and `shown` strips any user:password from a URL before it goes into a message, log or manifest.
 
 Transient errors (a connection reset or refused, a 5xx, a read that ends before the object does) are retried with
-backoff for up to RETRY_DEADLINE_S; `ResumableReader` reopens the object at the byte it had reached, so a stream
-resumes exactly where it broke. Permanent errors (no such bucket or key, access denied, no credentials) raise
-StorageError at once, naming the URL. Objects are written whole (a put of a complete local file or of bytes): a
-killed writer leaves no partial object, since an S3 object (multipart uploads included) appears only when complete.
+backoff for up to RETRY_DEADLINE_S; `ResumableReader` reads the object in ranges from the byte it has reached, so a
+stream resumes exactly where it broke. Every call to the object store is bounded: one that gets no answer within
+CALL_TIMEOUT_S (plus the time its bytes take at MIN_BYTES_PER_S) is abandoned and retried like a transient error,
+so a stuck store ends in StorageUnavailable, naming the URL, after the retry deadline; it never hangs. Permanent
+errors (no such bucket or key, access denied, no credentials) raise StorageError at once, naming the URL. Objects
+are written whole (a put of a complete local file or of bytes): a killed writer leaves no partial object, since an
+S3 object (multipart uploads included) appears only when complete.
+
+Each process has its own file system objects (`_filesystem`), never fsspec's shared instance cache: a forked
+process (a DataLoader worker) inherits its parent's objects and their open connections, and fsspec empties its
+cache in the child, whose garbage collector then closed the inherited connections through the parent's event loop
+(epoll is shared across a fork): the parent's next request waited for ever. Here the parent's objects stay
+referenced in the child, which makes its own.
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 RETRY_DEADLINE_S = 180.0  # long enough for an object store to restart
 BACKOFF_S = (0.5, 10.0)  # first wait, longest wait; doubled after each failure
 READ_BLOCK = 8 << 20  # bytes fetched per ranged read of a remote object
+CALL_TIMEOUT_S = 60.0  # the longest one call may go unanswered (botocore's own read timeout is 60 s too)
+MIN_BYTES_PER_S = 1 << 20  # a transfer may take CALL_TIMEOUT_S plus its bytes at this rate
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
 _PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "InvalidConfigError"}
@@ -40,6 +51,11 @@ T = TypeVar("T")
 
 class StorageError(UsageError):
     """A remote location that cannot be used however often one tries (no such bucket, access denied, ...)."""
+
+
+class StorageUnavailable(OSError):
+    """A remote location that kept failing (or not answering) until the retry deadline: the work stops there, and a
+    re-run continues once the store answers again."""
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -63,13 +79,41 @@ def basename(location: str | os.PathLike) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[-1]
 
 
+_FILESYSTEMS: dict[tuple[int, str, str], object] = {}  # (pid, protocol, options in the URL) -> file system
+
+
 def _filesystem(url: str):
+    """(file system, path) of a URL: one file system object per process and protocol (see the module docstring)."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        protocol = fsspec.core.split_protocol(url)[0]
+        cls = fsspec.get_filesystem_class(protocol)
+        options = cls._get_kwargs_from_urls(url)
+        key = (os.getpid(), protocol, repr(sorted(options.items())))
+        if key not in _FILESYSTEMS:
+            _FILESYSTEMS[key] = cls(skip_instance_cache=True, **options)
+        return _FILESYSTEMS[key], cls._strip_protocol(url)
     except (ImportError, ValueError) as err:
         raise StorageError(f"{shown(url)}: no file system for this URL ({err})") from None
+
+
+def forget_filesystems() -> None:
+    """Drop this process's file system objects: the next call makes new ones, with the credentials and endpoint the
+    environment holds then."""
+    for key in [key for key in _FILESYSTEMS if key[0] == os.getpid()]:
+        del _FILESYSTEMS[key]
+
+
+def _bounded(fs, method: str, *args, size: int = 0, **kwargs):
+    """fs.method(*args, **kwargs), abandoned with TimeoutError when it goes unanswered for CALL_TIMEOUT_S plus `size`
+    bytes at MIN_BYTES_PER_S. fsspec's asynchronous file systems (s3, gcs, http, ...) take the bound themselves;
+    a synchronous one returns or fails on its own."""
+    import fsspec.asyn
+
+    if isinstance(fs, fsspec.asyn.AsyncFileSystem):
+        kwargs["timeout"] = CALL_TIMEOUT_S + size / MIN_BYTES_PER_S
+    return getattr(fs, method)(*args, **kwargs)
 
 
 def _is_permanent(err: BaseException) -> bool:
@@ -79,6 +123,8 @@ def _is_permanent(err: BaseException) -> bool:
 
 
 def _reason(err: BaseException) -> str:
+    if isinstance(err, TimeoutError):  # fsspec's FSTimeoutError too
+        return f"no answer within the call's time limit ({type(err).__name__})"
     if isinstance(err, FileNotFoundError):
         return f"no such bucket or object ({err})"
     if isinstance(err, PermissionError):
@@ -101,41 +147,32 @@ def retrying(url: str, what: str, action: Callable[[], T]) -> T:
                     raise
                 raise StorageError(f"{shown(url)}: cannot {what}: {_reason(err)}") from None
             if time.monotonic() + wait > deadline:
-                raise OSError(f"{shown(url)}: cannot {what}, still failing after retrying "
-                              f"{RETRY_DEADLINE_S:.0f} s: {_reason(err)}") from None
+                raise StorageUnavailable(f"{shown(url)}: cannot {what}, still failing after retrying "
+                                         f"{RETRY_DEADLINE_S:.0f} s: {_reason(err)}") from None
             log.warning("%s: cannot %s (%s); retrying in %.2f s", shown(url), what, _reason(err), wait)
             time.sleep(wait)
             wait = min(2 * wait, BACKOFF_S[1])
 
 
 class ResumableReader(io.RawIOBase):
-    """A remote object read front to back in READ_BLOCK ranges; a transient error, or an end before the object's
-    size, reopens it at the byte reached (after a backoff), so the stream goes on with nothing lost or repeated."""
+    """A remote object read front to back in ranged requests of at most READ_BLOCK bytes, each bounded in time; a
+    transient error, a request unanswered, or an answer that ends early is retried (after a backoff) from the byte
+    reached, so the stream goes on with nothing lost or repeated."""
 
     def __init__(self, url: str):
         super().__init__()
         self.url = url
         self.fs, self.path = _filesystem(url)
-        self.size = retrying(url, "open it", lambda: self.fs.size(self.path))
+        self.size = retrying(url, "open it", lambda: _bounded(self.fs, "size", self.path))
         self.offset = 0
-        self._file = None
 
     def readable(self) -> bool:
         return True
 
     def _read(self, size: int) -> bytes:
-        if self._file is None:
-            self._file = self.fs.open(self.path, "rb", block_size=READ_BLOCK, cache_type="readahead")
-            self._file.seek(self.offset)
-        return self._file.read(size)
-
-    def _reset(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            try:
-                file.close()
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close too
-                pass
+        """Up to `size` bytes from `offset`: one ranged request."""
+        end = self.offset + min(size, READ_BLOCK)
+        return _bounded(self.fs, "cat_file", self.path, start=self.offset, end=end, size=end - self.offset)
 
     def readinto(self, buffer) -> int:
         want = min(len(buffer), self.size - self.offset)
@@ -143,23 +180,15 @@ class ResumableReader(io.RawIOBase):
             return 0
 
         def attempt() -> bytes:
-            try:
-                data = self._read(want)
-                if not data:  # a response cut short: the connection closed before the object's end
-                    raise EOFError(f"the object ended at byte {self.offset} of {self.size}")
-                return data
-            except Exception:
-                self._reset()
-                raise
+            data = self._read(want)
+            if not data:  # a response cut short: the connection closed before the object's end
+                raise EOFError(f"the object ended at byte {self.offset} of {self.size}")
+            return data[:want]
 
         data = retrying(self.url, f"read it at byte {self.offset}", attempt)
         buffer[:len(data)] = data
         self.offset += len(data)
         return len(data)
-
-    def close(self) -> None:
-        self._reset()
-        super().close()
 
 
 def open_stream(location: str | os.PathLike) -> IO[bytes]:
@@ -177,7 +206,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
 
     def get() -> bytes:
         try:
-            return fs.cat_file(path)
+            return _bounded(fs, "cat_file", path)
         except FileNotFoundError:
             return None
 
@@ -193,7 +222,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         write_atomic(Path(location), data)
         return
     fs, path = _filesystem(str(location))
-    retrying(str(location), "write it", lambda: fs.pipe_file(path, data))
+    retrying(str(location), "write it", lambda: _bounded(fs, "pipe_file", path, data, size=len(data)))
 
 
 def upload(local: Path, location: str | os.PathLike) -> None:
@@ -202,7 +231,8 @@ def upload(local: Path, location: str | os.PathLike) -> None:
         os.replace(local, location)
         return
     fs, path = _filesystem(str(location))
-    retrying(str(location), "upload it", lambda: fs.put_file(str(local), path))
+    size = os.path.getsize(local)
+    retrying(str(location), "upload it", lambda: _bounded(fs, "put_file", str(local), path, size=size))
 
 
 def upload_folder(folder: Path, location: str | os.PathLike, last: str | None = None) -> None:
@@ -224,7 +254,7 @@ def exists(location: str | os.PathLike) -> bool:
     if not is_url(location):
         return os.path.exists(location)
     fs, path = _filesystem(str(location))
-    return retrying(str(location), "look it up", lambda: fs.isfile(path))
+    return retrying(str(location), "look it up", lambda: _bounded(fs, "isfile", path))
 
 
 def size(location: str | os.PathLike) -> int | None:
@@ -238,7 +268,7 @@ def size(location: str | os.PathLike) -> int | None:
 
     def get() -> int | None:
         try:
-            return fs.size(path)
+            return _bounded(fs, "size", path)
         except FileNotFoundError:
             return None
 
@@ -253,7 +283,7 @@ def list_names(folder: str | os.PathLike) -> list[str]:
 
     def get() -> list[str]:
         try:
-            entries = fs.ls(path.rstrip("/"), detail=True, refresh=True)
+            entries = _bounded(fs, "ls", path.rstrip("/"), detail=True, refresh=True)
         except FileNotFoundError:
             return []
         return sorted(basename(entry["name"]) for entry in entries if entry.get("type") == "file")
@@ -268,7 +298,7 @@ def list_tree(folder: str) -> list[str]:
 
     def get() -> list[str]:
         try:
-            found = fs.find(root, withdirs=False)
+            found = _bounded(fs, "find", root, withdirs=False)
         except FileNotFoundError:
             return []
         return sorted(name[len(root) + 1:] for name in found if name.startswith(root + "/"))
@@ -279,7 +309,21 @@ def list_tree(folder: str) -> list[str]:
 def download(location: str, local: Path) -> None:
     """Copy a remote object to a local file, retrying transient errors."""
     fs, path = _filesystem(location)
-    retrying(location, "download it", lambda: fs.get_file(path, str(local)))
+    size = retrying(location, "look it up", lambda: _bounded(fs, "size", path))
+    retrying(location, "download it", lambda: _bounded(fs, "get_file", path, str(local), size=size))
+
+
+def make_bucket(url: str) -> None:
+    """Create the bucket (or top folder) of a URL such as s3://name, if it is not there."""
+    fs, path = _filesystem(url)
+
+    def create() -> None:
+        try:
+            _bounded(fs, "mkdir", path, create_parents=True)
+        except FileExistsError:
+            pass
+
+    retrying(url, "create it", create)
 
 
 def remove(location: str | os.PathLike) -> None:
@@ -291,7 +335,7 @@ def remove(location: str | os.PathLike) -> None:
 
     def delete() -> None:
         try:
-            fs.rm_file(path)
+            _bounded(fs, "rm_file", path)
         except FileNotFoundError:
             pass
 

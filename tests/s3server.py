@@ -28,9 +28,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         for name, value in server.env.items():
             patch.setenv(name, value)
-        import s3fs
+        from emi import storage
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        stack.callback(s3fs.S3FileSystem.clear_instance_cache)
-        s3fs.S3FileSystem().mkdir("emi")
+        storage.forget_filesystems()  # made with the previous module's server, or none
+        stack.callback(storage.forget_filesystems)
+        storage.make_bucket("s3://emi")
         yield server

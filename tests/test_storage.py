@@ -109,14 +109,13 @@ def test_permanent_errors_name_the_url(grid, monkeypatch, capsys, tmp_path):
     assert "s3://no-such-bucket/train" in error and "no such bucket or object" in error, error
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
+    storage.forget_filesystems()  # the next call signs with the wrong secret
     try:
         assert main(["shards", "merge", grid["url"]]) == 2
         error = capsys.readouterr().err
     finally:
-        s3fs.S3FileSystem.clear_instance_cache()
+        monkeypatch.undo()
+        storage.forget_filesystems()
     assert "s3://emi/grid/train/.emi-tasks: cannot list it: access denied" in error, error
     assert "not-the-secret" not in error
 
@@ -248,3 +247,56 @@ def test_clips_come_from_a_bucket(grid, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["args"]["videos"] == "s3://emi/videos"
     assert main(["shards", "build", "--videos", "s3://emi/nothing-here", "--labels", str(grid["labels"]), "--out",
                  str(tmp_path / "none")]) == 2
+
+
+def emi_command(server, *args: str) -> subprocess.CompletedProcess:
+    """`python -m emi.cli ARGS` as a user runs it (default --workers), against the test server."""
+    return subprocess.run([sys.executable, "-m", "emi.cli", *args], cwd=REPO, env=cpu_env(**server.env),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_commands_with_s3_in_and_s3_out_end_with_the_local_results(server, encoders, clip_shards, feature_shards,
+                                                                   checkpoint, tmp_path):
+    """Features, evaluation, batch prediction and Stage II training read from the bucket and write to it (training
+    publishes its exports there), each in a subprocess with the default loader worker (a forked DataLoader worker
+    reads the shards): each ends, with the local run's results. The first three hung for ever in their last write
+    before."""
+    clips, features = "s3://emi/cli/clips", "s3://emi/cli/features"
+    for path in clip_shards.iterdir():
+        storage.write_bytes(f"{clips}/{path.name}", path.read_bytes())
+    extracted = emi_command(server, "features", "extract", "--encoders", str(encoders), "--shards", clips, "--out",
+                            features, "--batch-size", "4")
+    assert extracted.returncode == 0, extracted.stderr[-3000:]
+    written = objects(features)
+    local = {path.name: path.read_bytes() for path in feature_shards.iterdir()}
+    assert {name: data for name, data in written.items() if name != "manifest.json"} == {
+        name: data for name, data in local.items() if name != "manifest.json"}
+    assert {**json.loads(written["manifest.json"]), "source": None} == {**json.loads(local["manifest.json"]),
+                                                                        "source": None}
+
+    evaluated = emi_command(server, "evaluate", "--checkpoint", str(checkpoint), "--shards", features, "--out",
+                            "s3://emi/cli/eval/test.json", "--tb", str(tmp_path / "tb"), "--batch-size", "3")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(storage.read_bytes("s3://emi/cli/eval/test.json")) == json.loads(evaluated.stdout)
+    assert storage.read_bytes("s3://emi/cli/eval/test.png").startswith(b"\x89PNG\r\n\x1a\n")
+
+    predicted = emi_command(server, "predict", "--checkpoint", str(checkpoint), "--shards", features, "--out",
+                            "s3://emi/cli/test.csv", "--batch-size", "1")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert main(["predict", "--checkpoint", str(checkpoint), "--shards", str(feature_shards), "--out",
+                 str(tmp_path / "test.csv"), "--batch-size", "1", "--workers", "0"]) == 0
+    assert storage.read_bytes("s3://emi/cli/test.csv") == (tmp_path / "test.csv").read_bytes()
+
+    trained = subprocess.run(
+        [sys.executable, "-m", "emi.stages.stage2", "--config", "stage2/tiny.yaml", f"data.train={features}",
+         f"data.val={features}", f"run.output_dir={tmp_path / 'runs'}", "run.name=s3", "data.batch_size=4",
+         "train.epochs=2", "run.publish_to=s3://emi/cli/runs/s3"],
+        cwd=REPO, env=cpu_env(**server.env), capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    for export in ("best", "export"):
+        local = tmp_path / "runs" / "s3" / export
+        files = [path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()]
+        assert files and all(storage.read_bytes(f"s3://emi/cli/runs/s3/{export}/{name}") == (local / name).read_bytes()
+                             for name in files)
+    errors = extracted.stderr + evaluated.stderr + predicted.stderr + trained.stderr
+    assert "attached to a different loop" not in errors and "could not publish" not in errors
