@@ -300,3 +300,22 @@ def test_commands_with_s3_in_and_s3_out_end_with_the_local_results(server, encod
                              for name in files)
     errors = extracted.stderr + evaluated.stderr + predicted.stderr + trained.stderr
     assert "attached to a different loop" not in errors and "could not publish" not in errors
+
+
+def test_a_store_that_stops_answering_ends_in_a_clear_error_not_a_hang(grid, server, monkeypatch):
+    """The server is frozen (SIGSTOP: connections open, no answer): every call gives up after its time limit and is
+    retried; after the retry deadline the command stops with one line naming the URL and exit code 3."""
+    monkeypatch.setattr(storage, "CALL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage, "RETRY_DEADLINE_S", 4.0)
+    monkeypatch.setattr(storage, "BACKOFF_S", (0.2, 1.0))
+    storage.forget_filesystems()  # no connection of an earlier test to reuse
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(storage.StorageUnavailable) as err:
+            storage.read_bytes(f"{grid['url']}/manifest.json")
+        assert main(["shards", "stats", grid["url"]]) == 3
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    assert str(err.value).startswith(f"{grid['url']}/manifest.json: cannot read it, still failing after retrying 4 s")
+    assert "no answer within the call's time limit" in str(err.value)
+    assert json.loads(storage.read_bytes(f"{grid['url']}/manifest.json"))["num_samples"] == len(KEYS)
