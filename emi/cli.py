@@ -86,9 +86,10 @@ def _predict(args: argparse.Namespace) -> int:
         return EXIT_OK if all("error" not in result for result in results) else EXIT_PARTIAL
     if sum(map(bool, (args.files, args.shards, args.videos))) != 1:
         raise UsageError("give one of --shards URL, --videos DIR or video files")
-    videos = video_files(args.videos) if args.videos else (args.files or None)
+    videos, refused = video_files(args.videos) if args.videos else (args.files or None, [])
     summary = predict_to_csv(checkpoint=args.checkpoint, out=args.out, shards=args.shards, videos=videos,
-                             manifest=args.manifest, asr=args.asr, batch_size=args.batch_size, workers=args.workers)
+                             manifest=args.manifest, asr=args.asr, batch_size=args.batch_size, workers=args.workers,
+                             refused=refused)
     if summary.main_process:  # on several ranks every rank has the summary; one prints it
         print(summary.describe())
     return EXIT_OK if not summary.failures else EXIT_PARTIAL

@@ -52,7 +52,7 @@ from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, fusion_inputs, load_fusion, present_modalities
 from emi.ranks import process_state
 from emi.shards.asr import check_whisper, parse_asr
-from emi.shards.plan import NOT_CLIPS, ClipJob, Failure, SampleOptions
+from emi.shards.plan import ClipJob, Failure, SampleOptions, check_videos_folder, escape_reason, may_be_clip
 from emi.shards.sample import Sample, SampleBuilder
 
 log = logging.getLogger(__name__)
@@ -395,25 +395,33 @@ class BatchPrediction:
         return "\n".join(lines)
 
 
-def video_files(folder: str | Path) -> list[str]:
-    """The clips of a videos folder, as the shard builder sees them: its files but hidden ones and NOT_CLIPS, by
-    name."""
+def video_files(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The clips of a videos folder as the shard builder sees them (its files but hidden ones and NOT_CLIPS, by
+    name), and those refused by the builder's rule, with the reason ({"file", "reason"}: a symlink out of it)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"--videos {folder}: no such folder")
-    return [str(path) for path in sorted(folder.iterdir())
-            if not path.name.startswith(".") and path.suffix.lower() not in NOT_CLIPS and not path.is_dir()]
+    check_videos_folder(folder)
+    clips, refused = [], []
+    for path in sorted(folder.iterdir()):
+        if not may_be_clip(path) or path.is_dir():
+            continue
+        reason = escape_reason(path, folder)
+        if reason is None:
+            clips.append(str(path))
+        else:
+            refused.append({"file": str(path), "reason": reason})
+    return clips, refused
 
 
 def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Path, shards: str | None = None,
                    videos: Sequence[str] | None = None, manifest: str | Path | None = None, asr: str | None = None,
-                   batch_size: int = 8, workers: int = 1) -> BatchPrediction:
+                   batch_size: int = 8, workers: int = 1, refused: Sequence[dict[str, str]] = ()) -> BatchPrediction:
     """Predict every clip of `shards` (clip or feature shards) or every file of `videos`, on however many ranks this
     runs (accelerate launch, torchrun, srun, or one process): each rank its share, gathered once (no clip twice,
     none missing); rank 0 writes `out`, the challenge's CSV (Filename, then the checkpoint's labels; one row per
     clip, in input order), and `<out>.failures.json`. Filename is the clip id: the shard key, or the file's name
     without its extension. `checkpoint`: one checkpoint, an ensemble folder or several checkpoints, whose
-    predictions are averaged."""
+    predictions are averaged. `refused`: files of a videos folder refused before prediction (`video_files`), reported
+    with the failures."""
     check_batching(batch_size, workers)
     if (shards is None) == (videos is None):
         raise UsageError("give clips to predict: --shards URL or --videos DIR (or video files), not both")
@@ -439,7 +447,7 @@ def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Pat
         results = dict(gather_object(mine))
         if sorted(results) != list(range(len(videos))):
             raise RuntimeError(f"gathered predictions for {len(results)} of {len(videos)} videos")
-        rows, failures, seen = [], [], set()
+        rows, failures, seen = [], list(refused), set()
         for index in range(len(videos)):
             result, clip_id = results[index], Path(videos[index]).stem
             if "error" in result:

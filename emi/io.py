@@ -62,9 +62,18 @@ def file_record(path: Path) -> dict[str, int | str]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def is_file_record(record: object) -> bool:
+    """Whether `record` has the shape of a file_record: a size in bytes and a sha256."""
+    return (isinstance(record, dict) and isinstance(record.get("bytes"), int) and not isinstance(record["bytes"], bool)
+            and record["bytes"] >= 0 and isinstance(record.get("sha256"), str)
+            and len(record["sha256"]) == 64 and all(c in "0123456789abcdef" for c in record["sha256"]))
+
+
 def file_problem(folder: Path, name: str, record: dict[str, int | str]) -> str | None:
     """Why file `name` of `folder` is no longer the one `record` (a file_record) describes; None when it is."""
     path = folder / name
+    if path.is_dir():
+        return f"{name}: a folder, where a file was written"
     if not path.is_file():
         return f"{name}: missing"
     size = path.stat().st_size

@@ -161,7 +161,7 @@ def test_same_size_damage_and_a_lost_checksum_record_are_caught(trainer, tmp_pat
     data[-1] ^= 0xFF  # one flipped bit: same size
     weights.write_bytes(bytes(data))
     with pytest.raises(UsageError, match=re.escape(
-            f"--resume {root / 'step-00000004'}: damaged checkpoint (model.safetensors: its sha256 differs")):
+            f"--resume {root / 'step-00000004'}: the checkpoint is damaged (model.safetensors: its sha256 differs")):
         resolve_resume(accelerator, run_dir, str(root / "step-00000004"), "run-a", trust=False)
     (root / "step-00000002" / CHECKSUM_FILE).unlink()
     with pytest.raises(UsageError) as error:
@@ -177,12 +177,40 @@ def test_a_checkpoint_another_run_wrote_loads_only_when_trusted(trainer, tmp_pat
     accelerator, _ = trainer
     run_dir = saved_run(tmp_path, accelerator, [3], run_id="someone-else")
     folder = run_dir / "checkpoints" / "step-00000003"
+    with pytest.raises(UsageError, match=re.escape(
+            f"{folder} was written by run someone-else, not by this run (run-a, in its run.json). Resuming runs "
+            "DeepSpeed's checkpoint loader, which unpickles") + ".*--trust-checkpoint"):
+        resolve_resume(accelerator, run_dir, str(folder), "run-a", trust=False)
+    with pytest.raises(UsageError, match=re.escape(
+            f"no intact checkpoint to resume from in {folder.parent}: step-00000003 is another run's (written by "
+            "run someone-else, not by this run run-a; --trust-checkpoint resumes it anyway)")):
+        resolve_resume(accelerator, run_dir, "latest", "run-a", trust=False)
     for resume in ("latest", str(folder)):
-        with pytest.raises(UsageError, match=re.escape(
-                f"{folder} was written by run someone-else, not by this run (run-a, in its run.json). Resuming runs "
-                "DeepSpeed's checkpoint loader, which unpickles") + ".*--trust-checkpoint"):
-            resolve_resume(accelerator, run_dir, resume, "run-a", trust=False)
         assert resolve_resume(accelerator, run_dir, resume, "run-a", trust=True) == (folder, [])
+
+
+def test_latest_skips_a_checkpoint_of_another_run_or_with_a_malformed_record(trainer, tmp_path):
+    """One changed character in the newest checkpoint's run id, a file record without its keys in the next: both
+    are skipped and named, moved aside like damaged ones, and the newest intact checkpoint of this run is resumed."""
+    accelerator, _ = trainer
+    run_dir = saved_run(tmp_path, accelerator, [2, 4, 6, 8])
+    root = run_dir / "checkpoints"
+    record = json.loads((root / "step-00000008" / CHECKSUM_FILE).read_text())
+    (root / "step-00000008" / CHECKSUM_FILE).write_text(json.dumps({**record, "run_id": "run-b"}))
+    for step, malformed in ((6, {"size": 1}), (4, "a string")):
+        record = json.loads((root / f"step-0000000{step}" / CHECKSUM_FILE).read_text())
+        record["files"][STATE_FILE] = malformed
+        (root / f"step-0000000{step}" / CHECKSUM_FILE).write_text(json.dumps(record))
+    found, warnings = resolve_resume(accelerator, run_dir, "latest", "run-a", trust=False)
+    assert found == root / "step-00000002"
+    assert warnings == [
+        f"checkpoint {root / 'step-00000008'} is another run's (written by run run-b, not by this run run-a; "
+        "--trust-checkpoint resumes it anyway); moved aside to damaged-step-00000008",
+        f"checkpoint {root / 'step-00000006'} is damaged ({CHECKSUM_FILE}: file {STATE_FILE!r} has a malformed "
+        "record {'size': 1}); moved aside to damaged-step-00000006",
+        f"checkpoint {root / 'step-00000004'} is damaged ({CHECKSUM_FILE}: file {STATE_FILE!r} has a malformed "
+        "record 'a string'); moved aside to damaged-step-00000004"]
+    assert checkpoints(run_dir) == [root / "step-00000002"]
 
 
 def test_replace_folder_swaps_in_a_complete_folder(tmp_path):

@@ -1,6 +1,7 @@
 """`emi evaluate` and `emi predict` with tiny random encoders and fusion model on real GRID clips."""
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -580,3 +581,19 @@ def test_dropping_or_corrupting_a_modality_the_model_does_not_read_changes_nothi
         "mean_pearson"] for name, given in flags.items()}
     assert score["drop"] == score["corrupt"] == score["clean"]
     assert abs(score["noisy audio"] - score["clean"]) > 1e-2
+
+
+def test_predict_videos_refuses_a_symlink_out_of_the_folder_as_the_builder_does(checkpoint, tmp_path, capsys):
+    folder, outside = tmp_path / "videos", tmp_path / "outside.mpg"
+    folder.mkdir()
+    shutil.copy(CLIPS[0], folder)
+    shutil.copy(CLIPS[1], outside)
+    os.symlink(outside, folder / "link.mpg")
+    common = ["predict", "--checkpoint", str(checkpoint), "--workers", "0", "--out", str(tmp_path / "p.csv")]
+    assert main([*common, "--videos", str(folder)]) == 3
+    assert read_predictions(tmp_path / "p.csv")[1] == [CLIPS[0].stem]  # no row for the file outside
+    assert json.loads((tmp_path / "p.failures.json").read_text())["failures"] == [
+        {"file": str(folder / "link.mpg"), "reason": f"escapes the videos folder (a symlink to {outside})"}]
+    capsys.readouterr()
+    assert main([*common, "--videos", str(folder / CLIPS[0].name)]) == 2
+    assert f"--videos {folder / CLIPS[0].name}: a file, not a folder of clips" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Stage I end to end on synthetic shards with tiny encoders, 2 processes on the CPU (gloo)."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -139,9 +140,10 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(strat
 
 def test_damaged_checkpoints_fall_back_to_the_newest_intact_one_with_the_uninterrupted_weights(
         strategy_runs, synthetic_shards):
-    """Cut a ZeRO partition of the newest checkpoint in half and half-write the trainer state of the one before:
-    --resume latest names both, moves them aside, resumes from the newest intact one and ends bit-identical to the
-    uninterrupted ZeRO-2 run."""
+    """Cut a ZeRO partition of the newest checkpoint in half, half-write the trainer state of the one before, give
+    the next one's checkpoint.json a file record without its keys and change one character of the run id in the
+    next: --resume latest names all four, moves them aside, resumes from the newest intact one of this run and ends
+    bit-identical to the uninterrupted ZeRO-2 run."""
     args = stage1_args(synthetic_shards, strategy_runs, "run.name=damaged", "train.strategy=zero2", "train.epochs=6",
                        "train.checkpoint_every=2", "train.keep_last=20")
     run_dir, root = strategy_runs / "damaged", strategy_runs / "damaged" / "checkpoints"
@@ -151,6 +153,12 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one_with_the_uninter
     sizes = partition.stat().st_size, state.stat().st_size
     partition.write_bytes(partition.read_bytes()[:sizes[0] // 2])
     state.write_text(state.read_text()[:sizes[1] // 2])
+    record = json.loads((root / "step-00000004" / "checkpoint.json").read_text())
+    record["files"]["trainer_state.json"] = {"size": 1}
+    (root / "step-00000004" / "checkpoint.json").write_text(json.dumps(record))
+    record = json.loads((root / "step-00000003" / "checkpoint.json").read_text())
+    run_id, changed = record["run_id"], record["run_id"][:-1] + ("0" if record["run_id"][-1] != "0" else "1")
+    (root / "step-00000003" / "checkpoint.json").write_text(json.dumps({**record, "run_id": changed}))
 
     launch("train/stage1.py", [*args, "--resume", "latest"])
     log = (run_dir / "log.txt").read_text()
@@ -159,7 +167,11 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one_with_the_uninter
             "when written); moved aside to damaged-step-00000008") in log
     assert (f"warning: checkpoint {root / 'step-00000006'} is damaged (trainer_state.json: {sizes[1] // 2} bytes, "
             f"{sizes[1]} when written); moved aside to damaged-step-00000006") in log
-    assert f"resumed from {root / 'step-00000004'}: epoch 2 step 4 (batch 1 of the epoch)" in log
+    assert (f"warning: checkpoint {root / 'step-00000004'} is damaged (checkpoint.json: file 'trainer_state.json' "
+            "has a malformed record {'size': 1}); moved aside to damaged-step-00000004") in log
+    assert (f"warning: checkpoint {root / 'step-00000003'} is another run's (written by run {changed}, not by this "
+            f"run {run_id}; --trust-checkpoint resumes it anyway); moved aside to damaged-step-00000003") in log
+    assert f"resumed from {root / 'step-00000002'}: epoch 1 step 2 (batch 2 of the epoch)" in log
     reference, resumed = exported(strategy_runs / "zero2"), exported(run_dir)
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[name], resumed[name]) for name in reference)

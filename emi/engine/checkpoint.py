@@ -27,7 +27,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from emi.errors import UsageError
-from emi.io import file_problem, file_record, folder_files, replace_folder, write_json_atomic
+from emi.io import file_problem, file_record, folder_files, is_file_record, replace_folder, write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checkpoint.json"
@@ -74,9 +74,10 @@ def resolve_resume(accelerator: Accelerator, run_dir: Path, resume: str, run_id:
                    ) -> tuple[Path | None, list[str]]:
     """(the checkpoint to resume from, warnings to log). Every rank calls this and gets the same answer.
 
-    `none` -> None; `latest` -> the newest intact checkpoint, None when there is none at all; anything else must
-    be an intact checkpoint. Damaged checkpoints are skipped under `latest` and moved aside (rank 0), so that
-    pruning never keeps them in place of intact ones; if all are damaged, UsageError naming each and why."""
+    `none` -> None; `latest` -> the newest checkpoint that is intact and this run's own (or any intact one with
+    `trust`), None when there is none at all; anything else must be an intact checkpoint, of this run unless
+    trusted. Under `latest` the others are skipped and moved aside (rank 0), so that pruning never keeps them in
+    place of intact ones; if none is usable, UsageError naming each and why."""
     if resume == "none":
         return None, []
     if resume != "latest":
@@ -84,64 +85,80 @@ def resolve_resume(accelerator: Accelerator, run_dir: Path, resume: str, run_id:
         if not path.is_dir():
             raise UsageError(f"--resume {resume}: no such checkpoint folder")
         problem = verify_checkpoint(accelerator, path, run_id, trust)
+        if problem is not None and problem.foreign_run is not None:
+            raise UsageError(f"{path} was written by run {problem.foreign_run}, not by this run ({run_id}, in its "
+                             f"{RUN_FILE}). Resuming runs DeepSpeed's checkpoint loader, which unpickles: load a "
+                             "checkpoint from elsewhere only if you trust it as you would trust code, with "
+                             "--trust-checkpoint (train.trust_checkpoint=true)")
         if problem is not None:
-            raise UsageError(f"--resume {resume}: damaged checkpoint ({problem})")
+            raise UsageError(f"--resume {resume}: the checkpoint is {problem.reason}")
         return path, []
-    damaged: list[tuple[Path, str]] = []
+    unusable: list[tuple[Path, str]] = []
     found = None
     for candidate in reversed(checkpoints(run_dir)):
         problem = verify_checkpoint(accelerator, candidate, run_id, trust)
         if problem is None:
             found = candidate
             break
-        damaged.append((candidate, problem))
-    if found is None and damaged:
+        unusable.append((candidate, problem.reason))
+    if found is None and unusable:
         raise UsageError(f"no intact checkpoint to resume from in {checkpoint_root(run_dir)}: " + "; ".join(
-            f"{path.name} is damaged ({problem})" for path, problem in damaged))
+            f"{path.name} is {problem}" for path, problem in unusable))
     warnings = []
-    for path, problem in damaged:
+    for path, problem in unusable:
         aside = path.with_name(f"damaged-{path.name}")
         if accelerator.is_main_process:
             replace_folder(path, aside)
-        warnings.append(f"checkpoint {path} is damaged ({problem}); moved aside to {aside.name}")
+        warnings.append(f"checkpoint {path} is {problem}; moved aside to {aside.name}")
     accelerator.wait_for_everyone()
     return found, warnings
 
 
-def verify_checkpoint(accelerator: Accelerator, path: Path, run_id: str, trust: bool) -> str | None:
-    """Why checkpoint `path` cannot be loaded (a damaged or missing file), None when it is intact. Every rank
-    calls this and gets the same answer; UsageError when another run wrote it and `trust` is off."""
+@dataclass(frozen=True)
+class Unusable:
+    """Why a checkpoint cannot be resumed by this run."""
+
+    reason: str  # "damaged (...)" or "another run's (...)", as the log says it
+    foreign_run: str | None = None  # the id of the run that wrote it, when that is the reason
+
+
+def verify_checkpoint(accelerator: Accelerator, path: Path, run_id: str, trust: bool) -> Unusable | None:
+    """Why checkpoint `path` cannot be resumed by this run (a damaged, missing or malformed file or record, or
+    another run wrote it and `trust` is off); None when it can. Every rank calls this and gets the same answer."""
     document = None
     if accelerator.is_main_process:
         document = _read_checksums(path)
     document = broadcast_object_list([document])[0]
     if isinstance(document, str):
-        return document
+        return Unusable(f"damaged ({document})")
     if document["run_id"] != run_id and not trust:
-        raise UsageError(
-            f"{path} was written by run {document['run_id']}, not by this run ({run_id}, in its {RUN_FILE}). "
-            "Resuming runs DeepSpeed's checkpoint loader, which unpickles: load a checkpoint from elsewhere only "
-            "if you trust it as you would trust code, with --trust-checkpoint (train.trust_checkpoint=true)")
+        return Unusable(f"another run's (written by run {document['run_id']}, not by this run {run_id}; "
+                        "--trust-checkpoint resumes it anyway)", foreign_run=document["run_id"])
     names = sorted(document["files"])
     share = names[accelerator.process_index::accelerator.num_processes]
     problems = gather_object([problem for name in share
                               if (problem := file_problem(path, name, document["files"][name])) is not None])
     if not problems:
         return None
-    return "; ".join(sorted(problems)[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return Unusable("damaged (" + "; ".join(sorted(problems)[:3]) + more + ")")
 
 
 def _read_checksums(path: Path) -> dict[str, Any] | str:
     """The checkpoint's checksum document, or why it cannot be used."""
     try:
         document = json.loads((path / CHECKSUM_FILE).read_text())
-        if isinstance(document, dict) and isinstance(document.get("files"), dict) and "run_id" in document:
-            return document
-        return f"{CHECKSUM_FILE}: not a checksum record"
     except FileNotFoundError:
         return f"no {CHECKSUM_FILE}: written by an older emi or another program"
     except (OSError, ValueError) as err:
         return f"{CHECKSUM_FILE}: unreadable ({type(err).__name__}: {err})"
+    if not isinstance(document, dict) or not isinstance(document.get("files"), dict) or not isinstance(
+            document.get("run_id"), str):
+        return f"{CHECKSUM_FILE}: not a checksum record (a run_id and a files mapping)"
+    for name, record in document["files"].items():
+        if not is_file_record(record) or Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{CHECKSUM_FILE}: file {name!r} has a malformed record {record!r}"
+    return document
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep_last: int, run_id: str,

@@ -49,7 +49,7 @@ from emi.shards.asr import check_whisper, parse_asr, read_transcripts
 from emi.shards.files import (FAILURES, ShardWriter, failure_lines, read_failures, scan_shard, shard_name,
                               shard_pattern)
 from emi.shards.labels import read_labels
-from emi.shards.plan import ClipJob, Failure, SampleOptions, plan_clips
+from emi.shards.plan import ClipJob, Failure, SampleOptions, check_videos_folder, plan_clips
 
 PARTS = ".emi-parts"  # the workers' part files, inside --out (a local one) or a local temporary folder
 CLIPS_AHEAD_PER_WORKER = 4  # bounds the part files waiting on disk behind a slow clip
@@ -124,8 +124,8 @@ class BuildSummary:
 
 def _check_arguments(videos: str | Path, out: str | Path, split: str, fps: float, sample_rate: int,
                      frame_size: int, shard_size: int, workers: int, face_crop: str) -> None:
-    if not storage.is_url(videos) and not videos.is_dir():  # a URL prefix is listed (and checked) by the plan
-        raise UsageError(f"--videos {videos}: no such folder")
+    if not storage.is_url(videos):  # a URL prefix is listed (and checked) by the plan
+        check_videos_folder(videos)
     if not storage.is_url(out):
         for folder in (out, *out.parents):
             if folder.exists():

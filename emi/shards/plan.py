@@ -61,6 +61,26 @@ class Failure:
         return cls(path=record["path"], reason=record["reason"], line=record.get("line"), key=record.get("key"))
 
 
+def check_videos_folder(videos: Path) -> None:
+    """UsageError unless `videos` (a local --videos) is a folder, saying what it is instead."""
+    if videos.is_file():
+        raise UsageError(f"--videos {videos}: a file, not a folder of clips (give the folder that holds it)")
+    if not videos.is_dir():
+        raise UsageError(f"--videos {videos}: no such folder")
+
+
+def may_be_clip(path: PurePath) -> bool:
+    """Whether a file of a videos folder is taken for a clip: every file but hidden ones and NOT_CLIPS."""
+    return not path.name.startswith(".") and path.suffix.lower() not in NOT_CLIPS
+
+
+def escape_reason(path: Path, folder: Path) -> str | None:
+    """Why a file named inside a videos folder leads outside it (a symlink, to a file or through a folder), None
+    when it does not: the rule of both `emi shards build` and `emi predict --videos`."""
+    target = path.resolve()
+    return None if target.is_relative_to(folder.resolve()) else f"escapes the videos folder (a symlink to {target})"
+
+
 class ClipFinder:
     """Resolves Filename values inside one local folder; remembers which files were named."""
 
@@ -85,8 +105,7 @@ class ClipFinder:
 
     def escape(self, path: PurePath) -> str | None:
         """Why a path that lies in the folder leads outside it (a symlink), None when it does not."""
-        target = path.resolve()
-        return None if target.is_relative_to(self.root) else f"escapes the videos folder (a symlink to {target})"
+        return escape_reason(Path(path), self.root)
 
     def location(self, path: PurePath) -> str:
         """What decoding opens: an absolute path (or a URL)."""
@@ -203,8 +222,7 @@ def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str
         jobs[key] = ClipJob(key=key, path=finder.location(clip), source=source, labels=labels,
                             transcript=transcripts.get(key), filename_note=note)
     for entry in finder.entries(finder.videos):
-        if (entry.name.startswith(".") or entry.suffix.lower() in NOT_CLIPS or entry in finder.named
-                or not finder.is_file(entry)):
+        if not may_be_clip(entry) or entry in finder.named or not finder.is_file(entry):
             continue
         failures.append(Failure(path=entry.name, reason=f"no row in {table.path.name}: clip has no labels"))
     return [jobs[key] for key in sorted(jobs)], failures
