@@ -48,6 +48,7 @@ from emi.config import (
     save_config, set_dotted)
 from emi.errors import EXIT_OK, EXIT_PARTIAL, StoppedError, UsageError
 from emi.io import write_atomic, write_json_atomic
+from emi.models.fusion import check_fusion_options
 
 DATASET = "dataset"  # the key of a cell or grid that picks one of the sweep's `data`
 SET_BY_SWEEP = ("run.name", "run.output_dir", "data.train", "data.val")  # the cell's folder and its `data`
@@ -212,10 +213,18 @@ def expand(sweep: Sweep) -> list[Cell]:
     grid_labels, repeat_labels = labels(list(config.grid)), labels(list(config.repeat))
 
     def resolved(overrides: list[str], where: str) -> dict[str, Any]:
+        """The Stage II config of these overrides, checked as its run would check it, the model's shape included."""
         raw = copy.deepcopy(base)
         for text in overrides:
             set_dotted(raw, *parse_override(text), text)
-        return config_to_dict(build_config(Stage2Config, raw, f"{source}: {where}"))
+        config = build_config(Stage2Config, raw, f"{source}: {where}")
+        model = config.model
+        try:
+            check_fusion_options(model.modalities, model.fusion, model.tcn_kernel, model.d_model,
+                                 model.transformer_heads, model.num_segments, model.modality_dropout)
+        except UsageError as err:
+            raise UsageError(f"{source}: {where}: {err}") from None
+        return config_to_dict(config)
 
     # Each section on its own first, so that a bad key is named where it is written.
     common = [override(key, value) for key, value in config.overrides.items()]
@@ -346,11 +355,31 @@ def check_data(sweep: Sweep, cells: list[Cell]) -> None:
                 raise UsageError(f"{sweep.source}: {err}") from None
 
 
-def report_ended(cell: Cell, log: str) -> None:
+TRAINER_ERROR = re.compile(r"^(?:\[rank\d+\]: )?(?:emi: )?error: (.+)$")  # what the trainer says as it stops
+EXCEPTION = re.compile(r"^(?:\[rank\d+\]: )?([A-Za-z_.]*(?:Error|Exception): .+)$")
+
+
+def failure_reason(log: Path) -> str:
+    """Why a cell's job failed, in one line, from its log: the trainer's last `error: ...` line, else the last
+    exception's."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "its job left no log"
+    for pattern in (TRAINER_ERROR, EXCEPTION):
+        reasons = [match.group(1) for line in lines if (match := pattern.match(line))]
+        if reasons:
+            return reasons[-1]
+    return "no error line in its log"
+
+
+def report_ended(cell: Cell, log: Path) -> None:
     if cell.finished():
         print(f"cell {cell.name}: finished", flush=True)
-    else:
-        print(f"cell {cell.name}: ended before finishing; see {cell.run_dir / 'log.txt'} and {log}", flush=True)
+        return
+    logs = [str(path) for path in (log, cell.run_dir / "log.txt") if path.is_file()]
+    print(f"cell {cell.name}: ended before finishing: {failure_reason(log)}"
+          + (f" (see {' and '.join(logs)})" if logs else ""), flush=True)
 
 
 def run_on_slurm(sweep: Sweep, cells: list[Cell], queued: dict[Cell, str]) -> None:
@@ -378,7 +407,7 @@ def run_on_slurm(sweep: Sweep, cells: list[Cell], queued: dict[Cell, str]) -> No
             continue
         for cell in sorted((cell for cell in waiting if jobs[cell] not in active), key=lambda cell: cell.name):
             waiting.remove(cell)
-            report_ended(cell, str(sweep.folder / "submitit" / f"{jobs[cell]}_0_log.err"))
+            report_ended(cell, sweep.folder / "submitit" / f"{jobs[cell]}_0_log.err")
 
 
 def run_locally(sweep: Sweep, cells: list[Cell]) -> None:
@@ -399,7 +428,7 @@ def run_locally(sweep: Sweep, cells: list[Cell]) -> None:
             for cell, job in list(running.items()):
                 if job.done():
                     del running[cell]
-                    report_ended(cell, str(job.paths.stderr))
+                    report_ended(cell, Path(job.paths.stderr))
             while pending and len(running) < limit:
                 cell = pending.pop(0)
                 running[cell] = executor.submit(cell_job(sweep, cell))

@@ -300,6 +300,13 @@ def test_a_model_of_another_modality_is_refused(families, tmp_path):
         build_encoder({"arch": "auto", "config": {"hidden_size": 32}}, "vision")
     with pytest.raises(UsageError, match="cannot load pretrained"):
         build_encoder({"arch": "auto", "pretrained": str(tmp_path / "absent")}, "text")
+    # every slot checks its modality first, before reading a tokenizer, image processing or feature extractor
+    for slot, family, kind in (("audio", "dinov2", "vision"), ("text", "hubert", "audio"), ("vision", "whisper", "audio")):
+        specs = {"vision": None, "text": spec_of(families, "roberta"), "audio": spec_of(families, "hubert"),
+                 slot: spec_of(families, family)}
+        with pytest.raises(UsageError, match=rf"{family}: \w+ \(model_type .*\) is a model of {kind} .* not of "
+                                             rf"{slot}: it cannot be the {slot} encoder"):
+            ContrastiveModel(specs["vision"], specs["text"], specs["audio"], embed_dim=8)
     # an export whose audio folder holds a text model is refused by name
     torch.manual_seed(0)
     model = ContrastiveModel(None, spec_of(families, "roberta"), spec_of(families, "hubert"), embed_dim=8)
@@ -378,3 +385,13 @@ def test_stage1_refuses_an_audio_window_longer_than_whispers(families):
     with pytest.raises(UsageError, match=r"data.audio_seconds=2.5: the audio encoder \(WhisperEncoder\) hears "
                                          r"windows of at most 2 s"):
         audio_spec(model, config, train=True)
+
+
+def test_the_command_line_refuses_a_vision_folder_in_the_audio_slot(families, tmp_path):
+    dinov2 = spec_of(families, "dinov2")["pretrained"]
+    result = subprocess.run([sys.executable, "-m", "emi.cli", "train", "stage1", "--config", "stage1/tiny.yaml",
+                             f"model.audio={{arch: auto, pretrained: {dinov2}}}", f"run.output_dir={tmp_path}"],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"error: {dinov2}: Dinov2Model (model_type 'dinov2') is a model of vision (it takes pixel_values), not "
+            "of audio: it cannot be the audio encoder") in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -282,3 +283,31 @@ def test_the_shipped_kfold_sweep_runs_every_seed_on_every_fold_of_train_and_val(
         assert {(run["data"]["folds"], run["data"]["train"], run["data"]["val"]) for run in runs} == {
             (5, "data/features/train", "data/features/val")}
     assert len(cells) == 50 and len({cell.run_dir for cell in cells}) == 50
+
+
+def test_a_cell_the_model_cannot_build_is_refused_before_anything_runs(tiny_features, tmp_path, capsys):
+    path = write_sweep(tmp_path, data={"synth": {"train": str(tiny_features["train"]),
+                                                  "val": str(tiny_features["val"])}},
+                       cells={"ok": {}, "heads": {"model.transformer_heads": 5, "model.d_model": 64}},
+                       slurm={"gpus_per_node": 0})
+    assert main(["sweep", "--config", str(path), "--local"]) == 2
+    error = capsys.readouterr().err
+    assert f"{path}: cells.heads: model.d_model 64 is not divisible by model.transformer_heads 5" in error
+    assert not (tmp_path / "out" / "s").exists()  # nothing was submitted, nothing written
+
+
+def test_a_cell_that_fails_as_it_runs_is_reported_with_its_reason_and_a_log_that_exists(tiny_features, tmp_path,
+                                                                                        capsys):
+    """A cell whose batches cannot fill one optimizer step passes every check and fails in its trainer: the sweep
+    says why in one line, naming logs that are there, and exits 3 with the other cell's table."""
+    path = write_sweep(tmp_path, data={"synth": {"train": str(tiny_features["train"]),
+                                                  "val": str(tiny_features["val"])}},
+                       overrides={"train.epochs": 1, "data.batch_size": 8},
+                       cells={"ok": {}, "accum": {"train.grad_accum": 1000}}, slurm={"gpus_per_node": 0})
+    assert main(["sweep", "--config", str(path), "--local"]) == EXIT_PARTIAL
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("cell accum: ended before finishing"))
+    assert "cannot fill one optimizer step with grad_accum=1000" in line, line
+    logs = re.search(r"\(see (.+)\)$", line).group(1).split(" and ")
+    assert logs and all(Path(log).is_file() for log in logs)
+    assert "cell ok: finished" in printed

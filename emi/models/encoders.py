@@ -174,10 +174,15 @@ def _auto_model_class(config, modality: str, source: str):
     return model_class
 
 
-def _build_auto(name: str | None, overrides: dict[str, Any] | None, modality: str) -> PreTrainedModel:
+def _checked_auto_config(name: str | None, overrides: dict[str, Any] | None, modality: str):
+    """(config, base model class) of an arch: auto encoder, refused unless it is a model of `modality`: every
+    slot's first check, before its tokenizer, image processing or feature extractor is read."""
     config = _auto_config(name, overrides, modality)
-    source = name or f"{modality} encoder config"
-    model_class = _auto_model_class(config, modality, source)
+    return config, _auto_model_class(config, modality, name or f"{modality} encoder config")
+
+
+def _build_auto(name: str | None, overrides: dict[str, Any] | None, modality: str) -> PreTrainedModel:
+    config, model_class = _checked_auto_config(name, overrides, modality)
     kwargs = {"add_pooling_layer": False} if config.model_type in WITHOUT_POOLER else {}
     tower = ENCODER_TOWERS.get(config.model_type)
     if name is None:
@@ -211,6 +216,8 @@ def build_tokenizer(spec: dict[str, Any]) -> PreTrainedTokenizerBase:
     """The text encoder's tokenizer (auto: AutoTokenizer's); a tiny config gets a WordPiece tokenizer over the
     bundled vocab."""
     arch, pretrained, config = check_spec(spec, "text")
+    if arch == "auto":
+        _checked_auto_config(pretrained, config, "text")
     if pretrained is not None:
         return _load_pretrained(AutoTokenizer if arch == "auto" else BertTokenizerFast, pretrained)
     max_length = _tiny_config(arch, config, "text").max_position_embeddings
@@ -254,7 +261,7 @@ def image_processing(spec: dict[str, Any]) -> dict[str, Any]:
     checkpoints say 518 in the config, for their position embeddings, and 224 in the processor)."""
     arch, name, config_kwargs = check_spec(spec, "vision")
     if arch == "auto":
-        config = _auto_config(name, config_kwargs, "vision")
+        config, _ = _checked_auto_config(name, config_kwargs, "vision")
     elif name is None:
         config = ARCHS[arch][0](**config_kwargs)
     else:
@@ -276,9 +283,9 @@ def audio_extractor(spec: dict[str, Any]) -> FeatureExtractionMixin:
     (Wav2Vec2's: 16 kHz, normalised; Whisper's with the config's number of mel bins)."""
     arch, name, config_kwargs = check_spec(spec, "audio")
     if arch == "auto":
+        config, _ = _checked_auto_config(name, config_kwargs, "audio")
         if name is not None and _read_preprocessor(name, "audio") is not None:
             return _load_pretrained(AutoFeatureExtractor, name)
-        config = _auto_config(name, config_kwargs, "audio")
         if config.model_type in ENCODER_TOWERS:
             return WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     return Wav2Vec2FeatureExtractor(do_normalize=True)

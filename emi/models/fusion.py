@@ -135,6 +135,25 @@ class GatedBiLSTM(nn.Module):
         return gated_attention(h, self.gate)
 
 
+def check_fusion_options(modalities, fusion: str, tcn_kernel: int, d_model: int, transformer_heads: int,
+                         num_segments: int, modality_dropout: float) -> None:
+    """UsageError naming the `model.` key when these FusionModel arguments cannot make a model: what Stage II and a
+    sweep's cells check before anything runs."""
+    modalities = tuple(modalities)
+    if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(MODALITIES):
+        raise UsageError(f"model.modalities must be distinct names from {MODALITIES}, got {list(modalities)}")
+    if fusion not in FUSIONS:
+        raise UsageError(f"model.fusion must be one of {FUSIONS}, got {fusion!r}")
+    if tcn_kernel < 1 or tcn_kernel % 2 == 0:
+        raise UsageError(f"model.tcn_kernel must be odd (symmetric 'same' padding), got {tcn_kernel}")
+    if transformer_heads < 1 or d_model % transformer_heads:
+        raise UsageError(f"model.d_model {d_model} is not divisible by model.transformer_heads {transformer_heads}")
+    if num_segments < 1:
+        raise UsageError(f"model.num_segments must be at least 1, got {num_segments}")
+    if not 0.0 <= modality_dropout < 1.0:
+        raise UsageError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
+
+
 class FusionModel(nn.Module):
     """Stage II regressor of the six EMI intensities from per-frame vision/audio and sentence text features."""
 
@@ -158,19 +177,9 @@ class FusionModel(nn.Module):
         modality_dropout: float = 0.0,
     ):
         super().__init__()
+        check_fusion_options(modalities, fusion, tcn_kernel, d_model, transformer_heads, num_segments,
+                             modality_dropout)
         modalities = tuple(modalities)
-        if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(MODALITIES):
-            raise UsageError(f"fusion modalities must be distinct names from {MODALITIES}, got {list(modalities)}")
-        if fusion not in FUSIONS:
-            raise UsageError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        if tcn_kernel < 1 or tcn_kernel % 2 == 0:
-            raise UsageError(f"tcn_kernel must be odd (symmetric 'same' padding), got {tcn_kernel}")
-        if d_model % transformer_heads:
-            raise UsageError(f"d_model {d_model} is not divisible by transformer_heads {transformer_heads}")
-        if num_segments < 1:
-            raise UsageError(f"num_segments must be at least 1, got {num_segments}")
-        if not 0.0 <= modality_dropout < 1.0:
-            raise UsageError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
         self.modalities, self.fusion, self.temporal = modalities, fusion, temporal
         self.num_segments, self.modality_dropout = num_segments, modality_dropout
         self.dims = {"vision": vision_dim, "audio": audio_dim, "text": text_dim}
