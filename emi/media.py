@@ -114,7 +114,7 @@ def _text_head(path: Path) -> str | None:
     with path.open("rb") as file:
         head = file.read(1024)
     try:
-        text = head.decode("utf-8")
+        text = head.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark starts many a text file
     except UnicodeDecodeError:
         return None
     return text if all(ch.isprintable() or ch in "\r\n\t" for ch in text) else None
@@ -124,7 +124,7 @@ def _unopenable(path: Path) -> str:
     """Why FFmpeg would not open a file (allowed demuxers only): what it refers to, or FFmpeg's own words."""
     head = _text_head(path)
     if head is not None:
-        start = head.lstrip("\ufeff \r\n\t")
+        start = head.lstrip(" \r\n\t")
         for prefix, what in _REFERRING_TEXT:
             if start[:len(prefix)].lower() == prefix.lower():
                 return f"refused: {what}, which refers to other files or URLs (only self-contained media is read)"

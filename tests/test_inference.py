@@ -276,6 +276,10 @@ def test_a_checkpoint_carries_its_encoders_and_refuses_changed_ones(checkpoint, 
     assert main(["predict", "--checkpoint", str(altered), predict_inputs[0]]) == 2
     assert (f"{altered / 'encoders'}: not the encoders this checkpoint was trained with ({weights.as_posix()}: its "
             "sha256 differs from when it was written)") in capsys.readouterr().err
+    (altered / "encoders" / weights).unlink()  # a folder where the file was: said so, not "missing"
+    (altered / "encoders" / weights).mkdir()
+    assert main(["predict", "--checkpoint", str(altered), predict_inputs[0]]) == 2
+    assert f"({weights.as_posix()}: a folder, where a file was written)" in capsys.readouterr().err
 
 
 def test_evaluate_needs_the_manifest_of_the_shards(checkpoint, clip_shards, tmp_path):
@@ -597,3 +601,27 @@ def test_predict_videos_refuses_a_symlink_out_of_the_folder_as_the_builder_does(
     capsys.readouterr()
     assert main([*common, "--videos", str(folder / CLIPS[0].name)]) == 2
     assert f"--videos {folder / CLIPS[0].name}: a file, not a folder of clips" in capsys.readouterr().err
+
+
+def test_a_sample_with_a_broken_wav_header_is_named_with_the_reason(checkpoint, clip_shards, tmp_path):
+    """One sample's WAV cut to its first 4 bytes: `emi predict --shards` predicts the others, reports the sample,
+    and the warning says what is wrong with it."""
+    shards = tmp_path / "shards"
+    shutil.copytree(clip_shards, shards)
+    first = sorted(shards.glob("test-*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar]
+    broken = members[0][0].name.split(".")[0]
+    with tarfile.open(first, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in members:
+            data = b"RIFF" if member.name == f"{broken}.wav" else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    result = subprocess.run([sys.executable, "-m", "emi.cli", "predict", "--checkpoint", str(checkpoint), "--shards",
+                             str(shards), "--out", str(tmp_path / "p.csv"), "--workers", "0"],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert (f"skipping sample {broken!r}: wav: not a readable WAV (the header ends before its chunks do)"
+            in result.stderr), result.stderr[-3000:]
+    assert [failure["key"] for failure in json.loads((tmp_path / "p.failures.json").read_text())["failures"]] == [
+        broken]

@@ -68,13 +68,16 @@ def build(tmp_path_factory) -> dict:
     shutil.copy(full, root / "outside.mp4")
     os.symlink(root / "outside.mp4", videos / "link.mp4")
     (videos / "README.txt").write_text("not a clip, not reported\n")
+    shutil.copy(full, videos / "dots..name.mp4")
+    (videos / "afolder.mp4").mkdir()
+    (videos / "bomlist.mp4").write_text("\ufeff#EXTM3U\n#EXTINF:1,\nsecret.ts\n", encoding="utf-8")
     rows = [row("bbaf2n.mpg"), row("brbk7n"), row("noaudio.mp4", Expression="Happiness"),
             row("portrait", Expression="Surprise"), row("empty.mp4"), row("notvideo.mp4"), row("truncated.mp4"),
             row("cutfast.mp4"), row("voice.wav"), row("ghost.mp4"), row("nanlabel.mp4", Valence="nan"),
             row("textlabel.mp4", Joy="high"), row("emptylabel.mp4", Amusement=""), row("range.mp4", Joy="1.5"),
             row("../outside.mp4"), row(str(root / "outside.mp4")), row("link.mp4"), row("amb"),
             row("dotted.name.mp4"), row("playlist.mp4"), row("concat.mp4"), row("cutavi.avi"),
-            row(" lead.mp4"), row("  padded.mp4 ")]
+            row(" lead.mp4"), row("  padded.mp4 "), row("dots..name"), row("afolder.mp4"), row("bomlist.mp4")]
     labels = root / "labels.csv"
     with labels.open("w", newline="") as file:
         csv.writer(file).writerows([["Filename", *EMI_EMOTIONS, "Valence", "Expression"], *rows])
@@ -107,6 +110,9 @@ EXPECTED_FAILURES = {
     "playlist.mp4": "refused: an HLS playlist, which refers to other files or URLs",
     "concat.mp4": "refused: an FFmpeg concat script, which refers to other files or URLs",
     "cutavi.avi": "truncated: its streams end at 1.96 s, the file declares 4.00 s",
+    "dots..name.mp4": "clip id 'dots..name' contains '.'",  # named without its extension: found, then refused
+    "afolder.mp4": "a folder, not a clip",
+    "bomlist.mp4": "refused: an HLS playlist, which refers to other files or URLs",  # a byte-order mark first
 }
 
 
@@ -193,3 +199,19 @@ def test_rerun_keeps_the_shard_and_the_failures_of_its_clips(build, tmp_path):
     assert code == 3
     assert "(0 written, 1 kept from an earlier build)" in stdout.getvalue()
     assert (out / "failures.jsonl").read_text() == (build["out"] / "failures.jsonl").read_text()
+
+
+def test_a_build_into_its_own_videos_folder_never_takes_its_shards_for_clips(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for key in ("bbaf2n", "brbk7n"):
+        shutil.copy(GRID / f"{key}.mpg", videos)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Filename," + ",".join(EMI_EMOTIONS) + "\n" + "".join(
+        f"{key}.mpg," + ",".join(["0.5"] * len(EMI_EMOTIONS)) + "\n" for key in ("bbaf2n", "brbk7n")))
+    command = ["shards", "build", "--videos", str(videos), "--labels", str(labels), "--out", str(videos),
+               "--frame-size", "64"]
+    assert main(command) == 0
+    assert main(command) == 0, capsys.readouterr()  # the second run sees its train-000000.tar among the clips
+    assert "(0 written, 1 kept from an earlier build)" in capsys.readouterr().out
+    assert (videos / "failures.jsonl").read_text() == ""

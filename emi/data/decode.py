@@ -104,8 +104,10 @@ def decode_wav(data: bytes) -> tuple[torch.Tensor, int]:
             channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
             length = reader.getnframes()
             pcm = reader.readframes(length)
-    except (wave.Error, EOFError) as err:
-        raise SampleError(f"wav: not a readable WAV ({err})") from None
+    except EOFError:
+        raise SampleError("wav: not a readable WAV (the header ends before its chunks do)") from None
+    except wave.Error as err:
+        raise SampleError(f"wav: not a readable WAV ({err or 'a damaged header'})") from None
     if width != 2:
         raise SampleError(f"wav: {8 * width}-bit samples, expected 16-bit PCM")
     if len(pcm) != length * channels * width:

@@ -296,7 +296,8 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
         load_face_detector()
     table = read_labels(labels)
     imported = read_transcripts(transcripts) if transcripts is not None else {}
-    jobs, failures = plan_clips(videos, table, imported)
+    writes_into_videos = not storage.is_url(videos) and not storage.is_url(out) and out.resolve() == videos.resolve()
+    jobs, failures = plan_clips(videos, table, imported, shard_pattern(split) if writes_into_videos else None)
     args = {
         "videos": storage.shown(videos) if storage.is_url(videos) else str(videos.resolve()),
         "labels": str(labels.resolve()), "labels_sha256": sha256_file(labels),

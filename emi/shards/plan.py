@@ -9,6 +9,7 @@ names are reported too, since their labels are missing (hidden files and NOT_CLI
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 
@@ -142,9 +143,12 @@ class ClipFinder:
             raise ValueError("escapes the videos folder ('..' leads outside it)")
         if self.lexists(exact) and not self.is_dir(exact):
             candidates = [exact]
-        else:
-            candidates = self._files_by_stem(exact.parent).get(exact.stem, [])
+        else:  # a Filename without its extension; one with a dot in it (`a..b`) is the stem of `a..b.mpg`
+            stems = self._files_by_stem(exact.parent)
+            candidates = stems.get(exact.stem, []) or stems.get(exact.name, [])
         if not candidates:
+            if self.is_dir(exact):
+                raise ValueError("a folder, not a clip")
             raise ValueError("clip not found in the videos folder")
         self.named.update(candidates)
         if len(candidates) > 1:
@@ -152,8 +156,10 @@ class ClipFinder:
         clip = candidates[0]
         if (escape := self.escape(clip)) is not None:
             raise ValueError(escape)
+        if self.is_dir(clip):
+            raise ValueError("a folder, not a clip")
         if not self.is_file(clip):
-            raise ValueError("not a regular file (a folder or a broken symlink)")
+            raise ValueError("not a regular file (a broken symlink, a device or a pipe)")
         return clip
 
 
@@ -189,10 +195,11 @@ class RemoteClipFinder(ClipFinder):
         return f"{self.url}/{path.relative_to(self.videos).as_posix()}"
 
 
-def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str]
-               ) -> tuple[list[ClipJob], list[Failure]]:
+def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str],
+               outputs: re.Pattern[str] | None = None) -> tuple[list[ClipJob], list[Failure]]:
     """Clips to build sorted by key, and failures: bad rows in CSV order, then unnamed media files by name. `videos`
-    is a local folder or a URL prefix."""
+    is a local folder or a URL prefix. `outputs`: the names of the build's own shards where it writes into the
+    videos folder itself; they are never taken for clips."""
     finder = RemoteClipFinder(videos) if storage.is_url(videos) else ClipFinder(Path(videos))
     jobs: dict[str, ClipJob] = {}
     lines: dict[str, int] = {}  # clip id -> the row that named it, for duplicate checks
@@ -201,6 +208,8 @@ def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str
     for row in table.rows:
         try:
             clip, note = finder.find(row.filename)
+            if outputs is not None and outputs.fullmatch(clip.name):
+                raise ValueError("one of this build's own shards (--out is the videos folder), not a clip")
         except ValueError as err:
             failures.append(Failure(path=row.filename, reason=str(err), line=row.line))
             continue
@@ -222,7 +231,8 @@ def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str
         jobs[key] = ClipJob(key=key, path=finder.location(clip), source=source, labels=labels,
                             transcript=transcripts.get(key), filename_note=note)
     for entry in finder.entries(finder.videos):
-        if not may_be_clip(entry) or entry in finder.named or not finder.is_file(entry):
+        if (not may_be_clip(entry) or entry in finder.named or not finder.is_file(entry)
+                or (outputs is not None and outputs.fullmatch(entry.name))):
             continue
         failures.append(Failure(path=entry.name, reason=f"no row in {table.path.name}: clip has no labels"))
     return [jobs[key] for key in sorted(jobs)], failures
