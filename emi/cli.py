@@ -65,7 +65,7 @@ def _features_extract(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from emi.inference import evaluate
 
-    from emi.ranks import process_state
+    from emi.devices import process_state
 
     report = evaluate(checkpoint=args.checkpoint, shards=args.shards, out=args.out, batch_size=args.batch_size,
                       tb=args.tb, workers=args.workers, manifest=args.manifest, drop=args.drop, corrupt=args.corrupt)

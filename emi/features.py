@@ -27,7 +27,7 @@ import io
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,14 @@ from emi.data import AudioSpec, ImageSpec, ShardSet, build_loader, resolve_shard
 from emi.data.decode import normalise, uniform_indices
 from emi.data.modes import pad_stack
 from emi.data.urls import shard_name
-from emi.engine.evaluation import evaluation_batches
+from emi.data.collect import evaluation_batches
 from emi.errors import UsageError
 from emi.io import folder_records, records_digest
-from emi.manifest import FEATURE_SHARDS, Manifest, ShardEntry, write_manifest
+from emi.formats.manifest import FEATURE_SHARDS, Manifest, ShardEntry, read_sidecar, write_manifest, write_sidecar
 from emi.models.encoders import (
     WAV2VEC2_INPUT, audio_frame_features, audio_frame_grid, load_encoders, pool_audio_to_frames, prepare_waveform,
     text_features, vision_features)
-from emi.ranks import process_state, wait_for_ranks
+from emi.devices import process_state, wait_for_ranks
 from emi.shards.files import ShardWriter
 
 VISION_CHUNK = 256  # frames per vision-encoder call
@@ -177,7 +177,7 @@ def clip_decoding(encoders: FrozenEncoders) -> dict[str, Any]:
 
 def clip_loader(shards: str | ShardSet, encoders: FrozenEncoders, label_names: list[str], batch_size: int,
                 num_workers: int, world_size: int = 1, rank: int = 0):
-    """An unshuffled `clip` loader for one rank (the last batch wraps around: emi.engine.evaluation)."""
+    """An unshuffled `clip` loader for one rank (the last batch wraps around: emi.data.collect)."""
     return build_loader(shards, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=world_size,
                         rank=rank, seed=0, shuffle=False, train=False, label_names=label_names,
                         persistent_workers=False, **clip_decoding(encoders))
@@ -200,15 +200,11 @@ def feature_members(clip: dict[str, Any], labels: dict[str, float]) -> list[tupl
 
 
 def _complete(out: str | Path, name: str) -> ShardEntry | None:
-    """The sidecar of a finished feature shard, None when the shard must be (re)extracted."""
+    """The entry of a finished feature shard (its sidecar, checked against it), None when the shard must be
+    (re)extracted."""
     shard = storage.join(out, name)
-    try:
-        entry = ShardEntry(**json.loads(storage.read_bytes(storage.join(out, f"{name}.json"))))
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError):  # a damaged sidecar: extract the shard again
-        return None
-    if storage.size(shard) != entry.bytes:
+    entry = read_sidecar(shard)
+    if entry is None or storage.size(shard) != entry.bytes:
         return None
     return entry if entry.sha256 == storage.sha256(shard) else None
 
@@ -237,8 +233,7 @@ def _extract(state: PartialState, frozen: FrozenEncoders, shard_set: ShardSet, s
         if storage.is_url(out):
             storage.upload(writer.path, storage.join(out, name))
             writer.path.unlink()
-        storage.write_bytes(storage.join(out, f"{name}.json"),
-                            (json.dumps(asdict(entry), indent=1, ensure_ascii=False) + "\n").encode())
+        write_sidecar(storage.join(out, name), entry)
         extracted += 1
         log.info("rank %d: %s -> %d clips", state.process_index, name, entry.num_samples)
     return extracted

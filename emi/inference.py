@@ -43,14 +43,14 @@ from emi.data.urls import shard_name
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import DecodeSpec, collate, decode_sample
 from emi.data.reader import RawSample, iter_members
-from emi.engine.evaluation import collect
+from emi.data.collect import collect
 from emi.ensemble import Ensemble, load_ensemble
 from emi.errors import UsageError
 from emi.features import FrozenEncoders, clip_decoding, clip_features, clip_loader, fusion_batch, load_frozen_encoders
-from emi.manifest import Manifest
+from emi.formats.manifest import Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, fusion_inputs, load_fusion, present_modalities
-from emi.ranks import process_state
+from emi.devices import process_state
 from emi.shards.asr import check_whisper, parse_asr
 from emi.shards.plan import ClipJob, Failure, SampleOptions, check_videos_folder, escape_reason, may_be_clip
 from emi.shards.sample import Sample, SampleBuilder

@@ -324,7 +324,7 @@ def test_stage1_with_auto_encoders_then_features_and_predict(families, synthetic
     from emi.features import extract_features
     from emi.inference import predict
     from emi.io import folder_records
-    from emi.manifest import read_manifest
+    from emi.formats.manifest import read_manifest
     from emi.models.fusion import FusionModel, save_fusion
 
     config = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())

@@ -21,17 +21,17 @@ import torch
 
 from emi.arguments import parse_run_args, run_overrides
 from emi.config import OptimSection, TrainSection
-from emi.engine.checkpoint import (CHECKSUM_FILE, STATE_FILE, TrainerState, checkpoints, load_checkpoint,
-                                   prune_checkpoints, resolve_resume, save_checkpoint)
+from emi.data.collect import collect, evaluation_batches
+from emi.engine.checkpointer import checkpoints, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from emi.engine.distributed import build_accelerator, extensions_dir
 from emi.engine.ema import EMA
-from emi.engine.evaluation import collect, evaluation_batches
 from emi.engine.loop import FitResult
 from emi.engine.main import exit_code
 from emi.engine.optim import build_optimizer, sgdr_lr
 from emi.engine.signals import RequeueError, requeue_slurm_job
 from emi.engine.telemetry import StepClock, peak_flops, step_scalars
 from emi.errors import EXIT_NOT_FINISHED, UsageError
+from emi.formats.checkpoint import CHECKSUM_FILE, STATE_FILE, TrainerState
 from emi.io import replace_folder
 from helpers import REPO, cpu_env
 

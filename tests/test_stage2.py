@@ -242,7 +242,7 @@ def test_a_corrupt_sample_is_skipped_counted_and_reported_by_the_trainer(feature
                                f"data.val={features / 'val'}", f"run.output_dir={tmp_path}", "run.name=damaged",
                                "data.batch_size=4", "train.epochs=1"])
     assert "skipped 1 corrupt or unreadable samples" in (tmp_path / "damaged" / "log.txt").read_text()
-    assert scalars(tmp_path / "damaged", "train/skipped_samples") == [(6, 1.0)]
+    assert scalars(tmp_path / "damaged", "train/skipped_samples") == [(1, 0.0), (6, 1.0)]  # first step, epoch end
 
 
 def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term_and_late_fusion(features, tmp_path):

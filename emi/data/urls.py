@@ -2,7 +2,7 @@
 
 A spec is anything WebDataset accepts: a local path, a brace pattern, a `pipe:` command, an fsspec URL
 (`s3://bucket/prefix/train-{000000..000009}.tar`), a folder or URL prefix holding a `manifest.json`, a
-`::`-separated list of these (as OpenCLIP) or a Python list of them. Counts come from a manifest (emi.manifest),
+`::`-separated list of these (as OpenCLIP) or a Python list of them. Counts come from a manifest (emi.formats.manifest),
 the explicit one or the one beside the shards (in the same folder or URL prefix); a shard no manifest lists is
 counted by streaming it once.
 """
@@ -20,7 +20,7 @@ import braceexpand
 from emi import storage
 from emi.data.reader import count_samples
 from emi.errors import UsageError
-from emi.manifest import MANIFEST_FILE, Manifest, ShardEntry, find_manifest, read_manifest
+from emi.formats.manifest import MANIFEST_FILE, Manifest, ShardEntry, find_manifest, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
@@ -123,18 +122,6 @@ def _single_process_group_env() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def move_to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype | None) -> dict[str, Any]:
-    """Tensors to the device; floating inputs cast when DeepSpeed runs the model in bf16/fp16 (no autocast)."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if float_dtype is not None and value.is_floating_point() and key != "labels":
-                value = value.to(float_dtype)
-        moved[key] = value
-    return moved
 
 
 def input_dtype(accelerator: Accelerator) -> torch.dtype | None:

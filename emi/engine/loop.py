@@ -1,19 +1,19 @@
 """The one training loop, shared by Stage I and Stage II.
 
 A stage hands `fit` a `Task`: its model, its training data, how to compute the loss on a batch, how to evaluate,
-and how to export weights. The loop owns everything else: optimizer (AdamW), the SGDR schedule, gradient
-accumulation and clipping, EMA, checkpoints and exact resume, stop signals, TensorBoard and the console line.
+and how to export weights. The loop owns everything else, each part in its own home: the optimizer and the SGDR
+schedule (optim.py), one step with gradient accumulation and clipping (step.py), EMA (ema.py), checkpoints and exact
+resume (checkpointer.py), evaluation and the best export (evaluator.py), exports and publishing (exporter.py), stop
+signals (signals.py), step telemetry (telemetry.py), TensorBoard and the console line (logging.py).
 
-Collectives in here (gradient sync, the stop-flag all-reduce, metric reduction, checkpoint barriers, the ZeRO-3
+Collectives in here (gradient sync, the stop-flag all-reduce, the scalar reduction, checkpoint barriers, the ZeRO-3
 state-dict gather) sit on code paths that every rank walks in the same order: ranks see the same number of
 batches per epoch (the data plan guarantees it) and every branch depends only on values that are equal on all
 ranks (step counters, agreed flags). Side effects that only rank 0 performs are guarded where they happen.
 """
 from __future__ import annotations
 
-import shutil
 import signal
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,24 +23,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from emi import storage
 from emi.config import TrainSection, save_config
-from emi.engine.checkpoint import (
-    TrainerState, create_run_id, load_checkpoint, read_run_id, remove_stale_temporaries, resolve_resume,
-    save_checkpoint)
-from emi.engine.distributed import describe, input_dtype, move_to_device
+from emi.engine.checkpointer import Checkpointer, remove_stale_temporaries
+from emi.devices import move_to_device
+from emi.engine.distributed import describe, input_dtype
 from emi.engine.ema import EMA
+from emi.engine.evaluator import EvalFn, Evaluator
+from emi.engine.exporter import ExportFn, Exporter
 from emi.engine.logging import RunLogger, format_scalars
 from emi.engine.optim import build_optimizer, sgdr_lr
 from emi.engine.prepare import prepare_model
 from emi.engine.signals import RequeueError, StopRequest, requeue_slurm_job
-from emi.engine.telemetry import StepClock, step_scalars
+from emi.engine.step import LossFn, train_step
+from emi.engine.telemetry import ScalarWindow, StepClock, step_scalars
 from emi.errors import UsageError
-from emi.io import replace_folder, write_json_atomic
-
-LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-EvalFn = Callable[[torch.nn.Module, Accelerator], dict[str, float]]
-ExportFn = Callable[[dict[str, torch.Tensor], Path], None]
+from emi.formats.checkpoint import TrainerState, create_run_id, read_run_id
 
 
 @dataclass
@@ -65,34 +62,71 @@ class FitResult:
     requeue_failed: bool = False  # stopped for the time limit, but Slurm did not take the job back
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Batches and optimizer steps: per epoch and in the whole run."""
+
+    steps_per_epoch: int
+    batches_per_epoch: int  # whole optimizer steps' worth; the leftovers of an epoch are unused
+    total_steps: int
+
+    @classmethod
+    def of(cls, num_batches: int, train: TrainSection) -> Schedule:
+        steps_per_epoch = num_batches // train.grad_accum
+        if steps_per_epoch < 1:
+            raise UsageError(f"{num_batches} batches per epoch cannot fill one optimizer step with "
+                             f"grad_accum={train.grad_accum}; lower data.batch_size or train.grad_accum")
+        total = train.epochs * steps_per_epoch
+        return cls(steps_per_epoch, steps_per_epoch * train.grad_accum,
+                   min(total, train.max_steps) if train.max_steps else total)
+
+
 @dataclass
-class StepResult:
-    loss: torch.Tensor
-    scalars: dict[str, torch.Tensor]
-    synced: bool  # this micro batch ended an accumulation: the optimizer stepped
-    grad_norm: torch.Tensor | None  # before clipping; on synced steps only
+class Run:
+    """What the loop works with once a run has started: the prepared model, its parts and where it stands."""
 
+    task: Task
+    accelerator: Accelerator
+    config: Any  # the stage's config: .run, .data, .optim, .train
+    schedule: Schedule
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    checkpointer: Checkpointer
+    exporter: Exporter
+    evaluator: Evaluator | None
+    logger: RunLogger | None  # rank 0's; None on the other ranks
+    state: TrainerState
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], compute_loss: LossFn,
-               accelerator: Accelerator, clip_grad: float) -> StepResult:
-    """One micro batch: forward and backward; on the last micro batch of an accumulation also gradient clipping
-    and the optimizer step (accelerate and DeepSpeed skip them on the others). `batch` is already on the device."""
-    with accelerator.accumulate(model):
-        loss, scalars = compute_loss(model, batch)
-        accelerator.backward(loss)
-        grad_norm = None
-        if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, scalars=scalars, synced=accelerator.sync_gradients, grad_norm=grad_norm)
+    @property
+    def train(self) -> TrainSection:
+        return self.config.train
+
+    def checkpoint(self) -> None:
+        self.checkpointer.save(self.state, self.ema.state_dict() if self.ema else None)
 
 
 def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> FitResult:
-    train: TrainSection = config.train
-    is_main = accelerator.is_main_process
-    logger = None
-    if is_main:
+    run = start(task, accelerator, config, run_dir)
+    stop, telemetry = StopRequest(), StepTelemetry(run)
+    stopped_by, metrics = None, {}
+    run.model.train()
+    while run.state.step < run.schedule.total_steps and stopped_by is None:
+        stopped_by = train_epoch(run, stop, telemetry)
+        if stopped_by is None and run.state.batch_in_epoch < run.schedule.batches_per_epoch:
+            run.checkpoint()  # train.max_steps ended the run mid-epoch
+            break
+        if stopped_by is None:
+            with telemetry.clock.paused():  # evaluations and checkpoints are not steps
+                metrics = end_epoch(run) or metrics
+                run.checkpoint()
+    return finish(run, stopped_by, metrics)
+
+
+def start(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Run:
+    """The run's folder and records (rank 0), the model and optimizer prepared, the parts, the state resumed."""
+    train, logger = config.train, None
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         remove_stale_temporaries(run_dir)
@@ -100,189 +134,167 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
         logger = RunLogger(run_dir)
         logger.line(f"run {run_dir}: {describe(accelerator)} strategy={train.strategy}")
     accelerator.wait_for_everyone()
-    run_id = read_run_id(run_dir)
-
-    steps_per_epoch = task.train_data.num_batches // train.grad_accum
-    if steps_per_epoch < 1:
-        raise UsageError(f"{task.train_data.num_batches} batches per epoch cannot fill one optimizer step with "
-                         f"grad_accum={train.grad_accum}; lower data.batch_size or train.grad_accum")
-    total_steps = train.epochs * steps_per_epoch
-    if train.max_steps:
-        total_steps = min(total_steps, train.max_steps)
-
+    schedule = Schedule.of(task.train_data.num_batches, train)
     prepared = prepare_model(task.model, train)  # in place: parameter names stay as they are
-    if is_main and prepared:
+    if accelerator.is_main_process and prepared:
         logger.line("; ".join(prepared))
-    optimizer = build_optimizer(task.model, config.optim)
-    model, optimizer = accelerator.prepare(task.model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    ema = None
-    if train.ema_decay > 0:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED and train.strategy == "zero3":
-            raise UsageError("train.ema_decay needs unpartitioned weights: use strategy ddp or zero2")
-        ema = EMA(unwrapped, train.ema_decay)
+    model, optimizer = accelerator.prepare(task.model, optimizer_of(task.model, config))
+    ema = ema_of(accelerator, accelerator.unwrap_model(model), train)
+    checkpointer = Checkpointer(accelerator, run_dir, train, read_run_id(run_dir))
+    exporter = Exporter(accelerator, task.export, run_dir, config.run.publish_to, train.save, logger)
+    evaluator = Evaluator(task.evaluate, task.best_metric, accelerator, accelerator.unwrap_model(model), ema,
+                          exporter, logger, train.epochs) if task.evaluate is not None else None
+    run = Run(task, accelerator, config, schedule, model, optimizer, ema, checkpointer, exporter, evaluator, logger,
+              TrainerState())
+    resume(run)
+    return run
 
-    state = TrainerState()
-    resume_from, warnings = resolve_resume(accelerator, run_dir, train.resume, run_id, train.trust_checkpoint)
+
+def optimizer_of(model: torch.nn.Module, config: Any) -> torch.optim.Optimizer:
+    return build_optimizer(model, config.optim)
+
+
+def ema_of(accelerator: Accelerator, unwrapped: torch.nn.Module, train: TrainSection) -> EMA | None:
+    if train.ema_decay <= 0:
+        return None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and train.strategy == "zero3":
+        raise UsageError("train.ema_decay needs unpartitioned weights: use strategy ddp or zero2")
+    return EMA(unwrapped, train.ema_decay)
+
+
+def resume(run: Run) -> None:
+    """Load the checkpoint `train.resume` names into the run (model, optimizer, RNG, EMA, its state), if any."""
+    path, warnings = run.checkpointer.resume()
+    is_main = run.accelerator.is_main_process
+    for warning in warnings if is_main else ():
+        run.logger.line(f"warning: {warning}")
+    if path is None:
+        if is_main and run.train.resume == "latest":
+            run.logger.line("no checkpoint to resume from; starting fresh")
+        return
+    run.state, ema_state = run.checkpointer.load(path)
+    if run.ema is not None and ema_state is not None:
+        run.ema.load_state_dict(ema_state)
     if is_main:
-        for warning in warnings:
-            logger.line(f"warning: {warning}")
-    if resume_from is not None:
-        state, ema_state = load_checkpoint(accelerator, resume_from)
-        if ema is not None and ema_state is not None:
-            ema.load_state_dict(ema_state)
-        if is_main:
-            logger.line(f"resumed from {resume_from}: epoch {state.epoch + 1} step {state.step} "
-                        f"(batch {state.batch_in_epoch} of the epoch)")
-    elif is_main and train.resume == "latest":
-        logger.line("no checkpoint to resume from; starting fresh")
+        run.logger.line(f"resumed from {path}: epoch {run.state.epoch + 1} step {run.state.step} "
+                        f"(batch {run.state.batch_in_epoch} of the epoch)")
 
+
+def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | None:
+    """The rest of the current epoch, step by step, until it ends, the run's last step, or a stop signal (returned,
+    after its checkpoint)."""
+    state, schedule, train, accelerator = run.state, run.schedule, run.train, run.accelerator
+    run.task.train_data.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+    # A checkpoint taken on an epoch's last step resumes straight into the epoch's end.
+    batches = run.task.train_data.dataloader if state.batch_in_epoch < schedule.batches_per_epoch else ()
     float_dtype = input_dtype(accelerator)
+    for batch in telemetry.clock.batches(batches):
+        for group in run.optimizer.param_groups:
+            group["lr"] = sgdr_lr(state.step, run.config.optim, schedule.steps_per_epoch)
+        result = train_step(run.model, run.optimizer, move_to_device(batch, accelerator.device, float_dtype),
+                            run.task.compute_loss, accelerator, train.clip_grad)
+        state.batch_in_epoch += 1
+        telemetry.window.add(result.loss, result.scalars)
+        if not result.synced:
+            continue
+        state.step += 1
+        if run.ema is not None:
+            run.ema.update(accelerator.unwrap_model(run.model))
+        if state.step % train.log_every == 0 or state.step in (1, schedule.total_steps):
+            telemetry.log(result.grad_norm)  # the first and last steps too: a short run still has a curve
+        stopped_by = stop.agreed(accelerator)
+        epoch_done = state.batch_in_epoch >= schedule.batches_per_epoch  # its checkpoint comes at the epoch's end
+        if stopped_by is not None or (state.step % train.checkpoint_every == 0 and not epoch_done):
+            with telemetry.clock.paused():
+                run.checkpoint()
+        if stopped_by is not None or state.step >= schedule.total_steps or epoch_done:
+            return stopped_by
+    if state.batch_in_epoch < schedule.batches_per_epoch and state.step < schedule.total_steps:
+        raise RuntimeError(f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch + 1}, "
+                           f"expected {schedule.batches_per_epoch}")
+    return None
 
-    stop = StopRequest()
-    stopped_by: int | None = None
-    last_metrics: dict[str, float] = {}
-    window: list[torch.Tensor] = []
-    scalar_names: list[str] = []
-    clock = StepClock(accelerator.device)
-    batch_size = config.data.batch_size
 
-    def checkpoint() -> None:
-        if train.save:
-            with clock.paused():
-                save_checkpoint(accelerator, run_dir, state, train.keep_last, run_id,
-                                ema.state_dict() if ema else None)
+def end_epoch(run: Run) -> dict[str, float] | None:
+    """The epoch's skipped samples said, the next epoch begun, and the evaluation when one is due (its metrics)."""
+    state, accelerator = run.state, run.accelerator
+    skipped = int(accelerator.reduce(torch.tensor(run.task.train_data.skipped(), device=accelerator.device),
+                                     reduction="sum"))
+    if accelerator.is_main_process and skipped:
+        run.logger.scalars({"skipped_samples": skipped}, state.step, prefix="train/")
+        run.logger.line(f"epoch {state.epoch + 1}/{run.train.epochs}: skipped {skipped} corrupt or unreadable "
+                        "samples (see the warnings)")
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    due = state.epoch % run.train.eval_every == 0 or state.step >= run.schedule.total_steps
+    return run.evaluator.evaluate(run.model, state) if run.evaluator is not None and due else None
 
-    def evaluate_and_export_best() -> None:
-        nonlocal last_metrics
-        with ema.applied(unwrapped) if ema else nullcontext():
-            model.eval()
-            metrics = task.evaluate(model, accelerator)
-            model.train()
-            improved = bool(task.best_metric) and (
-                state.best_metric is None or metrics[task.best_metric] > state.best_metric)
-            if improved:
-                state.best_metric, state.best_step = metrics[task.best_metric], state.step
-                export(run_dir / "best", extra={"step": state.step, "epoch": state.epoch, **metrics})
-        last_metrics = metrics
-        if is_main:
-            logger.scalars(metrics, state.step, prefix="val/")
-            logger.line(f"epoch {state.epoch}/{train.epochs} val: {format_scalars(metrics)}"
-                        + (" (best)" if improved else ""))
 
-    def export(folder: Path, extra: dict[str, Any]) -> None:
-        if task.export is None or not train.save:
-            return
-        full_state = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers the partitions here
-        if is_main:  # written aside and swapped in whole: a crash never leaves a half-written export
-            tmp = folder.with_name(f".tmp-{folder.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            task.export(full_state, tmp)
-            write_json_atomic(tmp / "trainer.json", extra)
-            replace_folder(tmp, folder)
-            if config.run.publish_to:  # checkpoints stay local; the exports may go to object storage too
-                target = storage.join(config.run.publish_to, folder.name)
-                try:
-                    storage.upload_folder(folder, target, last="trainer.json")
-                except (OSError, UsageError) as err:  # the local export stands; the next export publishes again
-                    logger.line(f"error: could not publish {folder} to {storage.shown(target)}: {err}")
-        accelerator.wait_for_everyone()
-
-    batches_per_epoch = steps_per_epoch * train.grad_accum  # leftovers beyond whole optimizer steps are unused
-    model.train()
-    while state.step < total_steps and stopped_by is None:
-        task.train_data.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
-        # A checkpoint taken on an epoch's last step resumes straight into the epoch's end.
-        batches = task.train_data.dataloader if state.batch_in_epoch < batches_per_epoch else ()
-        for batch in clock.batches(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = sgdr_lr(state.step, config.optim, steps_per_epoch)
-            batch = move_to_device(batch, accelerator.device, float_dtype)
-            result = train_step(model, optimizer, batch, task.compute_loss, accelerator, train.clip_grad)
-            state.batch_in_epoch += 1
-            scalar_names = ["loss", *result.scalars]
-            window.append(torch.stack([result.loss.detach().float(),
-                                       *(v.detach().float() for v in result.scalars.values())]))
-            if not result.synced:
-                continue
-            state.step += 1
-            if ema is not None:
-                ema.update(unwrapped)
-
-            # the first step and the last are always logged: a run shorter than log_every still has a curve
-            if state.step % train.log_every == 0 or state.step in (1, total_steps):
-                elapsed, data_wait = clock.close_window()
-                # one all-reduce (sum) for the loss means, the times (averaged over ranks below) and the skips
-                local = torch.cat([torch.stack(window).mean(0).to(accelerator.device),
-                                   torch.tensor([elapsed, data_wait, task.train_data.skipped()],
-                                                device=accelerator.device)])
-                totals = accelerator.reduce(local, reduction="sum").tolist()
-                if is_main:
-                    world = accelerator.num_processes
-                    values = {name: total / world for name, total in zip(scalar_names, totals)}
-                    values["lr"] = optimizer.param_groups[0]["lr"]
-                    if result.grad_norm is not None:
-                        values["grad_norm"] = float(result.grad_norm)
-                    values.update(step_scalars(
-                        totals[-3] / world, totals[-2] / world, steps=len(window) // train.grad_accum,
-                        samples=len(window) * batch_size * world, train_flops_per_sample=task.train_flops_per_sample,
-                        device=accelerator.device, precision=accelerator.mixed_precision, world_size=world))
-                    values["skipped_samples"] = totals[-1]  # this epoch so far, all ranks
-                    logger.scalars(values, state.step, prefix="train/")
-                    logger.line(f"epoch {state.epoch + 1}/{train.epochs} step {state.step}/{total_steps} "
-                                f"{format_scalars(values)}")
-                window = []
-
-            stopped_by = stop.agreed(accelerator)
-            epoch_done = state.batch_in_epoch >= batches_per_epoch  # the epoch end checkpoints below
-            if stopped_by is not None or (state.step % train.checkpoint_every == 0 and not epoch_done):
-                checkpoint()
-            if stopped_by is not None or state.step >= total_steps or epoch_done:
-                break
-
-        if stopped_by is not None:
-            break
-        if state.batch_in_epoch < batches_per_epoch:
-            if state.step >= total_steps:  # train.max_steps ends the run mid-epoch
-                checkpoint()
-                break
-            raise RuntimeError(f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch + 1}, "
-                               f"expected {batches_per_epoch}")
-        skipped = int(accelerator.reduce(torch.tensor(task.train_data.skipped(), device=accelerator.device),
-                                         reduction="sum"))
-        if is_main and skipped:
-            logger.scalars({"skipped_samples": skipped}, state.step, prefix="train/")
-            logger.line(f"epoch {state.epoch + 1}/{train.epochs}: skipped {skipped} corrupt or unreadable samples "
-                        "(see the warnings)")
-        state.epoch += 1
-        state.batch_in_epoch = 0
-        if task.evaluate is not None and (state.epoch % train.eval_every == 0 or state.step >= total_steps):
-            with clock.paused():
-                evaluate_and_export_best()
-        checkpoint()
-
+def finish(run: Run, stopped_by: int | None, metrics: dict[str, float]) -> FitResult:
+    """A stopped run says so (and asks Slurm to requeue it at its time limit); a finished one exports."""
     requeue_failed = False
     if stopped_by is not None:
-        if is_main:
-            logger.line(f"stopped by signal {stopped_by} at step {state.step}; checkpoint saved, "
-                        "continue with --resume latest")
-            if stopped_by == signal.SIGUSR1:  # the time limit is near
-                try:
-                    if job := requeue_slurm_job():
-                        logger.line(f"requeued Slurm job {job}")
-                except RequeueError as err:
-                    requeue_failed = True
-                    logger.line(f"error: {err}; the job will not restart by itself: submit it again (it resumes "
-                                "from the checkpoint)")
+        requeue_failed = stopped(run, stopped_by)
     else:
-        with ema.applied(unwrapped) if ema else nullcontext():
-            export(run_dir / "export", extra={"step": state.step, "epoch": state.epoch})
-        if is_main:
-            saved = f"exported to {run_dir / 'export'}" if train.save else "nothing saved (train.save=false)"
-            logger.line(f"done: {state.step} steps; {saved}")
-    if is_main:
-        logger.close()
-    accelerator.wait_for_everyone()
-    return FitResult(state=state, stopped_by_signal=stopped_by, run_dir=run_dir, last_metrics=last_metrics,
-                     requeue_failed=requeue_failed)
+        with run.ema.applied(run.accelerator.unwrap_model(run.model)) if run.ema else nullcontext():
+            run.exporter.export(run.model, "export", {"step": run.state.step, "epoch": run.state.epoch})
+        if run.accelerator.is_main_process:
+            saved = (f"exported to {run.checkpointer.run_dir / 'export'}" if run.train.save
+                     else "nothing saved (train.save=false)")
+            run.logger.line(f"done: {run.state.step} steps; {saved}")
+    if run.accelerator.is_main_process:
+        run.logger.close()
+    run.accelerator.wait_for_everyone()
+    return FitResult(state=run.state, stopped_by_signal=stopped_by, run_dir=run.checkpointer.run_dir,
+                     last_metrics=metrics, requeue_failed=requeue_failed)
 
+
+def stopped(run: Run, stopped_by: int) -> bool:
+    """Rank 0 says where the run stopped, and at the time limit (SIGUSR1) requeues the Slurm job; returns whether
+    that requeue failed."""
+    if not run.accelerator.is_main_process:
+        return False
+    run.logger.line(f"stopped by signal {stopped_by} at step {run.state.step}; checkpoint saved, continue with "
+                    "--resume latest")
+    if stopped_by != signal.SIGUSR1:
+        return False
+    try:
+        if job := requeue_slurm_job():
+            run.logger.line(f"requeued Slurm job {job}")
+    except RequeueError as err:
+        run.logger.line(f"error: {err}; the job will not restart by itself: submit it again (it resumes from the "
+                        "checkpoint)")
+        return True
+    return False
+
+
+class StepTelemetry:
+    """The step lines and TensorBoard scalars: the loss terms over the window since the last line, by name, and
+    where the time went."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.window, self.clock = run, ScalarWindow(), StepClock(run.accelerator.device)
+
+    def log(self, grad_norm: torch.Tensor | None) -> None:
+        """Every rank calls this at the same step (one all-reduce); rank 0 writes."""
+        run, accelerator = self.run, self.run.accelerator
+        micro_batches = self.window.micro_batches
+        elapsed, data_wait = self.clock.close_window()
+        means, totals = self.window.reduce(accelerator, {"elapsed_s": elapsed, "data_wait_s": data_wait,
+                                                         "skipped": run.task.train_data.skipped()})
+        if not accelerator.is_main_process:
+            return
+        world = accelerator.num_processes
+        values = {**means, "lr": run.optimizer.param_groups[0]["lr"]}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        values.update(step_scalars(
+            totals["elapsed_s"] / world, totals["data_wait_s"] / world, steps=micro_batches // run.train.grad_accum,
+            samples=micro_batches * run.config.data.batch_size * world,
+            train_flops_per_sample=run.task.train_flops_per_sample, device=accelerator.device,
+            precision=accelerator.mixed_precision, world_size=world))
+        values["skipped_samples"] = totals["skipped"]  # this epoch so far, all ranks
+        state = run.state
+        run.logger.scalars(values, state.step, prefix="train/")
+        run.logger.line(f"epoch {state.epoch + 1}/{run.train.epochs} step {state.step}/{run.schedule.total_steps} "
+                        f"{format_scalars(values)}")

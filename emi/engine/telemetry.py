@@ -91,3 +91,27 @@ def step_scalars(elapsed: float, data_wait: float, steps: int, samples: int, tra
     if device.type == "cuda":
         values["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return values
+
+
+class ScalarWindow:
+    """The loss and the loss function's terms of every micro batch since the last log line, by name."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.micro_batches = 0
+
+    def add(self, loss: torch.Tensor, scalars: dict[str, torch.Tensor]) -> None:
+        for name, value in {"loss": loss, **scalars}.items():
+            self.values.setdefault(name, []).append(value.detach().float().reshape(()))
+        self.micro_batches += 1
+
+    def reduce(self, accelerator: Any, per_rank: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """(each scalar's mean over the window, averaged over the ranks; each of `per_rank`'s numbers summed over
+        the ranks), in one all-reduce that every rank makes; the window starts again empty."""
+        names = list(self.values)
+        local = torch.stack([torch.stack(self.values[name]).mean().to(accelerator.device) for name in names]
+                            + [torch.tensor(float(value), device=accelerator.device) for value in per_rank.values()])
+        totals = dict(zip(names + list(per_rank), accelerator.reduce(local, reduction="sum").tolist()))
+        self.values, self.micro_batches = {}, 0
+        world = accelerator.num_processes
+        return {name: totals[name] / world for name in names}, {name: totals[name] for name in per_rank}

@@ -17,7 +17,7 @@ its worker next to its part file, decoded, and deleted.
 A job array (--num-tasks N --task-index I, defaulting inside a Slurm array to SLURM_ARRAY_TASK_COUNT and
 SLURM_ARRAY_TASK_ID) splits the shards, and so the sorted clip list, into N contiguous, disjoint slices: task I builds
 only its slice, under the same shard names a single build gives them, and writes a partial manifest
-(emi.manifest: `.emi-tasks/task-IIIII-of-NNNNN.json`, its failures inside) instead of manifest.json and
+(emi.formats.manifest: `.emi-tasks/task-IIIII-of-NNNNN.json`, its failures inside) instead of manifest.json and
 failures.jsonl; `emi shards merge` (emi.shards.merge) then writes those two. A re-run task keeps its complete
 shards as a single build does.
 """
@@ -43,7 +43,7 @@ from tqdm import tqdm
 from emi import storage
 from emi.errors import StoppedError, UsageError
 from emi.io import sha256_file
-from emi.manifest import (CLIP_SHARDS, MANIFEST_FILE, Manifest, Preprocessing, ShardEntry, TaskPart, find_manifest,
+from emi.formats.manifest import (CLIP_SHARDS, MANIFEST_FILE, BuildArgs, Manifest, ShardEntry, TaskPart, find_manifest,
                           partial_manifest_name, read_manifest, write_manifest)
 from emi.shards.asr import check_whisper, parse_asr, read_transcripts
 from emi.shards.files import (FAILURES, ShardWriter, failure_lines, read_failures, scan_shard, shard_name,
@@ -159,7 +159,7 @@ def _exclusive(out: Path, task: ArrayTask | None) -> Iterator[None]:
         yield
 
 
-def _previous_build(out: str | Path, split: str, args: dict, task: ArrayTask | None, owned: range
+def _previous_build(out: str | Path, split: str, args: BuildArgs, task: ArrayTask | None, owned: range
                     ) -> tuple[Manifest | None, list[dict], str | None]:
     """What an earlier build left in `out` for these shards: its manifest (a task's own partial one, else the
     folder's), its failure records, and why it cannot be used (None when it can, or when there is none)."""
@@ -180,8 +180,8 @@ def _previous_build(out: str | Path, split: str, args: dict, task: ArrayTask | N
     if old.split != split:
         raise UsageError(f"--out {storage.shown(out)} holds the {old.split!r} split: give each split its own folder")
     if old.args != args:
-        old_args = old.args or {}
-        changed = "; ".join(f"{name}: {old_args.get(name)!r} -> {value!r}" for name, value in args.items()
+        old_args = old.args.to_dict() if old.args is not None else {}
+        changed = "; ".join(f"{name}: {old_args.get(name)!r} -> {value!r}" for name, value in args.to_dict().items()
                             if old_args.get(name) != value)
         return None, [], (f"arguments differ from the earlier build in {storage.shown(out)} ({changed}): "
                           "rebuilding all shards")
@@ -298,15 +298,12 @@ def build_shards(videos: str | Path, labels: str | Path, out: str | Path, split:
     imported = read_transcripts(transcripts) if transcripts is not None else {}
     writes_into_videos = not storage.is_url(videos) and not storage.is_url(out) and out.resolve() == videos.resolve()
     jobs, failures = plan_clips(videos, table, imported, shard_pattern(split) if writes_into_videos else None)
-    args = {
-        "videos": storage.shown(videos) if storage.is_url(videos) else str(videos.resolve()),
-        "labels": str(labels.resolve()), "labels_sha256": sha256_file(labels),
-        "split": split, "fps": float(fps), "sample_rate": sample_rate, "frame_size": frame_size,
-        "shard_size": shard_size, "asr": asr,
-        "transcripts": str(Path(transcripts).resolve()) if transcripts is not None else None,
-        "transcripts_sha256": sha256_file(Path(transcripts)) if transcripts is not None else None,
-        "face_crop": face_crop,
-    }
+    args = BuildArgs(
+        videos=storage.shown(videos) if storage.is_url(videos) else str(videos.resolve()),
+        labels=str(labels.resolve()), labels_sha256=sha256_file(labels), split=split, fps=float(fps),
+        sample_rate=sample_rate, frame_size=frame_size, shard_size=shard_size, asr=asr,
+        transcripts=str(Path(transcripts).resolve()) if transcripts is not None else None,
+        transcripts_sha256=sha256_file(Path(transcripts)) if transcripts is not None else None, face_crop=face_crop)
     # the workers share the cores: each decoder gets its share of them as threads
     options = SampleOptions(split=split, fps=float(fps), sample_rate=sample_rate, frame_size=frame_size,
                             asr_model=asr_model, face_crop=face_crop == "opencv",
@@ -349,10 +346,10 @@ def _complete_shards(out: str | Path, task: ArrayTask | None) -> int:
 
 
 def _build(out: str | Path, staging: Path, task: ArrayTask | None, jobs: list[ClipJob], failures: list[Failure],
-           kinds: dict[str, str], args: dict, options: SampleOptions, shard_size: int, workers: int,
+           kinds: dict[str, str], args: BuildArgs, options: SampleOptions, shard_size: int, workers: int,
            parts: Path) -> BuildSummary:
     split = options.split
-    preprocessing = Preprocessing.from_dict(args)  # the arguments that decide what a sample holds
+    preprocessing = args.preprocessing  # the arguments that decide what a sample holds
     chunks = [jobs[start:start + shard_size] for start in range(0, len(jobs), shard_size)]
     owned = task_shards(len(chunks), task)
     old, records, rebuild_reason = _previous_build(out, split, args, task, owned)

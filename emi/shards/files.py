@@ -1,7 +1,7 @@
 """Shard files: deterministic tar writing under a temporary name, failures.jsonl, reading a shard back (its
 samples' json and its sha256, in one streamed pass, local or remote).
 
-The manifest that lists the shards is emi.manifest's.
+The manifest that lists the shards is emi.formats.manifest's.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from emi import storage
 from emi.io import temporary_path
-from emi.manifest import ShardEntry
+from emi.formats.manifest import ShardEntry
 
 FAILURES = "failures.jsonl"
 MEMBER_MTIME = 0  # fixed, so identical inputs give byte-identical shards

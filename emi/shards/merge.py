@@ -1,6 +1,6 @@
 """`emi shards merge OUT`: the partial manifests of a job-array build -> the one manifest.json and failures.jsonl.
 
-Every task's partial manifest (emi.manifest, `.emi-tasks/` in OUT) is checked: all tasks of the array are there
+Every task's partial manifest (emi.formats.manifest, `.emi-tasks/` in OUT) is checked: all tasks of the array are there
 and complete, they were run with the same arguments, their shard ranges tile the whole build, every shard they list
 still hashes to its sha256 and holds the samples listed, and no key comes twice. Then manifest.json and
 failures.jsonl are written as a single build would have written them (same shards, same order, same totals, the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from emi import storage
 from emi.errors import UsageError
-from emi.manifest import CLIP_SHARDS, TASKS_DIR, Manifest, read_manifest, write_manifest
+from emi.formats.manifest import CLIP_SHARDS, TASKS_DIR, Manifest, read_manifest, write_manifest
 from emi.shards.files import FAILURES, failure_lines, scan_shard
 
 _PARTIAL = re.compile(r"task-(\d{5})-of-(\d{5})\.json")

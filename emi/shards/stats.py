@@ -6,7 +6,7 @@ from statistics import fmean
 
 from emi import storage
 from emi.errors import UsageError
-from emi.manifest import CLIP_SHARDS, MANIFEST_FILE, find_manifest
+from emi.formats.manifest import CLIP_SHARDS, MANIFEST_FILE, find_manifest
 from emi.shards.files import read_failures, scan_shard
 
 

@@ -23,8 +23,8 @@ from emi.data import AudioSpec, ImageSpec, build_loader
 from emi.data.decode import normalise
 from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
-from emi.engine.evaluation import collect
-from emi.engine.loop import LossFn
+from emi.data.collect import collect
+from emi.engine.step import LossFn
 from emi.errors import UsageError
 from emi.losses import ContrastiveLoss, va_confidence_weights
 from emi.metrics import retrieval_metrics

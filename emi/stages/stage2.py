@@ -25,11 +25,11 @@ from emi.data import ShardSet, build_loader, resolve_shards
 from emi.data.folds import fold_split
 from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
-from emi.engine.evaluation import collect
+from emi.data.collect import collect
 from emi.errors import UsageError
 from emi.io import folder_records, records_digest
 from emi.losses import RegressionLoss
-from emi.manifest import FEATURE_SHARDS, Manifest
+from emi.formats.manifest import FEATURE_SHARDS, Manifest
 from emi.metrics import emi_report
 from emi.models.fusion import MODALITIES, FusionModel, fusion_inputs, present_modalities, save_fusion
 

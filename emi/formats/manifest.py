@@ -18,6 +18,9 @@ and `emi shards merge` turns the N of them into the one manifest.json and failur
 Written by `emi shards build` and `emi features extract` (atomically, through `write_manifest`), read by the
 loaders (sample counts), Stage II (feature dims), `emi features extract`, `emi evaluate` and `emi predict` (how
 clips were prepared), all through `read_manifest`, which checks it and names the file in every error.
+
+A feature shard being extracted gets its sidecar `<name>.tar.json` (its ShardEntry) once it is whole: a re-run
+keeps the shards whose sidecar matches them (`read_sidecar`, `write_sidecar`).
 """
 from __future__ import annotations
 
@@ -80,6 +83,44 @@ class Preprocessing:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class BuildArgs:
+    """The arguments of `emi shards build` that decide what its shards hold; a re-run with others rebuilds them."""
+
+    videos: str  # the videos folder (absolute) or URL prefix
+    labels: str  # the labels CSV (absolute)
+    labels_sha256: str
+    split: str
+    fps: float
+    sample_rate: int
+    frame_size: int
+    shard_size: int
+    asr: str
+    transcripts: str | None
+    transcripts_sha256: str | None
+    face_crop: str
+
+    @classmethod
+    def from_dict(cls, values: Any) -> BuildArgs | None:
+        """The arguments a manifest records; None where they are not of this shape (an older emi wrote other ones:
+        a build run again over them rebuilds, as it does for any change of arguments)."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(values, dict) or sorted(values) != sorted(names):
+            return None
+        try:
+            return cls(**values)
+        except TypeError:
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(fps=self.fps, sample_rate=self.sample_rate, frame_size=self.frame_size,
+                             face_crop=self.face_crop, asr=self.asr)
+
+
 @dataclass
 class Manifest:
     format: str  # CLIP_SHARDS or FEATURE_SHARDS
@@ -89,7 +130,7 @@ class Manifest:
     split: str | None = None
     num_frames: int | None = None  # clip shards: totals over the shards
     duration_s: float | None = None
-    args: dict[str, Any] | None = None  # clip shards: the build's arguments (a re-run with others rebuilds)
+    args: BuildArgs | None = None  # clip shards: the build's arguments (a re-run with others rebuilds)
     dims: dict[str, int] | None = None  # feature shards: feature widths by modality
     encoders: str | None = None  # feature shards: the Stage I export that computed them
     encoders_sha256: str | None = None  # feature shards: its files' digest (emi.io.records_digest)
@@ -128,7 +169,8 @@ class Manifest:
                                     "shards": [asdict(entry) for entry in self.shards],
                                     "num_samples": self.num_samples, "labels": self.labels,
                                     "preprocessing": self.preprocessing.to_dict()}
-        optional = {"num_frames": self.num_frames, "duration_s": self.duration_s, "args": self.args,
+        optional = {"num_frames": self.num_frames, "duration_s": self.duration_s,
+                    "args": self.args.to_dict() if self.args is not None else None,
                     "dims": self.dims, "encoders": self.encoders, "encoders_sha256": self.encoders_sha256,
                     "source": self.source,
                     "task": asdict(self.task) if self.task is not None else None, "failures": self.failures}
@@ -191,7 +233,8 @@ def read_manifest(location: str | Path) -> Manifest:
             raise UsageError(f"manifest {shown}: a partial manifest needs its 'failures' list")
     return Manifest(format=document["format"], shards=shards, labels=labels, preprocessing=preprocessing,
                     split=document.get("split"), num_frames=document.get("num_frames"),
-                    duration_s=document.get("duration_s"), args=document.get("args"), dims=document.get("dims"),
+                    duration_s=document.get("duration_s"), args=BuildArgs.from_dict(document.get("args")),
+                    dims=document.get("dims"),
                     encoders=document.get("encoders"), encoders_sha256=document.get("encoders_sha256"),
                     source=document.get("source"), task=task, failures=document.get("failures"), path=path)
 
@@ -207,3 +250,33 @@ def write_manifest(folder: str | Path, manifest: Manifest, name: str = MANIFEST_
     path = storage.join(folder, name)
     storage.write_bytes(path, (json.dumps(manifest.to_json(), indent=1, ensure_ascii=False) + "\n").encode())
     return path
+
+
+def sidecar_path(shard: str | Path) -> str | Path:
+    """The sidecar of a feature shard: `<name>.tar.json` beside it (a path or a URL)."""
+    return f"{shard}.json" if storage.is_url(str(shard)) else Path(f"{shard}.json")
+
+
+def write_sidecar(shard: str | Path, entry: ShardEntry) -> None:
+    """Record a finished feature shard (its count, bytes, sha256 and keys) beside it, once it is whole."""
+    storage.write_bytes(sidecar_path(shard), (json.dumps(asdict(entry), indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def read_sidecar(shard: str | Path) -> ShardEntry | None:
+    """The entry a feature shard's sidecar records; None where there is none or it is damaged (the shard is then
+    extracted again)."""
+    try:
+        document = json.loads(storage.read_bytes(sidecar_path(shard)))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    try:
+        entry = ShardEntry(**document)
+    except TypeError:
+        return None
+    valid = (isinstance(entry.name, str) and isinstance(entry.num_samples, int) and isinstance(entry.bytes, int)
+             and isinstance(entry.sha256, str) and isinstance(entry.keys, list))
+    return entry if valid else None

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather, gather_object
 
-from emi.engine.distributed import move_to_device
+from emi.devices import move_to_device
 
 Forward = Callable[[dict[str, Any]], dict[str, torch.Tensor]]  # batch on device -> {name: [B, ...] tensor}
 

@@ -1,4 +1,4 @@
-"""Resumable checkpoints: saved, verified, found and loaded.
+"""Resumable checkpoints: saved, verified, found and loaded (the records themselves: emi.formats.checkpoint).
 
 A checkpoint is a folder `<run>/checkpoints/step-00000123/` holding what `accelerator.save_state` writes (model and
 optimizer, DeepSpeed's partitioned files under ZeRO, every rank's RNG states) plus `trainer_state.json` (epoch, step,
@@ -7,42 +7,30 @@ run that wrote it and the size and sha256 of every other file. It is written und
 complete, so a killed job never leaves a checkpoint that looks complete.
 
 Before a checkpoint is loaded every file is checked against `checkpoint.json` (the ranks hash a share each).
-`latest` is the newest intact checkpoint: a damaged newer one is moved aside to `damaged-step-...` with a warning
-naming it and why. Loading runs DeepSpeed's own loader, which unpickles, so a checkpoint whose run id is not this
-run's (`<run>/run.json`, written at the run's first start) is refused unless the user trusts it explicitly.
-The folder is expected on storage every rank can see (a cluster's shared file system).
+`latest` is the newest checkpoint that is intact and this run's own: a damaged newer one, or one whose run id is not
+the run's (`<run>/run.json`), is moved aside to `damaged-step-...` with a warning naming it and why. Loading runs
+DeepSpeed's own loader, which unpickles, so a checkpoint another run wrote is refused unless the user trusts it
+explicitly. The folder is expected on storage every rank can see (a cluster's shared file system).
 """
 from __future__ import annotations
 
-import json
 import shutil
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
+from emi.config import TrainSection
 from emi.errors import UsageError
-from emi.io import file_problem, file_record, folder_files, is_file_record, replace_folder, write_json_atomic
+from emi.formats.checkpoint import (
+    RUN_FILE, CheckpointRecord, TrainerState, read_checkpoint_record, read_trainer_state, write_trainer_state)
+from emi.io import file_problem, file_record, folder_files, replace_folder
 
-STATE_FILE = "trainer_state.json"
-CHECKSUM_FILE = "checkpoint.json"
-RUN_FILE = "run.json"  # in the run folder: the run's id, which every checkpoint it writes carries
 EMA_FILE = "ema.safetensors"
 RNG_FILE = "rng-rank{rank}.safetensors"  # accelerate keeps only the main process's RNG state on each node
-
-
-@dataclass
-class TrainerState:
-    step: int = 0  # optimizer steps completed
-    epoch: int = 0  # the epoch in progress
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
-    best_metric: float | None = None
-    best_step: int | None = None
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -55,19 +43,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
-def create_run_id(run_dir: Path) -> None:
-    """Give the run its id at its first start (rank 0); later starts of the same run keep it."""
-    if not (run_dir / RUN_FILE).is_file():
-        write_json_atomic(run_dir / RUN_FILE, {"run_id": uuid.uuid4().hex})
+@dataclass(frozen=True)
+class Unusable:
+    """Why a checkpoint cannot be resumed by this run."""
 
-
-def read_run_id(run_dir: Path) -> str:
-    path = run_dir / RUN_FILE
-    try:
-        return str(json.loads(path.read_text())["run_id"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{path}: unreadable ({type(err).__name__}: {err}); it names the run that wrote the "
-                         "checkpoints beside it") from None
+    reason: str  # "damaged (...)" or "another run's (...)", as the log says it
+    foreign_run: str | None = None  # the id of the run that wrote it, when that is the reason
 
 
 def resolve_resume(accelerator: Accelerator, run_dir: Path, resume: str, run_id: str, trust: bool
@@ -81,18 +62,7 @@ def resolve_resume(accelerator: Accelerator, run_dir: Path, resume: str, run_id:
     if resume == "none":
         return None, []
     if resume != "latest":
-        path = Path(resume)
-        if not path.is_dir():
-            raise UsageError(f"--resume {resume}: no such checkpoint folder")
-        problem = verify_checkpoint(accelerator, path, run_id, trust)
-        if problem is not None and problem.foreign_run is not None:
-            raise UsageError(f"{path} was written by run {problem.foreign_run}, not by this run ({run_id}, in its "
-                             f"{RUN_FILE}). Resuming runs DeepSpeed's checkpoint loader, which unpickles: load a "
-                             "checkpoint from elsewhere only if you trust it as you would trust code, with "
-                             "--trust-checkpoint (train.trust_checkpoint=true)")
-        if problem is not None:
-            raise UsageError(f"--resume {resume}: the checkpoint is {problem.reason}")
-        return path, []
+        return _given_checkpoint(accelerator, Path(resume), run_id, trust), []
     unusable: list[tuple[Path, str]] = []
     found = None
     for candidate in reversed(checkpoints(run_dir)):
@@ -114,51 +84,39 @@ def resolve_resume(accelerator: Accelerator, run_dir: Path, resume: str, run_id:
     return found, warnings
 
 
-@dataclass(frozen=True)
-class Unusable:
-    """Why a checkpoint cannot be resumed by this run."""
-
-    reason: str  # "damaged (...)" or "another run's (...)", as the log says it
-    foreign_run: str | None = None  # the id of the run that wrote it, when that is the reason
+def _given_checkpoint(accelerator: Accelerator, path: Path, run_id: str, trust: bool) -> Path:
+    """`--resume PATH`: the checkpoint, when it is intact and this run's own or trusted; UsageError otherwise."""
+    if not path.is_dir():
+        raise UsageError(f"--resume {path}: no such checkpoint folder")
+    problem = verify_checkpoint(accelerator, path, run_id, trust)
+    if problem is not None and problem.foreign_run is not None:
+        raise UsageError(f"{path} was written by run {problem.foreign_run}, not by this run ({run_id}, in its "
+                         f"{RUN_FILE}). Resuming runs DeepSpeed's checkpoint loader, which unpickles: load a "
+                         "checkpoint from elsewhere only if you trust it as you would trust code, with "
+                         "--trust-checkpoint (train.trust_checkpoint=true)")
+    if problem is not None:
+        raise UsageError(f"--resume {path}: the checkpoint is {problem.reason}")
+    return path
 
 
 def verify_checkpoint(accelerator: Accelerator, path: Path, run_id: str, trust: bool) -> Unusable | None:
     """Why checkpoint `path` cannot be resumed by this run (a damaged, missing or malformed file or record, or
     another run wrote it and `trust` is off); None when it can. Every rank calls this and gets the same answer."""
-    document = None
-    if accelerator.is_main_process:
-        document = _read_checksums(path)
-    document = broadcast_object_list([document])[0]
-    if isinstance(document, str):
-        return Unusable(f"damaged ({document})")
-    if document["run_id"] != run_id and not trust:
-        return Unusable(f"another run's (written by run {document['run_id']}, not by this run {run_id}; "
-                        "--trust-checkpoint resumes it anyway)", foreign_run=document["run_id"])
-    names = sorted(document["files"])
+    record = read_checkpoint_record(path) if accelerator.is_main_process else None
+    record = broadcast_object_list([record])[0]
+    if isinstance(record, str):
+        return Unusable(f"damaged ({record})")
+    if record.run_id != run_id and not trust:
+        return Unusable(f"another run's (written by run {record.run_id}, not by this run {run_id}; "
+                        "--trust-checkpoint resumes it anyway)", foreign_run=record.run_id)
+    names = sorted(record.files)
     share = names[accelerator.process_index::accelerator.num_processes]
     problems = gather_object([problem for name in share
-                              if (problem := file_problem(path, name, document["files"][name])) is not None])
+                              if (problem := file_problem(path, name, record.files[name])) is not None])
     if not problems:
         return None
     more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
     return Unusable("damaged (" + "; ".join(sorted(problems)[:3]) + more + ")")
-
-
-def _read_checksums(path: Path) -> dict[str, Any] | str:
-    """The checkpoint's checksum document, or why it cannot be used."""
-    try:
-        document = json.loads((path / CHECKSUM_FILE).read_text())
-    except FileNotFoundError:
-        return f"no {CHECKSUM_FILE}: written by an older emi or another program"
-    except (OSError, ValueError) as err:
-        return f"{CHECKSUM_FILE}: unreadable ({type(err).__name__}: {err})"
-    if not isinstance(document, dict) or not isinstance(document.get("files"), dict) or not isinstance(
-            document.get("run_id"), str):
-        return f"{CHECKSUM_FILE}: not a checksum record (a run_id and a files mapping)"
-    for name, record in document["files"].items():
-        if not is_file_record(record) or Path(name).is_absolute() or ".." in Path(name).parts:
-            return f"{CHECKSUM_FILE}: file {name!r} has a malformed record {record!r}"
-    return document
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep_last: int, run_id: str,
@@ -176,14 +134,14 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     if accelerator.is_main_process:
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
-        write_json_atomic(tmp / STATE_FILE, asdict(state))
+        write_trainer_state(tmp, state)
     accelerator.wait_for_everyone()
     # the size and sha256 of every file, the ranks hashing a share each
     names = broadcast_object_list([folder_files(tmp) if accelerator.is_main_process else None])[0]
     share = names[accelerator.process_index::accelerator.num_processes]
     records = dict(gather_object([(name, file_record(tmp / name)) for name in share]))
     if accelerator.is_main_process:
-        write_json_atomic(tmp / CHECKSUM_FILE, {"run_id": run_id, "files": dict(sorted(records.items()))})
+        CheckpointRecord(run_id, records).write(tmp)
         replace_folder(tmp, final)
         prune_checkpoints(root, keep_last)
     accelerator.wait_for_everyone()
@@ -198,9 +156,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[TrainerState,
         raise UsageError(f"{path}: no RNG state for rank {accelerator.process_index}; was it saved with a "
                          "different number of processes?")
     _set_rng_state(load_file(str(rng_path)))
-    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
     ema_path = path / EMA_FILE
-    return state, (load_file(str(ema_path)) if ema_path.is_file() else None)
+    return read_trainer_state(path), (load_file(str(ema_path)) if ema_path.is_file() else None)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -227,3 +184,23 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (temporaries are remove_stale_temporaries')."""
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """The loop's checkpoints: resume where `train.resume` says, save every `checkpoint_every` steps and at each
+    epoch end (unless `train.save` is off), keep the last `keep_last`. Every rank calls every method."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, train: TrainSection, run_id: str) -> None:
+        self.accelerator, self.run_dir, self.train, self.run_id = accelerator, run_dir, train, run_id
+
+    def resume(self) -> tuple[Path | None, list[str]]:
+        """(the checkpoint to resume from, warnings about the ones skipped)."""
+        return resolve_resume(self.accelerator, self.run_dir, self.train.resume, self.run_id,
+                              self.train.trust_checkpoint)
+
+    def load(self, path: Path) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
+        return load_checkpoint(self.accelerator, path)
+
+    def save(self, state: TrainerState, ema: dict[str, torch.Tensor] | None) -> None:
+        if self.train.save:
+            save_checkpoint(self.accelerator, self.run_dir, state, self.train.keep_last, self.run_id, ema)
