@@ -13,7 +13,7 @@ noise on half of the clips. Then one command trains every variant over the seeds
 
 then the section "## Learning and ablation" of RESULTS.md is written from the sweep's table (results.csv,
 cells.csv, ensemble.json), with the audio's fusion weight on clean and corrupted clips read from the checkpoints
-(`emi.inference.modality_weights`); the rest of RESULTS.md is kept. About 1.5 hours on 2 cores (the two data sets
+(`emi.serve.robustness.modality_weights`); the rest of RESULTS.md is kept. About 1.5 hours on 2 cores (the two data sets
 about 12 minutes each, then 42 Stage II cells, two at a time); a re-run continues where it stopped, and --collect
 trains nothing: the section from the finished sweep.
 """
@@ -34,7 +34,7 @@ import yaml
 from benchmarks.timing import cpu_model, table
 from emi.config import read_config_file
 from emi.demo import Pipeline
-from emi.inference import modality_weights
+from emi.serve.robustness import modality_weights
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -161,7 +161,7 @@ def section(root: Path, pipelines: dict[str, Pipeline], args: argparse.Namespace
                                                    for label, v in MODALITIES.items()]),
         "Fusion when half of the clips have their audio replaced by loud noise (`--corrupt-modality audio "
         "--corrupt-frac 0.5`): val mean Pearson, the same with one modality removed at evaluation time, and the "
-        "audio's mean fusion weight on the clean / the corrupted val clips (`emi.inference.modality_weights`, "
+        "audio's mean fusion weight on the clean / the corrupted val clips (`emi.serve.robustness.modality_weights`, "
         "averaged over the seeds):",
         table(["fusion", "val mean Pearson", "without vision", "without audio", "without text",
                "audio weight clean / corrupted"], rows_fusion),

@@ -3,7 +3,7 @@
 Both epochs train the same FusionModel (configs/stage2/tiny.yaml, same initial weights, AdamW, masked MSE as in
 emi/stages/stage2.py) on the same clips in the same order and batches. Cached: the `features` loader over the npy
 feature shards written by `emi features extract`. On the fly: the `clip` loader over the clip shards (JPEG and
-WAV decoding), the frozen Stage I encoders (`emi.features.clip_features`) and `fusion_batch`, which lays the
+WAV decoding), the frozen Stage I encoders (`emi.serve.features.clip_features`) and `fusion_batch`, which lays the
 features out exactly as the `features` loader does. The encoders are tiny random-init Stage I encoders
 (configs/stage1/tiny.yaml), exported and loaded once before timing; extraction itself is not timed.
 
@@ -22,12 +22,13 @@ import yaml
 
 from benchmarks.timing import best_of_rounds, table
 from emi import EMI_EMOTIONS
-from emi.config import Stage2Config, config_to_dict, load_config
+from emi.config import Stage2Config, load_config
+from emi.formats.fusion import FusionSpec
 from emi.data import build_loader
-from emi.features import FrozenEncoders, clip_features, clip_loader, extract_features, fusion_batch, \
+from emi.serve.features import FrozenEncoders, clip_features, clip_loader, extract_features, fusion_batch, \
     load_frozen_encoders
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from emi.losses import RegressionLoss
+from emi.models.losses import RegressionLoss
 from emi.models.fusion import FusionModel, fusion_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +53,8 @@ def fusion_model(dims: dict[str, int]) -> tuple[FusionModel, torch.optim.Optimiz
     """The Stage II tiny model, always with the same initial weights, and its AdamW."""
     config = load_config(Stage2Config, STAGE2_TINY)
     torch.manual_seed(0)
-    model = FusionModel(vision_dim=dims["vision"], audio_dim=dims["audio"], text_dim=dims["text"],
-                        num_outputs=len(LABELS), **config_to_dict(config.model))
+    model = FusionModel(FusionSpec(vision_dim=dims["vision"], audio_dim=dims["audio"], text_dim=dims["text"],
+                                   num_outputs=len(LABELS), options=config.model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     return model.train(), optimizer
 
@@ -127,7 +128,7 @@ def section(result: dict) -> str:
         f"What: one Stage II training epoch over the same {result['clips']} clips ({result['samples']} samples in "
         f"batches of {result['batch_size']}), same FusionModel (configs/stage2/tiny.yaml), same initial weights "
         "and order: from cached feature shards (`features` loader) against recomputing the frozen encoders' "
-        "features from the clip shards (`clip` loader, `emi.features.clip_features`, `fusion_batch`).",
+        "features from the clip shards (`clip` loader, `emi.serve.features.clip_features`, `fusion_batch`).",
         "",
         f"How: tiny random-init Stage I encoders (configs/stage1/tiny.yaml), exported and extracted before "
         f"timing; {result['workers']} loader worker(s) for both; best of {result['repeats']} interleaved rounds.",

@@ -40,8 +40,10 @@ from benchmarks.ablation import (
 )
 from benchmarks.timing import cpu_model, table
 from emi.demo import Pipeline
-from emi.ensemble import load_ensemble
-from emi.inference import evaluate, modality_weights, shard_predictions
+from emi.serve.ensemble import load_ensemble
+from emi.serve.evaluate import evaluate
+from emi.serve.robustness import modality_weights
+from emi.serve.scoring import shard_predictions
 from emi.metrics import mean_pearson
 
 
@@ -87,7 +89,7 @@ def scores(pipeline: Pipeline, run: str, clean: set[str], noisy: set[str]) -> di
                                         drop=["audio"])["mean_pearson"],
               "audio features noise": evaluate(best, val, out=report_folder / "corrupt-audio.json", workers=0,
                                                corrupt=["audio"])["mean_pearson"]}
-    if load_ensemble([best]).config["model"]["fusion"] != "concat":  # concatenation weighs no modality
+    if load_ensemble([best]).record.spec.options.fusion != "concat":  # concatenation weighs no modality
         weights = modality_weights(best, val)
         result["audio weight clean"], result["audio weight noise"] = (audio_weight(weights, clean),
                                                                       audio_weight(weights, noisy))

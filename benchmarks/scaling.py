@@ -374,7 +374,7 @@ def document(counts: dict[str, dict[str, Any]], model: dict[str, Any], single: d
         f"- The loss's embedding gather is the one term that grows with N (every GPU receives every other GPU's B x e "
         f"embeddings per pair and sends their gradients back): {loss_512['loss embeddings s'] * 1e3:.1f} ms per "
         f"step at 512 GPUs with B = {batch}, 10% of the compute time at N = {limit2['loss_10_percent_gpus']:,.0f} "
-        "GPUs. The text embeddings travel once per pair (emi.losses gathers both sides of each pair): gathering them "
+        "GPUs. The text embeddings travel once per pair (emi.models.losses gathers both sides of each pair): gathering them "
         "once for both pairs would cut this volume by a quarter. Long before that the logits it feeds (B x N B per pair with model.local_loss) and the global batch "
         "itself are the concern: compute and optimisation, not communication.",
         "",

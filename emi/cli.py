@@ -11,6 +11,7 @@ from emi.config import (
     CONFIG_KINDS, CONFIG_SCHEMAS, SHIPPED_CONFIGS, config_kind, config_to_dict, load_config, resolve_config_path,
     shipped_config_names)
 from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, StoppedError, UsageError
+from emi.models.options import check_model_options
 from emi.storage import StorageUnavailable
 
 
@@ -54,7 +55,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _features_extract(args: argparse.Namespace) -> int:
-    from emi.features import extract_features
+    from emi.serve.features import extract_features
 
     print(json.dumps(extract_features(encoders=args.encoders, shards=args.shards, out=args.out,
                                       batch_size=args.batch_size, num_workers=args.workers,
@@ -63,7 +64,7 @@ def _features_extract(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from emi.inference import evaluate
+    from emi.serve.evaluate import evaluate
 
     from emi.devices import process_state
 
@@ -75,7 +76,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from emi.inference import predict, predict_to_csv, video_files
+    from emi.serve.predict import predict, predict_to_csv, video_files
 
     if args.out is None:
         if not args.files or args.shards or args.videos:
@@ -102,7 +103,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from emi.ensemble import write_ensemble
+    from emi.serve.ensemble import write_ensemble
 
     print(write_ensemble(args.out, args.checkpoint))
     return EXIT_OK
@@ -133,6 +134,7 @@ def _config_show(args: argparse.Namespace) -> int:
         config = load_sweep(path, args.overrides).config
     else:
         config = load_config(CONFIG_SCHEMAS[kind], path, args.overrides)
+        check_model_options(config)
     print(f"# {kind} config {path}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
     return EXIT_OK

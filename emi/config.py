@@ -113,7 +113,7 @@ class EncoderSpec:
 
 @dataclass
 class ContrastiveSection:
-    pairs: list[str] = field(default_factory=lambda: ["vision_text", "audio_text"])
+    pairs: list[str] = field(default_factory=lambda: ["vision_text", "audio_text"])  # emi.models.options.PAIRS
     vision: EncoderSpec | None = None
     text: EncoderSpec = field(default_factory=EncoderSpec)
     audio: EncoderSpec | None = None
@@ -122,7 +122,7 @@ class ContrastiveSection:
     max_logit_scale: float = 100.0
     local_loss: bool = True  # local rows against the global batch (OpenCLIP): O(B * global B) logits
     gather_with_grad: bool = True
-    va_std_scale: float = 0.1  # s in w_i = 1 / (1 + sigma_i / s), see emi.losses
+    va_std_scale: float = 0.1  # s in w_i = 1 / (1 + sigma_i / s), see emi.models.losses
 
 
 @dataclass
@@ -134,9 +134,6 @@ class Stage1Config:
     train: TrainSection = field(default_factory=TrainSection)
 
 
-PAIRS = ("vision_text", "audio_text")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Stage II: quality-aware fusion on frozen-encoder features
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,7 +141,7 @@ PAIRS = ("vision_text", "audio_text")
 class FusionSection:
     modalities: list[str] = field(default_factory=lambda: ["vision", "audio", "text"])
     temporal: bool = True  # the paper's TFE: TCN (vision) and gated BiLSTM (audio)
-    fusion: str = "qam"  # qam | mean | concat | xattn | late (emi.models.fusion)
+    fusion: str = "qam"  # qam | mean | concat | xattn | late: emi.models.options.FUSIONS, checked there
     d_model: int = 128
     num_segments: int = 8
     tcn_layers: int = 3
@@ -158,7 +155,7 @@ class FusionSection:
 
 @dataclass
 class LossSection:
-    """Weights of the Stage II loss terms (emi.losses.RegressionLoss): e.g. MSE + (1 - mean Pearson) is
+    """Weights of the Stage II loss terms (emi.models.losses.RegressionLoss): e.g. MSE + (1 - mean Pearson) is
     `{mse: 1, pearson: 1}`, pure Pearson `{mse: 0, pearson: 1}`."""
 
     mse: float = 1.0
@@ -177,9 +174,6 @@ class Stage2Config:
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
-
-
-FUSIONS = ("qam", "mean", "concat", "xattn", "late")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,20 +331,7 @@ def validate(config: Any, source: str) -> None:
         if data.folds < 2 or not 0 <= data.fold < data.folds:
             raise UsageError(f"{source}: data.folds must be >= 2 (or 0: no folds) and 0 <= data.fold < data.folds, "
                              f"got folds={data.folds} fold={data.fold}")
-    if isinstance(config, Stage1Config):
-        model = config.model
-        if not model.pairs:
-            raise UsageError(f"{source}: model.pairs must name at least one of {list(PAIRS)}")
-        for pair in model.pairs:
-            _check_choice(pair, PAIRS, "model.pairs", source)
-        if "vision_text" in model.pairs and model.vision is None:
-            raise UsageError(f"{source}: model.pairs has vision_text but model.vision is not set")
-        if "audio_text" in model.pairs and model.audio is None:
-            raise UsageError(f"{source}: model.pairs has audio_text but model.audio is not set")
     if isinstance(config, Stage2Config):
-        _check_choice(config.model.fusion, FUSIONS, "model.fusion", source)
-        for modality in config.model.modalities:
-            _check_choice(modality, ("vision", "audio", "text"), "model.modalities", source)
         weights = config_to_dict(config.loss)
         unimodal = weights.pop("unimodal")
         if min(weights.values()) < 0 or not any(weights.values()):

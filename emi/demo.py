@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-clips", type=int, default=400)
     parser.add_argument("--val-clips", type=int, default=120)
     args = parser.parse_args(argv)
-    from emi.inference import evaluate  # after argparse: --help stays instant
+    from emi.serve.evaluate import evaluate  # after argparse: --help stays instant
 
     started = time.perf_counter()
     pipeline = Pipeline(Path(args.root).resolve(), args.train_clips, args.val_clips)

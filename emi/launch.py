@@ -46,6 +46,7 @@ from submitit.helpers import DelayedSubmission
 
 from emi.config import Stage1Config, Stage2Config, load_config, resolve_config_path
 from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
+from emi.models.options import check_model_options
 
 STAGES = ("stage1", "stage2", "features", "shards")
 ENTRY_POINTS = {  # modules of the installed package: no checkout needed on the nodes
@@ -252,6 +253,7 @@ def run_dir(args: argparse.Namespace) -> Path:
     """Validates the config and overrides before the job waits in the queue; returns the run's folder."""
     schema = {"stage1": Stage1Config, "stage2": Stage2Config}[args.stage]
     config = load_config(schema, args.config, args.args)
+    check_model_options(config)
     return Path(config.run.output_dir) / config.run.name
 
 

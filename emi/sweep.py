@@ -48,7 +48,7 @@ from emi.config import (
     save_config, set_dotted)
 from emi.errors import EXIT_OK, EXIT_PARTIAL, StoppedError, UsageError
 from emi.io import write_atomic, write_json_atomic
-from emi.models.fusion import check_fusion_options
+from emi.models.options import check_fusion_options
 
 DATASET = "dataset"  # the key of a cell or grid that picks one of the sweep's `data`
 SET_BY_SWEEP = ("run.name", "run.output_dir", "data.train", "data.val")  # the cell's folder and its `data`
@@ -218,10 +218,8 @@ def expand(sweep: Sweep) -> list[Cell]:
         for text in overrides:
             set_dotted(raw, *parse_override(text), text)
         config = build_config(Stage2Config, raw, f"{source}: {where}")
-        model = config.model
         try:
-            check_fusion_options(model.modalities, model.fusion, model.tcn_kernel, model.d_model,
-                                 model.transformer_heads, model.num_segments, model.modality_dropout)
+            check_fusion_options(config.model)
         except UsageError as err:
             raise UsageError(f"{source}: {where}: {err}") from None
         return config_to_dict(config)
@@ -491,13 +489,13 @@ def ensemble_report(checkpoints: list[Path], shards: str) -> dict[str, Any]:
     """Score the mean of the checkpoints' predictions on labelled feature shards, clip by clip (as `emi evaluate`
     with several checkpoints does); UsageError where they do not read the same features or predict the same
     labels."""
-    from emi.ensemble import load_ensemble
-    from emi.inference import shard_predictions
+    from emi.serve.ensemble import load_ensemble
+    from emi.serve.scoring import shard_predictions
     from emi.metrics import emi_report
 
     ensemble = load_ensemble(checkpoints)
     _, preds, target, _ = shard_predictions(ensemble, shards, workers=0)
-    return emi_report(preds.mean(0), target, ensemble.config["labels"])
+    return emi_report(preds.mean(0), target, ensemble.record.labels)
 
 
 def top_k_ensemble(sweep: Sweep, ranked: list[Cell]) -> dict[str, Any] | None:

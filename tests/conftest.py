@@ -27,7 +27,7 @@ def tiny_features(synthetic_shards, tmp_path_factory):
     import torch
     import yaml
 
-    from emi.features import extract_features
+    from emi.serve.features import extract_features
     from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
     from helpers import REPO
 

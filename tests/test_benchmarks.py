@@ -315,7 +315,7 @@ def test_the_collective_counter_records_payloads_and_who_called(monkeypatch):
     """benchmarks/scaling.py counts every collective with its whole payload, the loss's by the loss's name."""
     import torch.distributed as dist
 
-    from emi.losses import gather_features
+    from emi.models.losses import gather_features
 
     for name in scaling.PAYLOAD:  # restored after the test
         if hasattr(dist, name):

@@ -6,6 +6,7 @@ from emi.config import (
     SHIPPED_CONFIGS, Stage1Config, Stage2Config, TrainSection, build_config, config_kind, load_config,
     resolve_config_path, save_config, shipped_config_names)
 from emi.errors import UsageError
+from emi.models.options import check_model_options
 
 
 def write(tmp_path, text):
@@ -57,14 +58,14 @@ def test_stage2_loss_weights_and_fusion_choices(tmp_path):
         load_config(Stage2Config, None, ["loss.unimodal=-0.5"])
     with pytest.raises(UsageError, match="unknown key 'loss.huber'"):
         load_config(Stage2Config, None, ["loss.huber=1"])
-    with pytest.raises(UsageError, match="model.fusion is 'sum'"):
-        load_config(Stage2Config, None, ["model.fusion=sum"])
+    with pytest.raises(UsageError, match="model.fusion is 'sum'"):  # the models' own names: they check them
+        check_model_options(load_config(Stage2Config, None, ["model.fusion=sum"]))
 
 
 def test_stage1_pairs_need_their_encoders(tmp_path):
     path = write(tmp_path, "model:\n  pairs: [audio_text]\n  text: {arch: bert, pretrained: bert-base-uncased}\n")
     with pytest.raises(UsageError, match="model.audio is not set"):
-        load_config(Stage1Config, path)
+        check_model_options(load_config(Stage1Config, path))
     config = load_config(Stage1Config, path, ["model.audio={arch: wav2vec2, pretrained: x}"])
     assert config.model.audio.arch == "wav2vec2" and config.model.vision is None
 

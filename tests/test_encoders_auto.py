@@ -321,11 +321,13 @@ def test_stage1_with_auto_encoders_then_features_and_predict(families, synthetic
     """Two Stage I steps (one process) with DINOv2, RoBERTa and Whisper's encoder; the export's features of the
     val clips; a fusion checkpoint on those encoders predicts a real clip."""
     from emi import EMI_EMOTIONS
-    from emi.features import extract_features
-    from emi.inference import predict
+    from emi.formats.fusion import EncodersRecord, FusionRecord, FusionSpec
+    from emi.formats.manifest import Preprocessing, read_manifest
     from emi.io import folder_records
-    from emi.formats.manifest import read_manifest
-    from emi.models.fusion import FusionModel, save_fusion
+    from emi.models.fusion import FusionModel
+    from emi.models.fusion_checkpoint import save_fusion
+    from emi.serve.features import extract_features
+    from emi.serve.predict import predict
 
     config = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())
     config["model"].update(vision=spec_of(families, "dinov2"), text=spec_of(families, "roberta"),
@@ -349,9 +351,10 @@ def test_stage1_with_auto_encoders_then_features_and_predict(families, synthetic
     fusion = {"vision_dim": 32, "audio_dim": 32, "text_dim": 32, "d_model": 16, "num_segments": 4,
               "tcn_layers": 1, "lstm_hidden": 8, "transformer_layers": 1, "transformer_heads": 2, "dropout": 0.0,
               "num_outputs": len(EMI_EMOTIONS)}
-    preprocessing = {"fps": 5.0, "sample_rate": 16000, "frame_size": 64, "face_crop": "none", "asr": "none"}
-    save_fusion(tmp_path / "best", FusionModel(**fusion).state_dict(), fusion, list(EMI_EMOTIONS), export,
-                folder_records(export), preprocessing, 8)
+    record = FusionRecord(spec=FusionSpec.from_dict(fusion, "test"), labels=list(EMI_EMOTIONS),
+                          encoders=EncodersRecord(str(export), folder_records(export)),
+                          preprocessing=Preprocessing(frame_size=64), num_frames=8)
+    save_fusion(tmp_path / "best", FusionModel(record.spec).state_dict(), record, export)
     result, = predict(tmp_path / "best", [str(sorted(GRID.glob("*.mpg"))[0])], batch_size=1)
     assert set(result["intensities"]) == set(EMI_EMOTIONS), result
     assert all(math.isfinite(value) for value in result["intensities"].values())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from emi.errors import UsageError
+from emi.formats.fusion import FusionSpec
 from emi.models.fusion import FusionModel, drop_modalities, gated_attention, segment_pool
 
 DIMS = {"vision_dim": 12, "audio_dim": 10, "text_dim": 8}
@@ -22,9 +23,13 @@ def make_batch(lengths=LENGTHS, total=7, seed=0, present=PRESENT) -> dict[str, t
             "text": torch.randn(batch, DIMS["text_dim"], generator=generator), "present": present.clone()}
 
 
+def spec(**arguments) -> FusionSpec:
+    return FusionSpec.from_dict(arguments, "test")
+
+
 def build(**overrides) -> FusionModel:
     torch.manual_seed(0)
-    return FusionModel(**{**SMALL, **overrides}).eval()
+    return FusionModel(spec(**{**SMALL, **overrides})).eval()
 
 
 FUSIONS = ["qam", "mean", "concat", "xattn", "late"]
@@ -40,10 +45,10 @@ def test_shapes_and_range(model):
         out = model(**make_batch())
     assert out["pred"].shape == (4, 6)
     assert ((out["pred"] > 0) & (out["pred"] < 1)).all()
-    if model.fusion == "concat":
+    if model.fusion.name == "concat":
         assert out["weights"] is None
     else:  # per segment, or per emotion ("late")
-        assert out["weights"].shape == ((4, 6, 3) if model.fusion == "late" else (4, 4, 3))
+        assert out["weights"].shape == ((4, 6, 3) if model.fusion.name == "late" else (4, 4, 3))
 
 
 def test_appended_padding_changes_nothing(model):
@@ -93,7 +98,7 @@ def test_betas_sum_to_one_over_present_and_zero_for_absent():
 
 def test_modalities_outside_config_are_always_absent():
     model = build(modalities=("vision", "text"))
-    assert not hasattr(model, "audio_projection") and set(model.quality) == {"vision", "text"}
+    assert not hasattr(model, "audio_projection") and set(model.fusion.quality) == {"vision", "text"}
     batch = make_batch()
     changed = {**batch, "audio": torch.randn(4, 7, DIMS["audio_dim"])}
     with torch.no_grad():
@@ -242,12 +247,12 @@ def test_switches_run(overrides):
 
 
 def test_bad_inputs_are_rejected():
-    with pytest.raises(UsageError, match="fusion must be one of"):
-        FusionModel(**DIMS, fusion="sum")
+    with pytest.raises(UsageError, match="model.fusion is .sum.; choose one of"):
+        FusionModel(spec(**DIMS, fusion="sum"))
     with pytest.raises(UsageError, match="modalities"):
-        FusionModel(**DIMS, modalities=("vision", "depth"))
+        FusionModel(spec(**DIMS, modalities=["vision", "depth"]))
     with pytest.raises(UsageError, match="odd"):
-        FusionModel(**DIMS, tcn_kernel=4)
+        FusionModel(spec(**DIMS, tcn_kernel=4))
     model = build()
     batch = make_batch()
     batch["vision_mask"][0, 2] = False
@@ -260,7 +265,7 @@ def test_bad_inputs_are_rejected():
 @pytest.mark.parametrize("fusion", ["qam", "xattn"])
 def test_tiny_model_overfits_and_every_parameter_learns(fusion):
     torch.manual_seed(0)
-    model = FusionModel(**{**SMALL, "dropout": 0.0, "fusion": fusion}).train()
+    model = FusionModel(spec(**{**SMALL, "dropout": 0.0, "fusion": fusion})).train()
     present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]],
                            dtype=torch.bool)
     batch = make_batch(lengths=[7, 6, 5, 4, 7, 3, 2, 1], present=present, seed=11)

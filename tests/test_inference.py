@@ -19,14 +19,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.data import build_loader
-from emi.ensemble import load_ensemble
+from emi.serve.ensemble import load_ensemble
 from emi.errors import UsageError
-from emi.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
-from emi.inference import corrupted, evaluate, predict, shard_predictions
+from emi.serve.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
+from emi.serve.evaluate import evaluate
+from emi.serve.predict import predict
+from emi.serve.robustness import corrupted
+from emi.serve.scoring import shard_predictions
 from emi.io import folder_files, folder_records
 from emi.metrics import emi_report
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from emi.models.fusion import FusionModel, fusion_inputs, load_fusion, present_modalities, save_fusion
+from emi.formats.fusion import EncodersRecord, FusionRecord, FusionSpec
+from emi.formats.manifest import Preprocessing
+from emi.models.fusion import FusionModel, fusion_inputs, present_modalities
+from emi.models.fusion_checkpoint import load_fusion, save_fusion
 from emi.shards.build import build_shards
 from helpers import GRID, cpu_env, launch_command
 
@@ -71,12 +77,14 @@ def spread_head(model: FusionModel, features: dict) -> None:
 
 def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: dict | None = None,
                     seed: int = 0, **model_options) -> Path:
+    record = FusionRecord(spec=FusionSpec.from_dict({**FUSION, **model_options, "num_outputs": len(labels)}, "test"),
+                          labels=labels, encoders=EncodersRecord(str(encoders), folder_records(encoders)),
+                          preprocessing=Preprocessing(**PREPROCESSING), num_frames=NUM_FRAMES)
     torch.manual_seed(seed)
-    model = FusionModel(**FUSION, **model_options, num_outputs=len(labels)).eval()
+    model = FusionModel(record.spec).eval()
     if features is not None:
         spread_head(model, features)
-    save_fusion(folder, model.state_dict(), {**FUSION, **model_options, "num_outputs": len(labels)}, labels, encoders,
-                folder_records(encoders), PREPROCESSING, NUM_FRAMES)
+    save_fusion(folder, model.state_dict(), record, encoders)
     return folder
 
 
@@ -380,7 +388,7 @@ def test_evaluate_on_two_ranks_scores_every_clip_once_and_rank_0_writes(checkpoi
 def test_audio_windows_lie_on_the_encoders_frame_grid(encoders, monkeypatch):
     """windowed_audio_features: one pass for a clip within one window (bit-identical); over several windows the
     frames are exactly one pass's frames (shown on the convolutional features, which see no attention)."""
-    from emi import features
+    from emi.serve import features
     from emi.models.encoders import audio_frame_features, normalise_waveform
 
     audio_encoder = load_frozen_encoders(encoders).audio
@@ -410,7 +418,7 @@ def test_audio_windows_lie_on_the_encoders_frame_grid(encoders, monkeypatch):
 
 PEAK_RSS = """
 import sys
-from emi.inference import predict
+from emi.serve.predict import predict
 result = predict(sys.argv[1], [sys.argv[2]], batch_size=1)[0]
 assert "intensities" in result, result
 print([int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")][0])
@@ -532,9 +540,9 @@ def test_corruption_keeps_each_clips_scale_and_draws_by_key():
 
 
 def test_evaluate_with_a_modality_dropped_or_corrupted(checkpoint, feature_shards, reports, tmp_path, capsys):
-    model, config = load_fusion(checkpoint)
+    model, record = load_fusion(checkpoint)
     data = build_loader(str(feature_shards), mode="features", batch_size=3, num_workers=0, world_size=1, rank=0,
-                        seed=0, shuffle=False, train=False, num_frames=NUM_FRAMES, label_names=config["labels"],
+                        seed=0, shuffle=False, train=False, num_frames=NUM_FRAMES, label_names=record.labels,
                         persistent_workers=False)
     data.set_epoch(0)
     by_hand = {}
@@ -625,3 +633,22 @@ def test_a_sample_with_a_broken_wav_header_is_named_with_the_reason(checkpoint, 
             in result.stderr), result.stderr[-3000:]
     assert [failure["key"] for failure in json.loads((tmp_path / "p.failures.json").read_text())["failures"]] == [
         broken]
+
+
+def test_a_checkpoint_written_in_format_2_loads_with_the_same_weights(checkpoint, tmp_path):
+    """Format 2 named the fusion's own weights at the model's top level (quality.*, empty_token, ...); they load
+    into the fusion module of format 3."""
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(checkpoint, old)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert any(name.startswith("fusion.") for name in weights)
+    save_file({name.removeprefix("fusion."): tensor for name, tensor in weights.items()}, str(old / "model.safetensors"))
+    record = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**record, "format": "emi-fusion/2"}))
+    loaded, _ = load_fusion(old)
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in weights.items())
+    (old / "config.json").write_text(json.dumps({**record, "format": "emi-fusion/1"}))
+    with pytest.raises(UsageError, match=r"config.json: format 'emi-fusion/1', expected one of \['emi-fusion/2', "):
+        load_fusion(old)

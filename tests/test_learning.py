@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.ablation import STAGE1, STAGE1_EPOCHS, STAGE2_EPOCHS, audio_weight, corrupted_clips
 from emi.demo import Pipeline
-from emi.inference import modality_weights
+from emi.serve.robustness import modality_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600)]  # tens of minutes each on 2 cores
 

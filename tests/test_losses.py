@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from emi.losses import VA_STD_SCALE, ContrastiveLoss, RegressionLoss, regression_terms, va_confidence_weights
+from emi.models.losses import VA_STD_SCALE, ContrastiveLoss, RegressionLoss, regression_terms, va_confidence_weights
 
 WORLD_SIZE, LOCAL_BATCH, DIM = 2, 3, 5
 CONFIGS = list(itertools.product([False, True], repeat=2))  # (local_loss, gather_with_grad)

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from emi.cli import main
 from emi.data.folds import fold_of
-from emi.features import clip_features, clip_loader, load_frozen_encoders
-from emi.inference import predict
+from emi.serve.features import clip_features, clip_loader, load_frozen_encoders
+from emi.serve.predict import predict
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
 from helpers import REPO, cpu_env, launch, launch_holding_back, scalars
 
@@ -163,7 +163,7 @@ def test_stage2_trains_evaluates_each_clip_once_and_exports_the_best(stage2_runs
     best = json.loads((run_dir / "best" / "trainer.json").read_text())
     assert best["mean_pearson"] == pytest.approx(max(v for _, v in scalars(run_dir, "val/mean_pearson")), rel=1e-6)
     config = json.loads((run_dir / "best" / "config.json").read_text())
-    assert config["format"] == "emi-fusion/2" and config["labels"][-1] == "Joy"
+    assert config["format"] == "emi-fusion/3" and config["labels"][-1] == "Joy"
     assert config["model"]["vision_dim"] == 64 and config["preprocessing"]["frame_size"] == 64
 
 

@@ -211,7 +211,8 @@ def test_features_reports_and_predictions_go_to_the_bucket(server, encoders, cli
                                                            tmp_path):
     """`emi features extract --out s3://...` writes the local extraction's bytes; evaluate and predict read those
     features from the bucket and write their report, figure and CSV there, with the local runs' numbers."""
-    from emi.inference import evaluate, predict_to_csv
+    from emi.serve.evaluate import evaluate
+    from emi.serve.predict import predict_to_csv
 
     url = "s3://emi/features/test"
     assert main(["features", "extract", "--encoders", str(encoders), "--shards", str(clip_shards), "--out", url,

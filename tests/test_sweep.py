@@ -17,10 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import emi.sweep
 from emi.cli import main
 from emi.config import parse_override
-from emi.ensemble import load_ensemble
+from emi.serve.ensemble import load_ensemble
 from emi.config import SHIPPED_CONFIGS
 from emi.errors import EXIT_OK, EXIT_PARTIAL, UsageError
-from emi.inference import shard_predictions
+from emi.serve.scoring import shard_predictions
 from emi.metrics import emi_report
 from emi.sweep import collect, expand, load_sweep, run_sweep, top_k_ensemble
 from helpers import REPO

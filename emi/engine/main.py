@@ -26,12 +26,14 @@ C = TypeVar("C")
 
 
 def run_stage(schema: type[C], build_task: Callable[[C, Accelerator], Task], argv: list[str] | None,
-              description: str) -> FitResult | int:
-    """Load the config, set up the processes, build the stage's task and hand it to the shared loop."""
+              description: str, check: Callable[[C], None] = lambda config: None) -> FitResult | int:
+    """Load the config and `check` it (the stage's own checks: its model's options), set up the processes, build
+    the stage's task and hand it to the shared loop."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_run_args(argv, description=description)
     try:
         config: Any = load_config(schema, args.config, run_overrides(args))
+        check(config)
         accelerator = build_accelerator(config.train, config.data.batch_size)
         set_seed(config.run.seed)  # the same initial weights on every rank
         task = build_task(config, accelerator)

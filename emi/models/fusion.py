@@ -33,24 +33,23 @@ in "xattn". A clip with no modality at all is predicted from a learned `empty` t
 the model never produces NaN. `modality_dropout` (training only) drops whole modalities of a clip before any fusion.
 `temporal=False` is the paper's no-TFE ablation: features go to the per-step projection (Eq. 5) without TCN or
 BiLSTM.
-"""
 
-import json
-from pathlib import Path
-from typing import Any
+The model is built from a FusionSpec (emi.formats.fusion: the feature widths and the config's model section). Each
+fusion kind is one Fusion subclass, registered under its name: the model builds the trunk every kind shares (the
+modality encoders, the positional embedding, the Transformer, the head) first and the kind's own module last, so a
+parameter added to one kind changes neither another kind's initial weights nor the trunk's.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from emi.config import FUSIONS
-from emi.errors import UsageError
-from emi.io import folder_problems, link_or_copy_folder, records_digest, write_json_atomic
-
-MODALITIES = ("vision", "audio", "text")
+from emi.formats.fusion import FusionSpec
+from emi.models.options import FUSIONS, MODALITIES, check_fusion_options
 
 
 def prefix_lengths(mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -135,91 +134,37 @@ class GatedBiLSTM(nn.Module):
         return gated_attention(h, self.gate)
 
 
-def check_fusion_options(modalities, fusion: str, tcn_kernel: int, d_model: int, transformer_heads: int,
-                         num_segments: int, modality_dropout: float) -> None:
-    """UsageError naming the `model.` key when these FusionModel arguments cannot make a model: what Stage II and a
-    sweep's cells check before anything runs."""
-    modalities = tuple(modalities)
-    if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(MODALITIES):
-        raise UsageError(f"model.modalities must be distinct names from {MODALITIES}, got {list(modalities)}")
-    if fusion not in FUSIONS:
-        raise UsageError(f"model.fusion must be one of {FUSIONS}, got {fusion!r}")
-    if tcn_kernel < 1 or tcn_kernel % 2 == 0:
-        raise UsageError(f"model.tcn_kernel must be odd (symmetric 'same' padding), got {tcn_kernel}")
-    if transformer_heads < 1 or d_model % transformer_heads:
-        raise UsageError(f"model.d_model {d_model} is not divisible by model.transformer_heads {transformer_heads}")
-    if num_segments < 1:
-        raise UsageError(f"model.num_segments must be at least 1, got {num_segments}")
-    if not 0.0 <= modality_dropout < 1.0:
-        raise UsageError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
-
-
 class FusionModel(nn.Module):
     """Stage II regressor of the six EMI intensities from per-frame vision/audio and sentence text features."""
 
-    def __init__(
-        self,
-        vision_dim: int = 1024,  # defaults: CLIP ViT-L/14 pooler, Wav2Vec2-large, BERT-base
-        audio_dim: int = 1024,
-        text_dim: int = 768,
-        d_model: int = 128,
-        num_outputs: int = 6,
-        modalities: tuple[str, ...] | list[str] = MODALITIES,
-        temporal: bool = True,
-        fusion: str = "qam",
-        num_segments: int = 8,
-        tcn_layers: int = 3,
-        tcn_kernel: int = 3,
-        lstm_hidden: int = 128,
-        transformer_layers: int = 2,
-        transformer_heads: int = 4,
-        dropout: float = 0.1,
-        modality_dropout: float = 0.0,
-    ):
+    def __init__(self, spec: FusionSpec):
         super().__init__()
-        check_fusion_options(modalities, fusion, tcn_kernel, d_model, transformer_heads, num_segments,
-                             modality_dropout)
-        modalities = tuple(modalities)
-        self.modalities, self.fusion, self.temporal = modalities, fusion, temporal
-        self.num_segments, self.modality_dropout = num_segments, modality_dropout
-        self.dims = {"vision": vision_dim, "audio": audio_dim, "text": text_dim}
-        self.register_buffer("enabled", torch.tensor([m in modalities for m in MODALITIES]), persistent=False)
-
-        if "vision" in modalities:
-            self.vision_tcn = TemporalConvNet(vision_dim, tcn_layers, tcn_kernel, dropout) if temporal else None
-            self.vision_projection = projection(vision_dim, d_model, dropout)
-        if "audio" in modalities:
-            self.audio_lstm = GatedBiLSTM(audio_dim, lstm_hidden) if temporal else None
-            audio_out = 2 * lstm_hidden if temporal else audio_dim
-            self.audio_projection = projection(audio_out, d_model, dropout)
-        if "text" in modalities:
-            self.text_projection = projection(text_dim, d_model, dropout)
-        if fusion in ("qam", "late"):  # one quality score per segment ("qam"), per emotion ("late")
-            scores = 1 if fusion == "qam" else num_outputs
-            self.quality = nn.ModuleDict({m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(),
-                                                           nn.Linear(d_model, scores)) for m in modalities})
-        if fusion in ("concat", "late"):
-            self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), d_model) * 0.02)
-        if fusion == "xattn":
-            self.stand_ins = nn.Parameter(torch.randn(len(MODALITIES), d_model) * 0.02)  # vision, audio, text
-            self.query_norm = nn.LayerNorm(d_model)
-            attended = [m for m in ("vision", "audio") if m in modalities]
-            self.key_norms = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in attended})
-            self.cross_attention = nn.ModuleDict({m: nn.MultiheadAttention(
-                d_model, transformer_heads, dropout=dropout, batch_first=True) for m in attended})
-        self.position_embedding = nn.Parameter(torch.randn(num_segments, d_model) * 0.02)
-        if fusion != "xattn":  # (created after the positional embedding: the other fusions' initialisation as before)
-            self.empty_token = nn.Parameter(torch.randn(d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, transformer_heads, 4 * d_model, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, transformer_layers, norm=nn.LayerNorm(d_model),
+        options = spec.options
+        check_fusion_options(options)
+        d_model = options.d_model
+        self.spec = spec
+        self.modalities, self.temporal = tuple(options.modalities), options.temporal
+        self.num_segments, self.modality_dropout = options.num_segments, options.modality_dropout
+        self.dims = spec.dims
+        self.register_buffer("enabled", torch.tensor([m in self.modalities for m in MODALITIES]), persistent=False)
+        if "vision" in self.modalities:
+            self.vision_tcn = (TemporalConvNet(spec.vision_dim, options.tcn_layers, options.tcn_kernel, options.dropout)
+                               if options.temporal else None)
+            self.vision_projection = projection(spec.vision_dim, d_model, options.dropout)
+        if "audio" in self.modalities:
+            self.audio_lstm = GatedBiLSTM(spec.audio_dim, options.lstm_hidden) if options.temporal else None
+            audio_out = 2 * options.lstm_hidden if options.temporal else spec.audio_dim
+            self.audio_projection = projection(audio_out, d_model, options.dropout)
+        if "text" in self.modalities:
+            self.text_projection = projection(spec.text_dim, d_model, options.dropout)
+        self.position_embedding = nn.Parameter(torch.randn(options.num_segments, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, options.transformer_heads, 4 * d_model, options.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, options.transformer_layers, norm=nn.LayerNorm(d_model),
                                                  enable_nested_tensor=False)
-        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout),
-                                  nn.Linear(d_model, num_outputs))
-        if fusion == "late":
-            self.experts = nn.ModuleDict({m: nn.Sequential(
-                nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, num_outputs))
-                for m in modalities})
+        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(options.dropout),
+                                  nn.Linear(d_model, spec.num_outputs))
+        self.fusion = Fusion.kinds[options.fusion](spec)  # last: see the module docstring
 
     def _check_inputs(self, vision, vision_mask, audio, audio_mask, text, present) -> None:
         batch = present.shape[0]
@@ -235,15 +180,8 @@ class FusionModel(nn.Module):
         if present.shape != (batch, len(MODALITIES)):
             raise ValueError(f"present must be [B, 3] (vision, audio, text), got {tuple(present.shape)}")
 
-    def forward(
-        self,
-        vision: torch.Tensor,
-        vision_mask: torch.Tensor,
-        audio: torch.Tensor,
-        audio_mask: torch.Tensor,
-        text: torch.Tensor,
-        present: torch.Tensor,
-    ) -> dict[str, torch.Tensor | None]:
+    def forward(self, vision: torch.Tensor, vision_mask: torch.Tensor, audio: torch.Tensor, audio_mask: torch.Tensor,
+                text: torch.Tensor, present: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """pred [B, num_outputs] in [0, 1]; weights [B, M, 3]: the betas ("qam"; equal for "mean"), for "xattn" the
         share of each query's attention on the real vision / audio segments rather than the stand-in (text: 1 where
         present), for "late" [B, num_outputs, 3]: each emotion's weights of the modalities' predictions; None for
@@ -263,20 +201,7 @@ class FusionModel(nn.Module):
         vision = torch.where(vision_mask[..., None], vision, 0.0)
         audio = torch.where(audio_mask[..., None], audio, 0.0)
         text = torch.where(present[:, 2:], text, 0.0)
-
-        tokens = self._modality_tokens(vision, vision_mask, audio, audio_mask, text)
-        if self.fusion == "concat":
-            pooled = self._concat(tokens, present)
-            weights = None
-        elif self.fusion == "xattn":
-            fused, weights = self._cross_attention(tokens, present)
-            pooled = self.transformer(fused).mean(1)
-        elif self.fusion == "late":
-            return self._late(tokens, present)
-        else:
-            fused, weights = self._weighted_sum(tokens, present)
-            pooled = self.transformer(fused + self.position_embedding).mean(1)
-        return {"pred": torch.sigmoid(self.head(pooled)), "weights": weights}
+        return self.fusion(self._modality_tokens(vision, vision_mask, audio, audio_mask, text), present, self)
 
     def _modality_tokens(self, vision, vision_mask, audio, audio_mask, text) -> dict[str, torch.Tensor]:
         """Per-modality features in the shared space: vision/audio [B, M, d], text [B, 1, d]."""
@@ -294,57 +219,180 @@ class FusionModel(nn.Module):
             tokens["text"] = self.text_projection(text)[:, None, :]
         return tokens
 
-    def _weighted_sum(self, tokens, present) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eqs. 8-10 ("qam") or equal weights ("mean") over the present modalities: fused [B, M, d], betas [B, M, 3]."""
+    def predict(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head on pooled tokens [B, d]: intensities in [0, 1]."""
+        return torch.sigmoid(self.head(pooled))
+
+
+class Fusion(nn.Module):
+    """How a clip's modality tokens become its prediction; one subclass per kind, registered under its name.
+
+    forward(tokens, present, trunk): tokens {modality: [B, M or 1, d]} of the model's modalities, present [B, 3],
+    trunk the FusionModel (its positional embedding, Transformer and head) -> FusionModel.forward's output."""
+
+    kinds: ClassVar[dict[str, type[Fusion]]] = {}
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Fusion.kinds[cls.name] = cls
+
+    def __init__(self, spec: FusionSpec):
+        super().__init__()
+        self.d_model, self.num_segments = spec.options.d_model, spec.options.num_segments
+        self.num_outputs, self.modalities = spec.num_outputs, tuple(spec.options.modalities)
+
+
+def empty_token(d_model: int) -> nn.Parameter:
+    """The token a clip with no modality at all is predicted from."""
+    return nn.Parameter(torch.randn(d_model) * 0.02)
+
+
+def quality_scores(modalities: tuple[str, ...], d_model: int, scores: int) -> nn.ModuleDict:
+    """A quality MLP per modality (Eq. 8): `scores` per token."""
+    return nn.ModuleDict({m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, scores))
+                          for m in modalities})
+
+
+class WeightedSum(Fusion):
+    """Eqs. 8-10 ("qam") or equal weights ("mean") over the present modalities, segment by segment, then the
+    Transformer over the fused segments."""
+
+    name = "mean"
+
+    def __init__(self, spec: FusionSpec):
+        super().__init__(spec)
+        self.empty_token = empty_token(self.d_model)
+
+    def betas(self, tokens: dict[str, torch.Tensor], present: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """[B, M, 3]: equal weights over the present modalities."""
+        betas = present[:, None, :].to(empty.dtype) / present.sum(1).clamp(min=1)[:, None, None]
+        return betas.expand(present.shape[0], self.num_segments, -1)
+
+    def forward(self, tokens, present, trunk) -> dict[str, torch.Tensor]:
         batch, segments = present.shape[0], self.num_segments
         empty = self.empty_token.expand(batch, segments, -1)
         stacked = torch.stack([tokens[m].expand(batch, segments, -1) if m in tokens else torch.zeros_like(empty)
                                for m in MODALITIES], dim=2)
-        any_present = present.any(1)
-        if self.fusion == "qam":
-            scores = torch.cat([self.quality[m](tokens[m]).expand(batch, segments, 1) if m in tokens
-                                else empty.new_zeros(batch, segments, 1) for m in MODALITIES], dim=-1)
-            scores = scores.masked_fill(~present[:, None, :], float("-inf"))
-            # A clip with nothing present would be all -inf (NaN softmax); its betas are zeroed below anyway.
-            scores = scores.masked_fill(~any_present[:, None, None], 0.0)
-            betas = torch.softmax(scores, dim=-1) * present[:, None, :]
-        else:
-            betas = present[:, None, :].to(empty.dtype) / present.sum(1).clamp(min=1)[:, None, None]
-            betas = betas.expand(batch, segments, -1)
-        fused = (betas[..., None] * stacked).sum(2)
-        return torch.where(any_present[:, None, None], fused, empty), betas
+        betas = self.betas(tokens, present, empty)
+        fused = torch.where(present.any(1)[:, None, None], (betas[..., None] * stacked).sum(2), empty)
+        pooled = trunk.transformer(fused + trunk.position_embedding).mean(1)
+        return {"pred": trunk.predict(pooled), "weights": betas}
 
-    def _cross_attention(self, tokens, present) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text-anchored dual cross-attention ("xattn"): fused [B, M, d] and the attention on real tokens [B, M, 3]."""
+
+class QualityAware(WeightedSum):
+    """The paper's quality-aware module: beta = softmax over the present modalities of q_m = MLP_m(h_m)."""
+
+    name = "qam"
+
+    def __init__(self, spec: FusionSpec):
+        super().__init__(spec)
+        self.quality = quality_scores(self.modalities, self.d_model, 1)
+
+    def betas(self, tokens, present, empty) -> torch.Tensor:
+        batch, segments = present.shape[0], self.num_segments
+        scores = torch.cat([self.quality[m](tokens[m]).expand(batch, segments, 1) if m in tokens
+                            else empty.new_zeros(batch, segments, 1) for m in MODALITIES], dim=-1)
+        scores = scores.masked_fill(~present[:, None, :], float("-inf"))
+        # A clip with nothing present would be all -inf (NaN softmax); its betas are zeroed below anyway.
+        scores = scores.masked_fill(~present.any(1)[:, None, None], 0.0)
+        return torch.softmax(scores, dim=-1) * present[:, None, :]
+
+
+class Concatenation(Fusion):
+    """The paper's baseline: all modality tokens in one sequence, absent ones masked; masked mean of the outputs."""
+
+    name = "concat"
+
+    def __init__(self, spec: FusionSpec):
+        super().__init__(spec)
+        self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), self.d_model) * 0.02)
+        self.empty_token = empty_token(self.d_model)
+
+    def forward(self, tokens, present, trunk) -> dict[str, torch.Tensor | None]:
+        sequence, valid = [], []
+        for index, name in enumerate(MODALITIES):
+            if name in tokens:
+                token = tokens[name] + self.modality_embedding[index]
+                if name != "text":
+                    token = token + trunk.position_embedding
+                sequence.append(token)
+                valid.append(present[:, index : index + 1].expand(-1, token.shape[1]))
+        sequence.append(self.empty_token.expand(present.shape[0], 1, -1))
+        valid.append(~present.any(1, keepdim=True))
+        sequence, valid = torch.cat(sequence, dim=1), torch.cat(valid, dim=1)
+        encoded = trunk.transformer(sequence, src_key_padding_mask=~valid)
+        weights = valid[..., None].to(encoded.dtype)
+        return {"pred": trunk.predict((encoded * weights).sum(1) / weights.sum(1)), "weights": None}
+
+
+class CrossAttention(Fusion):
+    """Text-anchored dual cross-attention (as TAEMI, ABAW10): the text token plus the positional embedding queries
+    the vision segments and, separately, the audio segments; fused = query + attn_v + attn_a. A learned stand-in
+    token per modality replaces the text query when the transcript is absent, and is always one of the keys of its
+    modality's attention (the only one when the modality is absent): an attention sink."""
+
+    name = "xattn"
+
+    def __init__(self, spec: FusionSpec):
+        super().__init__(spec)
+        options = spec.options
+        self.stand_ins = nn.Parameter(torch.randn(len(MODALITIES), self.d_model) * 0.02)  # vision, audio, text
+        self.query_norm = nn.LayerNorm(self.d_model)
+        attended = [m for m in ("vision", "audio") if m in self.modalities]
+        self.key_norms = nn.ModuleDict({m: nn.LayerNorm(self.d_model) for m in attended})
+        self.cross_attention = nn.ModuleDict({m: nn.MultiheadAttention(
+            self.d_model, options.transformer_heads, dropout=options.dropout, batch_first=True) for m in attended})
+
+    def forward(self, tokens, present, trunk) -> dict[str, torch.Tensor]:
+        """weights [B, M, 3]: the share of each query's attention on the real segments (text: 1 where present)."""
         batch, segments = present.shape[0], self.num_segments
         text = self.stand_ins[2].expand(batch, 1, -1)
         if "text" in tokens:
             text = torch.where(present[:, 2, None, None], tokens["text"], text)
-        query = self.query_norm(text + self.position_embedding)
-        fused, real = text + self.position_embedding, [present[:, 2, None].expand(-1, segments).to(query.dtype)]
+        query = self.query_norm(text + trunk.position_embedding)
+        fused, real = text + trunk.position_embedding, [present[:, 2, None].expand(-1, segments).to(query.dtype)]
         for index, name in enumerate(("vision", "audio")):
             if name not in tokens:  # not a modality of this model
                 real.insert(index, torch.zeros_like(real[-1]))
                 continue
             keys = self.key_norms[name](torch.cat([self.stand_ins[index].expand(batch, 1, -1),
-                                                   tokens[name] + self.position_embedding], dim=1))
+                                                   tokens[name] + trunk.position_embedding], dim=1))
             ignored = torch.cat([present.new_zeros(batch, 1), ~present[:, index, None].expand(-1, segments)], dim=1)
             attended, attention = self.cross_attention[name](query, keys, keys, key_padding_mask=ignored)
             fused = fused + attended
             real.insert(index, 1 - attention[..., 0])
-        return fused, torch.stack(real, dim=-1)
+        return {"pred": trunk.predict(trunk.transformer(fused).mean(1)), "weights": torch.stack(real, dim=-1)}
 
-    def _late(self, tokens, present) -> dict[str, torch.Tensor]:
-        """Quality-aware fusion of the modalities' own predictions ("late"), as `forward` returns it."""
-        batch, num_outputs = present.shape[0], self.head[-1].out_features
+
+class Late(Fusion):
+    """Quality-aware fusion of decisions: each present modality's tokens alone go through the Transformer to that
+    modality's own prediction (an expert head per modality); w = softmax over the present modalities of a quality
+    score per modality AND emotion; pred = sum_m w_m * p_m. The experts are also trained on their own
+    (loss.unimodal), so the weights choose among predictors, per emotion."""
+
+    name = "late"
+
+    def __init__(self, spec: FusionSpec):
+        super().__init__(spec)
+        dropout = spec.options.dropout
+        self.quality = quality_scores(self.modalities, self.d_model, self.num_outputs)
+        self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), self.d_model) * 0.02)
+        self.empty_token = empty_token(self.d_model)
+        self.experts = nn.ModuleDict({m: nn.Sequential(
+            nn.Linear(self.d_model, self.d_model), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(self.d_model, self.num_outputs)) for m in self.modalities})
+
+    def forward(self, tokens, present, trunk) -> dict[str, torch.Tensor]:
+        batch = present.shape[0]
         experts, scores = [], []
         for index, name in enumerate(MODALITIES):
             if name not in tokens:  # not a modality of this model: weight 0 below
-                experts.append(present.new_zeros(batch, num_outputs, dtype=self.position_embedding.dtype))
+                experts.append(present.new_zeros(batch, self.num_outputs, dtype=trunk.position_embedding.dtype))
                 scores.append(torch.zeros_like(experts[-1]))
                 continue
             token = tokens[name] + self.modality_embedding[index]
-            pooled = self.transformer(token if name == "text" else token + self.position_embedding).mean(1)
+            pooled = trunk.transformer(token if name == "text" else token + trunk.position_embedding).mean(1)
             experts.append(torch.sigmoid(self.experts[name](pooled)))
             scores.append(self.quality[name](pooled))
         experts, scores = torch.stack(experts, dim=1), torch.stack(scores, dim=1)  # [B, 3, num_outputs]
@@ -352,27 +400,12 @@ class FusionModel(nn.Module):
         scores = scores.masked_fill(~present[..., None], float("-inf"))
         scores = scores.masked_fill(~any_present[:, None, None], 0.0)  # nothing present: no NaN (weights zeroed)
         weights = torch.softmax(scores, dim=1) * present[..., None]
-        empty = torch.sigmoid(self.head(self.transformer(self.empty_token.expand(batch, 1, -1)).mean(1)))
+        empty = trunk.predict(trunk.transformer(self.empty_token.expand(batch, 1, -1)).mean(1))
         pred = torch.where(any_present[:, None], (weights * experts).sum(1), empty)
         return {"pred": pred, "weights": weights.transpose(1, 2), "experts": experts, "present": present}
 
-    def _concat(self, tokens, present) -> torch.Tensor:
-        """The baseline fusion: all modality tokens in one sequence, absent ones masked; masked mean of the outputs."""
-        sequence, valid = [], []
-        for index, name in enumerate(MODALITIES):
-            if name in tokens:
-                token = tokens[name] + self.modality_embedding[index]
-                if name != "text":
-                    token = token + self.position_embedding
-                sequence.append(token)
-                valid.append(present[:, index : index + 1].expand(-1, token.shape[1]))
-        batch = present.shape[0]
-        sequence.append(self.empty_token.expand(batch, 1, -1))
-        valid.append(~present.any(1, keepdim=True))
-        sequence, valid = torch.cat(sequence, dim=1), torch.cat(valid, dim=1)
-        encoded = self.transformer(sequence, src_key_padding_mask=~valid)
-        weights = valid[..., None].to(encoded.dtype)
-        return (encoded * weights).sum(1) / weights.sum(1)
+
+assert set(Fusion.kinds) == set(FUSIONS), "every fusion kind has its class, and no class is nameless"
 
 
 def present_modalities(batch: dict[str, Any]) -> torch.Tensor:
@@ -387,67 +420,3 @@ def fusion_inputs(batch: dict[str, Any], present: torch.Tensor | None = None) ->
     return {"vision": batch["vision"], "vision_mask": batch["vision_mask"], "audio": batch["audio"],
             "audio_mask": batch["audio_mask"], "text": batch["text"],
             "present": present_modalities(batch) if present is None else present}
-
-
-FUSION_FORMAT = "emi-fusion/2"
-FUSION_WEIGHTS, FUSION_CONFIG, FUSION_ENCODERS = "model.safetensors", "config.json", "encoders"
-
-
-FUSION_CONFIG_KEYS = ("model", "labels", "encoders", "preprocessing", "num_frames")
-
-
-def save_fusion(folder: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-                labels: list[str], encoders: Path, encoder_files: dict[str, dict], preprocessing: dict[str, Any],
-                num_frames: int) -> None:
-    """A self-contained checkpoint: weights (safetensors); the Stage I encoders the features came from, in
-    `encoders/` (an encoder export folder: hard links to the export's files where the file system allows, copies
-    otherwise); and config.json with the model arguments, the label order, each encoder file's size and sha256
-    (`encoder_files`: emi.io.folder_records of the export, taken when training started, so a change since is
-    caught here), how raw clips were prepared (fps, sample rate, frame size, face crop, ASR) and the frames per
-    clip the model saw (0: all)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / FUSION_WEIGHTS))
-    link_or_copy_folder(encoders, folder / FUSION_ENCODERS)
-    changed = folder_problems(folder / FUSION_ENCODERS, encoder_files)
-    if changed:
-        raise RuntimeError(f"{encoders}: the encoders changed during training ({'; '.join(changed)})")
-    config = {"format": FUSION_FORMAT, "model": model_config, "labels": list(labels),
-              "encoders": {"source": str(encoders), "sha256": records_digest(encoder_files), "files": encoder_files},
-              "preprocessing": preprocessing, "num_frames": num_frames}
-    write_json_atomic(folder / FUSION_CONFIG, config)
-
-
-def fusion_encoders(folder: str | Path, config: dict[str, Any]) -> Path:
-    """The encoder export folder a `save_fusion` checkpoint carries, every file checked against the size and
-    sha256 recorded at training time; UsageError naming the files that differ."""
-    encoders = Path(folder) / FUSION_ENCODERS
-    files = config["encoders"].get("files") if isinstance(config["encoders"], dict) else None
-    if not isinstance(files, dict) or not files:
-        raise UsageError(f"{Path(folder) / FUSION_CONFIG}: 'encoders' records no encoder files")
-    changed = folder_problems(encoders, files)
-    if changed:
-        raise UsageError(f"{encoders}: not the encoders this checkpoint was trained with ({'; '.join(changed)})")
-    return encoders
-
-
-def load_fusion(folder: str | Path, device: torch.device | str = "cpu") -> tuple[FusionModel, dict[str, Any]]:
-    """The model of a `save_fusion` folder in eval mode on `device`, and its config; UsageError naming the folder
-    when it is not a usable checkpoint."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / FUSION_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"{folder}: not a fusion checkpoint ({err})") from None
-    if not isinstance(config, dict) or config.get("format") != FUSION_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise UsageError(f"{folder / FUSION_CONFIG}: format {found!r}, expected {FUSION_FORMAT!r}")
-    missing = [key for key in FUSION_CONFIG_KEYS if key not in config]
-    if missing:
-        raise UsageError(f"{folder / FUSION_CONFIG}: missing {missing}")
-    try:
-        model = FusionModel(**config["model"])
-        model.load_state_dict(load_file(str(folder / FUSION_WEIGHTS)))
-    except (OSError, SafetensorError, RuntimeError, TypeError, KeyError) as err:
-        # missing or damaged weights, weights of another architecture, model arguments this code does not know
-        raise UsageError(f"{folder}: not a usable fusion checkpoint ({type(err).__name__}: {err})") from None
-    return model.to(device).eval(), config

@@ -26,14 +26,15 @@ from emi.engine.distributed import input_dtype
 from emi.data.collect import collect
 from emi.engine.step import LossFn
 from emi.errors import UsageError
-from emi.losses import ContrastiveLoss, va_confidence_weights
+from emi.models.losses import ContrastiveLoss, va_confidence_weights
 from emi.metrics import retrieval_metrics
 from emi.models.encoders import (ContrastiveModel, audio_frame_grid, build_tokenizer, export_encoders,
                                  image_processing)
 from emi.models.flops import contrastive_flops
+from emi.models.options import check_model_options
 from emi.prompts import build_prompt
 
-# Per-sample spread of the valence/arousal annotations, when the labels carry it (see emi.losses).
+# Per-sample spread of the valence/arousal annotations, when the labels carry it (see emi.models.losses).
 VA_STD_LABELS = ("Valence_std", "Arousal_std")
 PAIR_EMBEDDING = {"vision_text": "image", "audio_text": "audio"}
 AUDIO_AUGMENTATION = {"gain_db": (-6.0, 6.0), "snr_db": (10.0, 40.0)}
@@ -164,7 +165,7 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return exit_code(run_stage(Stage1Config, build_task, argv, __doc__.splitlines()[0]))
+    return exit_code(run_stage(Stage1Config, build_task, argv, __doc__.splitlines()[0], check=check_model_options))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ regresses the intensities with a mix of MSE, Pearson and CCC over the global bat
 same loss also trains each modality's own prediction, weighted by loss.unimodal), keeps an EMA of the
 weights for evaluation and export, evaluates the whole val set every epoch (mean Pearson over the emotions, also
 with each modality removed) and exports the best model by val mean Pearson to <run>/best/, with the encoders the
-features came from (emi.models.fusion.save_fusion), so that `best/` predicts wherever it is copied.
+features came from (emi.models.fusion_checkpoint.save_fusion), so that `best/` predicts wherever it is copied.
 """
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ from emi.engine.distributed import input_dtype
 from emi.data.collect import collect
 from emi.errors import UsageError
 from emi.io import folder_records, records_digest
-from emi.losses import RegressionLoss
+from emi.models.losses import RegressionLoss
 from emi.formats.manifest import FEATURE_SHARDS, Manifest
 from emi.metrics import emi_report
-from emi.models.fusion import MODALITIES, FusionModel, fusion_inputs, present_modalities, save_fusion
+from emi.formats.fusion import EncodersRecord, FusionRecord, FusionSpec
+from emi.models.fusion import FusionModel, fusion_inputs, present_modalities
+from emi.models.fusion_checkpoint import save_fusion
+from emi.models.options import MODALITIES, check_model_options
 
 
 def feature_shards(shards: str, manifest: str | None, needed_by: str) -> tuple[ShardSet, Manifest]:
@@ -72,11 +75,13 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
                              f"{manifest.dims}: extract both with the same encoders")
     if data.folds:
         train_shards, val_shards = fold_split(train_shards, val_shards, data.folds, data.fold)
-    encoders = encoder_files(manifest, data.train)
     dims = manifest.dims
-    model_config = {"vision_dim": dims["vision"], "audio_dim": dims["audio"], "text_dim": dims["text"],
-                    "num_outputs": len(config.labels), **config_to_dict(config.model)}
-    model = FusionModel(**model_config)
+    record = FusionRecord(
+        spec=FusionSpec(vision_dim=dims["vision"], audio_dim=dims["audio"], text_dim=dims["text"],
+                        num_outputs=len(config.labels), options=config.model), labels=list(config.labels),
+        encoders=EncodersRecord(str(manifest.encoders), encoder_files(manifest, data.train)),
+        preprocessing=manifest.preprocessing, num_frames=data.num_frames)
+    model = FusionModel(record.spec)
 
     def loader(shards: ShardSet, train: bool):
         return build_loader(
@@ -133,9 +138,7 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
         return metrics
 
     def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
-        save_fusion(folder, state_dict, model_config, config.labels, encoders=Path(manifest.encoders),
-                    encoder_files=encoders, preprocessing=manifest.preprocessing.to_dict(),
-                    num_frames=data.num_frames)
+        save_fusion(folder, state_dict, record, encoders=Path(manifest.encoders))
 
     return Task(model=model, train_data=train_data, compute_loss=compute_loss,
                 evaluate=evaluate if val_data is not None else None, export=export,
@@ -143,7 +146,7 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return exit_code(run_stage(Stage2Config, build_task, argv, __doc__.splitlines()[0]))
+    return exit_code(run_stage(Stage2Config, build_task, argv, __doc__.splitlines()[0], check=check_model_options))
 
 
 if __name__ == "__main__":
