@@ -12,6 +12,7 @@ from emi.config import (
     shipped_config_names)
 from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, StoppedError, UsageError
 from emi.models.options import check_model_options
+from emi.shards.arguments import add_build_arguments
 from emi.storage import StorageUnavailable
 
 
@@ -97,7 +98,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from emi.sweep import run_sweep
+    from emi.sweep.run import run_sweep
 
     return run_sweep(args.config, args.overrides, local=args.local, collect_only=args.collect)
 
@@ -129,7 +130,7 @@ def _config_show(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.name)
     kind = args.kind or config_kind(path)
     if kind == "sweep":
-        from emi.sweep import load_sweep
+        from emi.sweep.plan import load_sweep
 
         config = load_sweep(path, args.overrides).config
     else:
@@ -152,24 +153,7 @@ def _command(commands: argparse._SubParsersAction, name: str, help: str, **kwarg
 def _add_shards(commands: argparse._SubParsersAction) -> None:
     shards = _commands(_command(commands, "shards", "build and inspect WebDataset shards"), "shards_command")
     build = _command(shards, "build", "pack video clips and a labels CSV into WebDataset tar shards")
-    build.add_argument("--videos", required=True, help="folder of clips (any container ffmpeg reads), or a URL prefix")
-    build.add_argument("--labels", required=True, help="CSV with a Filename column and label columns")
-    build.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar and manifest.json, or a "
-                       "URL prefix (s3://bucket/prefix, any fsspec URL)")
-    build.add_argument("--split", default="train", help="the split's name: it names the shard files")
-    build.add_argument("--fps", type=float, default=5.0, help="frames kept per second of video")
-    build.add_argument("--sample-rate", type=int, default=16000, help="audio sampling rate in Hz")
-    build.add_argument("--frame-size", type=int, default=256, help="short side of the stored frames, in pixels")
-    build.add_argument("--shard-size", type=int, default=256, help="clips per shard")
-    build.add_argument("--workers", type=int, default=1, help="clips decoded in parallel (processes)")
-    build.add_argument("--asr", default="none", help="speech recognition for the transcripts: none | "
-                       "whisper:NAME_OR_PATH")
-    build.add_argument("--transcripts", default=None, help="CSV with Filename and Text columns (instead of --asr)")
-    build.add_argument("--face-crop", default="none", choices=["none", "opencv"], help="crop the frames to the face")
-    build.add_argument("--num-tasks", type=int, default=None, help="build as one task of a job array of this many "
-                       "(in a Slurm array: SLURM_ARRAY_TASK_COUNT); then run `emi shards merge`")
-    build.add_argument("--task-index", type=int, default=None, help="this task's index, 0 .. num-tasks - 1 "
-                       "(in a Slurm array: SLURM_ARRAY_TASK_ID)")
+    add_build_arguments(build)
     build.set_defaults(func=_shards_build)
 
     merge = _command(shards, "merge", "merge the partial manifests of a job-array build into manifest.json",

@@ -177,7 +177,7 @@ class Stage2Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sweeps: many Stage II runs from one file (emi sweep, emi/sweep.py)
+# Sweeps: many Stage II runs from one file (emi sweep, emi/sweep/)
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class SweepData:

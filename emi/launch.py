@@ -6,12 +6,10 @@ or near its time limit and resumes from its newest checkpoint.
     python -m emi.launch features --nodes N --gpus-per-node G [...] -- --encoders DIR --shards URL --out DIR
     python -m emi.launch shards --tasks N [--cpus-per-node C] [--retries R] [...] -- --videos DIR --labels CSV --out OUT
 
-One submitit task per node starts the node's `accelerate launch` (machine rank and rendezvous from
-submitit.JobEnvironment) as a child process, always with `--resume latest` for the training stages, so every
-(re)start continues where the last checkpoint left off. Slurm sends submitit's warning signal (SIGUSR2,
-`slurm_signal_delay_s` before the time limit) to the whole job step; submitit then calls `checkpoint()` on task 0,
-which forwards SIGUSR1 to the training processes, waits until they have saved a checkpoint and exited, and hands
-submitit the same job to requeue. SIGTERM (scontrol requeue, preemption, scancel) reaches the trainers directly.
+One submitit task per node starts the node's `accelerate launch` (emi.cluster.NodeJob: machine rank and rendezvous
+from submitit.JobEnvironment) as a child process, always with `--resume latest` for the training stages, so every
+(re)start continues where the last checkpoint left off; preempted or near its time limit, the job stops its
+trainers at a checkpoint and requeues itself.
 
 The job runs in the directory it was submitted from, like sbatch: relative paths in the config and the overrides
 resolve there. `--local` runs the job on this machine with submitit's LocalExecutor (one node), for development.
@@ -23,174 +21,25 @@ inherits stdout: a pipe that reads it stays open until the job ends).
 (up to --retries times; a re-run task keeps its complete shards, and a preempted one is requeued by submitit), then
 merges (emi.shards.merge) and exits with the merge's code: 0, or 3 when clips failed or tasks never completed.
 
-`emi sweep` (emi/sweep.py) submits its Stage II cells as one job array of NodeJobs, through `submitit_executor`.
+`emi sweep` (emi/sweep/) submits its Stage II cells as one job array of the same NodeJobs.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import os
-import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections import deque
 from pathlib import Path
 
-import psutil
 import submitit
-from submitit.helpers import DelayedSubmission
 
+from emi.cluster import ENTRY_POINTS, NodeJob, ShardTask, submitit_executor
 from emi.config import Stage1Config, Stage2Config, load_config, resolve_config_path
 from emi.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
 from emi.models.options import check_model_options
+from emi.shards.arguments import parse_build_arguments
+from emi.shards.merge import merge_shards, read_partials
 
 STAGES = ("stage1", "stage2", "features", "shards")
-ENTRY_POINTS = {  # modules of the installed package: no checkout needed on the nodes
-    "stage1": ["-m", "emi.stages.stage1"],
-    "stage2": ["-m", "emi.stages.stage2"],
-    "features": ["-m", "emi.cli", "features", "extract"],
-}
-SIGNAL_DELAY_S = 120  # the trainer needs one step and one checkpoint; Slurm kills the job at its time limit
-MAX_TIMEOUT_REQUEUES = 20  # a long run is meant to continue over many time-limited jobs (submitit's default: 3)
-POLL_S = 1.0
-RESEND_STOP_S = 5.0
-LOG_TAIL_LINES = 40
-
-
-@dataclasses.dataclass
-class NodeJob(submitit.helpers.Checkpointable):
-    """What every node of the job runs: `program` (the entry point and its arguments) under `accelerate launch`."""
-
-    program: list[str]
-    gpus_per_node: int
-    workdir: str
-
-    def __call__(self) -> None:
-        env = submitit.JobEnvironment()
-        restart_count = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        command = node_command(self.program, self.gpus_per_node, env, master_address(env), restart_count)
-        print(f"node {env.node} of {env.num_nodes} runs: {shlex.join(command)}", flush=True)
-        self._child = subprocess.Popen(command, cwd=self.workdir, env=child_environment(self.gpus_per_node),
-                                       preexec_fn=_ignore_stop_signals)
-        try:
-            # poll, not wait(): checkpoint() runs in submitit's signal handler meanwhile and waits for the child
-            # itself, which a blocked wait() here would prevent (it holds the Popen's wait lock)
-            while (returncode := self._child.poll()) is None:
-                time.sleep(POLL_S)
-        finally:
-            if self._child.poll() is None:  # interrupted (cancelled local job): let the trainers checkpoint
-                signal_trainers(self._child, signal.SIGTERM)
-        if returncode != 0:
-            raise RuntimeError(f"node {env.node}: `{shlex.join(command)}` exited with {returncode}; "
-                               f"last lines of {env.paths.stderr}:\n{log_tail(env.paths.stderr)}")
-
-    def checkpoint(self) -> DelayedSubmission:
-        """Called by submitit on task 0 when the job is preempted or near its time limit: stop the trainers at a
-        checkpoint (all ranks agree on the stop, so the other nodes stop too), then have submitit requeue."""
-        child = getattr(self, "_child", None)
-        while child is not None and child.poll() is None:
-            # resent: a trainer that is still starting up ignores SIGUSR1 until it installs its handler
-            signal_trainers(child, signal.SIGUSR1)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=RESEND_STOP_S)
-        return DelayedSubmission(dataclasses.replace(self))  # a fresh job: the child process does not pickle
-
-
-@dataclasses.dataclass
-class ShardTask(submitit.helpers.Checkpointable):
-    """Task `index` of a job-array shard build: `emi shards build ARGS --num-tasks count --task-index index`."""
-
-    build_args: list[str]
-    index: int
-    count: int
-    workdir: str
-
-    def __call__(self) -> int:
-        command = [sys.executable, "-m", "emi.cli", "shards", "build", *self.build_args, "--num-tasks",
-                   str(self.count), "--task-index", str(self.index)]
-        print(f"task {self.index} of {self.count} runs: {shlex.join(command)}", flush=True)
-        returncode = subprocess.run(command, cwd=self.workdir, env=child_environment(0)).returncode
-        if returncode not in (EXIT_OK, EXIT_PARTIAL):  # 3: some clips failed, which a re-run cannot change
-            raise RuntimeError(f"task {self.index}: `{shlex.join(command)}` exited with {returncode}")
-        return returncode
-
-
-def node_command(program: list[str], gpus_per_node: int, env: submitit.JobEnvironment, master_addr: str,
-                 restart_count: int) -> list[str]:
-    """The `accelerate launch` one node runs, as slurm/launch.sh builds it in accelerate mode."""
-    procs_per_node = max(1, gpus_per_node)
-    num_processes = env.num_nodes * procs_per_node
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", str(env.num_nodes),
-               "--machine_rank", str(env.node), "--num_processes", str(num_processes),
-               "--main_process_ip", master_addr,
-               "--main_process_port", str(master_port(int(env.raw_job_id), restart_count)),
-               "--rdzv_backend", "static", "--deepspeed_multinode_launcher", "standard"]
-    if num_processes > 1:
-        command.append("--multi_gpu")  # torchrun underneath; on CPU the trainer picks gloo
-    return command + program
-
-
-def master_port(job_id: int, restart_count: int) -> int:
-    """The port slurm/launch.sh picks: distinct for concurrent jobs and for each restart of one job, and below
-    Linux's ephemeral range (32768+)."""
-    return 20000 + (job_id * 10 + restart_count % 10) % 12000
-
-
-def master_address(env: submitit.JobEnvironment) -> str:
-    """Where rank 0 listens: the job's first node, or its NodeAddr from Slurm where the name does not resolve
-    (the local test cluster's n1, n2)."""
-    if env.num_nodes == 1:
-        return "127.0.0.1"
-    host = env.hostnames[0]
-    try:
-        socket.gethostbyname(host)
-        return host
-    except socket.gaierror:
-        shown = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
-                               check=True).stdout
-        addresses = [field.split("=", 1)[1] for field in shown.split() if field.startswith("NodeAddr=")]
-        if not addresses:
-            raise RuntimeError(f"node {host} does not resolve and scontrol shows no NodeAddr for it") from None
-        return addresses[0]
-
-
-def child_environment(gpus_per_node: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if gpus_per_node == 0:
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on a CPU-only node (the trainer picks gloo)
-    return env
-
-
-def _ignore_stop_signals() -> None:
-    # In the child before exec: Slurm sends submitit's SIGUSR2 to every process of the step, and the launcher
-    # (torchrun) dies of SIGUSR1. The trainer installs its own SIGUSR1 handler over the inherited "ignore".
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
-def signal_trainers(launcher: subprocess.Popen, signum: int) -> None:
-    """Signal the training processes: the children of `accelerate launch` (torchrun's workers, or the single
-    process it starts), not their own children (data loader workers)."""
-    try:
-        trainers = psutil.Process(launcher.pid).children()
-    except psutil.NoSuchProcess:
-        return
-    for trainer in trainers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            trainer.send_signal(signum)
-
-
-def log_tail(path: Path) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(deque(f, maxlen=LOG_TAIL_LINES))
-    except OSError as err:
-        return f"(cannot read it: {err})"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -259,10 +108,7 @@ def run_dir(args: argparse.Namespace) -> Path:
 
 def run_shards(args: argparse.Namespace) -> int:
     """Submit the array, wait, submit again what did not complete, merge; returns the merge's exit code."""
-    from emi.cli import build_parser
-    from emi.shards.merge import merge_shards, read_partials
-
-    build = build_parser().parse_args(["shards", "build", *args.args])  # bad arguments exit 2 before submitting
+    build = parse_build_arguments(args.args)  # bad arguments exit 2 before submitting
     if build.num_tasks is not None or build.task_index is not None:
         raise UsageError("shards: --tasks sets the array; leave --num-tasks and --task-index out")
     cpus = args.cpus_per_node or 10
@@ -297,23 +143,6 @@ def run_shards(args: argparse.Namespace) -> int:
     summary = merge_shards(build.out)
     print(summary.describe(), flush=True)
     return EXIT_OK if summary.merged and summary.num_failed == 0 else EXIT_PARTIAL
-
-
-def submitit_executor(log_dir: Path, local: bool, name: str, nodes: int, gpus_per_node: int, cpus_per_node: int,
-                      minutes: int, partition: str | None, **parameters: object) -> submitit.AutoExecutor:
-    """The executor for NodeJobs: Slurm (requeueable, warned SIGNAL_DELAY_S before the time limit) or, with
-    `local`, this machine. `parameters`: more submitit parameters (slurm_array_parallelism)."""
-    executor = submitit.AutoExecutor(folder=log_dir, cluster="local" if local else "slurm",
-                                     slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
-    executor.update_parameters(
-        name=name, nodes=nodes, tasks_per_node=1, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_node,
-        timeout_min=minutes, slurm_partition=partition, slurm_signal_delay_s=SIGNAL_DELAY_S,
-        slurm_additional_parameters={"requeue": True},
-        # srun does not pass the allocation's CPUs per task on to the step (Slurm 22.05+); kill-on-bad-exit:
-        # a node that fails must not leave the others waiting in a collective.
-        slurm_srun_args=[f"--cpus-per-task={cpus_per_node}", "--kill-on-bad-exit=1"], **parameters,
-    )
-    return executor
 
 
 def main(argv: list[str] | None = None) -> int:

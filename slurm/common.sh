@@ -24,11 +24,24 @@
 # --open-mode=append keeps the output of every attempt in the one log file.
 #
 # Env knobs: EMI_CONFIG (the run config; each stage script has a default), EMI_LAUNCH_MODE, EMI_PROCS_PER_NODE,
-# and, read by slurm/launch.sh, EMI_ACCELERATE_CONFIG, EMI_MASTER_PORT, EMI_PYTHON.
+# EMI_PYTHON, and, read by emi.cluster on the nodes, EMI_ACCELERATE_CONFIG, EMI_MASTER_PORT.
 
 die() {
     echo "slurm: $*" >&2
     exit 2
+}
+
+# The Python to run emi with: EMI_PYTHON, else the checkout's .venv, else python3 on PATH.
+emi_python() {
+    local repo
+    repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    if [[ -n ${EMI_PYTHON:-} ]]; then
+        echo "$EMI_PYTHON"
+    elif [[ -x $repo/.venv/bin/python ]]; then
+        echo "$repo/.venv/bin/python"
+    else
+        echo python3
+    fi
 }
 
 # Runs `srun ... bash slurm/launch.sh ENTRY [ARGS...]` on every node of the job and exits with its status.

@@ -8,7 +8,7 @@
 # naming the tasks to run again; re-run those with the same arguments and the array's size:
 #   sbatch --array=2,5 slurm/shards.sh --videos DIR --labels CSV --out data/shards/train --num-tasks 32
 # (which submits another merge). A re-run task keeps its complete shards; so does a requeued (preempted) one.
-# Submit from the repository root (or --chdir=REPO); EMI_PYTHON as in slurm/launch.sh.
+# Submit from the repository root (or --chdir=REPO); EMI_PYTHON as in slurm/common.sh.
 #SBATCH --job-name=emi-shards
 #SBATCH --array=0-7
 #SBATCH --nodes=1
@@ -23,13 +23,7 @@ source slurm/common.sh ||
     { echo "slurm/shards.sh: run sbatch from the repository root (or --chdir=REPO)" >&2; exit 2; }
 
 [[ -n ${SLURM_ARRAY_JOB_ID:-} ]] || die "not a job array: submit with sbatch --array=0-<tasks - 1> slurm/shards.sh ..."
-if [[ -n ${EMI_PYTHON:-} ]]; then
-    python=$EMI_PYTHON
-elif [[ -x .venv/bin/python ]]; then
-    python=.venv/bin/python
-else
-    python=python3
-fi
+python=$(emi_python)
 out= workers=
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do

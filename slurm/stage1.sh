@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stage I (contrastive pretraining of the encoders) as a Slurm batch job; modes and knobs: slurm/common.sh.
-#   EMI_CONFIG=configs/stage1/tiny.yaml sbatch --nodes 2 --gpus-per-node 0 --cpus-per-task 1 slurm/stage1.sh \
-#       train.epochs=3
-# Script arguments are config overrides (section.key=value). Default config: configs/stage1/vitl.yaml.
+# Stage I (contrastive pretraining of the encoders) as a Slurm batch job: slurm/train.sh with this stage's
+# resources (the #SBATCH lines; any can be overridden on the sbatch command line). Script arguments are config
+# overrides (section.key=value):
+#   EMI_CONFIG=stage1/tiny.yaml sbatch --nodes 2 --gpus-per-node 0 --cpus-per-task 1 slurm/stage1.sh train.epochs=3
+# EMI_CONFIG: a path or a shipped config's name (default stage1/vitl.yaml); modes and knobs: slurm/common.sh.
 #SBATCH --job-name=emi-stage1
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -13,10 +14,6 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
-set -euo pipefail
-source slurm/common.sh ||
+[[ -f slurm/train.sh ]] ||
     { echo "slurm/stage1.sh: run sbatch from the repository root (or --chdir=REPO)" >&2; exit 2; }
-
-config=${EMI_CONFIG:-configs/stage1/vitl.yaml}
-[[ -f $config ]] || die "EMI_CONFIG=$config: no such file (paths are relative to $PWD)"
-run_on_every_node -m emi.stages.stage1 --config "$config" --resume latest "$@"
+exec bash slurm/train.sh stage1 "$@"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stage II (quality-aware fusion on frozen-encoder features) as a Slurm batch job; modes and knobs: slurm/common.sh.
-#   EMI_CONFIG=configs/stage2/tiny.yaml sbatch --nodes 2 --gpus-per-node 0 --cpus-per-task 1 slurm/stage2.sh \
-#       train.epochs=3
-# Script arguments are config overrides (section.key=value). Default config: configs/stage2/vitl.yaml.
+# Stage II (quality-aware fusion on frozen-encoder features) as a Slurm batch job: slurm/train.sh with this stage's
+# resources (the #SBATCH lines; any can be overridden on the sbatch command line). Script arguments are config
+# overrides (section.key=value):
+#   EMI_CONFIG=stage2/tiny.yaml sbatch --nodes 2 --gpus-per-node 0 --cpus-per-task 1 slurm/stage2.sh train.epochs=3
+# EMI_CONFIG: a path or a shipped config's name (default stage2/vitl.yaml); modes and knobs: slurm/common.sh.
 #SBATCH --job-name=emi-stage2
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -13,10 +14,6 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
-set -euo pipefail
-source slurm/common.sh ||
+[[ -f slurm/train.sh ]] ||
     { echo "slurm/stage2.sh: run sbatch from the repository root (or --chdir=REPO)" >&2; exit 2; }
-
-config=${EMI_CONFIG:-configs/stage2/vitl.yaml}
-[[ -f $config ]] || die "EMI_CONFIG=$config: no such file (paths are relative to $PWD)"
-run_on_every_node -m emi.stages.stage2 --config "$config" --resume latest "$@"
+exec bash slurm/train.sh stage2 "$@"

@@ -17,7 +17,8 @@ import torch
 from submitit.local.local import LocalJobEnvironment
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from emi.launch import main, master_address, node_command, parse_args, program
+from emi.cluster import accelerate_command, master_address, rendezvous_port
+from emi.launch import main, parse_args, program
 from helpers import GRID, REPO, cpu_env, exported, scalars, wait_until
 
 TINY = str(REPO / "configs" / "stage1" / "tiny.yaml")
@@ -37,8 +38,9 @@ def test_node_command_of_the_second_node_of_a_two_node_gpu_job(monkeypatch: pyte
     env = slurm_environment(monkeypatch, SLURM_JOB_ID="1234", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1",
                             SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NTASKS="2", SLURM_PROCID="1")
     args = parse_args(["stage1", "--config", TINY, "--nodes", "2", "--gpus-per-node", "8", "train.epochs=3"])
-    command = node_command(program(args), args.gpus_per_node, env, master_addr="gpu07", restart_count=1)
-    port = 20000 + (1234 * 10 + 1) % 12000  # slurm/launch.sh's port for job 1234 after one restart
+    port = rendezvous_port(int(env.raw_job_id), restart_count=1)
+    assert port == 20000 + (1234 * 10 + 1) % 12000  # distinct for each restart of the job
+    command = accelerate_command(program(args), env.num_nodes, env.node, args.gpus_per_node, "gpu07", port)
     assert command == [*ACCELERATE, "--num_machines", "2", "--machine_rank", "1", "--num_processes", "16",
                        "--main_process_ip", "gpu07", "--main_process_port", str(port), "--rdzv_backend", "static",
                        "--deepspeed_multinode_launcher", "standard", "--multi_gpu",
@@ -55,7 +57,8 @@ def test_node_command_of_a_single_cpu_node_runs_one_process_without_multi_gpu(
     args = parse_args(["features", "--gpus-per-node", "0", "--", "--encoders", "enc", "--shards", "sh",
                        "--out", "out"])
     assert master_address(env) == "127.0.0.1"
-    command = node_command(program(args), args.gpus_per_node, env, master_address(env), restart_count=0)
+    command = accelerate_command(program(args), env.num_nodes, env.node, max(1, args.gpus_per_node),
+                                 master_address(env), rendezvous_port(int(env.raw_job_id), 0))
     assert command == [*ACCELERATE, "--num_machines", "1", "--machine_rank", "0", "--num_processes", "1",
                        "--main_process_ip", "127.0.0.1", "--main_process_port", str(20000 + 770),
                        "--rdzv_backend", "static", "--deepspeed_multinode_launcher", "standard",

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from emi.cluster import rendezvous_port
+
 REPO = Path(__file__).resolve().parents[1]
 UP = REPO / "slurm" / "local" / "up.sh"
 DOWN = REPO / "slurm" / "local" / "down.sh"
@@ -138,7 +140,7 @@ def wait_for_job(env: dict[str, str], job_id: int, out_dir: Path) -> str:
 
 
 def expected_master_port(job_id: int, restart_count: int = 0) -> int:
-    return 20000 + (job_id * 10 + restart_count % 10) % 12000
+    return rendezvous_port(job_id, restart_count)
 
 
 def read_records(out_dir: Path) -> list[dict]:

@@ -192,7 +192,7 @@ def test_srun_mode_starts_one_task_per_process(cluster: dict[str, str], tmp_path
     ({"EMI_LAUNCH_MODE": "mpi"}, ["--cpus-per-task=1", f"--chdir={REPO}"],
      "slurm: EMI_LAUNCH_MODE='mpi' is not one of: accelerate, srun"),
     ({"EMI_CONFIG": "configs/stage1/none.yaml"}, ["--cpus-per-task=1", f"--chdir={REPO}"],
-     f"slurm: EMI_CONFIG=configs/stage1/none.yaml: no such file (paths are relative to {REPO})"),
+     "emi: error: config file not found: configs/stage1/none.yaml (looked for configs/stage1/none.yaml, "),
     ({}, ["--cpus-per-task=1", "--chdir=/tmp"],
      "slurm/stage1.sh: run sbatch from the repository root (or --chdir=REPO)"),
 ])

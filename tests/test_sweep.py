@@ -14,15 +14,18 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import emi.sweep
+import emi.sweep.report
+import emi.sweep.run
 from emi.cli import main
-from emi.config import parse_override
+from emi.config import config_to_dict, parse_override
 from emi.serve.ensemble import load_ensemble
 from emi.config import SHIPPED_CONFIGS
 from emi.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from emi.serve.scoring import shard_predictions
 from emi.metrics import emi_report
-from emi.sweep import collect, expand, load_sweep, run_sweep, top_k_ensemble
+from emi.sweep.plan import expand, load_sweep
+from emi.sweep.report import collect, top_k_ensemble
+from emi.sweep.run import run_sweep
 from helpers import REPO
 
 BASE = str(REPO / "configs/stage2/tiny.yaml")
@@ -40,7 +43,7 @@ def write_sweep(folder: Path, **sections) -> Path:
 def fake_run(cell, metrics: dict[str, float] | None) -> None:
     """A run folder as Stage II leaves it: config.yaml; with `metrics`, a finished run (best/ and export/)."""
     cell.run_dir.mkdir(parents=True)
-    (cell.run_dir / "config.yaml").write_text(yaml.safe_dump(cell.config, sort_keys=False))
+    (cell.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cell.config), sort_keys=False))
     if metrics is not None:
         for folder in ("best", "export"):
             (cell.run_dir / folder).mkdir()
@@ -69,10 +72,10 @@ def test_named_cells_cross_the_grid_and_every_variant_runs_each_repeat(tmp_path)
         "run.name=seed-1"]
     assert dict(map(parse_override, cell.overrides))["model.modalities"] == ["vision", "audio"]  # as the stage reads it
     config = cell.config
-    assert (config["train"]["epochs"], config["optim"]["lr"], config["model"]["temporal"], config["run"]["seed"],
-            config["model"]["modalities"], config["data"]["train"], config["train"]["resume"]) == (
+    assert (config.train.epochs, config.optim.lr, config.model.temporal, config.run.seed,
+            config.model.modalities, config.data.train, config.train.resume) == (
         5, 1e-5, False, 1, ["vision", "audio"], "features/noisy/train", "latest")
-    assert cells[0].config["model"]["temporal"] is True and cells[0].dataset == "clean"  # the base's, the first data
+    assert cells[0].config.model.temporal is True and cells[0].dataset == "clean"  # the base's, the first data
     assert [(c.name, c.overrides, c.run_dir) for c in expand(load_sweep(path))] == [
         (c.name, c.overrides, c.run_dir) for c in cells]  # deterministic
 
@@ -117,7 +120,7 @@ def test_the_base_is_found_beside_the_sweep_file_then_among_the_shipped_configs(
     assert load_sweep(write_sweep(folder, base="../mine.yaml")).base == tmp_path / "mine.yaml"
     shipped = load_sweep(write_sweep(folder, base="stage2/tiny.yaml"))
     assert shipped.base == SHIPPED_CONFIGS / "stage2/tiny.yaml"
-    assert expand(shipped)[0].config["run"]["seed"] == 0
+    assert expand(shipped)[0].config.run.seed == 0
     assert load_sweep("sweeps/kfold.yaml").base == SHIPPED_CONFIGS / "stage2/tiny.yaml"  # a shipped sweep's own base
 
 
@@ -127,7 +130,7 @@ def test_command_line_overrides_set_sweep_keys_and_run_keys(tmp_path):
                               "data.clean.train=/elsewhere/train", "top_k=1", "slurm.partition=gpu"])
     (cell,) = expand(sweep)
     config = cell.config
-    assert (cell.name, config["train"]["epochs"], config["model"]["fusion"], config["data"]["train"]) == (
+    assert (cell.name, config.train.epochs, config.model.fusion, config.data.train) == (
         "full/seed-5", 2, "mean", "/elsewhere/train")
     assert (sweep.config.top_k, sweep.config.slurm.partition) == (1, "gpu")
 
@@ -138,8 +141,8 @@ def test_finished_cells_are_not_run_again_and_a_changed_one_is_refused(tmp_path,
     fake_run(cells[0], {"mean_pearson": 0.5})  # finished
     fake_run(cells[1], None)  # started, stopped before its end: resumes
     asked = []
-    monkeypatch.setattr(emi.sweep, "check_data", lambda sweep, cells: None)
-    monkeypatch.setattr(emi.sweep, "run_locally", lambda sweep, cells: asked.extend(cell.name for cell in cells))
+    monkeypatch.setattr(emi.sweep.run, "check_data", lambda sweep, cells: None)
+    monkeypatch.setattr(emi.sweep.run, "run_locally", lambda sweep, cells: asked.extend(cell.name for cell in cells))
     assert main(["sweep", "--config", str(path), "--collect"]) == EXIT_PARTIAL  # runs nothing, writes the table
     assert asked == [] and "Not finished (3)" in (tmp_path / "out" / "s" / "results.md").read_text()
     assert run_sweep(path, local=True) == EXIT_PARTIAL
@@ -149,13 +152,13 @@ def test_finished_cells_are_not_run_again_and_a_changed_one_is_refused(tmp_path,
     # On Slurm, a cell whose job from an earlier submission is still queued is waited for, not submitted again.
     jobs = {"fusion-mean/seed-0": "7_2", "fusion-qam/seed-1": "7_1"}  # the second one has ended
     (tmp_path / "out" / "s" / "jobs.json").write_text(json.dumps(jobs))
-    monkeypatch.setattr(emi.sweep, "queued_jobs", lambda job_ids: job_ids & {"7_2"})
+    monkeypatch.setattr(emi.sweep.run, "queued_jobs", lambda job_ids: job_ids & {"7_2"})
     submitted = []
-    monkeypatch.setattr(emi.sweep, "run_on_slurm", lambda sweep, cells, queued: submitted.append(
+    monkeypatch.setattr(emi.sweep.run, "run_on_slurm", lambda sweep, cells, queued: submitted.append(
         ([cell.name for cell in cells], {cell.name: job for cell, job in queued.items()})))
     assert run_sweep(path) == EXIT_PARTIAL
     assert submitted == [(["fusion-qam/seed-1", "fusion-mean/seed-1"], {"fusion-mean/seed-0": "7_2"})]
-    with emi.sweep.sweep_lock(tmp_path / "out" / "s"), pytest.raises(UsageError, match="another emi sweep is running"):
+    with emi.sweep.run.sweep_lock(tmp_path / "out" / "s"), pytest.raises(UsageError, match="another emi sweep is running"):
         run_sweep(path)
 
     config = yaml.safe_load((cells[1].run_dir / "config.yaml").read_text())
@@ -200,7 +203,7 @@ def test_the_ensemble_takes_the_k_best_cells_trained_on_the_best_ones_data(tmp_p
     ranked = [by_name[name] for name in ("clean-a/seed-1", "noisy-a/seed-0", "clean-b/seed-0", "clean-a/seed-0",
                                          "clean-b/seed-1")]
     scored = []
-    monkeypatch.setattr(emi.sweep, "ensemble_report",
+    monkeypatch.setattr(emi.sweep.report, "ensemble_report",
                         lambda checkpoints, shards: scored.append((checkpoints, shards)) or {"mean_pearson": 0.9})
     result = top_k_ensemble(sweep, ranked)
     assert result == {"members": ["clean-a/seed-1", "clean-b/seed-0", "clean-a/seed-0"], "val": "features/clean/val",
@@ -231,7 +234,7 @@ def test_local_sweep_runs_every_cell_writes_the_table_and_skips_them_when_run_ag
         metrics[cell.name] = best["mean_pearson"]
         plugins, scalars = hparams(sweep.folder / "hparams" / cell.name)
         assert plugins and scalars["val/mean_pearson"] == pytest.approx(best["mean_pearson"])
-    assert {c.name: c.config["model"]["fusion"] for c in cells} == {
+    assert {c.name: c.config.model.fusion for c in cells} == {
         "fusion-qam/seed-0": "qam", "fusion-qam/seed-1": "qam", "fusion-mean/seed-0": "mean",
         "fusion-mean/seed-1": "mean"}
 
@@ -252,7 +255,7 @@ def test_local_sweep_runs_every_cell_writes_the_table_and_skips_them_when_run_ag
         targets.update(zip(keys, target))
     keys = sorted(targets)
     mean = torch.stack([(predictions[0][key] + predictions[1][key]) / 2 for key in keys])
-    expected = emi_report(mean, torch.stack([targets[key] for key in keys]), cells[0].config["labels"])
+    expected = emi_report(mean, torch.stack([targets[key] for key in keys]), cells[0].config.labels)
     assert ensemble["report"]["num_samples"] == 16
     np.testing.assert_allclose([ensemble["report"][key] for key in expected], list(expected.values()), rtol=1e-6)
     printed = capsys.readouterr().out
@@ -270,17 +273,17 @@ def test_local_sweep_runs_every_cell_writes_the_table_and_skips_them_when_run_ag
 def test_the_shipped_ablation_sweep_runs_every_fusion_on_noisy_audio():
     cells = expand(load_sweep(REPO / "configs/sweeps/ablation.yaml"))
     noisy = [cell for cell in cells if cell.dataset == "audio-noise"]
-    assert sorted({cell.config["model"]["fusion"] for cell in noisy}) == ["concat", "late", "mean", "qam", "xattn"]
+    assert sorted({cell.config.model.fusion for cell in noisy}) == ["concat", "late", "mean", "qam", "xattn"]
     assert len(noisy) == 5 * 3 and len(cells) == 14 * 3  # three seeds each
 
 
 def test_the_shipped_kfold_sweep_runs_every_seed_on_every_fold_of_train_and_val():
     cells = expand(load_sweep(REPO / "configs/sweeps/kfold.yaml"))
     for fusion in ("qam", "late"):
-        runs = [cell.config for cell in cells if cell.config["model"]["fusion"] == fusion]
-        assert sorted((run["run"]["seed"], run["data"]["fold"]) for run in runs) == [
+        runs = [cell.config for cell in cells if cell.config.model.fusion == fusion]
+        assert sorted((run.run.seed, run.data.fold) for run in runs) == [
             (seed, fold) for seed in range(5) for fold in range(5)]
-        assert {(run["data"]["folds"], run["data"]["train"], run["data"]["val"]) for run in runs} == {
+        assert {(run.data.folds, run.data.train, run.data.val) for run in runs} == {
             (5, "data/features/train", "data/features/val")}
     assert len(cells) == 50 and len({cell.run_dir for cell in cells}) == 50
 

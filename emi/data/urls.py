@@ -20,7 +20,7 @@ import braceexpand
 from emi import storage
 from emi.data.reader import count_samples
 from emi.errors import UsageError
-from emi.formats.manifest import MANIFEST_FILE, Manifest, ShardEntry, find_manifest, read_manifest
+from emi.formats.manifest import FEATURE_SHARDS, MANIFEST_FILE, Manifest, ShardEntry, find_manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +154,13 @@ def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | 
     if resolved.num_samples == 0:
         raise UsageError(f"shard spec {spec!r}: its {len(shards)} shards hold no samples")
     return resolved
+
+
+def feature_shards(shards: str, manifest: str | None, needed_by: str) -> tuple[ShardSet, Manifest]:
+    """Feature shards (written by `emi features extract`) and their manifest."""
+    shard_set = resolve_shards(shards, manifest)
+    described = shard_set.manifest(needed_by)
+    if not described.is_features:
+        raise UsageError(f"{needed_by}: {shards} are {described.format} shards ({described.path}); Stage II reads "
+                         f"{FEATURE_SHARDS} shards: run `emi features extract` first")
+    return shard_set, described

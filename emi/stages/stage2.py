@@ -21,7 +21,8 @@ import torch
 from accelerate import Accelerator
 
 from emi.config import Stage2Config, config_to_dict
-from emi.data import ShardSet, build_loader, resolve_shards
+from emi.data import ShardSet, build_loader
+from emi.data.urls import feature_shards
 from emi.data.folds import fold_split
 from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
@@ -29,22 +30,12 @@ from emi.data.collect import collect
 from emi.errors import UsageError
 from emi.io import folder_records, records_digest
 from emi.models.losses import RegressionLoss
-from emi.formats.manifest import FEATURE_SHARDS, Manifest
+from emi.formats.manifest import Manifest
 from emi.metrics import emi_report
 from emi.formats.fusion import EncodersRecord, FusionRecord, FusionSpec
 from emi.models.fusion import FusionModel, fusion_inputs, present_modalities
 from emi.models.fusion_checkpoint import save_fusion
 from emi.models.options import MODALITIES, check_model_options
-
-
-def feature_shards(shards: str, manifest: str | None, needed_by: str) -> tuple[ShardSet, Manifest]:
-    """Feature shards (written by `emi features extract`) and their manifest."""
-    shard_set = resolve_shards(shards, manifest)
-    described = shard_set.manifest(needed_by)
-    if not described.is_features:
-        raise UsageError(f"{needed_by}: {shards} are {described.format} shards ({described.path}); Stage II reads "
-                         f"{FEATURE_SHARDS} shards: run `emi features extract` first")
-    return shard_set, described
 
 
 def encoder_files(manifest: Manifest, shards: str) -> dict[str, dict]:

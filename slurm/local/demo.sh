@@ -63,12 +63,12 @@ run_job() {
     grep -E '\] (done|epoch [0-9]+ val|resumed)' "$log" | tail -n 3 || true
 }
 
-EMI_CONFIG=configs/stage1/tiny.yaml run_job slurm/stage1.sh run.name=stage1-slurm
+EMI_CONFIG=stage1/tiny.yaml run_job slurm/stage1.sh run.name=stage1-slurm
 for split in train val; do
     run_job slurm/features.sh --encoders runs/stage1-slurm/export --shards "data/shards/$split" \
         --out "data/features/stage1-slurm/$split"
 done
-EMI_CONFIG=configs/stage2/tiny.yaml run_job slurm/stage2.sh run.name=stage2-slurm \
+EMI_CONFIG=stage2/tiny.yaml run_job slurm/stage2.sh run.name=stage2-slurm \
     data.train=data/features/stage1-slurm/train data.val=data/features/stage1-slurm/val
 
 echo "TensorBoard logs: runs/stage1-slurm/tb and runs/stage2-slurm/tb (tensorboard --logdir runs);" \
