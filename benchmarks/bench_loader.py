@@ -32,7 +32,7 @@ from PIL import Image
 
 from benchmarks.timing import Meter, table, verdict
 from emi import EMI_EMOTIONS
-from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.data import AudioSpec, DecodeSpec, ImageSpec, LoaderSpec, Sampling, Workers, build_loader
 from emi.prompts import build_prompt
 from emi.shards.files import ShardWriter
 
@@ -179,10 +179,10 @@ def webdataset_epoch(shard_dir: Path, mode: str, num_workers: int) -> int:
 def loader_epoch(shard_dir: Path | str, num_workers: int, mode: str = "clip") -> int:
     """One epoch of `build_loader` (eval, unshuffled: the same work as the baselines), workers started and
     joined inside it (so their CPU time is counted); returns the number of samples."""
-    data = build_loader(str(shard_dir), mode=mode, batch_size=BATCH_SIZE[mode], num_workers=num_workers, world_size=1,
-                        rank=0, seed=0, shuffle=False, train=False, num_frames=NUM_FRAMES,
-                        image=ImageSpec(size=IMAGE_SIZE), audio=AudioSpec(seconds=0), prompt_fn=build_prompt,
-                        pin_memory=False, persistent_workers=False)
+    decode = DecodeSpec(mode, num_frames=NUM_FRAMES, image=ImageSpec(size=IMAGE_SIZE), audio=AudioSpec(seconds=0),
+                        prompt_fn=build_prompt)
+    data = build_loader(str(shard_dir), LoaderSpec(decode, Sampling(BATCH_SIZE[mode]),
+                                                   Workers(num_workers, pin_memory=False, persistent_workers=False)))
     data.set_epoch(0)
     return sum(len(batch["key"]) for batch in data.dataloader)
 

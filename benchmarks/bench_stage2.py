@@ -24,7 +24,7 @@ from benchmarks.timing import best_of_rounds, table
 from emi import EMI_EMOTIONS
 from emi.config import Stage2Config, load_config
 from emi.formats.fusion import FusionSpec
-from emi.data import build_loader
+from emi.data import DecodeSpec, LoaderSpec, Sampling, Workers, build_loader
 from emi.serve.features import FrozenEncoders, clip_features, clip_loader, extract_features, fusion_batch, \
     load_frozen_encoders
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
@@ -67,9 +67,9 @@ def train_step(model: FusionModel, optimizer: torch.optim.Optimizer, batch: dict
 
 
 def cached_epoch(features: Path, dims: dict[str, int], batch_size: int, workers: int) -> list[str]:
-    data = build_loader(str(features), mode="features", batch_size=batch_size, num_workers=workers, world_size=1,
-                        rank=0, seed=0, shuffle=False, train=False, num_frames=0, label_names=LABELS,
-                        persistent_workers=False)
+    decode = DecodeSpec("features", num_frames=0, label_names=tuple(LABELS))
+    data = build_loader(str(features), LoaderSpec(decode, Sampling(batch_size), Workers(workers,
+                                                                                     persistent_workers=False)))
     data.set_epoch(0)
     model, optimizer = fusion_model(dims)
     keys = []

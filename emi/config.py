@@ -43,6 +43,8 @@ class RunSection:
 
 @dataclass
 class DataSection:
+    """What both stages read their data with; each stage's own keys are in Stage1Data and Stage2Data."""
+
     train: str = ""  # shard spec: folder with manifest.json, brace pattern, pipe: URL, or a '::' list
     val: str | None = None
     manifest: str | None = None  # explicit manifest for pipe: shards (or shards with none beside them)
@@ -53,11 +55,19 @@ class DataSection:
     persistent_workers: bool = True  # keep the workers (and their open state) from one epoch to the next
     shuffle_buffer: int = 256
     resampled: bool = False  # draw shards with replacement (very large or uneven shard sets)
+
+
+@dataclass
+class Stage1Data(DataSection):
     augment: bool = True  # training augmentation (crops, flips, audio gain/noise); never in eval
-    num_frames: int = 16  # clip / features mode: frames per clip (uniform sampling or padding)
     audio_seconds: float = 4.0  # waveform window length
     max_text_len: int = 64
-    folds: int = 0  # Stage II, K >= 2: K-fold over train + val (emi.data.folds); 0: train and val as given
+
+
+@dataclass
+class Stage2Data(DataSection):
+    num_frames: int = 16  # frames per clip (uniform sampling or padding); 0: all, padded to the batch's longest
+    folds: int = 0  # K >= 2: K-fold over train + val (emi.data.folds); 0: train and val as given
     fold: int = 0  # with folds: this run validates on fold i (0 <= i < K) and trains on the others
 
 
@@ -128,7 +138,7 @@ class ContrastiveSection:
 @dataclass
 class Stage1Config:
     run: RunSection = field(default_factory=RunSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: Stage1Data = field(default_factory=Stage1Data)
     model: ContrastiveSection = field(default_factory=ContrastiveSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -167,7 +177,7 @@ class LossSection:
 @dataclass
 class Stage2Config:
     run: RunSection = field(default_factory=RunSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: Stage2Data = field(default_factory=Stage2Data)
     labels: list[str] = field(
         default_factory=lambda: ["Admiration", "Amusement", "Determination", "Empathic Pain", "Excitement", "Joy"])
     model: FusionSection = field(default_factory=FusionSection)
@@ -325,9 +335,7 @@ def validate(config: Any, source: str) -> None:
     data = getattr(config, "data", None)
     if isinstance(data, DataSection) and data.prefetch_factor < 1:  # a sweep's `data` names feature sets
         raise UsageError(f"{source}: data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
-    if isinstance(data, DataSection) and (data.folds or data.fold):
-        if not isinstance(config, Stage2Config):
-            raise UsageError(f"{source}: data.folds and data.fold are Stage II settings")
+    if isinstance(data, Stage2Data) and (data.folds or data.fold):
         if data.folds < 2 or not 0 <= data.fold < data.folds:
             raise UsageError(f"{source}: data.folds must be >= 2 (or 0: no folds) and 0 <= data.fold < data.folds, "
                              f"got folds={data.folds} fold={data.fold}")

@@ -15,7 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.data import AudioSpec, ImageSpec
+from helpers import flat_loader
 
 
 def main(shards: str, out: str, batch_sizes: list[int]) -> None:
@@ -23,7 +24,7 @@ def main(shards: str, out: str, batch_sizes: list[int]) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     result = {}
     for batch_size in batch_sizes:
-        data = build_loader(shards, mode="clip", batch_size=batch_size, num_workers=2, world_size=world_size,
+        data = flat_loader(shards, mode="clip", batch_size=batch_size, num_workers=2, world_size=world_size,
                             rank=rank, seed=1, shuffle=True, train=True, shuffle_buffer=4, num_frames=2,
                             image=ImageSpec(size=16), audio=AudioSpec(seconds=0.1))
         epochs = []

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import psutil
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from emi.data import DataInfo, DecodeSpec, LoaderSpec, Sampling, Workers, build_loader
 from emi.shards.build import build_shards
 from emi.synth import synthesize
 
@@ -33,6 +34,17 @@ def synthetic_split(root: Path, split: str, clips: int, seed: int, frame_size: i
                            transcripts=source / "transcripts.csv")
     assert summary.num_failed == 0, summary.describe()
     return out
+
+
+def flat_loader(shards, manifest=None, **settings) -> DataInfo:
+    """build_loader with its settings as one flat set of keywords: the fields of DecodeSpec, Sampling and Workers."""
+    parts = [{name: value for name, value in settings.items() if name in {f.name for f in fields(group)}}
+             for group in (DecodeSpec, Sampling, Workers)]
+    unknown = set(settings) - {name for part in parts for name in part}
+    assert not unknown, f"not a loader setting: {sorted(unknown)}"
+    if "label_names" in parts[0]:
+        parts[0]["label_names"] = tuple(parts[0]["label_names"])
+    return build_loader(shards, LoaderSpec(DecodeSpec(**parts[0]), Sampling(**parts[1]), Workers(**parts[2])), manifest)
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -12,9 +12,9 @@ import webdataset
 
 from benchmarks import (ablation, bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_e2e,
                         gpu_stage1, run, scaling, timing)
-from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.data import AudioSpec, ImageSpec
 from emi.stages.stage1 import build_model, train_flops_per_sample
-from helpers import GRID, REPO, cpu_env, free_port
+from helpers import GRID, REPO, cpu_env, flat_loader, free_port
 
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
 GRID_CLIP = GRID_CLIPS[0]
@@ -146,7 +146,7 @@ def test_every_loader_baseline_yields_the_loaders_batches(tmp_path):
     shards = bench_loader.write_synthetic_shards(tmp_path / "shards", num_clips=4, shard_size=4)
     url = str(shards / "train-000000.tar")
     for mode, texts in (("clip", "transcript"), ("frame", "prompt")):
-        data = build_loader(url, mode=mode, batch_size=4, num_workers=0, world_size=1, rank=0, seed=0,
+        data = flat_loader(url, mode=mode, batch_size=4, num_workers=0, world_size=1, rank=0, seed=0,
                             shuffle=False, train=False, num_frames=bench_loader.NUM_FRAMES,
                             image=ImageSpec(size=bench_loader.IMAGE_SIZE), audio=AudioSpec(seconds=0),
                             prompt_fn=bench_loader.build_prompt)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from emi.config import Stage1Config, Stage2Config, load_config
-from emi.data import build_loader, resolve_shards
+from emi.data import resolve_shards
 from emi.data.folds import fold_of, fold_split
 from emi.errors import UsageError
+from helpers import flat_loader
 from test_data_loader import assert_same_batches, run_epoch
 from test_data_shards import write_shards
 
@@ -60,7 +61,7 @@ def test_two_ranks_read_exactly_the_fold_in_equal_batches_and_resume_exactly(spl
     wanted = {key for shard in fold_train.shards for key in shard.keys}
 
     def loader(rank: int):
-        return build_loader(fold_train, mode="clip", batch_size=2, num_workers=2, world_size=2, rank=rank, seed=3,
+        return flat_loader(fold_train, mode="clip", batch_size=2, num_workers=2, world_size=2, rank=rank, seed=3,
                             shuffle=True, train=True, shuffle_buffer=4, num_frames=2, persistent_workers=False)
 
     ranks = [loader(rank) for rank in (0, 1)]
@@ -97,7 +98,7 @@ def test_fold_settings_are_checked(overrides, message):
     with pytest.raises(UsageError, match=message):
         load_config(Stage2Config, None, overrides)
     assert load_config(Stage2Config, None, ["data.folds=3", "data.fold=2"]).data.fold == 2
-    with pytest.raises(UsageError, match="Stage II settings"):
+    with pytest.raises(UsageError, match="unknown key 'data.folds' in data"):  # a Stage II setting
         load_config(Stage1Config, None, ["data.folds=3"])
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import emi.data.loader
-from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.data import AudioSpec, ImageSpec
 from emi.errors import UsageError
+from helpers import flat_loader
 from test_data_shards import PickleBomb, write_shards
 
 SIZES = [5, 7, 9]
@@ -28,7 +29,7 @@ def loader(folder: Path, **kwargs):
     settings = dict(mode="clip", batch_size=2, num_workers=2, world_size=1, rank=0, seed=5, shuffle=True,
                     train=True, shuffle_buffer=6, num_frames=3, image=ImageSpec(size=24),
                     audio=AudioSpec(seconds=0.2, gain_db=(-6, 6), snr_db=(10, 30)))
-    return build_loader(str(folder), **{**settings, **kwargs})
+    return flat_loader(str(folder), **{**settings, **kwargs})
 
 
 def run_epoch(data, epoch: int, skip_batches: int = 0) -> list[dict]:

@@ -14,11 +14,12 @@ import webdataset
 from PIL import Image
 
 from emi import EMI_EMOTIONS
-from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.data import AudioSpec, ImageSpec
 from emi.data.decode import (CLIP_MEAN, CLIP_STD, FrameView, SampleError, decode_wav, load_frame, normalise,
                              open_jpeg, sample_rng)
 from emi.data.modes import DecodeSpec, decode_sample
 from emi.data.reader import RawSample
+from helpers import flat_loader
 from test_data_shards import FPS, grey_level, jpeg_bytes, write_shards
 
 SIZE = 32
@@ -48,7 +49,7 @@ def json_of(folder: Path) -> dict[str, dict]:
 def one_epoch(folder: Path, **kwargs) -> list[dict]:
     settings = dict(batch_size=3, num_workers=0, world_size=1, rank=0, seed=0, shuffle=False, train=False,
                     image=ImageSpec(size=SIZE))
-    data = build_loader(str(folder), **{**settings, **kwargs})
+    data = flat_loader(str(folder), **{**settings, **kwargs})
     data.set_epoch(0)
     return list(data.dataloader)
 

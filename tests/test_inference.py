@@ -18,7 +18,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from emi import EMI_EMOTIONS
 from emi.cli import main
-from emi.data import build_loader
 from emi.serve.ensemble import load_ensemble
 from emi.errors import UsageError
 from emi.serve.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
@@ -34,7 +33,7 @@ from emi.formats.manifest import Preprocessing
 from emi.models.fusion import FusionModel, fusion_inputs, present_modalities
 from emi.models.fusion_checkpoint import load_fusion, save_fusion
 from emi.shards.build import build_shards
-from helpers import GRID, cpu_env, launch_command
+from helpers import GRID, cpu_env, flat_loader, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS = sorted(GRID.glob("*.mpg"))
@@ -541,7 +540,7 @@ def test_corruption_keeps_each_clips_scale_and_draws_by_key():
 
 def test_evaluate_with_a_modality_dropped_or_corrupted(checkpoint, feature_shards, reports, tmp_path, capsys):
     model, record = load_fusion(checkpoint)
-    data = build_loader(str(feature_shards), mode="features", batch_size=3, num_workers=0, world_size=1, rank=0,
+    data = flat_loader(str(feature_shards), mode="features", batch_size=3, num_workers=0, world_size=1, rank=0,
                         seed=0, shuffle=False, train=False, num_frames=NUM_FRAMES, label_names=record.labels,
                         persistent_workers=False)
     data.set_epoch(0)

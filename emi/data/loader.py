@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from emi import EMI_EMOTIONS
-from emi.data.decode import AudioSpec, ImageSpec, SampleError, sample_rng, selection_rng
+from emi.data.decode import SampleError, sample_rng, selection_rng
 from emi.data.modes import MODES, PROMPT_MODES, WANTED, DecodeSpec, collate, decode_sample, entries_to_read
 from emi.data.plan import (consumer_segments, cycle_segments, resampled_batches, resampled_segments,
                            samples_per_consumer, shard_order, shuffle_buffer_order, worker_skip_batches)
@@ -43,26 +42,64 @@ class SharedEpoch:
         self.skipped = context.Value("q", 0)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How an epoch is dealt out to the consumers (ranks x workers): every one gets the same number of batches."""
+
+    batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0  # the shard order, shuffle buffers and augmentation draw from (seed, epoch)
+    shuffle: bool = False  # seeded shard order and a per-worker shuffle buffer
+    resampled: bool = False  # each worker draws whole shards with replacement; an epoch is one data set's worth
+    drop_last: bool = False  # no sample twice in an epoch (each consumer's share rounded down to whole batches)
+    shuffle_buffer: int = 256
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The DataLoader's worker processes."""
+
+    num_workers: int = 0
+    pin_memory: bool | None = None  # None: on CUDA
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    start_method: str | None = None  # multiprocessing's (None: the platform default, fork on Linux)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """One rank's loader: what a sample becomes, how the epoch is dealt out, and the worker processes."""
+
+    decode: DecodeSpec
+    sampling: Sampling
+    workers: Workers = Workers()
+
+
+def workers_of(data: Any) -> Workers:
+    """The worker settings of a run config's data section (emi.config.DataSection)."""
+    return Workers(data.num_workers, data.pin_memory, data.prefetch_factor, data.persistent_workers)
+
+
 class ShardDataset(IterableDataset):
     """Batches of one rank's share of the shards; in a worker, of that worker's share."""
 
-    def __init__(self, shards: Sequence[ShardInfo], spec: DecodeSpec, shared: SharedEpoch, *,
-                 batch_size: int, world_size: int, rank: int, num_workers: int, seed: int, shuffle: bool,
-                 resampled: bool, drop_last: bool, shuffle_buffer: int) -> None:
+    def __init__(self, shards: Sequence[ShardInfo], spec: DecodeSpec, shared: SharedEpoch, sampling: Sampling,
+                 num_workers: int) -> None:
         self.urls = [shard.url for shard in shards]
         self.sizes = [shard.num_samples for shard in shards]
         self.subsets = [shard.keys for shard in shards]  # a fold's keys per shard, None: all its samples
         self.spec, self.shared = spec, shared
-        self.batch_size, self.rank, self.seed = batch_size, rank, seed
-        self.shuffle, self.resampled = shuffle, resampled
-        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.batch_size, self.rank, self.seed = sampling.batch_size, sampling.rank, sampling.seed
+        self.shuffle, self.resampled = sampling.shuffle, sampling.resampled
+        self.shuffle_buffer = sampling.shuffle_buffer if sampling.shuffle else 0
         self.workers = max(1, num_workers)
-        consumers = world_size * self.workers
+        consumers = sampling.world_size * self.workers
         total = sum(self.sizes)
-        if resampled:
-            self.per_consumer = resampled_batches(total, consumers, batch_size) * batch_size
+        if sampling.resampled:
+            self.per_consumer = resampled_batches(total, consumers, self.batch_size) * self.batch_size
         else:
-            self.per_consumer = samples_per_consumer(total, consumers, batch_size, drop_last)
+            self.per_consumer = samples_per_consumer(total, consumers, self.batch_size, sampling.drop_last)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -191,50 +228,34 @@ class DataInfo:
         return self.dataset.shared.skipped.value
 
 
-def build_loader(spec: str | Sequence[str] | ShardSet, *, mode: str, batch_size: int, num_workers: int,
-                 world_size: int, rank: int, seed: int, shuffle: bool, train: bool, resampled: bool = False,
-                 drop_last: bool = False, shuffle_buffer: int = 256, manifest: str | Path | None = None,
-                 image: ImageSpec = ImageSpec(), audio: AudioSpec = AudioSpec(), num_frames: int = 16,
-                 label_names: Sequence[str] | None = None, prompt_fn: Callable[[dict], str] | None = None,
-                 tokenizer: Any | None = None, max_text_len: int = 64, pin_memory: bool | None = None,
-                 prefetch_factor: int = 2, persistent_workers: bool = True,
-                 start_method: str | None = None) -> DataInfo:
-    """A DataLoader over WebDataset shards (see emi.data.urls for the spec forms, or a resolved ShardSet) for one rank.
-
-    mode: one of MODES (see emi.data.modes). train: augmentation and random crops/frames on.
-    shuffle: seeded shard order and a per-worker shuffle buffer of `shuffle_buffer` samples.
-    resampled: each worker draws whole shards with replacement; the epoch is cut to one data set's worth.
-    prompt_fn(labels) -> str: required by the frame, audio and frame_audio modes.
-    start_method: the workers' multiprocessing start method (None: the platform default, fork on Linux).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
-    if mode in PROMPT_MODES and prompt_fn is None:
-        raise ValueError(f"mode {mode!r} needs a prompt_fn(labels) -> str")
-    if batch_size < 1 or num_workers < 0 or seed < 0 or num_frames < 0 or not 0 <= rank < world_size:
-        raise ValueError(f"bad loader settings: batch_size={batch_size}, num_workers={num_workers}, "
-                         f"seed={seed}, num_frames={num_frames}, rank={rank}, world_size={world_size}")
-    shards = resolve_shards(spec, manifest).shards
-    decode_spec = DecodeSpec(mode=mode, train=train, image=image, audio=audio, num_frames=num_frames,
-                             label_names=tuple(label_names or EMI_EMOTIONS), prompt_fn=prompt_fn,
-                             tokenizer=tokenizer, max_text_len=max_text_len)
-    context = multiprocessing.get_context(start_method)
-    dataset = ShardDataset(shards, decode_spec, SharedEpoch(context), batch_size=batch_size,
-                           world_size=world_size, rank=rank, num_workers=num_workers, seed=seed,
-                           shuffle=shuffle, resampled=resampled, drop_last=drop_last,
-                           shuffle_buffer=shuffle_buffer)
+def build_loader(shards: str | Sequence[str] | ShardSet, spec: LoaderSpec,
+                 manifest: str | Path | None = None) -> DataInfo:
+    """A DataLoader over WebDataset shards for one rank: a shard spec (emi.data.urls: a folder, a pattern, a URL, a
+    `::` list; `manifest` for shards with none beside them) or a resolved ShardSet."""
+    decode, sampling, workers = spec.decode, spec.sampling, spec.workers
+    if decode.mode not in MODES:
+        raise ValueError(f"mode {decode.mode!r}: expected one of {', '.join(MODES)}")
+    if decode.mode in PROMPT_MODES and decode.prompt_fn is None:
+        raise ValueError(f"mode {decode.mode!r} needs a prompt_fn(labels) -> str")
+    if (sampling.batch_size < 1 or workers.num_workers < 0 or sampling.seed < 0 or decode.num_frames < 0
+            or not 0 <= sampling.rank < sampling.world_size):
+        raise ValueError(f"bad loader settings: {spec}")
+    context = multiprocessing.get_context(workers.start_method)
+    dataset = ShardDataset(resolve_shards(shards, manifest).shards, decode, SharedEpoch(context), sampling,
+                           workers.num_workers)
+    parallel = workers.num_workers > 0
     dataloader = DataLoader(
-        dataset, batch_size=None, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=persistent_workers and num_workers > 0,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        worker_init_fn=_init_worker, multiprocessing_context=context if num_workers > 0 else None,
+        dataset, batch_size=None, num_workers=workers.num_workers,
+        pin_memory=torch.cuda.is_available() if workers.pin_memory is None else workers.pin_memory,
+        persistent_workers=workers.persistent_workers and parallel,
+        prefetch_factor=workers.prefetch_factor if parallel else None,
+        worker_init_fn=_init_worker, multiprocessing_context=context if parallel else None,
         # Its own generator: starting workers must not draw from the global RNG, or a resumed run's dropout
         # would drift from the uninterrupted run's (all randomness in the data comes from seed/epoch/key).
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(sampling.seed),
     )
     num_batches = len(dataset)
-    return DataInfo(dataloader, dataset, num_batches, num_batches * batch_size * world_size)
+    return DataInfo(dataloader, dataset, num_batches, num_batches * sampling.batch_size * sampling.world_size)
 
 
 def _init_worker(worker_id: int) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from emi import EMI_EMOTIONS
 from emi.data.decode import (AudioSpec, ImageSpec, SampleError, decode_json, decode_npy, decode_text,
                              decode_wav, frame_view, label_vector, load_frame, open_jpeg, prepare_audio,
                              uniform_indices)
@@ -40,15 +41,17 @@ _FRAME = re.compile(r"(\d+)\.jpg")
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    mode: str
-    train: bool
-    image: ImageSpec
-    audio: AudioSpec
-    num_frames: int  # clip and features modes: T, 0 = all, padded to the longest in the batch
-    label_names: tuple[str, ...]
-    prompt_fn: Callable[[dict], str] | None
-    tokenizer: Any | None  # a Hugging Face tokenizer; tokenises the prompt (clip mode: the transcript)
-    max_text_len: int
+    """What a sample becomes: the mode's tensors (module docstring), in training with augmentation and random views."""
+
+    mode: str  # one of MODES
+    train: bool = False
+    image: ImageSpec = ImageSpec()
+    audio: AudioSpec = AudioSpec()
+    num_frames: int = 16  # clip and features modes: T, 0 = all, padded to the longest in the batch
+    label_names: tuple[str, ...] = EMI_EMOTIONS
+    prompt_fn: Callable[[dict], str] | None = None  # labels -> prompt: the frame, audio and frame_audio modes
+    tokenizer: Any | None = None  # a Hugging Face tokenizer; tokenises the prompt (clip mode: the transcript)
+    max_text_len: int = 64
     lazy_frames: bool = False  # clip mode: `frames` is a ClipFrames decoded chunk by chunk (emi predict: any length)
 
 

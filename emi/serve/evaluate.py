@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
 
 from emi import storage
 from emi.devices import process_state
@@ -76,8 +77,6 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: st
     the checkpoint, shards, dropped and corrupted modalities it came from. `num_skipped` counts the clips that could
     not be read (the command line then exits EXIT_PARTIAL). On several ranks (accelerate launch -m emi.cli evaluate)
     each rank scores its share of the clips and rank 0 writes the files; every rank returns the report."""
-    from torch.utils.tensorboard import SummaryWriter
-
     check_batching(batch_size, workers)
     check_modalities(drop, corrupt)
     state = process_state()

@@ -36,7 +36,8 @@ import torch
 from accelerate import PartialState
 
 from emi import storage
-from emi.data import AudioSpec, ImageSpec, ShardSet, build_loader, resolve_shards
+from emi.data import (
+    AudioSpec, DataInfo, DecodeSpec, ImageSpec, LoaderSpec, Sampling, ShardSet, Workers, build_loader, resolve_shards)
 from emi.data.decode import normalise, uniform_indices
 from emi.data.modes import pad_stack
 from emi.data.urls import shard_name
@@ -167,20 +168,21 @@ def fusion_batch(clips: list[dict[str, Any]], num_frames: int) -> dict[str, torc
     return batch
 
 
-def clip_decoding(encoders: FrozenEncoders) -> dict[str, Any]:
+def clip_decoding(encoders: FrozenEncoders, label_names: list[str], lazy_frames: bool = False) -> DecodeSpec:
     """How clips are decoded for the encoders, in extraction, evaluation and prediction alike: every frame, the
-    whole audio at the audio encoder's rate, eval views, transcripts tokenised for the text encoder."""
+    whole audio at the audio encoder's rate, eval views, transcripts tokenised for the text encoder. `lazy_frames`:
+    frames decoded chunk by chunk (emi predict: a video of any length)."""
     audio = AudioSpec(sample_rate=encoders.audio_extractor.sampling_rate, seconds=0.0)
-    return {"image": encoders.image, "audio": audio, "num_frames": 0, "tokenizer": encoders.tokenizer,
-            "max_text_len": min(encoders.tokenizer.model_max_length, 512)}
+    return DecodeSpec("clip", image=encoders.image, audio=audio, num_frames=0, label_names=tuple(label_names),
+                      tokenizer=encoders.tokenizer, max_text_len=min(encoders.tokenizer.model_max_length, 512),
+                      lazy_frames=lazy_frames)
 
 
 def clip_loader(shards: str | ShardSet, encoders: FrozenEncoders, label_names: list[str], batch_size: int,
-                num_workers: int, world_size: int = 1, rank: int = 0):
+                num_workers: int, world_size: int = 1, rank: int = 0) -> DataInfo:
     """An unshuffled `clip` loader for one rank (the last batch wraps around: emi.data.collect)."""
-    return build_loader(shards, mode="clip", batch_size=batch_size, num_workers=num_workers, world_size=world_size,
-                        rank=rank, seed=0, shuffle=False, train=False, label_names=label_names,
-                        persistent_workers=False, **clip_decoding(encoders))
+    return build_loader(shards, LoaderSpec(clip_decoding(encoders, label_names), Sampling(batch_size, world_size, rank),
+                                           Workers(num_workers, persistent_workers=False)))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

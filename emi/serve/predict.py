@@ -28,7 +28,7 @@ from emi import storage
 from emi.data import resolve_shards
 from emi.data.collect import collect
 from emi.data.decode import SampleError, sample_rng
-from emi.data.modes import DecodeSpec, collate, decode_sample
+from emi.data.modes import collate, decode_sample
 from emi.data.reader import RawSample, iter_members
 from emi.data.urls import shard_name
 from emi.devices import default_device, process_state
@@ -39,13 +39,6 @@ from emi.serve.scoring import check_batching, checkpoint_list, ensemble_predicti
 from emi.shards.asr import check_whisper, parse_asr
 from emi.shards.plan import ClipJob, Failure, SampleOptions, check_videos_folder, escape_reason, may_be_clip
 from emi.shards.sample import Sample, SampleBuilder
-
-
-def clip_decode_spec(encoders: FrozenEncoders, labels: list[str]) -> DecodeSpec:
-    """The decoding `clip_loader` applies to clip shards (emi.serve.features.clip_decoding), with the frames decoded
-    chunk by chunk: a video of any length is predicted without holding all its frames decoded."""
-    return DecodeSpec(mode="clip", train=False, label_names=tuple(labels), prompt_fn=None, lazy_frames=True,
-                      **clip_decoding(encoders))
 
 
 def raw_sample(sample: Sample, url: str) -> RawSample:
@@ -92,7 +85,9 @@ def video_predictor(ensemble: Ensemble, asr: str | None, device: torch.device):
 def _predict(ensemble: Ensemble, encoders: FrozenEncoders, builder: SampleBuilder, videos: Sequence[str],
              indices: list[int], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
     record = ensemble.record
-    spec = clip_decode_spec(encoders, record.labels)
+    # the clip loader's decoding, with the frames decoded chunk by chunk: a video of any length is predicted
+    # without holding all its frames decoded
+    spec = clip_decoding(encoders, record.labels, lazy_frames=True)
 
     results: dict[int, dict[str, Any]] = {index: {"file": videos[index]} for index in indices}
     for start in range(0, len(indices), batch_size):

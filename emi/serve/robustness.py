@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from emi.data import build_loader
+from emi.data import DecodeSpec, LoaderSpec, Sampling, build_loader
 from emi.data.collect import collect
 from emi.devices import default_device
 from emi.errors import UsageError
@@ -66,9 +66,8 @@ def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -
     model, record = load_fusion(checkpoint, device)
     if record.spec.options.fusion == "concat":
         raise UsageError(f"{checkpoint}: concatenation fusion has no per-modality weights")
-    data = build_loader(shards, mode="features", batch_size=batch_size, num_workers=0, world_size=1, rank=0,
-                        seed=0, shuffle=False, train=False, num_frames=record.num_frames, label_names=record.labels,
-                        persistent_workers=False)
+    decode = DecodeSpec("features", num_frames=record.num_frames, label_names=tuple(record.labels))
+    data = build_loader(shards, LoaderSpec(decode, Sampling(batch_size)))
     keys, out = collect(data, lambda batch: {"betas": model(**fusion_inputs(batch))["weights"].mean(1)},
                         device=device)
     return dict(zip(keys, out["betas"].tolist()))

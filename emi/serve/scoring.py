@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from emi.data import build_loader, resolve_shards
+from emi.data import DecodeSpec, LoaderSpec, Sampling, Workers, build_loader, resolve_shards
 from emi.data.collect import collect
 from emi.devices import default_device
 from emi.errors import UsageError
@@ -68,9 +68,9 @@ def shard_loader(ensemble: Ensemble, shard_set, manifest: Manifest, batch_size: 
     fusion models take (clip shards go through the checkpoint's encoders, as `emi features extract` would)."""
     labels, num_frames = ensemble.record.labels, ensemble.record.num_frames
     if manifest.is_features:
-        data = build_loader(shard_set, mode="features", batch_size=batch_size, num_workers=workers,
-                            world_size=world_size, rank=rank, seed=0, shuffle=False, train=False,
-                            num_frames=num_frames, label_names=labels, persistent_workers=False)
+        decode = DecodeSpec("features", num_frames=num_frames, label_names=tuple(labels))
+        data = build_loader(shard_set, LoaderSpec(decode, Sampling(batch_size, world_size, rank),
+                                                  Workers(workers, persistent_workers=False)))
         return data, lambda batch: batch
     encoders = load_frozen_encoders(ensemble.encoders(), device)
     data = clip_loader(shard_set, encoders, labels, batch_size, workers, world_size, rank)

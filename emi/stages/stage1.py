@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from emi.config import Stage1Config
-from emi.data import AudioSpec, ImageSpec, build_loader
+from emi.data import AudioSpec, DecodeSpec, ImageSpec, LoaderSpec, Sampling, build_loader, workers_of
 from emi.data.decode import normalise
 from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
@@ -129,16 +129,14 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     data = config.data
 
     def loader(shards: str, train: bool):
-        return build_loader(
-            shards, mode=data_mode(spec.pairs), batch_size=data.batch_size, num_workers=data.num_workers,
-            world_size=accelerator.num_processes, rank=accelerator.process_index, seed=config.run.seed,
-            shuffle=train, train=train and data.augment, resampled=data.resampled and train,
-            # in training, no sample twice in an epoch: a repeat in the global batch is its own false negative
-            drop_last=train, shuffle_buffer=data.shuffle_buffer, manifest=data.manifest, image=image,
-            audio=audio_spec(model, config, train),
-            label_names=VA_STD_LABELS, prompt_fn=build_prompt, tokenizer=tokenizer,
-            max_text_len=data.max_text_len, pin_memory=data.pin_memory, prefetch_factor=data.prefetch_factor,
-            persistent_workers=data.persistent_workers)
+        decode = DecodeSpec(data_mode(spec.pairs), train=train and data.augment, image=image,
+                            audio=audio_spec(model, config, train), label_names=VA_STD_LABELS, prompt_fn=build_prompt,
+                            tokenizer=tokenizer, max_text_len=data.max_text_len)
+        # in training, no sample twice in an epoch: a repeat in the global batch is its own false negative
+        sampling = Sampling(data.batch_size, accelerator.num_processes, accelerator.process_index, config.run.seed,
+                            shuffle=train, resampled=data.resampled and train, drop_last=train,
+                            shuffle_buffer=data.shuffle_buffer)
+        return build_loader(shards, LoaderSpec(decode, sampling, workers_of(data)), data.manifest)
 
     train_data = loader(data.train, train=True)
     val_data = loader(data.val, train=False) if data.val else None

@@ -21,10 +21,12 @@ import torch
 from accelerate import Accelerator
 
 from emi.config import Stage2Config, config_to_dict
-from emi.data import ShardSet, build_loader
+from emi.data import DataInfo, DecodeSpec, LoaderSpec, Sampling, ShardSet, build_loader, workers_of
 from emi.data.urls import feature_shards
 from emi.data.folds import fold_split
 from emi.engine import Task, exit_code, run_stage
+from emi.engine.evaluator import EvalFn
+from emi.engine.step import LossFn
 from emi.engine.distributed import input_dtype
 from emi.data.collect import collect
 from emi.errors import UsageError
@@ -52,7 +54,9 @@ def encoder_files(manifest: Manifest, shards: str) -> dict[str, dict]:
     return files
 
 
-def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
+def training_shards(config: Stage2Config) -> tuple[ShardSet, ShardSet | None, Manifest]:
+    """(train shards, val shards or None, the train shards' manifest): the feature shards data.train and data.val
+    name, checked against each other and the labels, or a fold of both (data.folds)."""
     data = config.data
     train_shards, manifest = feature_shards(data.train, data.manifest, "data.train")
     missing = [name for name in config.labels if name not in manifest.labels]
@@ -66,25 +70,12 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
                              f"{manifest.dims}: extract both with the same encoders")
     if data.folds:
         train_shards, val_shards = fold_split(train_shards, val_shards, data.folds, data.fold)
-    dims = manifest.dims
-    record = FusionRecord(
-        spec=FusionSpec(vision_dim=dims["vision"], audio_dim=dims["audio"], text_dim=dims["text"],
-                        num_outputs=len(config.labels), options=config.model), labels=list(config.labels),
-        encoders=EncodersRecord(str(manifest.encoders), encoder_files(manifest, data.train)),
-        preprocessing=manifest.preprocessing, num_frames=data.num_frames)
-    model = FusionModel(record.spec)
+    return train_shards, val_shards, manifest
 
-    def loader(shards: ShardSet, train: bool):
-        return build_loader(
-            shards, mode="features", batch_size=data.batch_size, num_workers=data.num_workers,
-            world_size=accelerator.num_processes, rank=accelerator.process_index, seed=config.run.seed,
-            shuffle=train, train=train, resampled=data.resampled and train, shuffle_buffer=data.shuffle_buffer,
-            num_frames=data.num_frames, label_names=config.labels, pin_memory=data.pin_memory,
-            prefetch_factor=data.prefetch_factor, persistent_workers=data.persistent_workers)
 
-    train_data = loader(train_shards, train=True)
-    val_data = loader(val_shards, train=False) if val_shards is not None else None
-
+def regression_loss(config: Stage2Config) -> LossFn:
+    """The training loss of a batch: the mix of MSE, Pearson and CCC over the global batch (loss.*); with fusion
+    "late" also each modality's own prediction, times loss.unimodal."""
     weights = config_to_dict(config.loss)
     unimodal_weight = weights.pop("unimodal")
     loss = RegressionLoss(weights)
@@ -103,10 +94,14 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
             terms = {**terms, "unimodal": unimodal.detach()}
         return value, terms if len(terms) > 1 else {}
 
-    def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
-        """Pearson on the whole val set, each clip once, with all modalities and with each one removed."""
-        variants = {"": None, **{f"without_{name}": i for i, name in enumerate(MODALITIES)}}
+    return compute_loss
 
+
+def pearson_evaluation(config: Stage2Config, val_data: DataInfo) -> EvalFn:
+    """Pearson on the whole val set, each clip once, with all modalities and with each one removed."""
+    variants = {"": None, **{f"without_{name}": i for i, name in enumerate(MODALITIES)}}
+
+    def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         def predict(batch: dict) -> dict[str, torch.Tensor]:
             present = present_modalities(batch)
             preds = {}
@@ -121,18 +116,38 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
         metrics = {}
         for name in variants:
             report = emi_report(gathered[name], gathered["targets"], config.labels)
-            suffix = f"_{name}" if name else ""
             if not name:
                 metrics.update({key: value for key, value in report.items() if key.startswith("pearson/")})
                 metrics["mse"], metrics["num_samples"] = report["mse"], float(report["num_samples"])
-            metrics[f"mean_pearson{suffix}"] = report["mean_pearson"]
+            metrics[f"mean_pearson_{name}" if name else "mean_pearson"] = report["mean_pearson"]
         return metrics
+
+    return evaluate
+
+
+def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
+    data = config.data
+    train_shards, val_shards, manifest = training_shards(config)
+    dims = manifest.dims
+    record = FusionRecord(
+        spec=FusionSpec(vision_dim=dims["vision"], audio_dim=dims["audio"], text_dim=dims["text"],
+                        num_outputs=len(config.labels), options=config.model), labels=list(config.labels),
+        encoders=EncodersRecord(str(manifest.encoders), encoder_files(manifest, data.train)),
+        preprocessing=manifest.preprocessing, num_frames=data.num_frames)
+    model = FusionModel(record.spec)
+
+    def loader(shards: ShardSet, train: bool) -> DataInfo:
+        decode = DecodeSpec("features", train=train, num_frames=data.num_frames, label_names=tuple(config.labels))
+        sampling = Sampling(data.batch_size, accelerator.num_processes, accelerator.process_index, config.run.seed,
+                            shuffle=train, resampled=data.resampled and train, shuffle_buffer=data.shuffle_buffer)
+        return build_loader(shards, LoaderSpec(decode, sampling, workers_of(data)))
 
     def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
         save_fusion(folder, state_dict, record, encoders=Path(manifest.encoders))
 
-    return Task(model=model, train_data=train_data, compute_loss=compute_loss,
-                evaluate=evaluate if val_data is not None else None, export=export,
+    val_data = loader(val_shards, train=False) if val_shards is not None else None
+    return Task(model=model, train_data=loader(train_shards, train=True), compute_loss=regression_loss(config),
+                evaluate=pearson_evaluation(config, val_data) if val_data is not None else None, export=export,
                 best_metric="mean_pearson" if val_data is not None else None)
 
 
