@@ -34,7 +34,8 @@ import yaml
 from benchmarks.timing import cpu_model, table
 from emi.config import read_config_file
 from emi.demo import Pipeline
-from emi.serve.robustness import modality_weights
+from emi.serve.robustness import mean_weight, modality_weights
+from emi.synth import read_corruption
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -52,18 +53,6 @@ MODALITIES = {"V": "modalities-v", "V+T": "modalities-vt", "A": "modalities-a", 
               "A+T": "modalities-at", "V+A+T": "full"}
 FUSIONS = {"qam": "audio-noise-qam", "mean": "audio-noise-mean", "concat": "audio-noise-concat",
            "xattn": "audio-noise-xattn", "late": "audio-noise-late"}
-
-
-def corrupted_clips(corruption_csv: Path) -> tuple[set[str], set[str]]:
-    """(clean keys, keys whose audio was replaced by noise) from `emi synth`'s corruption.csv."""
-    with open(corruption_csv) as file:
-        rows = list(csv.DictReader(file))
-    return ({r["Filename"] for r in rows if not r["Corrupted"]}, {r["Filename"] for r in rows if r["Corrupted"]})
-
-
-def audio_weight(weights: dict[str, list[float]], keys: set[str]) -> float:
-    """The mean fusion weight of the audio over `keys`."""
-    return sum(weights[key][1] for key in keys) / len(keys)
 
 
 def prepare(root: Path, train_clips: int, val_clips: int, stage1_epochs: int,
@@ -123,7 +112,7 @@ def section(root: Path, pipelines: dict[str, Pipeline], args: argparse.Namespace
     emotions = [name.removeprefix("pearson/").removesuffix("_mean") for name in full
                 if name.startswith("pearson/") and name.endswith("_mean")]
     noisy = pipelines["audio-noise"]
-    corrupted = corrupted_clips(noisy.root / "data/synth/val/corruption.csv")
+    corrupted = read_corruption(noisy.root / "data/synth/val/corruption.csv")
     rows_fusion = []
     for fusion, variant in FUSIONS.items():
         row = variants[variant]
@@ -132,7 +121,7 @@ def section(root: Path, pipelines: dict[str, Pipeline], args: argparse.Namespace
             pairs = []
             for cell in (c for c in cells if c["variant"] == variant and c["status"] == "finished"):
                 weights = modality_weights(REPO / cell["run_dir"] / "best", str(noisy.features("val")))
-                pairs.append([audio_weight(weights, keys) for keys in corrupted])
+                pairs.append([mean_weight(weights, keys, "audio") for keys in corrupted])
             trust = " / ".join(f"{sum(p[i] for p in pairs) / len(pairs):.3f}" for i in (0, 1)) if pairs else "-"
         rows_fusion.append([fusion, shown(row, "mean_pearson")] + [
             shown(row, f"mean_pearson_without_{m}") for m in ("vision", "audio", "text")] + [trust])

@@ -34,15 +34,14 @@ from benchmarks.ablation import (
     STAGE1,
     STAGE1_EPOCHS,
     STAGE2_EPOCHS,
-    audio_weight,
-    corrupted_clips,
     replace_section,
 )
 from benchmarks.timing import cpu_model, table
 from emi.demo import Pipeline
 from emi.serve.ensemble import load_ensemble
 from emi.serve.evaluate import evaluate
-from emi.serve.robustness import modality_weights
+from emi.serve.robustness import mean_weight, modality_weights
+from emi.synth import read_corruption
 from emi.serve.scoring import shard_predictions
 from emi.metrics import mean_pearson
 
@@ -91,8 +90,8 @@ def scores(pipeline: Pipeline, run: str, clean: set[str], noisy: set[str]) -> di
                                                corrupt=["audio"])["mean_pearson"]}
     if load_ensemble([best]).record.spec.options.fusion != "concat":  # concatenation weighs no modality
         weights = modality_weights(best, val)
-        result["audio weight clean"], result["audio weight noise"] = (audio_weight(weights, clean),
-                                                                      audio_weight(weights, noisy))
+        result["audio weight clean"], result["audio weight noise"] = (mean_weight(weights, clean, "audio"),
+                                                                      mean_weight(weights, noisy, "audio"))
     cached.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -125,7 +124,7 @@ def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_onl
     minutes = (time.perf_counter() - started) / 60
     load = " / ".join(f"{value:.1f}" for value in os.getloadavg())  # 1, 5, 15 min: other jobs share the machine
 
-    clean, noisy = corrupted_clips(pipeline.root / "data/synth/val/corruption.csv")
+    clean, noisy = read_corruption(pipeline.root / "data/synth/val/corruption.csv")
     seeds = {label: [seed for seed in ENSEMBLE_SEEDS if finished(pipeline, run_name(label, seed, epochs))]
              for label in fusions}
     results = {label: {seed: scores(pipeline, run_name(label, seed, epochs), clean, noisy)

@@ -379,6 +379,13 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
         writer.writerows(rows)
 
 
+def read_corruption(corruption_csv: str | Path) -> tuple[set[str], set[str]]:
+    """(clean clips, corrupted clips) by name, from a corruption.csv this module wrote."""
+    with open(corruption_csv, newline="") as file:
+        rows = list(csv.DictReader(file))
+    return {r["Filename"] for r in rows if not r["Corrupted"]}, {r["Filename"] for r in rows if r["Corrupted"]}
+
+
 def synthesize(out: str | Path, clips: int, seed: int = 0, corrupt_modality: str | None = None,
                corrupt_frac: float = 0.0, workers: int = 1, prefix: str = "") -> dict:
     """Write `clips` synthetic clips with labels, transcripts and a corruption record under `out`.

@@ -12,9 +12,9 @@ from emi.config import Stage1Config, Stage2Config, load_config
 from emi.data import resolve_shards
 from emi.data.folds import fold_of, fold_split
 from emi.errors import UsageError
-from helpers import flat_loader
-from test_data_loader import assert_same_batches, run_epoch
-from test_data_shards import write_shards
+from helpers import assert_same_batches, flat_loader, run_epoch, write_shards
+
+
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 
 import emi.data.loader
 from emi.data import AudioSpec, ImageSpec
 from emi.errors import UsageError
-from helpers import flat_loader
-from test_data_shards import PickleBomb, write_shards
+from helpers import PickleBomb, assert_same_batches, flat_loader, run_epoch, write_shards
+
 
 SIZES = [5, 7, 9]
 
@@ -30,22 +29,6 @@ def loader(folder: Path, **kwargs):
                     train=True, shuffle_buffer=6, num_frames=3, image=ImageSpec(size=24),
                     audio=AudioSpec(seconds=0.2, gain_db=(-6, 6), snr_db=(10, 30)))
     return flat_loader(str(folder), **{**settings, **kwargs})
-
-
-def run_epoch(data, epoch: int, skip_batches: int = 0) -> list[dict]:
-    data.set_epoch(epoch, skip_batches=skip_batches)
-    return list(data.dataloader)
-
-
-def assert_same_batches(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert a.keys() == b.keys()
-        for name in a:
-            if isinstance(a[name], torch.Tensor):
-                assert torch.equal(a[name], b[name]), name
-            else:
-                assert a[name] == b[name], name
 
 
 def test_resume_mid_epoch_yields_the_remaining_batches_exactly(clean):

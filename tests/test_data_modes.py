@@ -19,8 +19,8 @@ from emi.data.decode import (CLIP_MEAN, CLIP_STD, FrameView, SampleError, decode
                              open_jpeg, sample_rng)
 from emi.data.modes import DecodeSpec, decode_sample
 from emi.data.reader import RawSample
-from helpers import flat_loader
-from test_data_shards import FPS, grey_level, jpeg_bytes, write_shards
+from helpers import FPS, flat_loader, grey_level, jpeg_bytes, write_shards
+
 
 SIZE = 32
 

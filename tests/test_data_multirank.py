@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from emi.data.plan import cycle_segments, shard_order, take_samples
-from test_data_shards import write_shards
+from helpers import write_shards
+
 
 SIZES = [7, 13, 20]  # N = 40; 2 ranks x 2 workers = 4 consumers
 WORKER = Path(__file__).with_name("data_rank_worker.py")

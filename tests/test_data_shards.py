@@ -1,124 +1,19 @@
 """Shards in the builder's format for the emi.data tests (`write_shards`), and tests of the tar reader."""
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import math
 import pickle
 import re
 import tarfile
-import wave
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
-import webdataset
-from PIL import Image
 
-from emi import EMI_EMOTIONS
 from emi.data.plan import Segment
 from emi.data.reader import count_samples, read_segments
+from helpers import PickleBomb, write_shards
 
-FPS = 5
 ALL_ENTRIES = re.compile(r".*")
-
-
-def jpeg_bytes(pixels: np.ndarray, quality: int = 95) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=quality)
-    return out.getvalue()
-
-
-def wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(sample_rate)
-        writer.writeframes((np.clip(waveform, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
-
-
-def grey_level(frame: int) -> int:
-    """The grey level of frame `frame` in pattern="grey" shards: frames are told apart by it."""
-    return 20 + 10 * frame
-
-
-def make_sample(key: str, index: int, num_frames: int, *, size: tuple[int, int], sample_rate: int,
-                pattern: str, rng: np.random.Generator) -> dict[str, bytes]:
-    width, height = size
-    sample = {}
-    for frame in range(num_frames):
-        if pattern == "grey":
-            pixels = np.full((height, width, 3), grey_level(frame), dtype=np.uint8)
-        else:
-            y, x = np.mgrid[0:height, 0:width]
-            base = (x * 3 + y * 2 + 29 * index + 11 * frame) % 256
-            pixels = np.stack([base, (base + 80) % 256, (255 - base)], axis=-1).astype(np.uint8)
-        sample[f"{frame:04d}.jpg"] = jpeg_bytes(pixels)
-    length = num_frames * sample_rate // FPS
-    t = np.arange(length) / sample_rate
-    waveform = 0.3 * np.sin(2 * math.pi * (200 + 10 * index) * t) + 0.01 * rng.standard_normal(length)
-    sample["wav"] = wav_bytes(waveform, sample_rate)
-    labels = {name: round(float(rng.uniform()), 3) for name in EMI_EMOTIONS}
-    transcript = f"clip {key} speaks"
-    sample["txt"] = transcript.encode()
-    sample["json"] = json.dumps({
-        "key": key, "source": f"{key}.mp4", "split": "train", "fps": FPS, "num_frames": num_frames,
-        "duration_s": num_frames / FPS, "sample_rate": sample_rate, "has_audio": True, "labels": labels,
-        "transcript": transcript, "face_crop": False}).encode()
-    return sample
-
-
-def write_shards(out: Path, sizes: Sequence[int], *, split: str = "train", frames: tuple[int, int] = (3, 7),
-                 size: tuple[int, int] = (64, 48), sample_rate: int = 16000, pattern: str = "gradient",
-                 manifest: bool = True, edits: dict[str, dict[str, bytes | None]] | None = None,
-                 seed: int = 0, key_prefix: str = "") -> list[list[str]]:
-    """Write `<split>-NNNNNN.tar` shards of sizes[i] samples (keys `<key_prefix>s<shard>-<index>`) and a manifest.
-
-    Each sample has 3..7 frames (size = width, height) at 5 fps, a 16-bit PCM wav as long as the frames
-    span, a transcript and labels for the six emotions. `edits[key][ext]` replaces an entry, None drops
-    it. Returns the keys, per shard, in tar order.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    edits = edits or {}
-    keys, entries, index = [], [], 0
-    for shard, count in enumerate(sizes):
-        name = f"{split}-{shard:06d}.tar"
-        shard_keys = [f"{key_prefix}s{shard}-{i:03d}" for i in range(count)]
-        with webdataset.TarWriter(str(out / name), encoder=False) as writer:
-            for key in shard_keys:
-                num_frames = int(rng.integers(frames[0], frames[1] + 1))
-                sample = make_sample(key, index, num_frames, size=size, sample_rate=sample_rate,
-                                     pattern=pattern, rng=rng)
-                for ext, data in edits.get(key, {}).items():
-                    if data is None:
-                        sample.pop(ext, None)
-                    else:
-                        sample[ext] = data
-                writer.write({"__key__": key, **sample})
-                index += 1
-        data = (out / name).read_bytes()
-        keys.append(shard_keys)
-        entries.append({"name": name, "num_samples": count, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(), "keys": shard_keys})
-    if manifest:
-        (out / "manifest.json").write_text(json.dumps({
-            "format": "emi-shards/1", "split": split, "shards": entries, "num_samples": sum(sizes)}))
-    return keys
-
-
-class PickleBomb:
-    """Unpickling this creates a file: proof that a loader unpickled a member."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
 
 
 @pytest.fixture(scope="module")

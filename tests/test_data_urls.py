@@ -9,7 +9,8 @@ import pytest
 
 from emi.data.urls import ShardInfo, resolve_shards, shard_name
 from emi.errors import UsageError
-from test_data_shards import write_shards
+from helpers import write_shards
+
 
 SIZES = [3, 5, 2]
 

@@ -22,20 +22,8 @@ from emi.models.encoders import (
     text_features,
     vision_features,
 )
+from helpers import BERT_SPEC, CLIP_SPEC, VISION_CONFIG, VIT_SPEC, WAV2VEC2_SPEC
 
-VISION_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-                 "image_size": 64, "patch_size": 8}
-CLIP_SPEC = {"arch": "clip", "pretrained": None, "config": VISION_CONFIG}
-VIT_SPEC = {"arch": "vit", "pretrained": None, "config": VISION_CONFIG}
-BERT_SPEC = {"arch": "bert", "pretrained": None,
-             "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "intermediate_size": 128, "max_position_embeddings": 64}}
-WAV2VEC2_SPEC = {"arch": "wav2vec2", "pretrained": None,
-                 "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                            "intermediate_size": 128, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-                            "conv_stride": [5, 2, 2, 2, 2, 2, 2], "num_conv_pos_embeddings": 16,
-                            "num_conv_pos_embedding_groups": 4, "feat_extract_norm": "layer",
-                            "do_stable_layer_norm": True, "mask_time_prob": 0.0, "layerdrop": 0.0}}
 TEXTS = ["happy with au6 cheek raiser and lip corner puller", "neutral, low intensity"]
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -20,113 +19,17 @@ from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.serve.ensemble import load_ensemble
 from emi.errors import UsageError
-from emi.serve.features import clip_features, clip_loader, extract_features, fusion_batch, load_frozen_encoders
+from emi.serve.features import load_frozen_encoders
 from emi.serve.evaluate import evaluate
 from emi.serve.predict import predict
 from emi.serve.robustness import corrupted
 from emi.serve.scoring import shard_predictions
-from emi.io import folder_files, folder_records
+from emi.io import folder_files
 from emi.metrics import emi_report
-from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from emi.formats.fusion import EncodersRecord, FusionRecord, FusionSpec
-from emi.formats.manifest import Preprocessing
-from emi.models.fusion import FusionModel, fusion_inputs, present_modalities
-from emi.models.fusion_checkpoint import load_fusion, save_fusion
-from emi.shards.build import build_shards
-from helpers import GRID, cpu_env, flat_loader, launch_command
-
-REPO = Path(__file__).resolve().parents[1]
-CLIPS = sorted(GRID.glob("*.mpg"))
-NUM_FRAMES = 8  # the GRID clips have 15 frames at 5 fps: the fusion model sees them subsampled
-PREPROCESSING = {"fps": 5.0, "sample_rate": 16000, "frame_size": 64, "face_crop": "none", "asr": "none"}
-FUSION = {"vision_dim": 64, "audio_dim": 64, "text_dim": 64, "d_model": 32, "num_segments": 4, "tcn_layers": 2,
-          "lstm_hidden": 16, "transformer_layers": 1, "transformer_heads": 2, "dropout": 0.0}
-
-
-def model_predictions(model: FusionModel, features: dict) -> torch.Tensor:
-    """The model called on a Stage II batch as training feeds it (emi/stages/stage2.py)."""
-    present = torch.stack([features["vision_mask"].any(1), features["has_audio"] & features["audio_mask"].any(1),
-                           features["has_text"]], dim=1)
-    with torch.no_grad():
-        return model(vision=features["vision"], vision_mask=features["vision_mask"], audio=features["audio"],
-                     audio_mask=features["audio_mask"], text=features["text"], present=present)["pred"]
-
-
-def direct_batches(encoders: Path, clip_shards: Path, batch_size: int):
-    """(clip batch, Stage II batch) over clip shards, computed by hand with the features module."""
-    frozen = load_frozen_encoders(encoders)
-    data = clip_loader(str(clip_shards), frozen, list(EMI_EMOTIONS), batch_size, num_workers=0)
-    data.set_epoch(0)
-    for batch in data.dataloader:
-        yield batch, fusion_batch(clip_features(frozen, batch, fps=PREPROCESSING["fps"]), NUM_FRAMES)
-
-
-def spread_head(model: FusionModel, features: dict) -> None:
-    """A random model predicts nearly one value for every clip, so that float rounding would decide the Pearson
-    checks: centre and scale the last layer's logits over the test clips to mean 0 and std 1 per emotion."""
-    inputs = []
-    hook = model.head[-1].register_forward_hook(lambda module, args, out: inputs.append(args[0]))
-    model_predictions(model, features)
-    hook.remove()
-    with torch.no_grad():
-        weight = model.head[-1].weight
-        weight /= (inputs[0] @ weight.T).std(0)[:, None]
-        model.head[-1].bias.copy_(-(inputs[0] @ weight.T).mean(0))
-
-
-def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: dict | None = None,
-                    seed: int = 0, **model_options) -> Path:
-    record = FusionRecord(spec=FusionSpec.from_dict({**FUSION, **model_options, "num_outputs": len(labels)}, "test"),
-                          labels=labels, encoders=EncodersRecord(str(encoders), folder_records(encoders)),
-                          preprocessing=Preprocessing(**PREPROCESSING), num_frames=NUM_FRAMES)
-    torch.manual_seed(seed)
-    model = FusionModel(record.spec).eval()
-    if features is not None:
-        spread_head(model, features)
-    save_fusion(folder, model.state_dict(), record, encoders)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory) -> Path:
-    spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
-    torch.manual_seed(0)
-    model = ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"])
-    return export_encoders(model, model.state_dict(), tmp_path_factory.mktemp("export"),
-                           build_tokenizer(spec["text"]))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(encoders, clip_shards, tmp_path_factory) -> Path:
-    (_, features), = direct_batches(encoders, clip_shards, batch_size=len(CLIPS))
-    return save_checkpoint(tmp_path_factory.mktemp("best"), encoders, list(EMI_EMOTIONS), features)
-
-
-@pytest.fixture(scope="module")
-def labels() -> dict[str, list[float]]:
-    rng = np.random.default_rng(0)
-    return {clip.stem: [round(float(v), 4) for v in rng.uniform(0, 1, len(EMI_EMOTIONS))] for clip in CLIPS}
-
-
-@pytest.fixture(scope="module")
-def clip_shards(labels, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("clips")
-    csv = root / "labels.csv"
-    csv.write_text("Filename," + ",".join(EMI_EMOTIONS) + "\n" + "".join(
-        f"{key}.mpg," + ",".join(map(str, values)) + "\n" for key, values in labels.items()))
-    out = root / "test"
-    # shards of 3, 3 and 2 clips: batches of 3 cross shards and the last one wraps around
-    summary = build_shards(videos=GRID, labels=csv, out=out, split="test", frame_size=PREPROCESSING["frame_size"],
-                           shard_size=3, workers=2)
-    assert summary.num_samples == len(CLIPS) and summary.num_failed == 0, summary.describe()
-    return out
-
-
-@pytest.fixture(scope="module")
-def feature_shards(encoders, clip_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("features") / "test"
-    extract_features(encoders, str(clip_shards), out, batch_size=4, num_workers=0)
-    return out
+from emi.models.fusion import fusion_inputs, present_modalities
+from emi.models.fusion_checkpoint import load_fusion
+from helpers import (CLIPS, NUM_FRAMES, REPO, cpu_env, direct_batches, flat_loader, launch_command,
+                     model_predictions, save_checkpoint)
 
 
 @pytest.fixture(scope="module")

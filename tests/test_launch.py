@@ -19,7 +19,7 @@ from submitit.slurm.slurm import SlurmJobEnvironment
 
 from emi.cluster import accelerate_command, master_address, rendezvous_port
 from emi.launch import main, parse_args, program
-from helpers import GRID, REPO, cpu_env, exported, scalars, wait_until
+from helpers import GRID, KEYS, REPO, cpu_env, exported, grid_labels, scalars, wait_until, write_labels
 
 TINY = str(REPO / "configs" / "stage1" / "tiny.yaml")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -216,7 +216,7 @@ def test_local_shard_array_submits_a_killed_task_again_and_merges_into_the_singl
     """`python -m emi.launch shards --tasks 2 --local`: task 1 is killed mid-build; the launcher submits it again,
     it keeps its complete shards, and the merged folder is byte for byte the single-process build."""
     from emi.shards.build import build_shards
-    from test_shards_build import KEYS, grid_labels, write_labels
+
 
     labels = write_labels(tmp_path / "labels.csv", grid_labels(KEYS), with_extension=True)
     args = ["--videos", str(GRID), "--labels", str(labels), "--shard-size", "1", "--frame-size", "64"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.ablation import STAGE1, STAGE1_EPOCHS, STAGE2_EPOCHS, audio_weight, corrupted_clips
+from benchmarks.ablation import STAGE1, STAGE1_EPOCHS, STAGE2_EPOCHS  # the learning tests follow the ablation's recipe
 from emi.demo import Pipeline
-from emi.serve.robustness import modality_weights
+from emi.serve.robustness import mean_weight, modality_weights
+from emi.synth import read_corruption
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600)]  # tens of minutes each on 2 cores
 
@@ -41,7 +42,7 @@ def test_quality_aware_fusion_turns_away_from_corrupted_audio_and_beats_plain_av
     mean = [pipeline.train_stage2(f"mean-{seed}", STAGE2_EPOCHS, "model.fusion=mean", f"run.seed={seed}")[
         "mean_pearson"] for seed in seeds]
     assert sum(qam) / len(qam) > sum(mean) / len(mean), (qam, mean)
-    clean, corrupted = corrupted_clips(pipeline.root / "data/synth/val/corruption.csv")
+    clean, corrupted = read_corruption(pipeline.root / "data/synth/val/corruption.csv")
     weights = modality_weights(pipeline.root / "runs/qam-0/best", str(pipeline.features("val")))
     assert len(clean) == len(corrupted) == 100
-    assert audio_weight(weights, corrupted) < audio_weight(weights, clean) / 3
+    assert mean_weight(weights, corrupted, "audio") < mean_weight(weights, clean, "audio") / 3

@@ -67,6 +67,17 @@ def test_the_installed_package_is_the_wheel_with_its_configs(installed):
     assert not (installed["site"] / "tests").exists() and not (installed["site"] / "train").exists()
 
 
+def test_every_module_of_the_checkout_imports_from_the_wheel(installed):
+    modules = sorted(".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                     for path in (REPO / "emi").rglob("*.py"))
+    probe = ("import importlib, sys\nfor name in sys.argv[1:]:\n    print(importlib.import_module(name).__file__)")
+    result = subprocess.run([sys.executable, "-c", probe, *modules], cwd=installed["cwd"], env=installed["env"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = [Path(line) for line in result.stdout.split()]
+    assert len(files) == len(modules) > 60 and all(file.is_relative_to(installed["site"]) for file in files)
+
+
 def test_version_and_a_shipped_config_by_name_from_an_empty_folder(installed):
     assert run(installed, "--version").stdout.strip() == "emi 0.1.0"
     shown = run(installed, "config", "show", "stage1/tiny.yaml", "optim.lr=0.1").stdout

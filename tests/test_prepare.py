@@ -9,7 +9,8 @@ from emi.config import TrainSection
 from emi.engine.prepare import compile_regions, enable_activation_checkpointing, prepare_model
 from emi.errors import UsageError
 from emi.models.encoders import ContrastiveModel
-from test_encoders import BERT_SPEC, CLIP_SPEC, VIT_SPEC, WAV2VEC2_SPEC
+from helpers import BERT_SPEC, CLIP_SPEC, VIT_SPEC, WAV2VEC2_SPEC
+
 
 NO_DROPOUT = {"clip": {"attention_dropout": 0.0}, "vit": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
               "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},

@@ -3,7 +3,6 @@
 Contents, manifest, determinism, resume after damage or SIGKILL, transcripts, Whisper, face crops, usage errors."""
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -27,29 +26,9 @@ from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.shards.build import build_shards
 from emi.shards.stats import shard_stats
-from helpers import GRID, wait_until
+from helpers import GRID, KEYS, grid_labels, wait_until, write_labels
 
-KEYS = sorted(path.stem for path in GRID.glob("*.mpg"))
-EXPRESSIONS = ["Happiness", "Neutral", "Surprise", "Sadness"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def grid_labels(keys: list[str]) -> dict[str, dict]:
-    """Made-up labels: six EMI floats, a Valence float that may be negative, an Expression string."""
-    rng = np.random.default_rng(0)
-    return {key: {**{name: round(float(rng.uniform(0, 1)), 4) for name in EMI_EMOTIONS},
-                  "Valence": round(float(rng.uniform(-1, 1)), 4), "Expression": EXPRESSIONS[i % 4]}
-            for i, key in enumerate(keys)}
-
-
-def write_labels(path: Path, labels: dict[str, dict], with_extension: bool = False) -> Path:
-    columns = ["Filename", *EMI_EMOTIONS, "Valence", "Expression"]
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(columns)
-        for key, row in labels.items():
-            writer.writerow([key + ".mpg" if with_extension else key, *(row[c] for c in columns[1:])])
-    return path
 
 
 def grid_subset(folder: Path, keys: list[str]) -> Path:

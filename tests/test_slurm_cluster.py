@@ -2,83 +2,21 @@
 multi-node jobs in both launch modes, signal delivery to the training processes, requeue, clean shutdown."""
 
 import json
-import os
-import re
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from emi.cluster import rendezvous_port
+from slurm_cluster import DOWN, FINAL_STATES, UP, clean_env, cluster_env, job_field, require_slurm, run_script
 
 REPO = Path(__file__).resolve().parents[1]
-UP = REPO / "slurm" / "local" / "up.sh"
-DOWN = REPO / "slurm" / "local" / "down.sh"
 LAUNCH = REPO / "slurm" / "launch.sh"
 PROBE = "tests/slurm_probe.py"
 DAEMONS = ("munged", "slurmctld", "slurmd-n1", "slurmd-n2")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 JOB_TIMEOUT_S = 90
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without Slurm job variables (pytest itself may run inside a job) or launcher settings,
-    and with python from this venv."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EMI_"))}
-    return env | {"EMI_PYTHON": sys.executable}
-
-
-def require_slurm() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster runs its daemons as root: run the slurm tests as root")
-    missing = [p for p in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch") if shutil.which(p) is None]
-    if missing:
-        pytest.skip(f"slurm-wlm/munge not installed ({', '.join(missing)} not found): run `make setup`")
-
-
-def free_port_block() -> int:
-    """A port p with p, p+1, p+2 free: slurmctld gets p, the two slurmd nodes p+1 and p+2."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for port in (base + 1, base + 2):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no three consecutive free TCP ports found")
-
-
-@pytest.fixture(scope="module")
-def slurm_root() -> Iterator[Path]:
-    """A fresh folder for the clusters' state in /tmp: munged refuses a socket below pytest's 0700 tmp_path."""
-    path = Path(tempfile.mkdtemp(prefix="emi-slurm-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
-
-
-def cluster_env(state_dir: Path) -> dict[str, str]:
-    port = free_port_block()
-    return clean_env() | {
-        "EMI_SLURM_DIR": str(state_dir),
-        "EMI_SLURMCTLD_PORT": str(port),
-        "EMI_SLURMD_PORT": str(port + 1),
-        "SLURM_CONF": str(state_dir / "slurm.conf"),
-    }
-
-
-def run_script(script: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
 
 
 def is_running(pid: int) -> bool:
@@ -90,35 +28,12 @@ def is_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.fixture(scope="module")
-def cluster(slurm_root: Path) -> Iterator[dict[str, str]]:
-    """A fresh two-node cluster for this module; always taken down, whatever happened."""
-    require_slurm()
-    env = cluster_env(slurm_root / "cluster")
-    try:
-        up = run_script(UP, env)
-        assert up.returncode == 0, f"up.sh failed:\n{up.stdout}\n{up.stderr}"
-        yield env
-    finally:
-        run_script(DOWN, env)
-
-
 def submit(env: dict[str, str], out_dir: Path, options: list[str], command: str) -> int:
     result = subprocess.run(
         ["sbatch", "--parsable", f"--output={out_dir}/job.out", f"--chdir={REPO}", *options, "--wrap", command],
         env=env, capture_output=True, text=True, timeout=30, check=True,
     )
     return int(result.stdout.strip().split(";")[0])
-
-
-def job_field(env: dict[str, str], job_id: int, field: str) -> str:
-    shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], env=env, capture_output=True, text=True,
-                           timeout=30)
-    assert shown.returncode == 0, f"scontrol show job {job_id} failed ({shown.returncode}): {shown.stderr}"
-    shown = shown.stdout
-    match = re.search(rf"\b{field}=(\S*)", shown)
-    assert match, f"scontrol shows no {field} for job {job_id}: {shown}"
-    return match.group(1)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, env: dict[str, str], job_id: int,

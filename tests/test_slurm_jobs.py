@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import REPO, exported, scalars
-from test_slurm_cluster import FINAL_STATES, cluster, job_field, slurm_root  # noqa: F401 (fixtures)
+from slurm_cluster import FINAL_STATES, job_field
 
 TINY = "configs/stage1/tiny.yaml"
 EPOCHS = 6

@@ -17,7 +17,7 @@ from emi import EMI_EMOTIONS
 from emi.shards.build import build_shards
 from emi.synth import synthesize
 from helpers import GRID, REPO
-from test_slurm_cluster import FINAL_STATES, cluster, job_field, slurm_root  # noqa: F401 (fixtures)
+from slurm_cluster import FINAL_STATES, job_field
 
 TIMEOUT_S = 300
 KILLED = 2

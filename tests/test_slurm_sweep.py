@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from helpers import REPO
-from test_slurm_cluster import cluster, job_field, slurm_root  # noqa: F401 (fixtures)
+from slurm_cluster import job_field
 
 SWEEP_TIMEOUT_S = 420
 FIRST_CHECKPOINT = 4  # the requeue waits for a checkpoint at least this far: mid-run (72 steps in all)

@@ -12,25 +12,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from emi.cli import main
 from emi.data.folds import fold_of
 from emi.serve.features import clip_features, clip_loader, load_frozen_encoders
 from emi.serve.predict import predict
-from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
 from helpers import REPO, cpu_env, launch, launch_holding_back, scalars
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
-    torch.manual_seed(0)
-    model = ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"])
-    folder = tmp_path_factory.mktemp("encoders")
-    export_encoders(model, model.state_dict(), folder, build_tokenizer(spec["text"]))
-    return folder
 
 
 @pytest.fixture(scope="module")

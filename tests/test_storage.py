@@ -21,17 +21,11 @@ from emi.cli import main
 from emi.data.reader import read_segments
 from emi.data.plan import Segment
 from emi.data.urls import resolve_shards
-from helpers import GRID, REPO, cpu_env, exported, launch_command, wait_until
-from s3server import SECRET_KEY, s3_server
-from test_inference import checkpoint, clip_shards, encoders, feature_shards, labels  # noqa: F401 (fixtures)
-from test_shards_build import KEYS, grid_labels, write_labels
+from helpers import GRID, KEYS, REPO, cpu_env, exported, grid_labels, launch_command, wait_until, write_labels
+from benchmarks.s3server import SECRET_KEY
+
 
 EVERYTHING = re.compile(r".*")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from s3_server(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

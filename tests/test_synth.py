@@ -18,7 +18,7 @@ import pytest
 from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.errors import UsageError
-from emi.synth import CUE_WORDS, FILLER_WORDS, clip_rng, draw_labels, make_transcript, synthesize
+from emi.synth import CUE_WORDS, FILLER_WORDS, clip_rng, draw_labels, make_transcript, read_corruption, synthesize
 
 NUM_CLIPS = 80
 SMALL = 32  # decoded frames are shrunk to SMALL x SMALL for the generic statistics
@@ -277,6 +277,8 @@ def test_corruption_hits_the_chosen_fraction_and_looks_like_noise(dataset: tuple
     corrupted = [int(name) for name, mark in record if mark]
     assert summary["corrupted_clips"] == len(corrupted) == 3
     assert {mark for _, mark in record} == {"", modality}
+    assert read_corruption(tmp_path / "corruption.csv") == ({name for name, mark in record if not mark},
+                                                           {name for name, mark in record if mark})
     # Labels never change; the corruption replaces one modality and leaves the others as in the clean run.
     assert read_csv(tmp_path / "labels.csv") == read_csv(out / "labels.csv")[:clips + 1]
     clean_texts = read_csv(out / "transcripts.csv")[1:clips + 1]
