@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps demo demo-slurm test test-fast test-slow bench ablation clean
+.PHONY: setup system-deps demo demo-slurm test test-fast test-slow lint format bench ablation clean
 
 setup: system-deps $(STAMP)
 
@@ -48,6 +48,16 @@ test-fast: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Style (ruff: lint and format) and the layers' import contracts (import-linter, pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -19,6 +19,7 @@ without `--face-crop opencv`: the target is the long clip within 1.5x of the sho
 
     python -m benchmarks.bench_shards [--synthetic 40] [--repeats 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,10 +70,35 @@ def prepare_clips(root: Path, synthetic: int = 40, seed: int = 0, grid: Path = G
 def generated_clip(path: Path, seconds: float, size: str, rate: int = 25) -> Path:
     """An H.264/AAC mp4 of ffmpeg's testsrc2 pattern and a tone, at a low bitrate."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*FFMPEG, "-f", "lavfi", "-i", f"testsrc2=s={size}:r={rate}:d={seconds}", "-f", "lavfi",
-                    "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "ultrafast",
-                    "-crf", "35", "-g", str(10 * rate), "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "32k",
-                    str(path)], check=True)
+    subprocess.run(
+        [
+            *FFMPEG,
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc2=s={size}:r={rate}:d={seconds}",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-crf",
+            "35",
+            "-g",
+            str(10 * rate),
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-b:a",
+            "32k",
+            str(path),
+        ],
+        check=True,
+    )
     return path
 
 
@@ -86,10 +112,29 @@ def prepare_long_clips(root: Path, clips: int = 6, seconds: float = 60, size: st
 
 
 def emi_build(videos: Path, labels: Path, out: Path, workers: int, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(videos), "--labels", str(labels),
-               "--out", str(out), "--workers", str(workers), "--fps", str(FPS), "--sample-rate", str(SAMPLE_RATE),
-               "--frame-size", str(FRAME_SIZE), *extra]
-    log = tempfile.TemporaryFile()  # a file, not a pipe: the build never waits for a reader
+    command = [
+        sys.executable,
+        "-m",
+        "emi.cli",
+        "shards",
+        "build",
+        "--videos",
+        str(videos),
+        "--labels",
+        str(labels),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--fps",
+        str(FPS),
+        "--sample-rate",
+        str(SAMPLE_RATE),
+        "--frame-size",
+        str(FRAME_SIZE),
+        *extra,
+    ]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (a file, not a pipe: the build never waits for a reader)
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     process.log = log
     return process
@@ -131,9 +176,28 @@ def frame_sizes(videos: Path) -> dict[Path, tuple[int, int]]:
 def ffmpeg_commands(videos: Path, out: Path, sizes: dict[Path, tuple[int, int]] | None = None) -> list[list[str]]:
     """ffmpeg_cli: one command per clip: decode once, write 5 fps JPEGs at the builder's size and a 16 kHz mono wav."""
     sizes = sizes or frame_sizes(videos)
-    return [[*FFMPEG, "-i", str(clip), "-map", "0:v:0", "-vf", f"fps={FPS},scale={width}:{height}", "-q:v", "2",
-             str(out / clip.stem / "%04d.jpg"), "-map", "0:a:0", "-ac", "1", "-ar", str(SAMPLE_RATE),
-             str(out / clip.stem / "audio.wav")] for clip, (width, height) in sizes.items()]
+    return [
+        [
+            *FFMPEG,
+            "-i",
+            str(clip),
+            "-map",
+            "0:v:0",
+            "-vf",
+            f"fps={FPS},scale={width}:{height}",
+            "-q:v",
+            "2",
+            str(out / clip.stem / "%04d.jpg"),
+            "-map",
+            "0:a:0",
+            "-ac",
+            "1",
+            "-ar",
+            str(SAMPLE_RATE),
+            str(out / clip.stem / "audio.wav"),
+        ]
+        for clip, (width, height) in sizes.items()
+    ]
 
 
 def run_cli(command: list[str]) -> None:
@@ -143,9 +207,29 @@ def run_cli(command: list[str]) -> None:
 
 def pipe_command(clip: Path, folder: Path, width: int, height: int) -> list[str]:
     """ffmpeg_pipe: MJPEG frames on stdout, the wav to a file."""
-    return [*FFMPEG, "-i", str(clip), "-map", "0:v:0", "-vf", f"fps={FPS},scale={width}:{height}", "-f", "image2pipe",
-            "-c:v", "mjpeg", "-q:v", "2", "pipe:1", "-map", "0:a:0", "-ac", "1", "-ar", str(SAMPLE_RATE),
-            str(folder / "audio.wav")]
+    return [
+        *FFMPEG,
+        "-i",
+        str(clip),
+        "-map",
+        "0:v:0",
+        "-vf",
+        f"fps={FPS},scale={width}:{height}",
+        "-f",
+        "image2pipe",
+        "-c:v",
+        "mjpeg",
+        "-q:v",
+        "2",
+        "pipe:1",
+        "-map",
+        "0:a:0",
+        "-ac",
+        "1",
+        "-ar",
+        str(SAMPLE_RATE),
+        str(folder / "audio.wav"),
+    ]
 
 
 def run_pipe(command: list[str]) -> None:
@@ -193,8 +277,11 @@ def speed(videos: Path, labels: Path, work: Path, repeats: int, workers: int) ->
     frames.update({name: sum(1 for _ in outs[name].glob("*/*.jpg")) for name in BASELINES})
     result = {"clips": num_clips, "frames": frames}
     for name, timing in best.items():
-        result[name] = {"wall_s": round(timing["wall_s"], 3), "clips_per_s": round(num_clips / timing["wall_s"], 2),
-                        "cpu_ms_per_clip": round(1000 * timing["cpu_s"] / num_clips, 1)}
+        result[name] = {
+            "wall_s": round(timing["wall_s"], 3),
+            "clips_per_s": round(num_clips / timing["wall_s"], 2),
+            "cpu_ms_per_clip": round(1000 * timing["cpu_s"] / num_clips, 1),
+        }
     result["baseline"] = max(BASELINES, key=lambda name: result[name]["clips_per_s"])
     result["ratio"] = round(result["emi"]["clips_per_s"] / result[result["baseline"]]["clips_per_s"], 3)
     result["met"] = result["ratio"] >= TARGET
@@ -218,74 +305,109 @@ def memory(work: Path, short_s: float = 10, long_s: float = 600, size: str = "12
         clips[name] = (videos, write_labels(videos, work / name / "labels.csv"))
     result = {"size": size, "short_s": short_s, "long_s": long_s}
     for crop in ("none", "opencv") if _has_face_detector() else ("none",):
-        peaks = {name: finished(emi_build(videos, labels, work / f"out-{name}-{crop}", 1, "--face-crop", crop))
-                 for name, (videos, labels) in clips.items()}
-        result[crop] = {"short_mb": round(peaks["short"] / 1024, 1), "long_mb": round(peaks["long"] / 1024, 1),
-                        "ratio": round(peaks["long"] / peaks["short"], 3)}
+        peaks = {
+            name: finished(emi_build(videos, labels, work / f"out-{name}-{crop}", 1, "--face-crop", crop))
+            for name, (videos, labels) in clips.items()
+        }
+        result[crop] = {
+            "short_mb": round(peaks["short"] / 1024, 1),
+            "long_mb": round(peaks["long"] / 1024, 1),
+            "ratio": round(peaks["long"] / peaks["short"], 3),
+        }
     result["met"] = all(result[crop]["ratio"] <= MEMORY_TARGET for crop in ("none", "opencv") if crop in result)
     return result
 
 
-def run(videos: Path, labels: Path, work: Path, repeats: int = 2, workers: int = 2, long_clips: int = 6,
-        long_s: float = 60, long_size: str = "640x360", memory_short_s: float = 10, memory_long_s: float = 600,
-        memory_size: str = "1280x720") -> dict:
+def run(
+    videos: Path,
+    labels: Path,
+    work: Path,
+    repeats: int = 2,
+    workers: int = 2,
+    long_clips: int = 6,
+    long_s: float = 60,
+    long_size: str = "640x360",
+    memory_short_s: float = 10,
+    memory_long_s: float = 600,
+    memory_size: str = "1280x720",
+) -> dict:
     """Speed on the short clips given and on generated long ones, then memory; emi's short-clip shards stay in
     work/emi (the Stage II benchmark reads them)."""
     long_videos, long_labels = prepare_long_clips(work / "long-clips", long_clips, long_s, long_size)
-    result = {"workers": workers, "repeats": repeats,
-              "short": speed(videos, labels, work, repeats, workers),
-              "long": speed(long_videos, long_labels, work / "long", repeats, workers),
-              "long_clip": {"seconds": long_s, "size": long_size},
-              "memory": memory(work / "memory", memory_short_s, memory_long_s, memory_size)}
+    result = {
+        "workers": workers,
+        "repeats": repeats,
+        "short": speed(videos, labels, work, repeats, workers),
+        "long": speed(long_videos, long_labels, work / "long", repeats, workers),
+        "long_clip": {"seconds": long_s, "size": long_size},
+        "memory": memory(work / "memory", memory_short_s, memory_long_s, memory_size),
+    }
     result["met"] = result["short"]["met"] and result["long"]["met"] and result["memory"]["met"]
     return result
 
 
 def _speed_rows(result: dict) -> list[list]:
-    return [[name, result[name]["wall_s"], result[name]["clips_per_s"], result[name]["cpu_ms_per_clip"],
-             result["frames"][name]] for name in ("emi", *BASELINES)]
+    return [
+        [
+            name,
+            result[name]["wall_s"],
+            result[name]["clips_per_s"],
+            result[name]["cpu_ms_per_clip"],
+            result["frames"][name],
+        ]
+        for name in ("emi", *BASELINES)
+    ]
 
 
 def section(result: dict) -> str:
     short, long, mem = result["short"], result["long"], result["memory"]
     clip = result["long_clip"]
-    memory_rows = [[crop, mem[crop]["short_mb"], mem[crop]["long_mb"], mem[crop]["ratio"]]
-                   for crop in ("none", "opencv") if crop in mem]
-    return "\n".join([
-        "## 1. Shard building",
-        "",
-        f"What: clips/s of `emi shards build --workers {result['workers']}` (the real command line, start-up "
-        f"included) against the faster of two user baselines doing the same work with {result['workers']} clips at "
-        "a time: `ffmpeg_cli`, the ffmpeg command line per clip (`ffmpeg -i CLIP -map 0:v:0 -vf fps=5,scale=W:H "
-        "-q:v 2 out/%04d.jpg -map 0:a:0 -ac 1 -ar 16000 out/audio.wav`, run as `xargs -P 2` would), and "
-        "`ffmpeg_pipe`, a script reading MJPEG frames from `ffmpeg ... -f image2pipe` and writing them (W:H is the "
-        "builder's frame size, short side 256, computed before timing). emi decodes in its workers with FFmpeg's "
-        "libraries (PyAV), JPEG-encodes with Pillow and streams each clip into the shard.",
-        "",
-        f"How: best of {result['repeats']} interleaved rounds. CPU ms per clip counts every process; it shows the "
-        "work done whatever else loads the machine.",
-        "",
-        f"Short clips ({short['clips']}: synthetic H.264/AAC 128x128 mp4 of 2-8 s and the 8 GRID MPEG-1 clips of 3 s):",
-        "",
-        table(["", "wall s", "clips/s", "CPU ms/clip", "frames"], _speed_rows(short)),
-        "",
-        f"Long clips ({long['clips']} of {clip['seconds']:g} s, {clip['size']} H.264/AAC):",
-        "",
-        table(["", "wall s", "clips/s", "CPU ms/clip", "frames"], _speed_rows(long)),
-        "",
-        f"Ratio (emi clips/s / the faster baseline's): short **{short['ratio']}** (against {short['baseline']}), "
-        f"long **{long['ratio']}** (against {long['baseline']}); target >= {TARGET}: "
-        f"{verdict(short['met'] and long['met'])}.",
-        "",
-        "Memory: peak RSS (VmHWM) of `emi shards build --workers 1` (one process decodes, encodes and writes: what "
-        f"one worker holds, plus the parent's share) over one {mem['size']} clip of {mem['short_s']:g} s and one of "
-        f"{mem['long_s']:g} s (testsrc2 + sine at a low bitrate, 10 fps):",
-        "",
-        table(["--face-crop", f"{mem['short_s']:g} s clip MB", f"{mem['long_s']:g} s clip MB", "long / short"],
-              memory_rows),
-        "",
-        f"Target: long / short <= {MEMORY_TARGET}: {verdict(mem['met'])}.",
-    ])
+    memory_rows = [
+        [crop, mem[crop]["short_mb"], mem[crop]["long_mb"], mem[crop]["ratio"]]
+        for crop in ("none", "opencv")
+        if crop in mem
+    ]
+    return "\n".join(
+        [
+            "## 1. Shard building",
+            "",
+            f"What: clips/s of `emi shards build --workers {result['workers']}` (the real command line, start-up "
+            f"included) against the faster of two user baselines doing the same work with {result['workers']} clips at "
+            "a time: `ffmpeg_cli`, the ffmpeg command line per clip (`ffmpeg -i CLIP -map 0:v:0 -vf fps=5,scale=W:H "
+            "-q:v 2 out/%04d.jpg -map 0:a:0 -ac 1 -ar 16000 out/audio.wav`, run as `xargs -P 2` would), and "
+            "`ffmpeg_pipe`, a script reading MJPEG frames from `ffmpeg ... -f image2pipe` and writing them (W:H is the "
+            "builder's frame size, short side 256, computed before timing). emi decodes in its workers with FFmpeg's "
+            "libraries (PyAV), JPEG-encodes with Pillow and streams each clip into the shard.",
+            "",
+            f"How: best of {result['repeats']} interleaved rounds. CPU ms per clip counts every process; it shows the "
+            "work done whatever else loads the machine.",
+            "",
+            f"Short clips ({short['clips']}: synthetic H.264/AAC 128x128 mp4 of 2-8 s and the 8 GRID MPEG-1 clips of "
+            "3 s):",
+            "",
+            table(["", "wall s", "clips/s", "CPU ms/clip", "frames"], _speed_rows(short)),
+            "",
+            f"Long clips ({long['clips']} of {clip['seconds']:g} s, {clip['size']} H.264/AAC):",
+            "",
+            table(["", "wall s", "clips/s", "CPU ms/clip", "frames"], _speed_rows(long)),
+            "",
+            f"Ratio (emi clips/s / the faster baseline's): short **{short['ratio']}** (against {short['baseline']}), "
+            f"long **{long['ratio']}** (against {long['baseline']}); target >= {TARGET}: "
+            f"{verdict(short['met'] and long['met'])}.",
+            "",
+            "Memory: peak RSS (VmHWM) of `emi shards build --workers 1` (one process decodes, encodes and writes: what "
+            f"one worker holds, plus the parent's share) over one {mem['size']} clip of {mem['short_s']:g} s and one "
+            "of "
+            f"{mem['long_s']:g} s (testsrc2 + sine at a low bitrate, 10 fps):",
+            "",
+            table(
+                ["--face-crop", f"{mem['short_s']:g} s clip MB", f"{mem['long_s']:g} s clip MB", "long / short"],
+                memory_rows,
+            ),
+            "",
+            f"Target: long / short <= {MEMORY_TARGET}: {verdict(mem['met'])}.",
+        ]
+    )
 
 
 def main() -> None:

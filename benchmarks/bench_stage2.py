@@ -9,6 +9,7 @@ features out exactly as the `features` loader does. The encoders are tiny random
 
     python -m benchmarks.bench_stage2 SHARD_DIR      (clip shards with a manifest.json)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,19 @@ import yaml
 from benchmarks.timing import best_of_rounds, table
 from emi import EMI_EMOTIONS
 from emi.config import Stage2Config, load_config
-from emi.formats.fusion import FusionSpec
 from emi.data import DecodeSpec, LoaderSpec, Sampling, Workers, build_loader
-from emi.serve.features import FrozenEncoders, clip_features, clip_loader, extract_features, fusion_batch, \
-    load_frozen_encoders
+from emi.formats.fusion import FusionSpec
 from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
-from emi.models.losses import RegressionLoss
 from emi.models.fusion import FusionModel, fusion_inputs
+from emi.models.losses import RegressionLoss
+from emi.serve.features import (
+    FrozenEncoders,
+    clip_features,
+    clip_loader,
+    extract_features,
+    fusion_batch,
+    load_frozen_encoders,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_TINY = REPO / "configs" / "stage1" / "tiny.yaml"
@@ -53,8 +60,15 @@ def fusion_model(dims: dict[str, int]) -> tuple[FusionModel, torch.optim.Optimiz
     """The Stage II tiny model, always with the same initial weights, and its AdamW."""
     config = load_config(Stage2Config, STAGE2_TINY)
     torch.manual_seed(0)
-    model = FusionModel(FusionSpec(vision_dim=dims["vision"], audio_dim=dims["audio"], text_dim=dims["text"],
-                                   num_outputs=len(LABELS), options=config.model))
+    model = FusionModel(
+        FusionSpec(
+            vision_dim=dims["vision"],
+            audio_dim=dims["audio"],
+            text_dim=dims["text"],
+            num_outputs=len(LABELS),
+            options=config.model,
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     return model.train(), optimizer
 
@@ -68,8 +82,9 @@ def train_step(model: FusionModel, optimizer: torch.optim.Optimizer, batch: dict
 
 def cached_epoch(features: Path, dims: dict[str, int], batch_size: int, workers: int) -> list[str]:
     decode = DecodeSpec("features", num_frames=0, label_names=tuple(LABELS))
-    data = build_loader(str(features), LoaderSpec(decode, Sampling(batch_size), Workers(workers,
-                                                                                     persistent_workers=False)))
+    data = build_loader(
+        str(features), LoaderSpec(decode, Sampling(batch_size), Workers(workers, persistent_workers=False))
+    )
     data.set_epoch(0)
     model, optimizer = fusion_model(dims)
     keys = []
@@ -79,8 +94,9 @@ def cached_epoch(features: Path, dims: dict[str, int], batch_size: int, workers:
     return keys
 
 
-def on_the_fly_epoch(clip_shards: Path, encoders: FrozenEncoders, fps: float, batch_size: int,
-                     workers: int) -> list[str]:
+def on_the_fly_epoch(
+    clip_shards: Path, encoders: FrozenEncoders, fps: float, batch_size: int, workers: int
+) -> list[str]:
     data = clip_loader(str(clip_shards), encoders, LABELS, batch_size, workers)
     data.set_epoch(0)
     model, optimizer = fusion_model(encoders.dims)
@@ -110,34 +126,46 @@ def run(clip_shards: Path, work: Path, repeats: int = 3, batch_size: int = 8, wo
     if keys["cached"] != keys["on_the_fly"]:
         raise RuntimeError("the cached and the on-the-fly epochs saw different clips or orders")
     samples = len(keys["cached"])
-    result: dict[str, Any] = {"clips": len(set(keys["cached"])), "samples": samples, "batch_size": batch_size,
-                              "workers": workers, "repeats": repeats}
+    result: dict[str, Any] = {
+        "clips": len(set(keys["cached"])),
+        "samples": samples,
+        "batch_size": batch_size,
+        "workers": workers,
+        "repeats": repeats,
+    }
     for name, timing in best.items():
-        result[name] = {"wall_s": round(timing["wall_s"], 3), "samples_per_s": round(samples / timing["wall_s"], 2),
-                        "cpu_s": round(timing["cpu_s"], 3)}
+        result[name] = {
+            "wall_s": round(timing["wall_s"], 3),
+            "samples_per_s": round(samples / timing["wall_s"], 2),
+            "cpu_s": round(timing["cpu_s"], 3),
+        }
     result["speedup"] = round(best["on_the_fly"]["wall_s"] / best["cached"]["wall_s"], 2)
     return result
 
 
 def section(result: dict) -> str:
-    rows = [[name, result[name]["wall_s"], result[name]["samples_per_s"], result[name]["cpu_s"]]
-            for name in ("cached", "on_the_fly")]
-    return "\n".join([
-        "## 4. Stage II: cached features against features on the fly",
-        "",
-        f"What: one Stage II training epoch over the same {result['clips']} clips ({result['samples']} samples in "
-        f"batches of {result['batch_size']}), same FusionModel (configs/stage2/tiny.yaml), same initial weights "
-        "and order: from cached feature shards (`features` loader) against recomputing the frozen encoders' "
-        "features from the clip shards (`clip` loader, `emi.serve.features.clip_features`, `fusion_batch`).",
-        "",
-        f"How: tiny random-init Stage I encoders (configs/stage1/tiny.yaml), exported and extracted before "
-        f"timing; {result['workers']} loader worker(s) for both; best of {result['repeats']} interleaved rounds.",
-        "",
-        table(["epoch", "wall s", "samples/s", "CPU s"], rows),
-        "",
-        f"Cached is **{result['speedup']}x** faster than on the fly (expected: much faster; with the paper's "
-        "ViT-L/14 and Wav2Vec2-large encoders the gap is far larger than with these tiny ones).",
-    ])
+    rows = [
+        [name, result[name]["wall_s"], result[name]["samples_per_s"], result[name]["cpu_s"]]
+        for name in ("cached", "on_the_fly")
+    ]
+    return "\n".join(
+        [
+            "## 4. Stage II: cached features against features on the fly",
+            "",
+            f"What: one Stage II training epoch over the same {result['clips']} clips ({result['samples']} samples in "
+            f"batches of {result['batch_size']}), same FusionModel (configs/stage2/tiny.yaml), same initial weights "
+            "and order: from cached feature shards (`features` loader) against recomputing the frozen encoders' "
+            "features from the clip shards (`clip` loader, `emi.serve.features.clip_features`, `fusion_batch`).",
+            "",
+            f"How: tiny random-init Stage I encoders (configs/stage1/tiny.yaml), exported and extracted before "
+            f"timing; {result['workers']} loader worker(s) for both; best of {result['repeats']} interleaved rounds.",
+            "",
+            table(["epoch", "wall s", "samples/s", "CPU s"], rows),
+            "",
+            f"Cached is **{result['speedup']}x** faster than on the fly (expected: much faster; with the paper's "
+            "ViT-L/14 and Wav2Vec2-large encoders the gap is far larger than with these tiny ones).",
+        ]
+    )
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ Each round clones the checkout's HEAD into a new folder (nothing carried over: i
 `--idle-test` adds one `make test` on a fresh clone with nothing beside it. Hours on 2 cores: run it when the
 machine is otherwise free, beside nothing but the busy processes it starts itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,13 @@ def make(target: str, clone: Path, log: Path) -> dict:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-    return {"target": target, "code": process.returncode, "minutes": (time.monotonic() - begin) / 60,
-            "load": sum(samples) / len(samples) if samples else os.getloadavg()[0], "log": log}
+    return {
+        "target": target,
+        "code": process.returncode,
+        "minutes": (time.monotonic() - begin) / 60,
+        "load": sum(samples) / len(samples) if samples else os.getloadavg()[0],
+        "log": log,
+    }
 
 
 def fresh_clone(root: Path, name: str, commit: str) -> Path:
@@ -64,8 +70,9 @@ def fresh_clone(root: Path, name: str, commit: str) -> Path:
 
 
 def run_rounds(rounds: int, busy: int, idle_test: bool, root: Path) -> tuple[list[dict], str]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.strip()  # every round on this commit, whatever lands meanwhile
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()  # every round on this commit, whatever lands meanwhile
     runs = []
     for number in range(1, rounds + 1):
         clone = fresh_clone(root, f"round-{number}", commit)
@@ -73,8 +80,12 @@ def run_rounds(rounds: int, busy: int, idle_test: bool, root: Path) -> tuple[lis
             for target in ("demo", "test"):
                 result = make(target, clone, root / f"round-{number}-{target}.log")
                 runs.append({"round": number, "beside": f"{busy} busy", **result})
-                print(f"round {number}: make {target}: exit {result['code']} in {result['minutes']:.1f} min at "
-                      f"load {result['load']:.1f}", file=sys.stderr, flush=True)
+                print(
+                    f"round {number}: make {target}: exit {result['code']} in {result['minutes']:.1f} min at "
+                    f"load {result['load']:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if idle_test:
         result = make("test", fresh_clone(root, "idle", commit), root / "idle-test.log")
         runs.append({"round": "idle", "beside": "nothing", **result})
@@ -82,20 +93,32 @@ def run_rounds(rounds: int, busy: int, idle_test: bool, root: Path) -> tuple[lis
 
 
 def section(runs: list[dict], commit: str, busy: int) -> str:
-    rows = [[run["round"], f"make {run['target']}", run["beside"], f"{run['load']:.1f}", f"{run['minutes']:.1f}",
-             run["code"]] for run in runs]
+    rows = [
+        [
+            run["round"],
+            f"make {run['target']}",
+            run["beside"],
+            f"{run['load']:.1f}",
+            f"{run['minutes']:.1f}",
+            run["code"],
+        ]
+        for run in runs
+    ]
     passed = sum(run["code"] == 0 for run in runs)
-    return "\n".join([
-        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} on commit {commit} by "
-        "`python -m benchmarks.first_contact` on this 2-core machine: each round clones the commit afresh and runs "
-        f"`make demo` then `make test` there with {busy} processes spinning on the CPU beside them; minutes include "
-        "`make setup` (the first command of a round creates the venv and builds DeepSpeed's CPU op). Load: the "
-        "1-minute load average, sampled every 30 s while the command ran.",
-        "",
-        table(["round", "command", "beside it", "load", "minutes", "exit code"], rows),
-        "",
-        f"{passed} of {len(runs)} commands passed.",
-    ])
+    return "\n".join(
+        [
+            f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d} on commit {commit} by "
+            "`python -m benchmarks.first_contact` on this 2-core machine: each round clones the commit afresh and runs "
+            f"`make demo` then `make test` there with {busy} processes spinning on the CPU beside them; minutes "
+            "include "
+            "`make setup` (the first command of a round creates the venv and builds DeepSpeed's CPU op). Load: the "
+            "1-minute load average, sampled every 30 s while the command ran.",
+            "",
+            table(["round", "command", "beside it", "load", "minutes", "exit code"], rows),
+            "",
+            f"{passed} of {len(runs)} commands passed.",
+        ]
+    )
 
 
 def main() -> None:

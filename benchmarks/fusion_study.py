@@ -16,6 +16,7 @@ seed ensembles: each fusion's finished seeds (five for concat, three for the oth
 --checkpoint ...`), against the mean of their members. About two hours on 2 idle cores once the features exist
 (17 Stage II runs of 60 epochs); --stage2-epochs 30 halves it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,21 +30,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ablation import (
-    RESULTS,
-    STAGE1,
-    STAGE1_EPOCHS,
-    STAGE2_EPOCHS,
-    replace_section,
-)
+from benchmarks.ablation import RESULTS, STAGE1, STAGE1_EPOCHS, STAGE2_EPOCHS, replace_section
 from benchmarks.timing import cpu_model, table
 from emi.demo import Pipeline
+from emi.metrics import mean_pearson
 from emi.serve.ensemble import load_ensemble
 from emi.serve.evaluate import evaluate
 from emi.serve.robustness import mean_weight, modality_weights
-from emi.synth import read_corruption
 from emi.serve.scoring import shard_predictions
-from emi.metrics import mean_pearson
+from emi.synth import read_corruption
 
 
 def section_title(epochs: int) -> str:
@@ -83,15 +78,23 @@ def scores(pipeline: Pipeline, run: str, clean: set[str], noisy: set[str]) -> di
         index = torch.tensor(sorted(rows[key] for key in keys))
         return mean_pearson(preds[0][index], target[index])
 
-    result = {"all": mean_pearson(preds[0], target), "clean audio": subset(clean), "noise audio": subset(noisy),
-              "audio missing": evaluate(best, val, out=report_folder / "drop-audio.json", workers=0,
-                                        drop=["audio"])["mean_pearson"],
-              "audio features noise": evaluate(best, val, out=report_folder / "corrupt-audio.json", workers=0,
-                                               corrupt=["audio"])["mean_pearson"]}
+    result = {
+        "all": mean_pearson(preds[0], target),
+        "clean audio": subset(clean),
+        "noise audio": subset(noisy),
+        "audio missing": evaluate(best, val, out=report_folder / "drop-audio.json", workers=0, drop=["audio"])[
+            "mean_pearson"
+        ],
+        "audio features noise": evaluate(
+            best, val, out=report_folder / "corrupt-audio.json", workers=0, corrupt=["audio"]
+        )["mean_pearson"],
+    }
     if load_ensemble([best]).record.spec.options.fusion != "concat":  # concatenation weighs no modality
         weights = modality_weights(best, val)
-        result["audio weight clean"], result["audio weight noise"] = (mean_weight(weights, clean, "audio"),
-                                                                      mean_weight(weights, noisy, "audio"))
+        result["audio weight clean"], result["audio weight noise"] = (
+            mean_weight(weights, clean, "audio"),
+            mean_weight(weights, noisy, "audio"),
+        )
     cached.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -105,8 +108,9 @@ def mean_std(values: list[float], digits: int = 4, sign: str = "") -> str:
     return shown + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
-def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_only: bool,
-          fusions: list[str] | None = None) -> str:
+def study(
+    root: Path, train_clips: int, val_clips: int, epochs: int, collect_only: bool, fusions: list[str] | None = None
+) -> str:
     """Train what is not trained yet (nothing with collect_only), then the section from the runs that finished;
     `fusions`: only these (default: all of FUSIONS)."""
     fusions = {label: FUSIONS[label] for label in fusions or FUSIONS}
@@ -125,10 +129,18 @@ def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_onl
     load = " / ".join(f"{value:.1f}" for value in os.getloadavg())  # 1, 5, 15 min: other jobs share the machine
 
     clean, noisy = read_corruption(pipeline.root / "data/synth/val/corruption.csv")
-    seeds = {label: [seed for seed in ENSEMBLE_SEEDS if finished(pipeline, run_name(label, seed, epochs))]
-             for label in fusions}
-    results = {label: {seed: scores(pipeline, run_name(label, seed, epochs), clean, noisy)
-                       for seed in seeds[label] if seed in SEEDS} for label in fusions}
+    seeds = {
+        label: [seed for seed in ENSEMBLE_SEEDS if finished(pipeline, run_name(label, seed, epochs))]
+        for label in fusions
+    }
+    results = {
+        label: {
+            seed: scores(pipeline, run_name(label, seed, epochs), clean, noisy)
+            for seed in seeds[label]
+            if seed in SEEDS
+        }
+        for label in fusions
+    }
     columns = ["all", "clean audio", "noise audio", "audio missing", "audio features noise"]
     rows = []
     for label, runs in results.items():
@@ -136,50 +148,80 @@ def study(root: Path, train_clips: int, val_clips: int, epochs: int, collect_onl
             continue
         cells = [mean_std([run[c] for run in runs.values()]) for c in columns]
         # seed by seed against concatenation: the same seed draws the same batches
-        cells.append("-" if label == "concat" else mean_std(
-            [run["all"] - results["concat"][seed]["all"] for seed, run in runs.items() if seed in results["concat"]],
-            sign="+"))
+        cells.append(
+            "-"
+            if label == "concat"
+            else mean_std(
+                [
+                    run["all"] - results["concat"][seed]["all"]
+                    for seed, run in runs.items()
+                    if seed in results["concat"]
+                ],
+                sign="+",
+            )
+        )
         trust = "-"
         if "audio weight clean" in next(iter(runs.values())):
-            trust = (f"{statistics.mean(run['audio weight clean'] for run in runs.values()):.3f} / "
-                     f"{statistics.mean(run['audio weight noise'] for run in runs.values()):.3f}")
+            trust = (
+                f"{statistics.mean(run['audio weight clean'] for run in runs.values()):.3f} / "
+                f"{statistics.mean(run['audio weight noise'] for run in runs.values()):.3f}"
+            )
         rows.append([label, *cells, trust, ", ".join(f"{seed}: {run['all']:.4f}" for seed, run in runs.items())])
 
     ensemble_rows = []
     for label, members in seeds.items():
         if len(members) < 2:
             continue
-        report = evaluate([pipeline.root / "runs" / run_name(label, seed, epochs) / "best" for seed in members],
-                          str(pipeline.features("val")), out=pipeline.root / "reports" / f"ensemble-{label}.json",
-                          workers=0)
+        report = evaluate(
+            [pipeline.root / "runs" / run_name(label, seed, epochs) / "best" for seed in members],
+            str(pipeline.features("val")),
+            out=pipeline.root / "reports" / f"ensemble-{label}.json",
+            workers=0,
+        )
         member_scores = [member["mean_pearson"] for member in report["members"]]
-        ensemble_rows.append([label, str(len(members)), ", ".join(f"{score:.4f}" for score in member_scores),
-                              f"{statistics.mean(member_scores):.4f}", f"{max(member_scores):.4f}",
-                              f"{report['mean_pearson']:.4f}",
-                              f"{report['mean_pearson'] - statistics.mean(member_scores):+.4f}"])
+        ensemble_rows.append(
+            [
+                label,
+                str(len(members)),
+                ", ".join(f"{score:.4f}" for score in member_scores),
+                f"{statistics.mean(member_scores):.4f}",
+                f"{max(member_scores):.4f}",
+                f"{report['mean_pearson']:.4f}",
+                f"{report['mean_pearson'] - statistics.mean(member_scores):+.4f}",
+            ]
+        )
 
-    timing = (f"{minutes:.0f} min of training, load average {load} at the end" if not collect_only else
-              f"collected with --collect, load average {load}")
-    return "\n\n".join([
-        section_title(epochs),
-        f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.fusion_study "
-        f"--stage2-epochs {epochs}` ({train_clips} train / {val_clips} val `emi synth` clips with the audio of half "
-        f"of them replaced by loud noise; Stage I: tiny encoders, {STAGE1_EPOCHS} epochs; Stage II: "
-        f"configs/stage2/tiny.yaml, {epochs} epochs, 2 processes, modality dropout 0.1, MSE (late: plus the MSE "
-        f"of each modality's own prediction, loss.unimodal 1); each number is the val mean Pearson of a run's best "
-        f"checkpoint; {timing}). Mean ± sample standard deviation over the Stage II "
-        "seeds that finished (the last column: each seed's score).",
-        "Fusion: all val clips; the val clips whose audio is clean; those whose audio is noise; all clips with the "
-        "audio missing (`--drop audio`); all clips with the audio features replaced by noise of the same scale "
-        "(`--corrupt audio`); the difference to concat seed by seed; the audio's mean fusion weight on clean / "
-        "noise clips (qam, mean: the betas; xattn: the text query's attention on the real audio segments "
-        "rather than the stand-in token; late: the weight of the audio's own prediction, mean over the emotions).",
-        table(["fusion", *columns, "all - concat", "audio weight clean / noise", "per seed"], rows),
-        "Seed ensembles: the best checkpoints of a fusion's finished seeds averaged (`emi evaluate --checkpoint ... "
-        "--checkpoint ...`), against their members:",
-        table(["fusion", "seeds", "members", "members' mean", "best member", "ensemble", "ensemble - members' mean"],
-              ensemble_rows),
-    ])
+    timing = (
+        f"{minutes:.0f} min of training, load average {load} at the end"
+        if not collect_only
+        else f"collected with --collect, load average {load}"
+    )
+    return "\n\n".join(
+        [
+            section_title(epochs),
+            f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.fusion_study "
+            f"--stage2-epochs {epochs}` ({train_clips} train / {val_clips} val `emi synth` clips with the audio of "
+            "half "
+            f"of them replaced by loud noise; Stage I: tiny encoders, {STAGE1_EPOCHS} epochs; Stage II: "
+            f"configs/stage2/tiny.yaml, {epochs} epochs, 2 processes, modality dropout 0.1, MSE (late: plus the MSE "
+            f"of each modality's own prediction, loss.unimodal 1); each number is the val mean Pearson of a run's best "
+            f"checkpoint; {timing}). Mean ± sample standard deviation over the Stage II "
+            "seeds that finished (the last column: each seed's score).",
+            "Fusion: all val clips; the val clips whose audio is clean; those whose audio is noise; all clips with the "
+            "audio missing (`--drop audio`); all clips with the audio features replaced by noise of the same scale "
+            "(`--corrupt audio`); the difference to concat seed by seed; the audio's mean fusion weight on clean / "
+            "noise clips (qam, mean: the betas; xattn: the text query's attention on the real audio segments "
+            "rather than the stand-in token; late: the weight of the audio's own prediction, mean over the emotions).",
+            table(["fusion", *columns, "all - concat", "audio weight clean / noise", "per seed"], rows),
+            "Seed ensembles: the best checkpoints of a fusion's finished seeds averaged (`emi evaluate --checkpoint "
+            "... "
+            "--checkpoint ...`), against their members:",
+            table(
+                ["fusion", "seeds", "members", "members' mean", "best member", "ensemble", "ensemble - members' mean"],
+                ensemble_rows,
+            ),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,10 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     if not fusions or not set(fusions) <= set(FUSIONS) or "concat" not in fusions:
         parser.error(f"--fusions: names among {', '.join(FUSIONS)}, concat included (the others are compared to it)")
     with tempfile.TemporaryDirectory(prefix="emi-fusion-study-") as tmp:
-        section = study(Path(args.root or tmp).resolve(), args.train_clips, args.val_clips, args.stage2_epochs,
-                        args.collect, fusions)
-    RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "# Results\n", section,
-                                       section_title(args.stage2_epochs)))
+        section = study(
+            Path(args.root or tmp).resolve(),
+            args.train_clips,
+            args.val_clips,
+            args.stage2_epochs,
+            args.collect,
+            fusions,
+        )
+    RESULTS.write_text(
+        replace_section(
+            RESULTS.read_text() if RESULTS.exists() else "# Results\n", section, section_title(args.stage2_epochs)
+        )
+    )
     print(section)
     return 0
 

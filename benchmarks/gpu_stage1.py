@@ -17,6 +17,7 @@ that fits instead. Reference: OpenCLIP trains ViT-L/14 at about 70 samples/s per
     torchrun --nproc_per_node 8 benchmarks/gpu_stage1.py ...      (numbers per GPU; negatives from all GPUs)
     python benchmarks/gpu_stage1.py --tiny --steps 2               (CPU smoke test: configs/stage1/tiny.yaml)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,41 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 VITL_CONFIG = REPO / "configs" / "stage1" / "vitl.yaml"
 TINY_CONFIG = REPO / "configs" / "stage1" / "tiny.yaml"
-VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-           "patch_size": 14, "image_size": 224, "hidden_act": "quick_gelu", "projection_dim": 768}
-BERT_BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "max_position_embeddings": 512, "vocab_size": 30522}
-WAV2VEC2_LARGE_LV60 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                       "num_attention_heads": 16, "conv_bias": True, "feat_extract_norm": "layer",
-                       "do_stable_layer_norm": True, "layerdrop": 0.0, "mask_time_prob": 0.0}
+VIT_L14 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+BERT_BASE = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 512,
+    "vocab_size": 30522,
+}
+WAV2VEC2_LARGE_LV60 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "conv_bias": True,
+    "feat_extract_norm": "layer",
+    "do_stable_layer_norm": True,
+    "layerdrop": 0.0,
+    "mask_time_prob": 0.0,
+}
 # configs/stage1/vitl.yaml's encoders, built from these architectures with random weights
-RANDOM_INIT = {"vision": {"arch": "clip", "pretrained": None, "config": VIT_L14},
-               "text": {"arch": "bert", "pretrained": None, "config": BERT_BASE},
-               "audio": {"arch": "wav2vec2", "pretrained": None, "config": WAV2VEC2_LARGE_LV60}}
+RANDOM_INIT = {
+    "vision": {"arch": "clip", "pretrained": None, "config": VIT_L14},
+    "text": {"arch": "bert", "pretrained": None, "config": BERT_BASE},
+    "audio": {"arch": "wav2vec2", "pretrained": None, "config": WAV2VEC2_LARGE_LV60},
+}
 OPENCLIP_VITL14_A100 = 70.0  # samples/s per A100, the reference to beat
 
 
@@ -69,25 +94,34 @@ def stage1_config(tiny: bool, overrides: list[str] = ()) -> Stage1Config:
     return load_config(Stage1Config, VITL_CONFIG, [*random_init_overrides(), *overrides])
 
 
-def synthetic_batch(config: Stage1Config, model: Any, batch_size: int, device: torch.device,
-                    float_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    config: Stage1Config, model: Any, batch_size: int, device: torch.device, float_dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
     """One batch laid out as the Stage I loader lays it out, on the device."""
     generator = torch.Generator().manual_seed(0)
     text_len = config.data.max_text_len
     input_ids = torch.randint(1000, model.text.config.vocab_size, (batch_size, text_len), generator=generator)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-             "labels": torch.full((batch_size, len(VA_STD_LABELS)), float("nan")),
-             "label_mask": torch.zeros(batch_size, len(VA_STD_LABELS), dtype=torch.bool)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": torch.full((batch_size, len(VA_STD_LABELS)), float("nan")),
+        "label_mask": torch.zeros(batch_size, len(VA_STD_LABELS), dtype=torch.bool),
+    }
     if model.vision is not None:
         size = model.vision.config.image_size
-        batch["pixel_values"] = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
-                                              generator=generator)
+        batch["pixel_values"] = torch.randint(
+            0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator
+        )
     if model.audio is not None:
         window = AudioSpec(seconds=config.data.audio_seconds).window
         batch["input_values"] = 0.1 * torch.randn(batch_size, window, generator=generator)
         batch["audio_attention_mask"] = torch.ones(batch_size, window, dtype=torch.long)
-    return {key: value.to(device, float_dtype if float_dtype and value.is_floating_point() and key != "labels"
-                          else value.dtype) for key, value in batch.items()}
+    return {
+        key: value.to(
+            device, float_dtype if float_dtype and value.is_floating_point() and key != "labels" else value.dtype
+        )
+        for key, value in batch.items()
+    }
 
 
 class Bench:
@@ -109,16 +143,27 @@ class Bench:
         self.model.train()
 
     def batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        return synthetic_batch(self.config, self.accelerator.unwrap_model(self.model), batch_size,
-                               self.accelerator.device, self.float_dtype)
+        return synthetic_batch(
+            self.config,
+            self.accelerator.unwrap_model(self.model),
+            batch_size,
+            self.accelerator.device,
+            self.float_dtype,
+        )
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
-        train_step(self.model, self.optimizer, batch, self.compute_loss, self.accelerator,
-                   self.config.train.clip_grad)
+        train_step(self.model, self.optimizer, batch, self.compute_loss, self.accelerator, self.config.train.clip_grad)
 
 
-def measure(bench: Bench, batch_size: int, steps: int, warmup: int, profile_steps: bool = False,
-            peak_tflops: float | None = None, name: str = "") -> dict[str, Any]:
+def measure(
+    bench: Bench,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    profile_steps: bool = False,
+    peak_tflops: float | None = None,
+    name: str = "",
+) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     batch = bench.batch(batch_size)
     for _ in range(warmup):
@@ -141,13 +186,23 @@ def measure(bench: Bench, batch_size: int, steps: int, warmup: int, profile_step
     peak = peak_tflops * 1e12 if peak_tflops else peak_flops(device, accelerator.mixed_precision)
     achieved = bench.train_flops * samples_per_s if bench.train_flops else None
     return {
-        "model": name, "device": device, "world_size": accelerator.num_processes,
-        "rank": accelerator.process_index, "precision": accelerator.mixed_precision, "strategy": train.strategy,
-        "batch_size_per_gpu": batch_size, "text_len": bench.config.data.max_text_len,
+        "model": name,
+        "device": device,
+        "world_size": accelerator.num_processes,
+        "rank": accelerator.process_index,
+        "precision": accelerator.mixed_precision,
+        "strategy": train.strategy,
+        "batch_size_per_gpu": batch_size,
+        "text_len": bench.config.data.max_text_len,
         "audio_seconds": bench.config.data.audio_seconds if bench.accelerator.unwrap_model(bench.model).audio else None,
-        "steps": steps, "warmup": warmup, "activation_checkpointing": train.activation_checkpointing,
-        "compile": train.compile, "parameters": bench.parameters, "seconds": round(seconds, 3),
-        "samples_per_s_per_gpu": round(samples_per_s, 2), "step_ms": round(1000 * seconds / steps, 2),
+        "steps": steps,
+        "warmup": warmup,
+        "activation_checkpointing": train.activation_checkpointing,
+        "compile": train.compile,
+        "parameters": bench.parameters,
+        "seconds": round(seconds, 3),
+        "samples_per_s_per_gpu": round(samples_per_s, 2),
+        "step_ms": round(1000 * seconds / steps, 2),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "train_gflops_per_sample": round(bench.train_flops / 1e9, 3) if bench.train_flops else None,
         "achieved_tflops_per_gpu": round(achieved / 1e12, 3) if achieved else None,
@@ -177,14 +232,22 @@ def sweep(bench: Bench, start: int, limit: int, memory_fraction: float = 0.92) -
             tried.append({"batch_size": batch_size, "fits": False, "peak_memory_gib": None})
             break
         peak = torch.cuda.max_memory_allocated() if cuda else None
-        tried.append({"batch_size": batch_size, "fits": True,
-                      "peak_memory_gib": round(peak / 2**30, 2) if peak is not None else None})
+        tried.append(
+            {
+                "batch_size": batch_size,
+                "fits": True,
+                "peak_memory_gib": round(peak / 2**30, 2) if peak is not None else None,
+            }
+        )
         batch_size = next_batch(tried, capacity, memory_fraction, limit)
         if batch_size is None:
             break
     fitting = [t["batch_size"] for t in tried if t["fits"]]
-    return {"largest_batch": max(fitting) if fitting else None, "tried": tried,
-            "device_memory_gib": round(capacity / 2**30, 2) if capacity else None}
+    return {
+        "largest_batch": max(fitting) if fitting else None,
+        "tried": tried,
+        "device_memory_gib": round(capacity / 2**30, 2) if capacity else None,
+    }
 
 
 def next_batch(tried: list[dict[str, Any]], capacity: int | None, memory_fraction: float, limit: int) -> int | None:
@@ -228,40 +291,55 @@ def print_profile(step: Callable[[], None], cuda: bool, steps: int = 3) -> None:
 def section(result: dict[str, Any]) -> str:
     rows = "\n".join(f"| {key} | {value} |" for key, value in result.items() if key != "rank")
     speed = result["samples_per_s_per_gpu"]
-    return "\n".join([
-        f"## GPU: Stage I {result['model']} contrastive pretraining ({datetime.date.today().isoformat()}, "
-        f"{result['device']} x {result['world_size']}, {result['strategy']}, batch {result['batch_size_per_gpu']}"
-        f"{', compiled' if result['compile'] else ''})",
-        "",
-        "`benchmarks/gpu_stage1.py`: the trainer's model (configs/stage1/vitl.yaml, encoders from config dicts, random "
-        "init), loss and train_step on one synthetic batch held on the GPU. MFU counts model FLOPs analytically "
-        "(emi.models.flops: 3 x forward; recomputation under activation checkpointing not counted) over the dense "
-        "bf16 peak.",
-        "",
-        "| | |",
-        "|---|---|",
-        rows,
-        "",
-        f"{speed} samples/s per GPU against OpenCLIP's ~{OPENCLIP_VITL14_A100:.0f} per A100 "
-        f"({speed / OPENCLIP_VITL14_A100:.2f}x).",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"## GPU: Stage I {result['model']} contrastive pretraining ({datetime.date.today().isoformat()}, "
+            f"{result['device']} x {result['world_size']}, {result['strategy']}, batch {result['batch_size_per_gpu']}"
+            f"{', compiled' if result['compile'] else ''})",
+            "",
+            "`benchmarks/gpu_stage1.py`: the trainer's model (configs/stage1/vitl.yaml, encoders from config dicts, "
+            "random "
+            "init), loss and train_step on one synthetic batch held on the GPU. MFU counts model FLOPs analytically "
+            "(emi.models.flops: 3 x forward; recomputation under activation checkpointing not counted) over the dense "
+            "bf16 peak.",
+            "",
+            "| | |",
+            "|---|---|",
+            rows,
+            "",
+            f"{speed} samples/s per GPU against OpenCLIP's ~{OPENCLIP_VITL14_A100:.0f} per A100 "
+            f"({speed / OPENCLIP_VITL14_A100:.2f}x).",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=None, help="per GPU (default 128, --tiny 4); "
-                        "--sweep: the first batch tried (default 16, --tiny 2)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="per GPU (default 128, --tiny 4); --sweep: the first batch tried (default 16, --tiny 2)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, --tiny 1)")
-    parser.add_argument("--pairs", nargs="+", choices=["vision_text", "audio_text"], default=None,
-                        help="the pairs to train (default: both, as configs/stage1/vitl.yaml)")
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        choices=["vision_text", "audio_text"],
+        default=None,
+        help="the pairs to train (default: both, as configs/stage1/vitl.yaml)",
+    )
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile, regional, in place")
     parser.add_argument("--compile-backend", default="inductor", help="train.compile_backend")
-    parser.add_argument("--strategy", choices=["zero2", "zero3", "ddp"], default="zero2",
-                        help="ddp on one GPU is plain PyTorch with bf16 autocast: the baseline for DeepSpeed's "
-                             "overhead")
+    parser.add_argument(
+        "--strategy",
+        choices=["zero2", "zero3", "ddp"],
+        default="zero2",
+        help="ddp on one GPU is plain PyTorch with bf16 autocast: the baseline for DeepSpeed's overhead",
+    )
     parser.add_argument("--profile", action="store_true", help="print the operators that take a step's time")
     parser.add_argument("--sweep", action="store_true", help="find the largest batch that fits instead")
     parser.add_argument("--sweep-limit", type=int, default=4096, help="--sweep: the largest batch to try")
@@ -271,22 +349,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", action="store_true", help="append a section to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     batch_size = args.batch_size or ((2 if args.tiny else 16) if args.sweep else (4 if args.tiny else 128))
-    overrides = [f"train.strategy={args.strategy}", f"train.activation_checkpointing={args.activation_checkpointing}",
-                 f"train.compile={args.compile}", f"train.compile_backend={args.compile_backend}",
-                 f"data.batch_size={batch_size}"]
+    overrides = [
+        f"train.strategy={args.strategy}",
+        f"train.activation_checkpointing={args.activation_checkpointing}",
+        f"train.compile={args.compile}",
+        f"train.compile_backend={args.compile_backend}",
+        f"data.batch_size={batch_size}",
+    ]
     if args.pairs:
         overrides.append(f"model.pairs={json.dumps(args.pairs)}")
     config = stage1_config(args.tiny, overrides)
     bench = Bench(config)
     name = model_name(config, args.tiny)
     if args.sweep:
-        result = {"model": name, "strategy": args.strategy, "rank": bench.accelerator.process_index,
-                  "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-                  **sweep(bench, batch_size, args.sweep_limit)}
+        result = {
+            "model": name,
+            "strategy": args.strategy,
+            "rank": bench.accelerator.process_index,
+            "activation_checkpointing": args.activation_checkpointing,
+            "compile": args.compile,
+            **sweep(bench, batch_size, args.sweep_limit),
+        }
     else:
-        result = measure(bench, batch_size=batch_size, steps=args.steps,
-                         warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 5),
-                         profile_steps=args.profile, peak_tflops=args.peak_tflops, name=name)
+        result = measure(
+            bench,
+            batch_size=batch_size,
+            steps=args.steps,
+            warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 5),
+            profile_steps=args.profile,
+            peak_tflops=args.peak_tflops,
+            name=name,
+        )
     if result["rank"] == 0:
         print(json.dumps(result, indent=2))
         if args.json:

@@ -4,6 +4,7 @@ A section is a `## ` heading and what follows up to the next one. `write_section
 earlier one with the same heading (or appends it), so a benchmark run again replaces its own numbers and leaves
 every other section as it was.
 """
+
 from __future__ import annotations
 
 import re

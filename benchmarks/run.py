@@ -10,6 +10,7 @@ benchmarks/gpu_stage1.py, benchmarks/ablation.py's "## Learning and ablation") i
 
     python -m benchmarks.run [--out benchmarks/RESULTS.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,36 +34,63 @@ OWN_SECTION = re.compile(r"## [1-5]\. ")  # the headings of the sections this ru
 
 def kept_sections(text: str) -> list[str]:
     """The sections ('## ' heading up to the next one) of an earlier RESULTS.md that this run does not write."""
-    return [match.group(0).rstrip() + "\n" for match in SECTION.finditer(text)
-            if not OWN_SECTION.match(match.group(0))]
+    return [match.group(0).rstrip() + "\n" for match in SECTION.finditer(text) if not OWN_SECTION.match(match.group(0))]
 
 
 def summary(results: dict[str, dict]) -> str:
     shards, loader = results["shards"], results["loader"]
     trainer, stage2 = results["trainer"], results["stage2"]
     met = {True: "yes", False: "**no**"}
-    return table(["benchmark", "measured", "target", "met"], [
-        ["1. shard building, clips/s: emi (2 workers) / the faster user baseline (2 at a time), short; long clips",
-         f"{shards['short']['ratio']}; {shards['long']['ratio']}", ">= 1.0",
-         met[shards["short"]["met"] and shards["long"]["met"]]],
-        ["1. shard building, peak RSS: 10-min / 10-s 720p clip, no crop; face crop",
-         "; ".join(str(shards["memory"][crop]["ratio"]) for crop in ("none", "opencv") if crop in shards["memory"]),
-         "<= 1.5", met[shards["memory"]["met"]]],
-        ["2. loader, samples/s: 1 worker / ceiling; 2 workers / 1 worker; 2 workers / webdataset (clip; frame)",
-         f"{loader['ratio_1_worker_to_ceiling']}; {loader['speedup_2_workers_over_1']}; "
-         f"{loader['clip_over_webdataset']}; {loader['frame_over_webdataset']}", ">= 0.8; > 1; >= 1.0; >= 1.0",
-         met[loader["met"]]],
-        ["3. trainer step time: fit ZeRO-2 / plain loop (1 process, median block)", trainer["overhead_zero2"],
-         "<= 1.3", met[trainer["met"]]],
-        ["4. Stage II epoch time: on the fly / cached features", f"{stage2['speedup']}x", "cached much faster",
-         met[stage2["speedup"] > 1.0]],
-        ["5. loader samples/s: shards on a local S3 server / on local disk",
-         results["storage"].get("ratio_s3_to_local", "skipped"), ">= 0.8", met[results["storage"]["met"]]],
-    ])
+    return table(
+        ["benchmark", "measured", "target", "met"],
+        [
+            [
+                "1. shard building, clips/s: emi (2 workers) / the faster user baseline (2 at a time), short; long "
+                "clips",
+                f"{shards['short']['ratio']}; {shards['long']['ratio']}",
+                ">= 1.0",
+                met[shards["short"]["met"] and shards["long"]["met"]],
+            ],
+            [
+                "1. shard building, peak RSS: 10-min / 10-s 720p clip, no crop; face crop",
+                "; ".join(
+                    str(shards["memory"][crop]["ratio"]) for crop in ("none", "opencv") if crop in shards["memory"]
+                ),
+                "<= 1.5",
+                met[shards["memory"]["met"]],
+            ],
+            [
+                "2. loader, samples/s: 1 worker / ceiling; 2 workers / 1 worker; 2 workers / webdataset (clip; frame)",
+                f"{loader['ratio_1_worker_to_ceiling']}; {loader['speedup_2_workers_over_1']}; "
+                f"{loader['clip_over_webdataset']}; {loader['frame_over_webdataset']}",
+                ">= 0.8; > 1; >= 1.0; >= 1.0",
+                met[loader["met"]],
+            ],
+            [
+                "3. trainer step time: fit ZeRO-2 / plain loop (1 process, median block)",
+                trainer["overhead_zero2"],
+                "<= 1.3",
+                met[trainer["met"]],
+            ],
+            [
+                "4. Stage II epoch time: on the fly / cached features",
+                f"{stage2['speedup']}x",
+                "cached much faster",
+                met[stage2["speedup"] > 1.0],
+            ],
+            [
+                "5. loader samples/s: shards on a local S3 server / on local disk",
+                results["storage"].get("ratio_s3_to_local", "skipped"),
+                ">= 0.8",
+                met[results["storage"]["met"]],
+            ],
+        ],
+    )
 
 
-def document(results: dict[str, dict], sections: list[str], kept: list[str], started: datetime.datetime,
-             seconds: float) -> str:
+def document(
+    results: dict[str, dict], sections: list[str], kept: list[str], started: datetime.datetime, seconds: float
+) -> str:
     header = [
         "# Benchmarks",
         "",
@@ -81,15 +109,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    started, start = datetime.datetime.now(datetime.UTC), time.perf_counter()
     kept = kept_sections(args.out.read_text()) if args.out.is_file() else []
     with tempfile.TemporaryDirectory(prefix="emi-bench-") as tmp:
         work = Path(tmp)
         videos, labels = bench_shards.prepare_clips(work / "clips")
         benchmarks: dict[str, tuple[Callable[[], dict], Callable[[dict], str]]] = {
             "shards": (lambda: bench_shards.run(videos, labels, work / "shards"), bench_shards.section),
-            "loader": (lambda: bench_loader.run(bench_loader.write_synthetic_shards(work / "loader")),
-                       bench_loader.section),
+            "loader": (
+                lambda: bench_loader.run(bench_loader.write_synthetic_shards(work / "loader")),
+                bench_loader.section,
+            ),
             "trainer": (lambda: bench_trainer.run(work / "trainer"), bench_trainer.section),
             # the clip shards the shard benchmark built (48 clips at 256 px)
             "stage2": (lambda: bench_stage2.run(work / "shards" / "emi", work / "stage2"), bench_stage2.section),
@@ -100,8 +130,10 @@ def main() -> None:
             load, begin = load_average(), time.perf_counter()
             print(f"benchmark {name} (load average {load}) ...", file=sys.stderr, flush=True)
             results[name] = measure()
-            sections.append(f"{section(results[name])}\n\nLoad average (1 min) before: {load}; "
-                            f"took {time.perf_counter() - begin:.0f} s.")
+            sections.append(
+                f"{section(results[name])}\n\nLoad average (1 min) before: {load}; "
+                f"took {time.perf_counter() - begin:.0f} s."
+            )
     args.out.write_text(document(results, sections, kept, started, time.perf_counter() - start))
     print(f"wrote {args.out}", file=sys.stderr)
 

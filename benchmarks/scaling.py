@@ -11,6 +11,7 @@ parameters are counted on the meta device.
 
     python -m benchmarks.scaling [--e2e OUT/e2e.json] [--out benchmarks/SCALING.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,20 @@ SIZES = (8, 64, 512)
 # What the payload of each collective is: the full buffer the operation is defined over (elements). On gloo the
 # backward of the loss's autograd all-gather runs as one scatter per rank: their outputs add up to the reduce-scatter
 # NCCL runs.
-PAYLOAD = {"all_reduce": "tensor", "reduce": "tensor", "broadcast": "tensor", "reduce_scatter_tensor": "input",
-           "_reduce_scatter_base": "input", "reduce_scatter": "input_list", "all_gather_into_tensor": "output_tensor",
-           "_all_gather_base": "output_tensor", "all_gather": "tensor_list", "all_to_all": "input_tensor_list",
-           "all_to_all_single": "input", "scatter": "tensor"}
+PAYLOAD = {
+    "all_reduce": "tensor",
+    "reduce": "tensor",
+    "broadcast": "tensor",
+    "reduce_scatter_tensor": "input",
+    "_reduce_scatter_base": "input",
+    "reduce_scatter": "input_list",
+    "all_gather_into_tensor": "output_tensor",
+    "_all_gather_base": "output_tensor",
+    "all_gather": "tensor_list",
+    "all_to_all": "input_tensor_list",
+    "all_to_all_single": "input",
+    "scatter": "tensor",
+}
 REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter")
 # What a ring sends per rank for a payload S on N ranks, in units of (N-1)/N x S: an all-reduce is a reduce-scatter
 # followed by an all-gather.
@@ -55,6 +66,7 @@ WIRE_FACTOR = {"all_reduce": 2.0}
 
 
 # ------------------------------------------------------------------------------------------------ counting
+
 
 class CollectiveCounter:
     """Wraps torch.distributed's collectives (before DeepSpeed binds them) and records, while `active`, each call's
@@ -88,8 +100,12 @@ class CollectiveCounter:
 
 def category(name: str, elements: int) -> str:
     files = [frame.filename for frame in traceback.extract_stack()]
-    if any(f.endswith(os.path.join("emi", "losses.py")) or f.endswith(os.path.join("nn", "functional.py"))
-           and "distributed" in f for f in files):
+    if any(
+        f.endswith(os.path.join("emi", "losses.py"))
+        or f.endswith(os.path.join("nn", "functional.py"))
+        and "distributed" in f
+        for f in files
+    ):
         return "loss embeddings"
     if elements < 1024 or name == "broadcast":
         return "small collectives"  # norms, overflow flags, ZeRO-3's bookkeeping
@@ -126,19 +142,46 @@ def count(strategy: str, result: Path) -> None:
             # gloo emulates a reduce-scatter with one scatter per rank: count it as the one collective NCCL runs
             entry["calls_per_step"] += (1 / world if name == "scatter" else 1) / COUNT_STEPS
             entry["operations"][name] = entry["operations"].get(name, 0) + elements / COUNT_STEPS
-        result.write_text(json.dumps({
-            "strategy": strategy, "world_size": bench.accelerator.num_processes, "batch_size": COUNT_BATCH,
-            "parameters": bench.parameters, "embed_dim": model.text_projection.out_features,
-            "collectives": summary}, indent=2))
+        result.write_text(
+            json.dumps(
+                {
+                    "strategy": strategy,
+                    "world_size": bench.accelerator.num_processes,
+                    "batch_size": COUNT_BATCH,
+                    "parameters": bench.parameters,
+                    "embed_dim": model.text_projection.out_features,
+                    "collectives": summary,
+                },
+                indent=2,
+            )
+        )
 
 
 def counted(strategy: str, work: Path) -> dict[str, Any]:
     result = work / f"count-{strategy}.json"
-    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "cpu.yaml"), "--num_processes", "2", "-m", "benchmarks.scaling",
-               "--count", strategy, "--result", str(result)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu.yaml"),
+        "--num_processes",
+        "2",
+        "-m",
+        "benchmarks.scaling",
+        "--count",
+        strategy,
+        "--result",
+        str(result),
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"counting {strategy} failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -146,6 +189,7 @@ def counted(strategy: str, work: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the model
+
 
 def vitl_model() -> dict[str, Any]:
     """The vitl model's sizes, counted on the meta device: parameters, what ZeRO-3 partitions, the embedding width,
@@ -160,34 +204,46 @@ def vitl_model() -> dict[str, Any]:
         model = build_model(config)
     zero3 = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())["zero_optimization"]
     threshold = zero3["stage3_param_persistence_threshold"]
-    return {"parameters": sum(p.numel() for p in model.parameters()), "persistence_threshold": threshold,
-            "partitioned_parameters": sum(p.numel() for p in model.parameters() if p.numel() >= threshold),
-            "embed_dim": model.text_projection.out_features, "pairs": len(config.model.pairs),
-            "train_flops_per_sample": train_flops_per_sample(model, config)}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "persistence_threshold": threshold,
+        "partitioned_parameters": sum(p.numel() for p in model.parameters() if p.numel() >= threshold),
+        "embed_dim": model.text_projection.out_features,
+        "pairs": len(config.model.pairs),
+        "train_flops_per_sample": train_flops_per_sample(model, config),
+    }
 
 
 def buckets(strategy: str, kind: str, elements: float) -> int:
     """How many collectives DeepSpeed cuts `elements` into, with the shipped configs' bucket sizes: gradients by
     reduce_bucket_size, parameters by allgather_bucket_size (ZeRO-2) or stage3_prefetch_bucket_size (ZeRO-3)."""
     zero = json.loads((REPO / "configs" / "deepspeed" / f"{strategy}.json").read_text())["zero_optimization"]
-    size = {"gradients": "reduce_bucket_size",
-            "parameters": "stage3_prefetch_bucket_size" if strategy == "zero3" else "allgather_bucket_size"}[kind]
+    size = {
+        "gradients": "reduce_bucket_size",
+        "parameters": "stage3_prefetch_bucket_size" if strategy == "zero3" else "allgather_bucket_size",
+    }[kind]
     return max(1, math.ceil(elements / zero[size]))
 
 
 def coefficients(counts: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per category: its payload per step in units of the model (gradients and parameters: per parameter; loss
     embeddings: per N x B x e), the ring volume per unit of payload (WIRE_FACTOR), and the calls per step."""
-    units = {"gradients": counts["parameters"], "parameters": counts["parameters"],
-             "loss embeddings": counts["world_size"] * counts["batch_size"] * counts["embed_dim"],
-             "small collectives": 1}
+    units = {
+        "gradients": counts["parameters"],
+        "parameters": counts["parameters"],
+        "loss embeddings": counts["world_size"] * counts["batch_size"] * counts["embed_dim"],
+        "small collectives": 1,
+    }
     result = {}
     for kind, unit in units.items():
         entry = counts["collectives"].get(kind, {"elements_per_step": 0.0, "calls_per_step": 0.0, "operations": {}})
         elements = entry["elements_per_step"]
         wire = sum(WIRE_FACTOR.get(op, 1.0) * value for op, value in entry["operations"].items())
-        result[kind] = {"per_unit": elements / unit, "wire": wire / elements if elements else 1.0,
-                        "calls": entry["calls_per_step"]}
+        result[kind] = {
+            "per_unit": elements / unit,
+            "wire": wire / elements if elements else 1.0,
+            "calls": entry["calls_per_step"],
+        }
     return result
 
 
@@ -198,23 +254,39 @@ def link(gpus: int, nvlink_gbps: float, network_gbps: float) -> tuple[float, flo
     return network_gbps * 1e9, NETWORK_LATENCY_US * 1e-6
 
 
-def predict(strategy: str, coeff: dict[str, dict[str, float]], counts: dict[str, Any], model: dict[str, Any],
-            gpus: int, step_s: float, batch: int, nvlink_gbps: float, network_gbps: float) -> dict[str, float]:
+def predict(
+    strategy: str,
+    coeff: dict[str, dict[str, float]],
+    counts: dict[str, Any],
+    model: dict[str, Any],
+    gpus: int,
+    step_s: float,
+    batch: int,
+    nvlink_gbps: float,
+    network_gbps: float,
+) -> dict[str, float]:
     """Seconds per step on `gpus` GPUs (weak scaling: `batch` per GPU): each collective as a ring (the wire volume
     (N-1)/N x payload x wire factor over the bandwidth, and N-1 ring steps of latency), small collectives as trees
     (log2 N steps). Calls scale with the buckets DeepSpeed cuts the vitl model into."""
     bandwidth, latency = link(gpus, nvlink_gbps, network_gbps)
     ring = (gpus - 1) / gpus
     gathered = model["partitioned_parameters"] if strategy == "zero3" else model["parameters"]
-    payload = {"gradients": coeff["gradients"]["per_unit"] * model["parameters"],
-               "parameters": coeff["parameters"]["per_unit"] * gathered,
-               "loss embeddings": coeff["loss embeddings"]["per_unit"] * gpus * batch * model["embed_dim"]}
+    payload = {
+        "gradients": coeff["gradients"]["per_unit"] * model["parameters"],
+        "parameters": coeff["parameters"]["per_unit"] * gathered,
+        "loss embeddings": coeff["loss embeddings"]["per_unit"] * gpus * batch * model["embed_dim"],
+    }
     tiny = counts["parameters"]
-    calls = {kind: coeff[kind]["calls"] * buckets(strategy, kind, payload[kind]) / buckets(strategy, kind, tiny)
-             for kind in ("gradients", "parameters")}
+    calls = {
+        kind: coeff[kind]["calls"] * buckets(strategy, kind, payload[kind]) / buckets(strategy, kind, tiny)
+        for kind in ("gradients", "parameters")
+    }
     calls["loss embeddings"] = coeff["loss embeddings"]["calls"]
-    seconds = {kind: ring * coeff[kind]["wire"] * payload[kind] * BYTES_PER_ELEMENT / bandwidth
-               + calls[kind] * (gpus - 1) * latency for kind in payload}
+    seconds = {
+        kind: ring * coeff[kind]["wire"] * payload[kind] * BYTES_PER_ELEMENT / bandwidth
+        + calls[kind] * (gpus - 1) * latency
+        for kind in payload
+    }
     seconds["small collectives"] = coeff["small collectives"]["calls"] * math.ceil(math.log2(gpus)) * latency
     gradient_s, parameter_s = seconds["gradients"], seconds["parameters"]
     rest = seconds["loss embeddings"] + seconds["small collectives"]
@@ -224,9 +296,15 @@ def predict(strategy: str, coeff: dict[str, dict[str, float]], counts: dict[str,
         overlapped = step_s + max(0.0, gradient_s - step_s * 2 / 3) + parameter_s + rest
     serial = step_s + sum(seconds.values())
     wire_bytes = sum(ring * coeff[kind]["wire"] * payload[kind] * BYTES_PER_ELEMENT for kind in payload)
-    return {**{f"{kind} s": value for kind, value in seconds.items()}, "calls": sum(calls.values()),
-            "step_s": overlapped, "efficiency": step_s / overlapped, "step_s_no_overlap": serial,
-            "efficiency_no_overlap": step_s / serial, "bytes_per_gpu": wire_bytes}
+    return {
+        **{f"{kind} s": value for kind, value in seconds.items()},
+        "calls": sum(calls.values()),
+        "step_s": overlapped,
+        "efficiency": step_s / overlapped,
+        "step_s_no_overlap": serial,
+        "efficiency_no_overlap": step_s / serial,
+        "bytes_per_gpu": wire_bytes,
+    }
 
 
 def single_gpu_step(e2e: Path | None, model: dict[str, Any]) -> dict[str, Any]:
@@ -234,36 +312,59 @@ def single_gpu_step(e2e: Path | None, model: dict[str, Any]) -> dict[str, Any]:
     measured MFU when there is none."""
     if e2e is not None:
         report = json.loads(e2e.read_text())
-        runs = [run for run in report["runs"].values()
-                if run["strategy"] == "zero2" and run["real"].get("step_s") and not run["checkpointing"]]
+        runs = [
+            run
+            for run in report["runs"].values()
+            if run["strategy"] == "zero2" and run["real"].get("step_s") and not run["checkpointing"]
+        ]
         if runs:
             best = max(runs, key=lambda run: run["real"]["samples_per_s"])
-            return {"step_s": best["real"]["step_s"], "batch": best["batch_size"],
-                    "source": f"measured: {best['name']} in {e2e} ({report['environment']['device']})"}
+            return {
+                "step_s": best["real"]["step_s"],
+                "batch": best["batch_size"],
+                "source": f"measured: {best['name']} in {e2e} ({report['environment']['device']})",
+            }
     batch, mfu, peak = 256, 0.359, 989e12
     step = model["train_flops_per_sample"] * batch / (mfu * peak)
-    return {"step_s": step, "batch": batch,
-            "source": f"estimated: {model['train_flops_per_sample'] / 1e12:.3f} TFLOP per sample x {batch} at MFU "
-                      f"{mfu} (compiled ZeRO-2, ViT-L/14 + BERT-base, batch 256, measured on an H200, "
-                      f"benchmarks/RESULTS.md) of {peak / 1e12:.0f} TFLOP/s; no end-to-end measurement given"}
+    return {
+        "step_s": step,
+        "batch": batch,
+        "source": f"estimated: {model['train_flops_per_sample'] / 1e12:.3f} TFLOP per sample x {batch} at MFU "
+        f"{mfu} (compiled ZeRO-2, ViT-L/14 + BERT-base, batch 256, measured on an H200, "
+        f"benchmarks/RESULTS.md) of {peak / 1e12:.0f} TFLOP/s; no end-to-end measurement given",
+    }
 
 
-def break_even(strategy: str, coeff: dict[str, dict[str, float]], counts: dict[str, Any], model: dict[str, Any],
-               step_s: float, batch: int, network_gbps: float) -> dict[str, float]:
+def break_even(
+    strategy: str,
+    coeff: dict[str, dict[str, float]],
+    counts: dict[str, Any],
+    model: dict[str, Any],
+    step_s: float,
+    batch: int,
+    network_gbps: float,
+) -> dict[str, float]:
     """GPU counts (across nodes) where the latency of a strategy's collectives alone fills the compute time, and
     where the loss's embedding traffic reaches 10% of it."""
-    calls = predict(strategy, coeff, counts, model, 2 * GPUS_PER_NODE, step_s, batch, NVLINK_GBPS, network_gbps)["calls"]
+    calls = predict(strategy, coeff, counts, model, 2 * GPUS_PER_NODE, step_s, batch, NVLINK_GBPS, network_gbps)[
+        "calls"
+    ]
     latency_bound = 1 + step_s / (calls * NETWORK_LATENCY_US * 1e-6)
     loss = coeff["loss embeddings"]
     per_gpu = loss["wire"] * loss["per_unit"] * batch * model["embed_dim"] * BYTES_PER_ELEMENT  # x (N - 1) per step
-    return {"calls": calls, "latency_bound_gpus": latency_bound,
-            "loss_10_percent_gpus": 1 + 0.1 * step_s * network_gbps * 1e9 / per_gpu}
+    return {
+        "calls": calls,
+        "latency_bound_gpus": latency_bound,
+        "loss_10_percent_gpus": 1 + 0.1 * step_s * network_gbps * 1e9 / per_gpu,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the document
 
-def document(counts: dict[str, dict[str, Any]], model: dict[str, Any], single: dict[str, Any], nvlink: float,
-             network: float) -> str:
+
+def document(
+    counts: dict[str, dict[str, Any]], model: dict[str, Any], single: dict[str, Any], nvlink: float, network: float
+) -> str:
     step_s, batch = single["step_s"], single["batch"]
     coeff = {strategy: coefficients(result) for strategy, result in counts.items()}
     zero3 = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())["zero_optimization"]
@@ -290,16 +391,35 @@ def document(counts: dict[str, dict[str, Any]], model: dict[str, Any], single: d
     for strategy, result in counts.items():
         for kind, entry in sorted(result["collectives"].items()):
             operations = ", ".join(f"{op} {value:,.0f}" for op, value in entry["operations"].items())
-            rows.append([strategy, kind, operations, f"{entry['elements_per_step']:,.0f}",
-                         f"{entry['calls_per_step']:g}"])
-    lines += [table(["strategy", "what", "elements per operation (gloo)", "elements per step", "calls per step"],
-                    rows), ""]
-    lines += [table(["strategy", "gradients (x P)", "parameters gathered (x P)", "loss embeddings (x N B e)",
-                     "wire factor: gradients, parameters, loss"],
-                    [[strategy, f"{c['gradients']['per_unit']:.3f}", f"{c['parameters']['per_unit']:.3f}",
-                      f"{c['loss embeddings']['per_unit']:.3f}",
-                      f"{c['gradients']['wire']:g}, {c['parameters']['wire']:g}, {c['loss embeddings']['wire']:g}"]
-                     for strategy, c in coeff.items()]), ""]
+            rows.append(
+                [strategy, kind, operations, f"{entry['elements_per_step']:,.0f}", f"{entry['calls_per_step']:g}"]
+            )
+    lines += [
+        table(["strategy", "what", "elements per operation (gloo)", "elements per step", "calls per step"], rows),
+        "",
+    ]
+    lines += [
+        table(
+            [
+                "strategy",
+                "gradients (x P)",
+                "parameters gathered (x P)",
+                "loss embeddings (x N B e)",
+                "wire factor: gradients, parameters, loss",
+            ],
+            [
+                [
+                    strategy,
+                    f"{c['gradients']['per_unit']:.3f}",
+                    f"{c['parameters']['per_unit']:.3f}",
+                    f"{c['loss embeddings']['per_unit']:.3f}",
+                    f"{c['gradients']['wire']:g}, {c['parameters']['wire']:g}, {c['loss embeddings']['wire']:g}",
+                ]
+                for strategy, c in coeff.items()
+            ],
+        ),
+        "",
+    ]
     c2, c3 = coeff["zero2"], coeff["zero3"]
     lines += [
         f"Reading (P parameters, N ranks, B samples per rank, e = embedding width): ZeRO-2 all-reduces every gradient "
@@ -348,13 +468,40 @@ def document(counts: dict[str, dict[str, Any]], model: dict[str, Any], single: d
     for strategy in ("zero2", "zero3"):
         for gpus in SIZES:
             p = predict(strategy, coeff[strategy], counts[strategy], model, gpus, step_s, batch, nvlink, network)
-            rows.append([strategy, gpus, f"{p['bytes_per_gpu'] / 1e9:.2f}", f"{p['gradients s'] * 1e3:.0f}",
-                         f"{p['parameters s'] * 1e3:.0f}", f"{p['loss embeddings s'] * 1e3:.1f}", f"{p['calls']:.0f}",
-                         f"{p['step_s']:.3f}", f"{p['efficiency']:.2f}", f"{p['step_s_no_overlap']:.3f}",
-                         f"{p['efficiency_no_overlap']:.2f}"])
-    lines += [table(["strategy", "GPUs", "GB sent per GPU per step", "gradients ms", "parameters ms",
-                     "loss embeddings ms", "collectives", "step s", "efficiency", "step s, no overlap",
-                     "efficiency, no overlap"], rows), ""]
+            rows.append(
+                [
+                    strategy,
+                    gpus,
+                    f"{p['bytes_per_gpu'] / 1e9:.2f}",
+                    f"{p['gradients s'] * 1e3:.0f}",
+                    f"{p['parameters s'] * 1e3:.0f}",
+                    f"{p['loss embeddings s'] * 1e3:.1f}",
+                    f"{p['calls']:.0f}",
+                    f"{p['step_s']:.3f}",
+                    f"{p['efficiency']:.2f}",
+                    f"{p['step_s_no_overlap']:.3f}",
+                    f"{p['efficiency_no_overlap']:.2f}",
+                ]
+            )
+    lines += [
+        table(
+            [
+                "strategy",
+                "GPUs",
+                "GB sent per GPU per step",
+                "gradients ms",
+                "parameters ms",
+                "loss embeddings ms",
+                "collectives",
+                "step s",
+                "efficiency",
+                "step s, no overlap",
+                "efficiency, no overlap",
+            ],
+            rows,
+        ),
+        "",
+    ]
     limit2 = break_even("zero2", coeff["zero2"], counts["zero2"], model, step_s, batch, network)
     limit3 = break_even("zero3", coeff["zero3"], counts["zero3"], model, step_s, batch, network)
     loss_512 = predict("zero2", coeff["zero2"], counts["zero2"], model, 512, step_s, batch, nvlink, network)
@@ -374,8 +521,10 @@ def document(counts: dict[str, dict[str, Any]], model: dict[str, Any], single: d
         f"- The loss's embedding gather is the one term that grows with N (every GPU receives every other GPU's B x e "
         f"embeddings per pair and sends their gradients back): {loss_512['loss embeddings s'] * 1e3:.1f} ms per "
         f"step at 512 GPUs with B = {batch}, 10% of the compute time at N = {limit2['loss_10_percent_gpus']:,.0f} "
-        "GPUs. The text embeddings travel once per pair (emi.models.losses gathers both sides of each pair): gathering them "
-        "once for both pairs would cut this volume by a quarter. Long before that the logits it feeds (B x N B per pair with model.local_loss) and the global batch "
+        "GPUs. The text embeddings travel once per pair (emi.models.losses gathers both sides of each pair): "
+        "gathering them "
+        "once for both pairs would cut this volume by a quarter. Long before that the logits it feeds (B x N B per "
+        "pair with model.local_loss) and the global batch "
         "itself are the concern: compute and optimisation, not communication.",
         "",
     ]

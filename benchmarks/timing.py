@@ -4,6 +4,7 @@ The machine is shared and noisy, so a benchmark repeats its measurements in inte
 best of each (the round least disturbed by other processes). CPU seconds (this process and its waited-for
 children) show the work done whatever the load; wall seconds are what a user waits.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from typing import Any
 class Meter:
     """Wall seconds and CPU seconds of this process and its finished children over a `with` block."""
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         self.wall, self.cpu = time.perf_counter(), cpu_seconds()
         return self
 
@@ -26,8 +27,10 @@ class Meter:
 
 
 def cpu_seconds() -> float:
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def best_of_rounds(work: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
@@ -42,8 +45,9 @@ def best_of_rounds(work: dict[str, Callable[[], Any]], repeats: int) -> dict[str
                 run()
             timings[name] = (meter.wall, meter.cpu)
         rounds.append(timings)
-    return {name: {"wall_s": min(r[name][0] for r in rounds), "cpu_s": min(r[name][1] for r in rounds)}
-            for name in work}
+    return {
+        name: {"wall_s": min(r[name][0] for r in rounds), "cpu_s": min(r[name][1] for r in rounds)} for name in work
+    }
 
 
 def cpu_model() -> str:

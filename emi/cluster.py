@@ -14,6 +14,7 @@ the node's `accelerate launch`; with EMI_LAUNCH_MODE=srun (one task per process)
 RANK, LOCAL_RANK and WORLD_SIZE from the task. Either way the process replaces itself with what it runs, so Slurm's
 signals reach it directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,16 +56,38 @@ def rendezvous_port(job_id: int, restart_count: int) -> int:
     return 20000 + (job_id * 10 + restart_count % 10) % 12000
 
 
-def accelerate_command(entry: list[str], num_nodes: int, node_rank: int, procs_per_node: int, master_addr: str,
-                       port: int, config_file: str | None = None) -> list[str]:
+def accelerate_command(
+    entry: list[str],
+    num_nodes: int,
+    node_rank: int,
+    procs_per_node: int,
+    master_addr: str,
+    port: int,
+    config_file: str | None = None,
+) -> list[str]:
     """The `accelerate launch` of one node: rendezvous at rank 0's node; a config file chooses the distributed
     type, else several processes run under torchrun (--multi_gpu: on the CPU the trainer picks gloo)."""
     num_processes = num_nodes * procs_per_node
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", str(num_nodes),
-               "--machine_rank", str(node_rank), "--num_processes", str(num_processes),
-               "--main_process_ip", master_addr, "--main_process_port", str(port), "--rdzv_backend", "static",
-               # the job already started one launcher per node: DeepSpeed must not ssh/pdsh to the others
-               "--deepspeed_multinode_launcher", "standard"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        str(num_nodes),
+        "--machine_rank",
+        str(node_rank),
+        "--num_processes",
+        str(num_processes),
+        "--main_process_ip",
+        master_addr,
+        "--main_process_port",
+        str(port),
+        "--rdzv_backend",
+        "static",
+        # the job already started one launcher per node: DeepSpeed must not ssh/pdsh to the others
+        "--deepspeed_multinode_launcher",
+        "standard",
+    ]
     if config_file:
         command += ["--config_file", config_file]
     elif num_processes > 1:
@@ -145,11 +168,18 @@ class NodeJob(submitit.helpers.Checkpointable):
     def __call__(self) -> None:
         env = submitit.JobEnvironment()
         restart_count = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        command = accelerate_command(self.program, env.num_nodes, env.node, max(1, self.gpus_per_node),
-                                     master_address(env), rendezvous_port(int(env.raw_job_id), restart_count))
+        command = accelerate_command(
+            self.program,
+            env.num_nodes,
+            env.node,
+            max(1, self.gpus_per_node),
+            master_address(env),
+            rendezvous_port(int(env.raw_job_id), restart_count),
+        )
         print(f"node {env.node} of {env.num_nodes} runs: {shlex.join(command)}", flush=True)
-        self._child = subprocess.Popen(command, cwd=self.workdir, env=child_environment(self.gpus_per_node > 0),
-                                       preexec_fn=_ignore_stop_signals)
+        self._child = subprocess.Popen(
+            command, cwd=self.workdir, env=child_environment(self.gpus_per_node > 0), preexec_fn=_ignore_stop_signals
+        )
         try:
             # poll, not wait(): checkpoint() runs in submitit's signal handler meanwhile and waits for the child
             # itself, which a blocked wait() here would prevent (it holds the Popen's wait lock)
@@ -159,8 +189,10 @@ class NodeJob(submitit.helpers.Checkpointable):
             if self._child.poll() is None:  # interrupted (cancelled local job): let the trainers checkpoint
                 signal_trainers(self._child, signal.SIGTERM)
         if returncode != 0:
-            raise RuntimeError(f"node {env.node}: `{shlex.join(command)}` exited with {returncode}; "
-                               f"last lines of {env.paths.stderr}:\n{log_tail(env.paths.stderr)}")
+            raise RuntimeError(
+                f"node {env.node}: `{shlex.join(command)}` exited with {returncode}; "
+                f"last lines of {env.paths.stderr}:\n{log_tail(env.paths.stderr)}"
+            )
 
     def checkpoint(self) -> DelayedSubmission:
         """Stop the trainers at a checkpoint (all ranks agree on the stop, so the other nodes stop too), then have
@@ -189,8 +221,18 @@ class ShardTask(submitit.helpers.Checkpointable):
     workdir: str
 
     def __call__(self) -> int:
-        command = [sys.executable, "-m", "emi.cli", "shards", "build", *self.build_args, "--num-tasks",
-                   str(self.count), "--task-index", str(self.index)]
+        command = [
+            sys.executable,
+            "-m",
+            "emi.cli",
+            "shards",
+            "build",
+            *self.build_args,
+            "--num-tasks",
+            str(self.count),
+            "--task-index",
+            str(self.index),
+        ]
         print(f"task {self.index} of {self.count} runs: {shlex.join(command)}", flush=True)
         returncode = subprocess.run(command, cwd=self.workdir, env=child_environment(False)).returncode
         if returncode not in (EXIT_OK, EXIT_PARTIAL):  # 3: some clips failed, which a re-run cannot change
@@ -198,24 +240,42 @@ class ShardTask(submitit.helpers.Checkpointable):
         return returncode
 
 
-def submitit_executor(log_dir: Path, local: bool, name: str, nodes: int, gpus_per_node: int, cpus_per_node: int,
-                      minutes: int, partition: str | None, **parameters: object) -> submitit.AutoExecutor:
+def submitit_executor(
+    log_dir: Path,
+    local: bool,
+    name: str,
+    nodes: int,
+    gpus_per_node: int,
+    cpus_per_node: int,
+    minutes: int,
+    partition: str | None,
+    **parameters: object,
+) -> submitit.AutoExecutor:
     """The executor for NodeJobs: Slurm (requeueable, warned SIGNAL_DELAY_S before the time limit) or, with
     `local`, this machine. `parameters`: more submitit parameters (slurm_array_parallelism)."""
-    executor = submitit.AutoExecutor(folder=log_dir, cluster="local" if local else "slurm",
-                                     slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
+    executor = submitit.AutoExecutor(
+        folder=log_dir, cluster="local" if local else "slurm", slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES
+    )
     executor.update_parameters(
-        name=name, nodes=nodes, tasks_per_node=1, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_node,
-        timeout_min=minutes, slurm_partition=partition, slurm_signal_delay_s=SIGNAL_DELAY_S,
+        name=name,
+        nodes=nodes,
+        tasks_per_node=1,
+        gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus_per_node,
+        timeout_min=minutes,
+        slurm_partition=partition,
+        slurm_signal_delay_s=SIGNAL_DELAY_S,
         slurm_additional_parameters={"requeue": True},
         # srun does not pass the allocation's CPUs per task on to the step (Slurm 22.05+); kill-on-bad-exit:
         # a node that fails must not leave the others waiting in a collective.
-        slurm_srun_args=[f"--cpus-per-task={cpus_per_node}", "--kill-on-bad-exit=1"], **parameters,
+        slurm_srun_args=[f"--cpus-per-task={cpus_per_node}", "--kill-on-bad-exit=1"],
+        **parameters,
     )
     return executor
 
 
 # ------------------------------------------------------------------------------------- one task of a Slurm step
+
 
 class StepError(Exception):
     """The step is not one this launcher can run: exit 2 with the reason."""
@@ -223,25 +283,43 @@ class StepError(Exception):
 
 def step_command(entry: list[str], mode: str, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """(what this task runs, its environment) for a task of a Slurm job step (SLURM_* in `env`)."""
-    for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_NODES", "SLURM_STEP_NUM_TASKS",
-                 "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID"):
+    for name in (
+        "SLURM_JOB_ID",
+        "SLURM_STEP_NODELIST",
+        "SLURM_STEP_NUM_NODES",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_NODEID",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+    ):
         if not env.get(name):
             raise StepError(f"{name} is not set: run this through srun inside a Slurm job, not from the batch shell")
-    hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]], capture_output=True,
-                           text=True).stdout.split()
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]], capture_output=True, text=True
+    ).stdout.split()
     if not hosts:
         raise StepError(f"cannot expand SLURM_STEP_NODELIST='{env['SLURM_STEP_NODELIST']}' with scontrol")
-    port = int(env.get("EMI_MASTER_PORT") or rendezvous_port(int(env["SLURM_JOB_ID"]),
-                                                           int(env.get("SLURM_RESTART_COUNT") or 0)))
+    port = int(
+        env.get("EMI_MASTER_PORT")
+        or rendezvous_port(int(env["SLURM_JOB_ID"]), int(env.get("SLURM_RESTART_COUNT") or 0))
+    )
     master, nodes, tasks = node_address(hosts[0]), int(env["SLURM_STEP_NUM_NODES"]), int(env["SLURM_STEP_NUM_TASKS"])
     child = child_environment(visible_gpus(), env)
     if mode == "srun":
-        child = {**child, "RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": str(tasks),
-                 "MASTER_ADDR": master, "MASTER_PORT": str(port)}
+        child = {
+            **child,
+            "RANK": env["SLURM_PROCID"],
+            "LOCAL_RANK": env["SLURM_LOCALID"],
+            "WORLD_SIZE": str(tasks),
+            "MASTER_ADDR": master,
+            "MASTER_PORT": str(port),
+        }
         return [sys.executable, *entry], child
     if tasks != nodes:
-        raise StepError(f"accelerate mode starts one launcher per node: use srun --ntasks-per-node=1 (this step has "
-                        f"{tasks} tasks on {nodes} nodes), or EMI_LAUNCH_MODE=srun")
+        raise StepError(
+            f"accelerate mode starts one launcher per node: use srun --ntasks-per-node=1 (this step has "
+            f"{tasks} tasks on {nodes} nodes), or EMI_LAUNCH_MODE=srun"
+        )
     procs = env.get("EMI_PROCS_PER_NODE") or env.get("SLURM_GPUS_ON_NODE") or "1"
     if not procs.isdigit() or int(procs) < 1:
         raise StepError(f"EMI_PROCS_PER_NODE='{procs}' is not a positive integer")

@@ -11,6 +11,7 @@ A config is named by its path, or by its name among the shipped configs (emi/con
 `--config stage1/tiny.yaml` works from any folder once emi is installed. `emi config show NAME [key=value ...]`
 prints the resolved config with every default filled in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -179,7 +180,8 @@ class Stage2Config:
     run: RunSection = field(default_factory=RunSection)
     data: Stage2Data = field(default_factory=Stage2Data)
     labels: list[str] = field(
-        default_factory=lambda: ["Admiration", "Amusement", "Determination", "Empathic Pain", "Excitement", "Joy"])
+        default_factory=lambda: ["Admiration", "Amusement", "Determination", "Empathic Pain", "Excitement", "Joy"]
+    )
     model: FusionSection = field(default_factory=FusionSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -270,14 +272,18 @@ def resolve_config_path(name: str | Path, beside: Path | None = None) -> Path:
         if candidate.is_file():
             return candidate
     looked = ", ".join(str(candidate) for candidate in dict.fromkeys(candidates))
-    raise UsageError(f"config file not found: {name} (looked for {looked}); `emi config list` names the shipped "
-                     "configs")
+    raise UsageError(
+        f"config file not found: {name} (looked for {looked}); `emi config list` names the shipped configs"
+    )
 
 
 def shipped_config_names() -> list[str]:
     """The shipped configs by name (`stage1/tiny.yaml`, `deepspeed/zero2.json`, ...), sorted."""
-    return sorted(path.relative_to(SHIPPED_CONFIGS).as_posix() for path in SHIPPED_CONFIGS.rglob("*")
-                  if path.suffix in CONFIG_SUFFIXES)
+    return sorted(
+        path.relative_to(SHIPPED_CONFIGS).as_posix()
+        for path in SHIPPED_CONFIGS.rglob("*")
+        if path.suffix in CONFIG_SUFFIXES
+    )
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -335,10 +341,12 @@ def validate(config: Any, source: str) -> None:
     data = getattr(config, "data", None)
     if isinstance(data, DataSection) and data.prefetch_factor < 1:  # a sweep's `data` names feature sets
         raise UsageError(f"{source}: data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
-    if isinstance(data, Stage2Data) and (data.folds or data.fold):
-        if data.folds < 2 or not 0 <= data.fold < data.folds:
-            raise UsageError(f"{source}: data.folds must be >= 2 (or 0: no folds) and 0 <= data.fold < data.folds, "
-                             f"got folds={data.folds} fold={data.fold}")
+    folded = isinstance(data, Stage2Data) and (data.folds or data.fold)
+    if folded and (data.folds < 2 or not 0 <= data.fold < data.folds):
+        raise UsageError(
+            f"{source}: data.folds must be >= 2 (or 0: no folds) and 0 <= data.fold < data.folds, "
+            f"got folds={data.folds} fold={data.fold}"
+        )
     if isinstance(config, Stage2Config):
         weights = config_to_dict(config.loss)
         unimodal = weights.pop("unimodal")
@@ -390,8 +398,10 @@ def _build(schema: type[T], raw: Any, source: str, prefix: str) -> T:
     fields = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise UnknownKeyError(f"{source}: unknown key {prefix + unknown[0]!r} in {where}; known keys: "
-                              f"{', '.join(sorted(fields))}", unknown[0])
+        raise UnknownKeyError(
+            f"{source}: unknown key {prefix + unknown[0]!r} in {where}; known keys: {', '.join(sorted(fields))}",
+            unknown[0],
+        )
     values = {name: _coerce(hints[name], raw[name], source, f"{prefix}{name}") for name in raw}
     return schema(**values)
 

@@ -8,6 +8,7 @@ benchmark drive. Every step is the command line a user would type, and each is s
 is already there, so a second run is quick. Outputs under the work folder: data/{synth,shards,features}/<split>,
 runs/<stage1>, runs/<stage2>.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,20 @@ class Pipeline:
         if self.verbose:
             print(f"\n== {title}\n$ {' '.join(command)}", flush=True)
         started = time.perf_counter()
-        env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
-                   PYTHONPATH=str(PACKAGE_ROOT))
-        result = subprocess.run(command, cwd=self.root, env=env, text=True,
-                                **({} if self.verbose else {"capture_output": True}))
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+            HF_HUB_OFFLINE="1",
+            PYTHONPATH=str(PACKAGE_ROOT),
+        )
+        result = subprocess.run(
+            command, cwd=self.root, env=env, text=True, **({} if self.verbose else {"capture_output": True})
+        )
         if result.returncode != 0:
-            raise RuntimeError(f"{title} failed ({result.returncode}): {' '.join(command)}\n"
-                               f"{(result.stderr or '')[-4000:]}")
+            raise RuntimeError(
+                f"{title} failed ({result.returncode}): {' '.join(command)}\n{(result.stderr or '')[-4000:]}"
+            )
         if self.verbose:
             print(f"   ({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -63,39 +70,120 @@ class Pipeline:
         return self.root / "data/features" / split
 
     def prepare_data(self) -> None:
-        corruption = (["--corrupt-modality", self.corrupt_modality, "--corrupt-frac", str(self.corrupt_frac)]
-                      if self.corrupt_modality else [])
+        corruption = (
+            ["--corrupt-modality", self.corrupt_modality, "--corrupt-frac", str(self.corrupt_frac)]
+            if self.corrupt_modality
+            else []
+        )
         for split, clips, seed in (("train", self.train_clips, 0), ("val", self.val_clips, 1)):
             synth = self.root / "data/synth" / split
             if not (synth / "labels.csv").is_file():
-                self.run(f"synthesise {clips} {split} clips", [
-                    *EMI, "synth", "--out", str(synth), "--clips", str(clips), "--seed", str(seed),
-                    "--prefix", f"{split}-", "--workers", "2", *corruption])
-            self.run(f"pack the {split} clips into shards", [
-                *EMI, "shards", "build", "--videos", str(synth / "videos"), "--labels", str(synth / "labels.csv"),
-                "--transcripts", str(synth / "transcripts.csv"), "--out", str(self.shards(split)), "--split",
-                split, "--frame-size", "64", "--shard-size", "64", "--workers", "2"])
+                self.run(
+                    f"synthesise {clips} {split} clips",
+                    [
+                        *EMI,
+                        "synth",
+                        "--out",
+                        str(synth),
+                        "--clips",
+                        str(clips),
+                        "--seed",
+                        str(seed),
+                        "--prefix",
+                        f"{split}-",
+                        "--workers",
+                        "2",
+                        *corruption,
+                    ],
+                )
+            self.run(
+                f"pack the {split} clips into shards",
+                [
+                    *EMI,
+                    "shards",
+                    "build",
+                    "--videos",
+                    str(synth / "videos"),
+                    "--labels",
+                    str(synth / "labels.csv"),
+                    "--transcripts",
+                    str(synth / "transcripts.csv"),
+                    "--out",
+                    str(self.shards(split)),
+                    "--split",
+                    split,
+                    "--frame-size",
+                    "64",
+                    "--shard-size",
+                    "64",
+                    "--workers",
+                    "2",
+                ],
+            )
 
     def train_stage1(self, name: str, epochs: int, *overrides: str) -> Path:
-        self.run("Stage I: contrastive pretraining (2 processes, DeepSpeed ZeRO-2)", [
-            *ACCELERATE, "-m", "emi.stages.stage1", "--config", str(CONFIGS / "stage1/tiny.yaml"), "--resume", "latest",
-            f"run.name={name}", f"run.output_dir={self.root / 'runs'}", f"data.train={self.shards('train')}",
-            f"data.val={self.shards('val')}", f"train.epochs={epochs}", "train.log_every=20", *overrides])
+        self.run(
+            "Stage I: contrastive pretraining (2 processes, DeepSpeed ZeRO-2)",
+            [
+                *ACCELERATE,
+                "-m",
+                "emi.stages.stage1",
+                "--config",
+                str(CONFIGS / "stage1/tiny.yaml"),
+                "--resume",
+                "latest",
+                f"run.name={name}",
+                f"run.output_dir={self.root / 'runs'}",
+                f"data.train={self.shards('train')}",
+                f"data.val={self.shards('val')}",
+                f"train.epochs={epochs}",
+                "train.log_every=20",
+                *overrides,
+            ],
+        )
         return self.root / "runs" / name / "export"
 
     def extract_features(self, encoders: Path) -> None:
         for split in ("train", "val"):
-            self.run(f"features of the {split} clips from the frozen encoders (2 processes)", [
-                *ACCELERATE, "-m", "emi.cli", "features", "extract", "--encoders", str(encoders),
-                "--shards", str(self.shards(split)), "--out", str(self.features(split))])
+            self.run(
+                f"features of the {split} clips from the frozen encoders (2 processes)",
+                [
+                    *ACCELERATE,
+                    "-m",
+                    "emi.cli",
+                    "features",
+                    "extract",
+                    "--encoders",
+                    str(encoders),
+                    "--shards",
+                    str(self.shards(split)),
+                    "--out",
+                    str(self.features(split)),
+                ],
+            )
 
     def train_stage2(self, name: str, epochs: int, *overrides: str) -> dict:
         """Train Stage II; returns the best epoch's val metrics (what <run>/best/trainer.json records)."""
-        self.run(f"Stage II {name}: quality-aware fusion (2 processes, DDP)", [
-            *ACCELERATE, "-m", "emi.stages.stage2", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--resume", "latest",
-            f"run.name={name}", f"run.output_dir={self.root / 'runs'}", f"data.train={self.features('train')}",
-            f"data.val={self.features('val')}", f"train.epochs={epochs}", f"optim.restart_epochs={epochs}",
-            "train.log_every=50", *overrides])
+        self.run(
+            f"Stage II {name}: quality-aware fusion (2 processes, DDP)",
+            [
+                *ACCELERATE,
+                "-m",
+                "emi.stages.stage2",
+                "--config",
+                str(CONFIGS / "stage2/tiny.yaml"),
+                "--resume",
+                "latest",
+                f"run.name={name}",
+                f"run.output_dir={self.root / 'runs'}",
+                f"data.train={self.features('train')}",
+                f"data.val={self.features('val')}",
+                f"train.epochs={epochs}",
+                f"optim.restart_epochs={epochs}",
+                "train.log_every=50",
+                *overrides,
+            ],
+        )
         return json.loads((self.root / "runs" / name / "best" / "trainer.json").read_text())
 
 

@@ -6,6 +6,7 @@ Where one rank reads what the others wrote (rank 0 checks every feature shard, w
 it first waits for all of them at `wait_for_ranks`, which says on stderr that it is waiting: a rank held back by a
 slow disk or a busy machine then shows as a wait, not as a missing file.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,8 +32,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def move_to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype | None = None
-                   ) -> dict[str, Any]:
+def move_to_device(
+    batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
     """Tensors to the device; floating inputs cast when DeepSpeed runs the model in bf16/fp16 (no autocast)."""
     moved = {}
     for key, value in batch.items():

@@ -1,5 +1,6 @@
 """Files and folders written so that a crash never leaves one that looks complete: write under a hidden temporary
 name, flush to disk, rename into place (atomic on POSIX file systems)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -64,9 +65,15 @@ def file_record(path: Path) -> dict[str, int | str]:
 
 def is_file_record(record: object) -> bool:
     """Whether `record` has the shape of a file_record: a size in bytes and a sha256."""
-    return (isinstance(record, dict) and isinstance(record.get("bytes"), int) and not isinstance(record["bytes"], bool)
-            and record["bytes"] >= 0 and isinstance(record.get("sha256"), str)
-            and len(record["sha256"]) == 64 and all(c in "0123456789abcdef" for c in record["sha256"]))
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("bytes"), int)
+        and not isinstance(record["bytes"], bool)
+        and record["bytes"] >= 0
+        and isinstance(record.get("sha256"), str)
+        and len(record["sha256"]) == 64
+        and all(c in "0123456789abcdef" for c in record["sha256"])
+    )
 
 
 def file_problem(folder: Path, name: str, record: dict[str, int | str]) -> str | None:

@@ -23,6 +23,7 @@ merges (emi.shards.merge) and exits with the merge's code: 0, or 3 when clips fa
 
 `emi sweep` (emi/sweep/) submits its Stage II cells as one job array of the same NodeJobs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,24 +48,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", help="run config (stage1, stage2)")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help="one training process per GPU; 0: one process per node on the CPU (not for shards)")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="one training process per GPU; 0: one process per node on the CPU (not for shards)",
+    )
     parser.add_argument("--tasks", type=int, default=None, help="shards: array tasks, each building a slice")
-    parser.add_argument("--retries", type=int, default=1, help="shards: times to submit again the tasks that did not "
-                        "complete (default 1)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="shards: times to submit again the tasks that did not complete (default 1)",
+    )
     parser.add_argument("--cpus-per-node", type=int, default=None, help="default: 10 per process")
     parser.add_argument("--partition", default=None)
     parser.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes (default 24 h)")
     parser.add_argument("--local", action="store_true", help="run on this machine with submitit's LocalExecutor")
-    parser.add_argument("--log-dir", type=Path, default=Path("logs/submitit"),
-                        help="submitit's folder: <job id>_<task>_log.out/err and its pickles")
-    parser.add_argument("args", nargs="*", metavar="ARG",
-                        help="config overrides (section.key=value); for features, after --: its arguments")
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path("logs/submitit"),
+        help="submitit's folder: <job id>_<task>_log.out/err and its pickles",
+    )
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="ARG",
+        help="config overrides (section.key=value); for features, after --: its arguments",
+    )
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.stage == "shards":
         if args.config is not None or args.gpus_per_node is not None or args.nodes != 1:
-            parser.error("shards takes --tasks, not --config, --gpus-per-node or --nodes (each task is one node): "
-                         "pass the build's arguments after --")
+            parser.error(
+                "shards takes --tasks, not --config, --gpus-per-node or --nodes (each task is one node): "
+                "pass the build's arguments after --"
+            )
         if args.tasks is None or args.tasks < 1 or args.retries < 0:
             parser.error(f"shards needs --tasks >= 1 and --retries >= 0, got {args.tasks} and {args.retries}")
         args.gpus_per_node = 0
@@ -82,8 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except UsageError as err:
             parser.error(f"--config: {err}")
     if args.nodes < 1 or args.gpus_per_node < 0 or args.time < 1:
-        parser.error(f"--nodes {args.nodes}, --gpus-per-node {args.gpus_per_node}, --time {args.time}: need "
-                     "nodes >= 1, GPUs >= 0, minutes >= 1")
+        parser.error(
+            f"--nodes {args.nodes}, --gpus-per-node {args.gpus_per_node}, --time {args.time}: need "
+            "nodes >= 1, GPUs >= 0, minutes >= 1"
+        )
     if args.cpus_per_node is not None and args.cpus_per_node < 1:
         parser.error(f"--cpus-per-node {args.cpus_per_node}: need at least 1")
     if args.local and args.nodes != 1:
@@ -115,15 +136,24 @@ def run_shards(args: argparse.Namespace) -> int:
     given_workers = any(arg == "--workers" or arg.startswith("--workers=") for arg in args.args)
     build_args = list(args.args) if given_workers else [*args.args, "--workers", str(cpus)]
     executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local" if args.local else "slurm")
-    executor.update_parameters(name="emi-shards", nodes=1, tasks_per_node=1, cpus_per_task=cpus,
-                               timeout_min=args.time, slurm_partition=args.partition,
-                               slurm_additional_parameters={"requeue": True})
+    executor.update_parameters(
+        name="emi-shards",
+        nodes=1,
+        tasks_per_node=1,
+        cpus_per_task=cpus,
+        timeout_min=args.time,
+        slurm_partition=args.partition,
+        slurm_additional_parameters={"requeue": True},
+    )
     pending = list(range(args.tasks))
     for attempt in range(args.retries + 1):
         with executor.batch():
             jobs = {index: executor.submit(ShardTask(build_args, index, args.tasks, os.getcwd())) for index in pending}
-        print(f"submitted shard tasks {pending} of {args.tasks} as jobs {[job.job_id for job in jobs.values()]}; "
-              f"logs in {args.log_dir}", flush=True)
+        print(
+            f"submitted shard tasks {pending} of {args.tasks} as jobs {[job.job_id for job in jobs.values()]}; "
+            f"logs in {args.log_dir}",
+            flush=True,
+        )
         for index, job in jobs.items():
             try:
                 job.result()
@@ -161,13 +191,23 @@ def main(argv: list[str] | None = None) -> int:
 
     procs_per_node = max(1, args.gpus_per_node)
     cpus_per_node = args.cpus_per_node or 10 * procs_per_node
-    executor = submitit_executor(args.log_dir, args.local, f"emi-{args.stage}", args.nodes, args.gpus_per_node,
-                                 cpus_per_node, args.time, args.partition)
+    executor = submitit_executor(
+        args.log_dir,
+        args.local,
+        f"emi-{args.stage}",
+        args.nodes,
+        args.gpus_per_node,
+        cpus_per_node,
+        args.time,
+        args.partition,
+    )
     job = executor.submit(NodeJob(program=program(args), gpus_per_node=args.gpus_per_node, workdir=os.getcwd()))
 
     where = "locally" if args.local else "to Slurm"
-    print(f"submitted {args.stage} {where} as job {job.job_id}: {args.nodes} node(s) x {procs_per_node} "
-          f"process(es), {cpus_per_node} CPUs and {args.gpus_per_node} GPUs per node")
+    print(
+        f"submitted {args.stage} {where} as job {job.job_id}: {args.nodes} node(s) x {procs_per_node} "
+        f"process(es), {cpus_per_node} CPUs and {args.gpus_per_node} GPUs per node"
+    )
     print(f"follow it: tail -f {job.paths.stdout} {job.paths.stderr}")
     if run is not None:
         print(f"run folder: {run} (log {run / 'log.txt'}; tensorboard --logdir {run / 'tb'})")

@@ -16,6 +16,7 @@ pixels and samples. Rules, shared by both:
 - audio is mono 16-bit at sample_rate, padded with silence or cut to round(duration_s * sample_rate) samples;
   a clip with no audio stream gets that many zeros and has_audio False.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,17 +34,52 @@ import numpy as np
 # Demuxers of self-contained media files. Not here, on purpose: hls, dash, concat, image2 (file name patterns),
 # imf, sdp/rtp/rtsp, tee and every other format that opens further files or URLs, and text renderers (tty).
 DEMUXERS = (
-    "mov", "matroska", "avi", "mpeg", "mpegts", "mpegvideo", "m4v", "h264", "hevc", "flv", "asf", "ogg", "nut",
-    "dv", "gif", "wav", "w64", "mp3", "aac", "flac", "ac3", "eac3", "amr", "aiff", "caf", "au", "wv",
-    "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe",
+    "mov",
+    "matroska",
+    "avi",
+    "mpeg",
+    "mpegts",
+    "mpegvideo",
+    "m4v",
+    "h264",
+    "hevc",
+    "flv",
+    "asf",
+    "ogg",
+    "nut",
+    "dv",
+    "gif",
+    "wav",
+    "w64",
+    "mp3",
+    "aac",
+    "flac",
+    "ac3",
+    "eac3",
+    "amr",
+    "aiff",
+    "caf",
+    "au",
+    "wv",
+    "png_pipe",
+    "jpeg_pipe",
+    "bmp_pipe",
+    "webp_pipe",
+    "tiff_pipe",
 )
 IMAGE_DEMUXERS = {"png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe"}  # one picture: a one-frame clip
 _OPEN_OPTIONS = {"format_whitelist": ",".join(DEMUXERS), "protocol_whitelist": "file"}
 # Text formats that name other files or URLs, by how they start, for the refusal message.
-_REFERRING_TEXT = (("#EXTM3U", "an HLS playlist"), ("ffconcat", "an FFmpeg concat script"),
-                   ("file ", "an FFmpeg concat script"), ("<?xml", "an XML manifest (DASH, IMF or similar)"),
-                   ("<MPD", "a DASH manifest"), ("v=0", "an SDP session description"),
-                   ("[playlist]", "a PLS playlist"), ("<asx", "an ASX playlist"))
+_REFERRING_TEXT = (
+    ("#EXTM3U", "an HLS playlist"),
+    ("ffconcat", "an FFmpeg concat script"),
+    ("file ", "an FFmpeg concat script"),
+    ("<?xml", "an XML manifest (DASH, IMF or similar)"),
+    ("<MPD", "a DASH manifest"),
+    ("v=0", "an SDP session description"),
+    ("[playlist]", "a PLS playlist"),
+    ("<asx", "an ASX playlist"),
+)
 # A file whose streams all end before its declared length by more than this is cut, not a shorter clip.
 TRUNCATION_TOLERANCE = (0.5, 0.01)  # seconds + fraction of the declared length
 SCALE_FLAGS = "bicubic"
@@ -126,7 +162,7 @@ def _unopenable(path: Path) -> str:
     if head is not None:
         start = head.lstrip(" \r\n\t")
         for prefix, what in _REFERRING_TEXT:
-            if start[:len(prefix)].lower() == prefix.lower():
+            if start[: len(prefix)].lower() == prefix.lower():
                 return f"refused: {what}, which refers to other files or URLs (only self-contained media is read)"
         return "not a media file (it is a text file)"
     skip_repeated = av.logging.get_skip_repeated()
@@ -142,8 +178,10 @@ def _unopenable(path: Path) -> str:
         av.logging.set_level(None)
         av.logging.set_skip_repeated(skip_repeated)
     messages = list(dict.fromkeys(message.strip() for _, _, message in logs if message.strip()))
-    return (f"not readable as media: truncated, corrupt or not an accepted format "
-            f"(FFmpeg: {'; '.join(messages[:3]) or 'no message'})")
+    return (
+        f"not readable as media: truncated, corrupt or not an accepted format "
+        f"(FFmpeg: {'; '.join(messages[:3]) or 'no message'})"
+    )
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -197,9 +235,18 @@ class ClipStream:
     MediaError can come at any point of the iteration; what came before it is then not the clip. threads: the
     video decoder's (0: FFmpeg's choice)."""
 
-    def __init__(self, path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16000,
-                 frame_size: int | None = 256, crop: tuple[int, int, int, int] | None = None,
-                 pixel_format: str = "rgb24", with_audio: bool = True, shrink_only: bool = False, threads: int = 0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fps: float = 5.0,
+        sample_rate: int = 16000,
+        frame_size: int | None = 256,
+        crop: tuple[int, int, int, int] | None = None,
+        pixel_format: str = "rgb24",
+        with_audio: bool = True,
+        shrink_only: bool = False,
+        threads: int = 0,
+    ):
         if fps <= 0 or sample_rate <= 0:
             raise ValueError(f"fps and sample_rate must be positive, got {fps} and {sample_rate}")
         self.path, self.fps, self.sample_rate = Path(path), fps, sample_rate
@@ -222,8 +269,9 @@ class ClipStream:
         if self.video is None and self.audio is None:
             raise MediaError(path, "no video and no audio stream")
         self.format_name = container.format.name
-        self.is_image = (self.video is not None and self.audio is None
-                         and bool(set(self.format_name.split(",")) & IMAGE_DEMUXERS))
+        self.is_image = (
+            self.video is not None and self.audio is None and bool(set(self.format_name.split(",")) & IMAGE_DEMUXERS)
+        )
         durations = [container.duration / 1e6 if container.duration is not None else None]
         durations += [_seconds(s.duration, s.time_base) for s in (self.video, self.audio) if s is not None]
         known = [d for d in durations if d is not None]
@@ -236,8 +284,12 @@ class ClipStream:
         # What the file says its length is. An AVI header counts the video frames; FFmpeg's duration of a cut
         # AVI is what is left of it, so the count is the declaration. (Not for mp4: its edit lists cut frames.)
         self.declared_s = self.duration_s
-        if self.video is not None and "avi" in self.format_name.split(",") and self.video.frames and \
-                self.video.average_rate:
+        if (
+            self.video is not None
+            and "avi" in self.format_name.split(",")
+            and self.video.frames
+            and self.video.average_rate
+        ):
             self.declared_s = max(self.declared_s, float(self.video.frames / self.video.average_rate))
         self.start_s = container.start_time / 1e6 if container.start_time is not None else 0.0
         self.num_frames = num_frames_for(self.duration_s, self.fps) if self.video is not None else 0
@@ -249,9 +301,16 @@ class ClipStream:
 
     @property
     def info(self) -> MediaInfo:
-        return MediaInfo(path=self.path, format_name=self.format_name, duration_s=self.duration_s,
-                         has_video=self.video is not None, has_audio=self.audio is not None,
-                         width=self.source_size[0], height=self.source_size[1], is_image=self.is_image)
+        return MediaInfo(
+            path=self.path,
+            format_name=self.format_name,
+            duration_s=self.duration_s,
+            has_video=self.video is not None,
+            has_audio=self.audio is not None,
+            width=self.source_size[0],
+            height=self.source_size[1],
+            is_image=self.is_image,
+        )
 
     def close(self) -> None:
         self.container.close()
@@ -285,8 +344,12 @@ class ClipStream:
         if self.pixel_format == "gray":
             filters += [("scale", f"{size}:flags={SCALE_FLAGS}"), ("format", "gray")]
         else:  # scale in YUV, then convert unscaled: swscale's fast path, a third of the CPU of doing both at once
-            filters += [("scale", f"{size}:flags={SCALE_FLAGS}"), ("format", "yuv420p"), ("scale", size),
-                        ("format", self.pixel_format)]
+            filters += [
+                ("scale", f"{size}:flags={SCALE_FLAGS}"),
+                ("format", "yuv420p"),
+                ("scale", size),
+                ("format", self.pixel_format),
+            ]
         graph = av.filter.Graph()
         previous = graph.add_buffer(template=self.video)
         for name, args in filters:
@@ -297,79 +360,109 @@ class ClipStream:
         graph.configure()
         return graph
 
-    def __iter__(self) -> Iterator[tuple[str, np.ndarray | bytes]]:
-        path = self.path
-        streams = [s for s in (self.video, self.audio if self.decode_audio else None) if s is not None]
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=self.sample_rate) if self.decode_audio \
-            else None
-        graph, last, emitted, samples = None, None, 0, 0
-        content_end, errors = 0.0, []
-        start = {s.index: round(self.start_s / s.time_base) for s in streams if s.time_base}
+    def __iter__(self) -> Iterator[tuple[str, av.VideoFrame | bytes]]:
+        decoding = _Decoding(self)
+        yield from decoding.decode()
+        decoding.check_complete()
+        for _ in range(decoding.emitted, self.num_frames):  # the video stream ends before the container: hold the last
+            yield "frame", decoding.last
+        self.has_audio = decoding.samples > 0
+        if decoding.samples < self.num_samples:
+            yield "audio", bytes(2 * (self.num_samples - decoding.samples))
 
-        def pull() -> Iterator[tuple[str, av.VideoFrame]]:
-            nonlocal last, emitted
-            while True:
-                try:
-                    out = graph.vpull()
-                except (av.BlockingIOError, av.EOFError):
-                    return
-                if emitted < self.num_frames:
-                    last, emitted = out, emitted + 1
-                    yield "frame", last
 
-        def pcm(frames: list[av.AudioFrame]) -> Iterator[tuple[str, bytes]]:
-            nonlocal samples
-            for frame in frames:  # the plane may be padded beyond its samples; to_ndarray is slow per frame
-                data = bytes(frame.planes[0])[: 2 * min(frame.samples, self.num_samples - samples)]
-                if data:
-                    samples += len(data) // 2
-                    yield "audio", data
+class _Decoding:
+    """One pass over a ClipStream's packets: video frames through its filter graph (built from the first frame),
+    audio through a resampler, with what came out so far, where the content ended and the decoder's errors."""
 
+    def __init__(self, clip: ClipStream) -> None:
+        self.clip = clip
+        self.streams = [s for s in (clip.video, clip.audio if clip.decode_audio else None) if s is not None]
+        self.resampler = (
+            av.AudioResampler(format="s16", layout="mono", rate=clip.sample_rate) if clip.decode_audio else None
+        )
+        self.start = {s.index: round(clip.start_s / s.time_base) for s in self.streams if s.time_base}
+        self.graph: av.filter.Graph | None = None
+        self.last: av.VideoFrame | None = None
+        self.emitted = self.samples = 0
+        self.content_end = 0.0
+        self.errors: list[str] = []
+
+    def decode(self) -> Iterator[tuple[str, av.VideoFrame | bytes]]:
         try:
-            for packet in self.container.demux(*streams) if streams else ():
+            for packet in self.clip.container.demux(*self.streams) if self.streams else ():
                 try:
                     decoded = packet.decode()
                 except av.FFmpegError as err:
-                    errors.append(err.strerror or str(err))
+                    self.errors.append(err.strerror or str(err))
                     continue
                 for frame in decoded:
-                    if frame.time is not None:
-                        length = (frame.samples / frame.sample_rate if isinstance(frame, av.AudioFrame)
-                                  else _seconds(frame.duration, frame.time_base) or 1 / float(
-                                      self.video.average_rate or self.fps))
-                        content_end = max(content_end, frame.time + length - self.start_s)
-                    if isinstance(frame, av.AudioFrame):
-                        yield from pcm(resampler.resample(frame))
-                        continue
-                    if graph is None:
-                        graph = self._graph(frame)
-                    if frame.pts is not None:
-                        frame.pts -= start.get(packet.stream.index, 0)
-                    graph.vpush(frame)
-                    yield from pull()
+                    yield from self._frame(frame, packet.stream.index)
         except av.FFmpegError as err:  # the demuxer gave up: the file is damaged from here on
-            errors.append(err.strerror or str(err))
-        if graph is not None:
-            graph.vpush(None)
-            yield from pull()
-        if resampler is not None:
-            yield from pcm(resampler.resample(None))
-        message = "; ".join(dict.fromkeys(errors[:3])) or "no message"
-        if self.video is not None:
-            if emitted == 0:
-                raise MediaError(path, f"truncated or corrupt: no decodable video frames ({message})")
-            if emitted < self.num_frames and errors:
-                raise MediaError(path, f"truncated or corrupt: decoded {emitted} of {self.num_frames} frames "
-                                       f"({message})")
+            self.errors.append(err.strerror or str(err))
+        if self.graph is not None:
+            self.graph.vpush(None)
+            yield from self._pull()
+        if self.resampler is not None:
+            yield from self._pcm(self.resampler.resample(None))
+
+    def _frame(self, frame: av.VideoFrame | av.AudioFrame, stream: int) -> Iterator[tuple[str, av.VideoFrame | bytes]]:
+        audio = isinstance(frame, av.AudioFrame)
+        if frame.time is not None:
+            if audio:
+                length = frame.samples / frame.sample_rate
+            else:
+                length = _seconds(frame.duration, frame.time_base) or 1 / float(
+                    self.clip.video.average_rate or self.clip.fps
+                )
+            self.content_end = max(self.content_end, frame.time + length - self.clip.start_s)
+        if audio:
+            yield from self._pcm(self.resampler.resample(frame))
+            return
+        if self.graph is None:
+            self.graph = self.clip._graph(frame)
+        if frame.pts is not None:
+            frame.pts -= self.start.get(stream, 0)
+        self.graph.vpush(frame)
+        yield from self._pull()
+
+    def _pull(self) -> Iterator[tuple[str, av.VideoFrame]]:
+        while True:
+            try:
+                out = self.graph.vpull()
+            except (av.BlockingIOError, av.EOFError):
+                return
+            if self.emitted < self.clip.num_frames:
+                self.last, self.emitted = out, self.emitted + 1
+                yield "frame", out
+
+    def _pcm(self, frames: list[av.AudioFrame]) -> Iterator[tuple[str, bytes]]:
+        for frame in frames:  # the plane may be padded beyond its samples; to_ndarray is slow per frame
+            data = bytes(frame.planes[0])[: 2 * min(frame.samples, self.clip.num_samples - self.samples)]
+            if data:
+                self.samples += len(data) // 2
+                yield "audio", data
+
+    def check_complete(self) -> None:
+        """A MediaError where the video or the streams stopped short of what the file declares."""
+        clip, emitted = self.clip, self.emitted
+        message = "; ".join(dict.fromkeys(self.errors[:3])) or "no message"
+        if clip.video is not None and emitted == 0:
+            raise MediaError(clip.path, f"truncated or corrupt: no decodable video frames ({message})")
+        if clip.video is not None and emitted < clip.num_frames and self.errors:
+            raise MediaError(
+                clip.path, f"truncated or corrupt: decoded {emitted} of {clip.num_frames} frames ({message})"
+            )
         seconds, fraction = TRUNCATION_TOLERANCE
-        if streams and not self.is_image and self.declared_s - content_end > seconds + fraction * self.declared_s:
-            raise MediaError(path, f"truncated: its streams end at {content_end:.2f} s, the file declares "
-                                   f"{self.declared_s:.2f} s")
-        for _ in range(emitted, self.num_frames):  # the video stream ends before the container: hold the last
-            yield "frame", last
-        self.has_audio = samples > 0
-        if samples < self.num_samples:
-            yield "audio", bytes(2 * (self.num_samples - samples))
+        if (
+            self.streams
+            and not clip.is_image
+            and clip.declared_s - self.content_end > seconds + fraction * clip.declared_s
+        ):
+            raise MediaError(
+                clip.path,
+                f"truncated: its streams end at {self.content_end:.2f} s, the file declares {clip.declared_s:.2f} s",
+            )
 
 
 def as_array(frame: av.VideoFrame) -> np.ndarray:
@@ -387,8 +480,9 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         return stream.info
 
 
-def decode_clip(path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16000,
-                frame_size: int | None = 256) -> DecodedClip:
+def decode_clip(
+    path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16000, frame_size: int | None = 256
+) -> DecodedClip:
     """The whole clip in memory (see the module rules): for short clips and tests; the shard builder and predict
     stream with ClipStream instead. An audio-only file gives zero frames and has_video False."""
     frames, pcm = [], []
@@ -399,17 +493,30 @@ def decode_clip(path: str | os.PathLike, fps: float = 5.0, sample_rate: int = 16
             else:
                 pcm.append(data)
         audio = np.frombuffer(b"".join(pcm), "<i2").astype(np.float32) / 32768.0
-        return DecodedClip(frames=np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8), audio=audio,
-                           sample_rate=sample_rate, fps=fps, duration_s=stream.duration_s,
-                           has_audio=stream.has_audio, has_video=stream.video is not None,
-                           source_size=stream.source_size)
+        return DecodedClip(
+            frames=np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8),
+            audio=audio,
+            sample_rate=sample_rate,
+            fps=fps,
+            duration_s=stream.duration_s,
+            has_audio=stream.has_audio,
+            has_video=stream.video is not None,
+            source_size=stream.source_size,
+        )
 
 
 def wav_header(num_samples: int, sample_rate: int) -> bytes:
     """The 44-byte header of a 16-bit PCM mono WAV file holding num_samples samples (as the wave module writes)."""
     data = 2 * num_samples
-    return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt " +
-            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16) + b"data" + struct.pack("<I", data))
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16)
+        + b"data"
+        + struct.pack("<I", data)
+    )
 
 
 def wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:

@@ -1,5 +1,6 @@
 """Evaluation metrics: per-emotion Pearson correlation (the challenge metric), MSE, and retrieval recall@k for
 the Stage I embeddings. Everything is computed in float64 on the CPU."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ def _as_float64(name: str, x: Tensor | np.ndarray) -> np.ndarray:
 def _checked_pair(pred: Tensor | np.ndarray, target: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred, target = _as_float64("pred", pred), _as_float64("target", target)
     if pred.ndim != 2 or pred.shape != target.shape:
-        raise ValueError(f"pred and target must both be [N, K] of one shape, got {list(pred.shape)} and "
-                         f"{list(target.shape)}")
+        raise ValueError(
+            f"pred and target must both be [N, K] of one shape, got {list(pred.shape)} and {list(target.shape)}"
+        )
     if pred.shape[0] < 2:
         raise ValueError(f"Pearson correlation needs at least 2 samples, got {pred.shape[0]}")
     return pred, target
@@ -53,8 +55,9 @@ def mean_pearson(pred: Tensor | np.ndarray, target: Tensor | np.ndarray) -> floa
     return float(pearson(pred, target).mean())
 
 
-def emi_report(pred: Tensor | np.ndarray, target: Tensor | np.ndarray,
-               names: Sequence[str] = EMI_EMOTIONS) -> dict[str, float | int]:
+def emi_report(
+    pred: Tensor | np.ndarray, target: Tensor | np.ndarray, names: Sequence[str] = EMI_EMOTIONS
+) -> dict[str, float | int]:
     """Flat dict for logging: "pearson/<name>" per column, "mean_pearson", "mse" (over all entries) and
     "num_samples"."""
     pred, target = _checked_pair(pred, target)
@@ -68,8 +71,9 @@ def emi_report(pred: Tensor | np.ndarray, target: Tensor | np.ndarray,
     return report
 
 
-def retrieval_metrics(a_feats: Tensor | np.ndarray, b_feats: Tensor | np.ndarray,
-                      ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def retrieval_metrics(
+    a_feats: Tensor | np.ndarray, b_feats: Tensor | np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """Recall@k for paired rows (row i of a belongs with row i of b) by cosine similarity, both directions:
     {"a2b_R@1", "a2b_R@5", "b2a_R@1", "b2a_R@5"} for the default ks.
 
@@ -78,8 +82,9 @@ def retrieval_metrics(a_feats: Tensor | np.ndarray, b_feats: Tensor | np.ndarray
     """
     a, b = _as_float64("a_feats", a_feats), _as_float64("b_feats", b_feats)
     if a.ndim != 2 or a.shape != b.shape or a.shape[0] == 0:
-        raise ValueError(f"a_feats and b_feats must both be non-empty [N, D] of one shape, got {list(a.shape)} "
-                         f"and {list(b.shape)}")
+        raise ValueError(
+            f"a_feats and b_feats must both be non-empty [N, D] of one shape, got {list(a.shape)} and {list(b.shape)}"
+        )
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     similarity = a @ b.T

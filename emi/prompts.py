@@ -20,6 +20,7 @@ Rules (all deterministic):
 - Missing values (NaN, None, empty strings) and unknown columns are ignored. When the known columns carry values
   but the text would be empty (e.g. no AU active and nothing else), the prompt is `NEUTRAL_PROMPT`.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,7 +69,7 @@ _AU_COLUMN = re.compile(r"AU0*([1-9][0-9]*)")
 
 
 def intensity_word(x: float) -> str:
-    """"Low" below 0.3, "Moderate" from 0.3 up to 0.6, "High" from 0.6."""
+    """ "Low" below 0.3, "Moderate" from 0.3 up to 0.6, "High" from 0.6."""
     if math.isnan(x):
         raise ValueError("intensity_word: value is NaN")
     if x < INTENSITY_LOW_BELOW:
@@ -96,10 +97,12 @@ def build_prompt(labels: Mapping[str, float | str]) -> str:
         primary = _emi_phrase(emi)
     else:
         primary = ""
-    active = [f"AU{code} ({AU_NAMES[code]})" for code in sorted(au_values)
-              if au_values[code] >= AU_ACTIVE_THRESHOLD]
-    va = [f"{name}={_two_decimals(value)}" for name, value in (("Valence", valence), ("Arousal", arousal))
-          if value is not None]
+    active = [f"AU{code} ({AU_NAMES[code]})" for code in sorted(au_values) if au_values[code] >= AU_ACTIVE_THRESHOLD]
+    va = [
+        f"{name}={_two_decimals(value)}"
+        for name, value in (("Valence", valence), ("Arousal", arousal))
+        if value is not None
+    ]
 
     text = primary
     if active:
@@ -126,8 +129,11 @@ def _two_decimals(x: float) -> str:
 
 
 def _is_missing(value: object) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or (
-        isinstance(value, float) and math.isnan(value))
+    return (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, float) and math.isnan(value))
+    )
 
 
 def _number(column: str, value: float | str) -> float | None:

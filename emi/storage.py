@@ -20,6 +20,7 @@ cache in the child, whose garbage collector then closed the inherited connection
 (epoll is shared across a fork): the parent's next request waited for ever. Here the parent's objects stay
 referenced in the child, which makes its own.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -117,9 +118,21 @@ def _bounded(fs, method: str, *args, size: int = 0, **kwargs):
 
 
 def _is_permanent(err: BaseException) -> bool:
-    return (isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                             ValueError, TypeError, UsageError))
-            or type(err).__name__ in _PERMANENT_NAMES)
+    return (
+        isinstance(
+            err,
+            (
+                FileNotFoundError,
+                PermissionError,
+                IsADirectoryError,
+                NotADirectoryError,
+                ValueError,
+                TypeError,
+                UsageError,
+            ),
+        )
+        or type(err).__name__ in _PERMANENT_NAMES
+    )
 
 
 def _reason(err: BaseException) -> str:
@@ -147,8 +160,10 @@ def retrying(url: str, what: str, action: Callable[[], T]) -> T:
                     raise
                 raise StorageError(f"{shown(url)}: cannot {what}: {_reason(err)}") from None
             if time.monotonic() + wait > deadline:
-                raise StorageUnavailable(f"{shown(url)}: cannot {what}, still failing after retrying "
-                                         f"{RETRY_DEADLINE_S:.0f} s: {_reason(err)}") from None
+                raise StorageUnavailable(
+                    f"{shown(url)}: cannot {what}, still failing after retrying "
+                    f"{RETRY_DEADLINE_S:.0f} s: {_reason(err)}"
+                ) from None
             log.warning("%s: cannot %s (%s); retrying in %.2f s", shown(url), what, _reason(err), wait)
             time.sleep(wait)
             wait = min(2 * wait, BACKOFF_S[1])
@@ -186,7 +201,7 @@ class ResumableReader(io.RawIOBase):
             return data[:want]
 
         data = retrying(self.url, f"read it at byte {self.offset}", attempt)
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self.offset += len(data)
         return len(data)
 
@@ -301,7 +316,7 @@ def list_tree(folder: str) -> list[str]:
             found = _bounded(fs, "find", root, withdirs=False)
         except FileNotFoundError:
             return []
-        return sorted(name[len(root) + 1:] for name in found if name.startswith(root + "/"))
+        return sorted(name[len(root) + 1 :] for name in found if name.startswith(root + "/"))
 
     return retrying(folder, "list it", get)
 
@@ -350,5 +365,3 @@ def sha256(location: str | os.PathLike) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-

@@ -57,6 +57,7 @@ File sizes carry no label: names are sequential, both streams are encoded at a c
 (x264 nal-hrd=cbr), and metadata is stripped (-map_metadata -1, bitexact flags). With one encoder thread the
 mp4 bytes are identical for identical seeds.
 """
+
 from __future__ import annotations
 
 import csv
@@ -83,14 +84,16 @@ VIDEO_BITRATE = "400k"
 AUDIO_BITRATE = "32k"
 
 # Rows follow EMI_EMOTIONS; columns are the (positive, negative, drive) latent factors.
-LOADINGS = np.array([
-    [0.3, 0.0, 0.5],   # Admiration
-    [0.7, 0.0, 0.0],   # Amusement
-    [0.0, 0.0, 0.7],   # Determination
-    [-0.3, 0.7, 0.0],  # Empathic Pain
-    [0.6, 0.0, 0.3],   # Excitement
-    [0.7, 0.0, 0.0],   # Joy
-])
+LOADINGS = np.array(
+    [
+        [0.3, 0.0, 0.5],  # Admiration
+        [0.7, 0.0, 0.0],  # Amusement
+        [0.0, 0.0, 0.7],  # Determination
+        [-0.3, 0.7, 0.0],  # Empathic Pain
+        [0.6, 0.0, 0.3],  # Excitement
+        [0.7, 0.0, 0.0],  # Joy
+    ]
+)
 LABEL_SLOPE, LABEL_OFFSET = 1.7, 1.2
 MODALITY_LABEL_NOISE = 0.08
 CUE_WORDS = {
@@ -101,8 +104,28 @@ CUE_WORDS = {
     "Excitement": ("yes", "lets go", "woo", "awesome", "pumped"),
     "Joy": ("happy", "love", "glad", "wonderful", "smile"),
 }
-FILLER_WORDS = ("i", "the", "it", "was", "and", "so", "really", "just", "we", "that", "um", "well", "you",
-                "know", "this", "then", "okay", "like", "there", "oh")
+FILLER_WORDS = (
+    "i",
+    "the",
+    "it",
+    "was",
+    "and",
+    "so",
+    "really",
+    "just",
+    "we",
+    "that",
+    "um",
+    "well",
+    "you",
+    "know",
+    "this",
+    "then",
+    "okay",
+    "like",
+    "there",
+    "oh",
+)
 CUES_PER_UNIT_INTENSITY = 4.0
 CUE_COUNT_NOISE = 1.0
 EMPTY_TRANSCRIPT_PROB = 0.04
@@ -143,8 +166,9 @@ def noisy_copy(labels: np.ndarray, rng: np.random.Generator) -> dict[str, float]
     return dict(zip(EMI_EMOTIONS, noisy.tolist()))
 
 
-def burst_envelope(t: np.ndarray, duration: float, rng: np.random.Generator, width: tuple[float, float],
-                   seconds_per_burst: float) -> np.ndarray:
+def burst_envelope(
+    t: np.ndarray, duration: float, rng: np.random.Generator, width: tuple[float, float], seconds_per_burst: float
+) -> np.ndarray:
     """Raised-cosine bumps in [0, 1] at random times; at least one whole burst per clip."""
     envelope = np.zeros_like(t)
     for _ in range(max(1, round(duration / seconds_per_burst))):
@@ -166,8 +190,9 @@ def render_background(rng: np.random.Generator) -> np.ndarray:
     return background
 
 
-def _segment_distance(xx: np.ndarray, yy: np.ndarray, ax: np.ndarray, ay: np.ndarray, bx: np.ndarray,
-                      by: np.ndarray) -> np.ndarray:
+def _segment_distance(
+    xx: np.ndarray, yy: np.ndarray, ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray
+) -> np.ndarray:
     """Distance of every pixel to the segment a-b, per frame (segment ends have shape (T, 1, 1))."""
     dx, dy = bx - ax, by - ay
     along = np.clip(((xx - ax) * dx + (yy - ay) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
@@ -211,8 +236,9 @@ def render_frames(labels: np.ndarray, num_frames: int, rng: np.random.Generator)
     brow_half = 0.2 * rx
 
     mouth_rate, mouth_phase = rng.uniform(0.6, 1.5), rng.uniform(0, 2 * np.pi)
-    mouth_open = (rng.uniform(0.02, 0.08) * ry
-                  + 0.5 * ry * c["Amusement"] * 0.5 * (1 - np.cos(2 * np.pi * mouth_rate * t + mouth_phase)))
+    mouth_open = rng.uniform(0.02, 0.08) * ry + 0.5 * ry * c["Amusement"] * 0.5 * (
+        1 - np.cos(2 * np.pi * mouth_rate * t + mouth_phase)
+    )
     smile = (rng.uniform(-0.12, 0.05) + 0.45 * c["Joy"] * u) * ry
     mouth_y, mouth_half_width = cy + 0.45 * ry, 0.5 * rx
 
@@ -259,17 +285,19 @@ def render_audio(labels: np.ndarray, num_samples: int, rng: np.random.Generator)
     u = t / duration
 
     vibrato_rate, vibrato_phase = rng.uniform(4, 7), rng.uniform(0, 2 * np.pi)
-    log_pitch = (np.log(rng.uniform(90, 200))
-                 + 0.15 * c["Excitement"] * np.sin(2 * np.pi * vibrato_rate * t + vibrato_phase)
-                 + 0.4 * (c["Joy"] - c["Empathic Pain"]) * u
-                 + 0.25 * c["Admiration"] * np.sin(np.pi * u))
+    log_pitch = (
+        np.log(rng.uniform(90, 200))
+        + 0.15 * c["Excitement"] * np.sin(2 * np.pi * vibrato_rate * t + vibrato_phase)
+        + 0.4 * (c["Joy"] - c["Empathic Pain"]) * u
+        + 0.25 * c["Admiration"] * np.sin(np.pi * u)
+    )
     pitch = np.exp(log_pitch)
     phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
     tilt = 1.8 - 1.3 * c["Determination"]
     voice = np.zeros(num_samples)
     for k in range(1, 21):
         # Harmonics above 7.8 kHz would alias at 16 kHz.
-        voice += k ** -tilt * np.sin(k * phase) * (k * pitch < 7800)
+        voice += k**-tilt * np.sin(k * phase) * (k * pitch < 7800)
     voice /= np.sum(np.arange(1, 21, dtype=float) ** -tilt)
 
     # Syllables and laughter are single sinusoids in separate bands (<= 4.5 Hz vs >= 8 Hz) of the envelope.
@@ -317,15 +345,65 @@ def encode_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
         pcm = Path(tmp) / "audio.s16le"
         (audio * 32767).astype("<i2").tofile(pcm)
         command = [
-            "ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{FRAME_SIZE}x{FRAME_SIZE}", "-r", str(FPS), "-i", "pipe:0",
-            "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", str(pcm),
-            "-map", "0:v", "-map", "1:a",
-            "-c:v", "libx264", "-preset", "veryfast", "-g", str(FPS), "-pix_fmt", "yuv420p", "-threads", "1",
-            "-b:v", VIDEO_BITRATE, "-minrate", VIDEO_BITRATE, "-maxrate", VIDEO_BITRATE, "-bufsize", VIDEO_BITRATE,
-            "-x264-params", "nal-hrd=cbr",
-            "-c:a", "aac", "-b:a", AUDIO_BITRATE,
-            "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact", "-map_metadata", "-1",
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{FRAME_SIZE}x{FRAME_SIZE}",
+            "-r",
+            str(FPS),
+            "-i",
+            "pipe:0",
+            "-f",
+            "s16le",
+            "-ar",
+            str(SAMPLE_RATE),
+            "-ac",
+            "1",
+            "-i",
+            str(pcm),
+            "-map",
+            "0:v",
+            "-map",
+            "1:a",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-g",
+            str(FPS),
+            "-pix_fmt",
+            "yuv420p",
+            "-threads",
+            "1",
+            "-b:v",
+            VIDEO_BITRATE,
+            "-minrate",
+            VIDEO_BITRATE,
+            "-maxrate",
+            VIDEO_BITRATE,
+            "-bufsize",
+            VIDEO_BITRATE,
+            "-x264-params",
+            "nal-hrd=cbr",
+            "-c:a",
+            "aac",
+            "-b:a",
+            AUDIO_BITRATE,
+            "-fflags",
+            "+bitexact",
+            "-flags:v",
+            "+bitexact",
+            "-flags:a",
+            "+bitexact",
+            "-map_metadata",
+            "-1",
             str(path),
         ]
         result = subprocess.run(command, input=frames.tobytes(), capture_output=True)
@@ -349,8 +427,9 @@ def write_clip(plan: ClipPlan, seed: int, videos: Path) -> None:
     encode_clip(videos / f"{plan.name}.mp4", frames, audio)
 
 
-def _check_arguments(out: Path, clips: int, seed: int, corrupt_modality: str | None, corrupt_frac: float,
-                     workers: int, prefix: str) -> None:
+def _check_arguments(
+    out: Path, clips: int, seed: int, corrupt_modality: str | None, corrupt_frac: float, workers: int, prefix: str
+) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]*", prefix):
         # the name becomes the clip's file name and its WebDataset key, which ends at the first dot
         raise UsageError(f"--prefix must be letters, digits, '-' or '_', got {prefix!r}")
@@ -386,8 +465,15 @@ def read_corruption(corruption_csv: str | Path) -> tuple[set[str], set[str]]:
     return {r["Filename"] for r in rows if not r["Corrupted"]}, {r["Filename"] for r in rows if r["Corrupted"]}
 
 
-def synthesize(out: str | Path, clips: int, seed: int = 0, corrupt_modality: str | None = None,
-               corrupt_frac: float = 0.0, workers: int = 1, prefix: str = "") -> dict:
+def synthesize(
+    out: str | Path,
+    clips: int,
+    seed: int = 0,
+    corrupt_modality: str | None = None,
+    corrupt_frac: float = 0.0,
+    workers: int = 1,
+    prefix: str = "",
+) -> dict:
     """Write `clips` synthetic clips with labels, transcripts and a corruption record under `out`.
 
     Clips are named `prefix` + their 1-based index (00001, ...); a prefix per split (train-, val-) gives every clip
@@ -407,9 +493,15 @@ def synthesize(out: str | Path, clips: int, seed: int = 0, corrupt_modality: str
     for index in range(clips):
         labels = draw_labels(clip_rng(seed, index, "labels"))
         corrupted_modality = corrupt_modality if index in corrupted else None
-        plans.append(ClipPlan(index=index, name=f"{prefix}{index + 1:0{width}d}", labels=tuple(labels.tolist()),
-                              num_frames=draw_num_frames(clip_rng(seed, index, "duration")),
-                              corrupted=corrupted_modality))
+        plans.append(
+            ClipPlan(
+                index=index,
+                name=f"{prefix}{index + 1:0{width}d}",
+                labels=tuple(labels.tolist()),
+                num_frames=draw_num_frames(clip_rng(seed, index, "duration")),
+                corrupted=corrupted_modality,
+            )
+        )
         if corrupted_modality == "text":
             transcripts.append(word_salad(clip_rng(seed, index, "corruption")))
         else:
@@ -422,12 +514,15 @@ def synthesize(out: str | Path, clips: int, seed: int = 0, corrupt_modality: str
         with ProcessPoolExecutor(max_workers=min(workers, clips)) as pool:
             list(pool.map(write_clip, plans, repeat(seed), repeat(videos)))
 
-    _write_csv(out / "labels.csv", ["Filename", *EMI_EMOTIONS],
-               [[plan.name, *(f"{value:.4f}" for value in plan.labels)] for plan in plans])
-    _write_csv(out / "transcripts.csv", ["Filename", "Text"],
-               [[plan.name, text] for plan, text in zip(plans, transcripts)])
-    _write_csv(out / "corruption.csv", ["Filename", "Corrupted"],
-               [[plan.name, plan.corrupted or ""] for plan in plans])
+    _write_csv(
+        out / "labels.csv",
+        ["Filename", *EMI_EMOTIONS],
+        [[plan.name, *(f"{value:.4f}" for value in plan.labels)] for plan in plans],
+    )
+    _write_csv(
+        out / "transcripts.csv", ["Filename", "Text"], [[plan.name, text] for plan, text in zip(plans, transcripts)]
+    )
+    _write_csv(out / "corruption.csv", ["Filename", "Corrupted"], [[plan.name, plan.corrupted or ""] for plan in plans])
     durations = [plan.num_frames / FPS for plan in plans]
     return {
         "out": str(out),

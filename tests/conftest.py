@@ -1,6 +1,7 @@
 """Test-wide environment (CPU DeepSpeed, one BLAS thread per process, never a model hub) and the fixtures several
 modules share. Session-scoped data is made once: read it, never change it (a test that damages data makes its own
 or works on a copy)."""
+
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -23,8 +24,10 @@ def synthetic_shards(tmp_path_factory):
     from helpers import synthetic_split
 
     root = tmp_path_factory.mktemp("synthetic")
-    return {"train": synthetic_split(root, "train", clips=48, seed=0),
-            "val": synthetic_split(root, "val", clips=16, seed=1)}
+    return {
+        "train": synthetic_split(root, "train", clips=48, seed=0),
+        "val": synthetic_split(root, "val", clips=16, seed=1),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +37,13 @@ def encoders(tmp_path_factory) -> Path:
     import yaml
 
     from emi.models.encoders import ContrastiveModel, build_tokenizer, export_encoders
+
     from helpers import REPO
 
     spec = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())["model"]
     torch.manual_seed(0)
     model = ContrastiveModel(spec["vision"], spec["text"], spec["audio"], spec["embed_dim"])
-    return export_encoders(model, model.state_dict(), tmp_path_factory.mktemp("export"),
-                           build_tokenizer(spec["text"]))
+    return export_encoders(model, model.state_dict(), tmp_path_factory.mktemp("export"), build_tokenizer(spec["text"]))
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +63,7 @@ def labels() -> dict[str, list[float]]:
     import numpy as np
 
     from emi import EMI_EMOTIONS
+
     from helpers import CLIPS
 
     rng = np.random.default_rng(0)
@@ -72,15 +76,21 @@ def clip_shards(labels, tmp_path_factory) -> Path:
     wraps around."""
     from emi import EMI_EMOTIONS
     from emi.shards.build import build_shards
+
     from helpers import CLIPS, GRID, PREPROCESSING
 
     root = tmp_path_factory.mktemp("clips")
     csv = root / "labels.csv"
-    csv.write_text("Filename," + ",".join(EMI_EMOTIONS) + "\n" + "".join(
-        f"{key}.mpg," + ",".join(map(str, values)) + "\n" for key, values in labels.items()))
+    csv.write_text(
+        "Filename,"
+        + ",".join(EMI_EMOTIONS)
+        + "\n"
+        + "".join(f"{key}.mpg," + ",".join(map(str, values)) + "\n" for key, values in labels.items())
+    )
     out = root / "test"
-    summary = build_shards(videos=GRID, labels=csv, out=out, split="test", frame_size=PREPROCESSING["frame_size"],
-                           shard_size=3, workers=2)
+    summary = build_shards(
+        videos=GRID, labels=csv, out=out, split="test", frame_size=PREPROCESSING["frame_size"], shard_size=3, workers=2
+    )
     assert summary.num_samples == len(CLIPS) and summary.num_failed == 0, summary.describe()
     return out
 
@@ -99,9 +109,10 @@ def feature_shards(encoders, clip_shards, tmp_path_factory) -> Path:
 def checkpoint(encoders, clip_shards, tmp_path_factory) -> Path:
     """A Stage II checkpoint over `encoders` whose head spreads its predictions over the GRID clips."""
     from emi import EMI_EMOTIONS
+
     from helpers import CLIPS, direct_batches, save_checkpoint
 
-    (_, features), = direct_batches(encoders, clip_shards, batch_size=len(CLIPS))
+    ((_, features),) = direct_batches(encoders, clip_shards, batch_size=len(CLIPS))
     return save_checkpoint(tmp_path_factory.mktemp("best"), encoders, list(EMI_EMOTIONS), features)
 
 

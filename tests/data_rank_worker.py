@@ -6,6 +6,7 @@ For each per-rank batch size B: two epochs over SHARDS with 2 dataloader workers
 step, as a training loop does (a rank with fewer batches than another would leave it waiting there).
 Writes {B: [{"keys": [...], "steps": n, "num_batches": n} per epoch]} to OUT.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from emi.data import AudioSpec, ImageSpec
+
 from helpers import flat_loader
 
 
@@ -24,9 +26,21 @@ def main(shards: str, out: str, batch_sizes: list[int]) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     result = {}
     for batch_size in batch_sizes:
-        data = flat_loader(shards, mode="clip", batch_size=batch_size, num_workers=2, world_size=world_size,
-                            rank=rank, seed=1, shuffle=True, train=True, shuffle_buffer=4, num_frames=2,
-                            image=ImageSpec(size=16), audio=AudioSpec(seconds=0.1))
+        data = flat_loader(
+            shards,
+            mode="clip",
+            batch_size=batch_size,
+            num_workers=2,
+            world_size=world_size,
+            rank=rank,
+            seed=1,
+            shuffle=True,
+            train=True,
+            shuffle_buffer=4,
+            num_frames=2,
+            image=ImageSpec(size=16),
+            audio=AudioSpec(seconds=0.1),
+        )
         epochs = []
         for epoch in range(2):
             data.set_epoch(epoch)

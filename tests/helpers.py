@@ -1,6 +1,7 @@
 """What the tests share, besides their fixtures (conftest.py): data made to order (synthetic clips packed into
 shards, shards written straight in the builder's format, the GRID clips' labels), tiny encoder specs, launching
 trainers as real processes (one rank held back on request), polling with a deadline, reading TensorBoard logs."""
+
 from __future__ import annotations
 
 import csv
@@ -40,25 +41,36 @@ from emi.synth import synthesize
 REPO = Path(__file__).resolve().parents[1]
 GRID = REPO / "tests" / "data" / "grid"  # 8 real GRID talking-face clips (CC BY 4.0, see its README.md)
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+EMI = [sys.executable, "-m", "emi.cli"]  # the command line, with this interpreter
 
 
-def synthetic_split(root: Path, split: str, clips: int, seed: int, frame_size: int = 64,
-                    shard_size: int = 16, **corruption) -> Path:
+def synthetic_split(
+    root: Path, split: str, clips: int, seed: int, frame_size: int = 64, shard_size: int = 16, **corruption
+) -> Path:
     """Synthesise `clips` mp4 clips and pack them into `root/shards/<split>`; returns the shard folder."""
     source = root / "synth" / split
     synthesize(out=source, clips=clips, seed=seed, workers=2, **corruption)
     out = root / "shards" / split
-    summary = build_shards(videos=source / "videos", labels=source / "labels.csv", out=out, split=split,
-                           frame_size=frame_size, shard_size=shard_size, workers=2,
-                           transcripts=source / "transcripts.csv")
+    summary = build_shards(
+        videos=source / "videos",
+        labels=source / "labels.csv",
+        out=out,
+        split=split,
+        frame_size=frame_size,
+        shard_size=shard_size,
+        workers=2,
+        transcripts=source / "transcripts.csv",
+    )
     assert summary.num_failed == 0, summary.describe()
     return out
 
 
 def flat_loader(shards, manifest=None, **settings) -> DataInfo:
     """build_loader with its settings as one flat set of keywords: the fields of DecodeSpec, Sampling and Workers."""
-    parts = [{name: value for name, value in settings.items() if name in {f.name for f in fields(group)}}
-             for group in (DecodeSpec, Sampling, Workers)]
+    parts = [
+        {name: value for name, value in settings.items() if name in {f.name for f in fields(group)}}
+        for group in (DecodeSpec, Sampling, Workers)
+    ]
     unknown = set(settings) - {name for part in parts for name in part}
     assert not unknown, f"not a loader setting: {sorted(unknown)}"
     if "label_names" in parts[0]:
@@ -66,9 +78,20 @@ def flat_loader(shards, manifest=None, **settings) -> DataInfo:
     return build_loader(shards, LoaderSpec(DecodeSpec(**parts[0]), Sampling(**parts[1]), Workers(**parts[2])), manifest)
 
 
+def ffmpeg(*args: str) -> None:
+    """Run the ffmpeg command line (quiet, overwriting), failing on its error."""
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *args], check=True)
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=str(REPO),
+    )
     env.update(extra)
     return env
 
@@ -76,8 +99,17 @@ def cpu_env(**extra: str) -> dict[str, str]:
 def launch_command(script: str, args: list[str], num_processes: int = 2) -> list[str]:
     """`accelerate launch` of a script in the repository, or of a module when `script` is "-m"."""
     target = ["-m"] if script == "-m" else [str(REPO / script)]
-    return [*ACCELERATE, "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-            "--num_processes", str(num_processes), "--main_process_port", str(free_port()), *target, *args]
+    return [
+        *ACCELERATE,
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu.yaml"),
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(free_port()),
+        *target,
+        *args,
+    ]
 
 
 def free_port() -> int:
@@ -89,10 +121,17 @@ def free_port() -> int:
 
 def launch(script: str, args: list[str], num_processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a training entry point under `accelerate launch` with gloo on the CPU; fail with its log on error."""
-    result = subprocess.run(launch_command(script, args, num_processes), cwd=REPO, env=cpu_env(),
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                                    f"{result.stderr[-8000:]}")
+    result = subprocess.run(
+        launch_command(script, args, num_processes),
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, (
+        f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    )
     return result
 
 
@@ -112,6 +151,7 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, ali
 def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
     """The process of `rank` among the launcher's descendants (the one whose parent is not of that rank: not its
     dataloader workers), None while it has not started."""
+
     def rank_of(process: psutil.Process) -> str | None:
         try:
             return process.environ().get("RANK")
@@ -122,8 +162,14 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None
         descendants = psutil.Process(launcher.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return None
-    return next((process for process in descendants
-                 if rank_of(process) == str(rank) and rank_of(process.parent()) != str(rank)), None)
+    return next(
+        (
+            process
+            for process in descendants
+            if rank_of(process) == str(rank) and rank_of(process.parent()) != str(rank)
+        ),
+        None,
+    )
 
 
 @dataclass
@@ -133,24 +179,35 @@ class HeldBackRun:
     released_at: str  # the output when the held rank was let go
 
 
-def launch_holding_back(args: list[str], held_rank: int, hold_when: Callable[[], object], release_when: str,
-                        log: Path, num_processes: int = 2, timeout_s: float = 600,
-                        before_release: Callable[[], None] | None = None) -> HeldBackRun:
+def launch_holding_back(
+    args: list[str],
+    held_rank: int,
+    hold_when: Callable[[], object],
+    release_when: str,
+    log: Path,
+    num_processes: int = 2,
+    timeout_s: float = 600,
+    before_release: Callable[[], None] | None = None,
+) -> HeldBackRun:
     """`accelerate launch -m ARGS` on `num_processes` ranks, with `held_rank` stopped (SIGSTOP) once `hold_when()`
     is true (it is mid-way through its share: past the process group's start, which needs every rank) until the
     output shows `release_when` (what the other ranks print once they wait for it); then `before_release()` runs
     (the test's look at the world while the rank is still held) and the rank continues. Returns the exit code and
     the output, which `log` (a file) holds too."""
     with open(log, "w") as out:
-        launcher = subprocess.Popen(launch_command("-m", args, num_processes), cwd=REPO, env=cpu_env(), stdout=out,
-                                    stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(
+            launch_command("-m", args, num_processes), cwd=REPO, env=cpu_env(), stdout=out, stderr=subprocess.STDOUT
+        )
     try:
-        held = wait_until(lambda: rank_process(launcher, held_rank), timeout_s, f"rank {held_rank} to start",
-                          launcher)
+        held = wait_until(lambda: rank_process(launcher, held_rank), timeout_s, f"rank {held_rank} to start", launcher)
         wait_until(hold_when, timeout_s, f"rank {held_rank} to reach the point where it is held", launcher)
         held.suspend()
-        released_at = wait_until(lambda: release_when in (text := log.read_text()) and text, timeout_s,
-                                 f"{release_when!r} in the output", launcher)
+        released_at = wait_until(
+            lambda: release_when in (text := log.read_text()) and text,
+            timeout_s,
+            f"{release_when!r} in the output",
+            launcher,
+        )
         if before_release is not None:
             before_release()
         held.resume()
@@ -214,8 +271,16 @@ def grey_level(frame: int) -> int:
     return 20 + 10 * frame
 
 
-def make_sample(key: str, index: int, num_frames: int, *, size: tuple[int, int], sample_rate: int,
-                pattern: str, rng: np.random.Generator) -> dict[str, bytes]:
+def make_sample(
+    key: str,
+    index: int,
+    num_frames: int,
+    *,
+    size: tuple[int, int],
+    sample_rate: int,
+    pattern: str,
+    rng: np.random.Generator,
+) -> dict[str, bytes]:
     width, height = size
     sample = {}
     for frame in range(num_frames):
@@ -233,17 +298,38 @@ def make_sample(key: str, index: int, num_frames: int, *, size: tuple[int, int],
     labels = {name: round(float(rng.uniform()), 3) for name in EMI_EMOTIONS}
     transcript = f"clip {key} speaks"
     sample["txt"] = transcript.encode()
-    sample["json"] = json.dumps({
-        "key": key, "source": f"{key}.mp4", "split": "train", "fps": FPS, "num_frames": num_frames,
-        "duration_s": num_frames / FPS, "sample_rate": sample_rate, "has_audio": True, "labels": labels,
-        "transcript": transcript, "face_crop": False}).encode()
+    sample["json"] = json.dumps(
+        {
+            "key": key,
+            "source": f"{key}.mp4",
+            "split": "train",
+            "fps": FPS,
+            "num_frames": num_frames,
+            "duration_s": num_frames / FPS,
+            "sample_rate": sample_rate,
+            "has_audio": True,
+            "labels": labels,
+            "transcript": transcript,
+            "face_crop": False,
+        }
+    ).encode()
     return sample
 
 
-def write_shards(out: Path, sizes: Sequence[int], *, split: str = "train", frames: tuple[int, int] = (3, 7),
-                 size: tuple[int, int] = (64, 48), sample_rate: int = 16000, pattern: str = "gradient",
-                 manifest: bool = True, edits: dict[str, dict[str, bytes | None]] | None = None,
-                 seed: int = 0, key_prefix: str = "") -> list[list[str]]:
+def write_shards(
+    out: Path,
+    sizes: Sequence[int],
+    *,
+    split: str = "train",
+    frames: tuple[int, int] = (3, 7),
+    size: tuple[int, int] = (64, 48),
+    sample_rate: int = 16000,
+    pattern: str = "gradient",
+    manifest: bool = True,
+    edits: dict[str, dict[str, bytes | None]] | None = None,
+    seed: int = 0,
+    key_prefix: str = "",
+) -> list[list[str]]:
     """Write `<split>-NNNNNN.tar` shards of sizes[i] samples (keys `<key_prefix>s<shard>-<index>`) and a manifest.
 
     Each sample has 3..7 frames (size = width, height) at 5 fps, a 16-bit PCM wav as long as the frames
@@ -260,8 +346,9 @@ def write_shards(out: Path, sizes: Sequence[int], *, split: str = "train", frame
         with webdataset.TarWriter(str(out / name), encoder=False) as writer:
             for key in shard_keys:
                 num_frames = int(rng.integers(frames[0], frames[1] + 1))
-                sample = make_sample(key, index, num_frames, size=size, sample_rate=sample_rate,
-                                     pattern=pattern, rng=rng)
+                sample = make_sample(
+                    key, index, num_frames, size=size, sample_rate=sample_rate, pattern=pattern, rng=rng
+                )
                 for ext, data in edits.get(key, {}).items():
                     if data is None:
                         sample.pop(ext, None)
@@ -271,11 +358,19 @@ def write_shards(out: Path, sizes: Sequence[int], *, split: str = "train", frame
                 index += 1
         data = (out / name).read_bytes()
         keys.append(shard_keys)
-        entries.append({"name": name, "num_samples": count, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(), "keys": shard_keys})
+        entries.append(
+            {
+                "name": name,
+                "num_samples": count,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "keys": shard_keys,
+            }
+        )
     if manifest:
-        (out / "manifest.json").write_text(json.dumps({
-            "format": "emi-shards/1", "split": split, "shards": entries, "num_samples": sum(sizes)}))
+        (out / "manifest.json").write_text(
+            json.dumps({"format": "emi-shards/1", "split": split, "shards": entries, "num_samples": sum(sizes)})
+        )
     return keys
 
 
@@ -290,6 +385,7 @@ class PickleBomb:
 
 
 # ------------------------------------------------------------------------------------------------ loader epochs
+
 
 def run_epoch(data, epoch: int, skip_batches: int = 0) -> list[dict]:
     data.set_epoch(epoch, skip_batches=skip_batches)
@@ -318,9 +414,14 @@ EXPRESSIONS = ["Happiness", "Neutral", "Surprise", "Sadness"]
 def grid_labels(keys: list[str]) -> dict[str, dict]:
     """Made-up labels: six EMI floats, a Valence float that may be negative, an Expression string."""
     rng = np.random.default_rng(0)
-    return {key: {**{name: round(float(rng.uniform(0, 1)), 4) for name in EMI_EMOTIONS},
-                  "Valence": round(float(rng.uniform(-1, 1)), 4), "Expression": EXPRESSIONS[i % 4]}
-            for i, key in enumerate(keys)}
+    return {
+        key: {
+            **{name: round(float(rng.uniform(0, 1)), 4) for name in EMI_EMOTIONS},
+            "Valence": round(float(rng.uniform(-1, 1)), 4),
+            "Expression": EXPRESSIONS[i % 4],
+        }
+        for i, key in enumerate(keys)
+    }
 
 
 def write_labels(path: Path, labels: dict[str, dict], with_extension: bool = False) -> Path:
@@ -335,8 +436,14 @@ def write_labels(path: Path, labels: dict[str, dict], with_extension: bool = Fal
 
 # ---------------------------------------------------------------------------------------- tiny encoder specs
 
-VISION_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-                 "image_size": 64, "patch_size": 8}
+VISION_CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "image_size": 64,
+    "patch_size": 8,
+}
 
 
 CLIP_SPEC = {"arch": "clip", "pretrained": None, "config": VISION_CONFIG}
@@ -345,17 +452,38 @@ CLIP_SPEC = {"arch": "clip", "pretrained": None, "config": VISION_CONFIG}
 VIT_SPEC = {"arch": "vit", "pretrained": None, "config": VISION_CONFIG}
 
 
-BERT_SPEC = {"arch": "bert", "pretrained": None,
-             "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "intermediate_size": 128, "max_position_embeddings": 64}}
+BERT_SPEC = {
+    "arch": "bert",
+    "pretrained": None,
+    "config": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 64,
+    },
+}
 
 
-WAV2VEC2_SPEC = {"arch": "wav2vec2", "pretrained": None,
-                 "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                            "intermediate_size": 128, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-                            "conv_stride": [5, 2, 2, 2, 2, 2, 2], "num_conv_pos_embeddings": 16,
-                            "num_conv_pos_embedding_groups": 4, "feat_extract_norm": "layer",
-                            "do_stable_layer_norm": True, "mask_time_prob": 0.0, "layerdrop": 0.0}}
+WAV2VEC2_SPEC = {
+    "arch": "wav2vec2",
+    "pretrained": None,
+    "config": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "conv_dim": [32] * 7,
+        "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 4,
+        "feat_extract_norm": "layer",
+        "do_stable_layer_norm": True,
+        "mask_time_prob": 0.0,
+        "layerdrop": 0.0,
+    },
+}
 
 
 # -------------------------------------------------------- a Stage II checkpoint on the GRID clips (emi.serve tests)
@@ -369,17 +497,35 @@ NUM_FRAMES = 8  # the GRID clips have 15 frames at 5 fps: the fusion model sees 
 PREPROCESSING = {"fps": 5.0, "sample_rate": 16000, "frame_size": 64, "face_crop": "none", "asr": "none"}
 
 
-FUSION = {"vision_dim": 64, "audio_dim": 64, "text_dim": 64, "d_model": 32, "num_segments": 4, "tcn_layers": 2,
-          "lstm_hidden": 16, "transformer_layers": 1, "transformer_heads": 2, "dropout": 0.0}
+FUSION = {
+    "vision_dim": 64,
+    "audio_dim": 64,
+    "text_dim": 64,
+    "d_model": 32,
+    "num_segments": 4,
+    "tcn_layers": 2,
+    "lstm_hidden": 16,
+    "transformer_layers": 1,
+    "transformer_heads": 2,
+    "dropout": 0.0,
+}
 
 
 def model_predictions(model: FusionModel, features: dict) -> torch.Tensor:
     """The model called on a Stage II batch as training feeds it (emi/stages/stage2.py)."""
-    present = torch.stack([features["vision_mask"].any(1), features["has_audio"] & features["audio_mask"].any(1),
-                           features["has_text"]], dim=1)
+    present = torch.stack(
+        [features["vision_mask"].any(1), features["has_audio"] & features["audio_mask"].any(1), features["has_text"]],
+        dim=1,
+    )
     with torch.no_grad():
-        return model(vision=features["vision"], vision_mask=features["vision_mask"], audio=features["audio"],
-                     audio_mask=features["audio_mask"], text=features["text"], present=present)["pred"]
+        return model(
+            vision=features["vision"],
+            vision_mask=features["vision_mask"],
+            audio=features["audio"],
+            audio_mask=features["audio_mask"],
+            text=features["text"],
+            present=present,
+        )["pred"]
 
 
 def direct_batches(encoders: Path, clip_shards: Path, batch_size: int):
@@ -404,11 +550,16 @@ def spread_head(model: FusionModel, features: dict) -> None:
         model.head[-1].bias.copy_(-(inputs[0] @ weight.T).mean(0))
 
 
-def save_checkpoint(folder: Path, encoders: Path, labels: list[str], features: dict | None = None,
-                    seed: int = 0, **model_options) -> Path:
-    record = FusionRecord(spec=FusionSpec.from_dict({**FUSION, **model_options, "num_outputs": len(labels)}, "test"),
-                          labels=labels, encoders=EncodersRecord(str(encoders), folder_records(encoders)),
-                          preprocessing=Preprocessing(**PREPROCESSING), num_frames=NUM_FRAMES)
+def save_checkpoint(
+    folder: Path, encoders: Path, labels: list[str], features: dict | None = None, seed: int = 0, **model_options
+) -> Path:
+    record = FusionRecord(
+        spec=FusionSpec.from_dict({**FUSION, **model_options, "num_outputs": len(labels)}, "test"),
+        labels=labels,
+        encoders=EncodersRecord(str(encoders), folder_records(encoders)),
+        preprocessing=Preprocessing(**PREPROCESSING),
+        num_frames=NUM_FRAMES,
+    )
     torch.manual_seed(seed)
     model = FusionModel(record.spec).eval()
     if features is not None:

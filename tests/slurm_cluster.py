@@ -1,5 +1,6 @@
 """The local two-node Slurm cluster the slurm tests run on (slurm/local/up.sh, down.sh): its environment, its
 scripts, and reading a job's fields. The module-scoped fixtures `slurm_root` and `cluster` are in conftest.py."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,9 @@ def run_script(script: Path, env: dict[str, str]) -> subprocess.CompletedProcess
 
 
 def job_field(env: dict[str, str], job_id: int, field: str) -> str:
-    shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], env=env, capture_output=True, text=True,
-                           timeout=30)
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(job_id)], env=env, capture_output=True, text=True, timeout=30
+    )
     assert shown.returncode == 0, f"scontrol show job {job_id} failed ({shown.returncode}): {shown.stderr}"
     shown = shown.stdout
     match = re.search(rf"\b{field}=(\S*)", shown)

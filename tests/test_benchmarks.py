@@ -1,4 +1,5 @@
 """Every benchmark runs on tiny inputs and returns well-formed, self-consistent numbers (never a speed check)."""
+
 import json
 import os
 import shutil
@@ -10,10 +11,22 @@ import pytest
 import torch
 import webdataset
 
-from benchmarks import (ablation, bench_loader, bench_shards, bench_stage2, bench_storage, bench_trainer, gpu_e2e,
-                        gpu_stage1, run, scaling, timing)
+from benchmarks import (
+    ablation,
+    bench_loader,
+    bench_shards,
+    bench_stage2,
+    bench_storage,
+    bench_trainer,
+    gpu_e2e,
+    gpu_stage1,
+    run,
+    scaling,
+    timing,
+)
 from emi.data import AudioSpec, ImageSpec
 from emi.stages.stage1 import build_model, train_flops_per_sample
+
 from helpers import GRID, REPO, cpu_env, flat_loader, free_port
 
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
@@ -49,8 +62,18 @@ def clips(tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def shards_result(clips) -> dict:
     videos, labels, work = clips
-    return bench_shards.run(videos, labels, work, repeats=1, long_clips=2, long_s=3, long_size="160x90",
-                            memory_short_s=1, memory_long_s=4, memory_size="160x90")
+    return bench_shards.run(
+        videos,
+        labels,
+        work,
+        repeats=1,
+        long_clips=2,
+        long_s=3,
+        long_size="160x90",
+        memory_short_s=1,
+        memory_long_s=4,
+        memory_size="160x90",
+    )
 
 
 def test_shard_benchmark_builds_every_clip_and_does_the_same_work_as_the_baselines(shards_result, clips):
@@ -70,8 +93,9 @@ def test_shard_benchmark_builds_every_clip_and_does_the_same_work_as_the_baselin
             fastest, slowest = (clips_in_set / (timings["wall_s"] + sign * 5e-4) for sign in (-1, 1))
             assert slowest - 5e-3 <= timings["clips_per_s"] <= fastest + 5e-3
         assert speed["baseline"] == max(bench_shards.BASELINES, key=lambda runner: speed[runner]["clips_per_s"])
-        assert speed["ratio"] == pytest.approx(speed["emi"]["clips_per_s"] / speed[speed["baseline"]]["clips_per_s"],
-                                               abs=1e-3)
+        assert speed["ratio"] == pytest.approx(
+            speed["emi"]["clips_per_s"] / speed[speed["baseline"]]["clips_per_s"], abs=1e-3
+        )
         assert speed["met"] == (speed["ratio"] >= bench_shards.TARGET)
     manifest = json.loads((clips[2] / "emi" / "manifest.json").read_text())
     assert manifest["args"]["frame_size"] == bench_shards.FRAME_SIZE and manifest["num_samples"] == 3
@@ -103,6 +127,7 @@ def test_baselines_write_frames_of_the_builders_size(clips, tmp_path):
     frames = sorted((tmp_path / "pipe").glob("*.jpg"))
     assert len(frames) == 15 and (tmp_path / "pipe" / "audio.wav").is_file()
     from PIL import Image
+
     for frame in frames:
         with Image.open(frame) as image:
             image.verify()
@@ -114,16 +139,28 @@ def test_loader_benchmark_numbers(tmp_path):
     shards = bench_loader.write_synthetic_shards(tmp_path / "shards", num_clips=8, shard_size=4)
     result = bench_loader.run(shards, repeats=1)
     assert result["samples"] == 8
-    for name in ("ceiling", "loader_1_worker", "loader_2_workers", "webdataset_2_workers", "frame_loader_2_workers",
-                 "frame_webdataset_2_workers"):
+    for name in (
+        "ceiling",
+        "loader_1_worker",
+        "loader_2_workers",
+        "webdataset_2_workers",
+        "frame_loader_2_workers",
+        "frame_webdataset_2_workers",
+    ):
         assert result[name]["samples_per_s"] > 0 and result[name]["cpu_ms_per_sample"] > 0
     assert result["ratio_1_worker_to_ceiling"] == pytest.approx(
-        result["loader_1_worker"]["samples_per_s"] / result["ceiling"]["samples_per_s"], abs=2e-3)
+        result["loader_1_worker"]["samples_per_s"] / result["ceiling"]["samples_per_s"], abs=2e-3
+    )
     assert result["frame_over_webdataset"] == pytest.approx(
         result["frame_loader_2_workers"]["samples_per_s"] / result["frame_webdataset_2_workers"]["samples_per_s"],
-        abs=2e-3)
-    assert result["met"] == (result["ratio_1_worker_to_ceiling"] >= 0.8 and result["speedup_2_workers_over_1"] > 1
-                             and result["clip_over_webdataset"] >= 1 and result["frame_over_webdataset"] >= 1)
+        abs=2e-3,
+    )
+    assert result["met"] == (
+        result["ratio_1_worker_to_ceiling"] >= 0.8
+        and result["speedup_2_workers_over_1"] > 1
+        and result["clip_over_webdataset"] >= 1
+        and result["frame_over_webdataset"] >= 1
+    )
     assert bench_loader.section(result).startswith("## 2. Loader")
 
 
@@ -136,7 +173,8 @@ def test_storage_benchmark_reads_the_same_samples_from_the_s3_server_and_disk(tm
     for name in ("local_disk", "s3"):
         assert result[name]["samples_per_s"] > 0 and result[name]["cpu_ms_per_sample"] > 0
     assert result["ratio_s3_to_local"] == pytest.approx(
-        result["s3"]["samples_per_s"] / result["local_disk"]["samples_per_s"], abs=2e-3)
+        result["s3"]["samples_per_s"] / result["local_disk"]["samples_per_s"], abs=2e-3
+    )
     assert result["met"] == (result["ratio_s3_to_local"] >= 0.8)
     assert bench_storage.section(result).startswith("## 5. Object storage")
 
@@ -146,14 +184,29 @@ def test_every_loader_baseline_yields_the_loaders_batches(tmp_path):
     shards = bench_loader.write_synthetic_shards(tmp_path / "shards", num_clips=4, shard_size=4)
     url = str(shards / "train-000000.tar")
     for mode, texts in (("clip", "transcript"), ("frame", "prompt")):
-        data = flat_loader(url, mode=mode, batch_size=4, num_workers=0, world_size=1, rank=0, seed=0,
-                            shuffle=False, train=False, num_frames=bench_loader.NUM_FRAMES,
-                            image=ImageSpec(size=bench_loader.IMAGE_SIZE), audio=AudioSpec(seconds=0),
-                            prompt_fn=bench_loader.build_prompt)
+        data = flat_loader(
+            url,
+            mode=mode,
+            batch_size=4,
+            num_workers=0,
+            world_size=1,
+            rank=0,
+            seed=0,
+            shuffle=False,
+            train=False,
+            num_frames=bench_loader.NUM_FRAMES,
+            image=ImageSpec(size=bench_loader.IMAGE_SIZE),
+            audio=AudioSpec(seconds=0),
+            prompt_fn=bench_loader.build_prompt,
+        )
         data.set_epoch(0)
         ours = next(iter(data.dataloader))
-        theirs = bench_loader.collate([bench_loader.clip_sample(s) if mode == "clip" else bench_loader.frame_sample(s)
-                                       for s in webdataset.WebDataset(url, shardshuffle=False)])
+        theirs = bench_loader.collate(
+            [
+                bench_loader.clip_sample(s) if mode == "clip" else bench_loader.frame_sample(s)
+                for s in webdataset.WebDataset(url, shardshuffle=False)
+            ]
+        )
         pixels = "frames" if mode == "clip" else "pixel_values"
         assert ours[pixels].dtype == theirs[pixels].dtype == torch.uint8 and ours[pixels].shape == theirs[pixels].shape
         # torch's antialiased bicubic against PIL's: the same filter, off by rounding
@@ -187,8 +240,9 @@ def test_trainer_benchmark_runs_fit_and_the_plain_loop(tmp_path):
         assert len(result[name]["block_step_ms"]) == 2 and result[name]["processes"] == 1
         assert result[name]["step_ms"] == pytest.approx(sum(result[name]["block_step_ms"]) / 2, abs=0.02)  # median
         assert result[name]["step_ms"] > 0
-    assert result["overhead_zero2"] == pytest.approx(result["fit_zero2"]["step_ms"] / result["plain"]["step_ms"],
-                                                     abs=1e-3)
+    assert result["overhead_zero2"] == pytest.approx(
+        result["fit_zero2"]["step_ms"] / result["plain"]["step_ms"], abs=1e-3
+    )
     assert result["met"] == (result["overhead_zero2"] <= bench_trainer.TARGET)
     assert (tmp_path / "runs" / "fit-zero2" / "export" / "vision" / "config.json").is_file()  # fit ran to the end
     assert "## 3. Trainer overhead" in bench_trainer.section(result)
@@ -200,8 +254,7 @@ def test_stage2_benchmark_sees_the_same_clips_both_ways(shards_result, clips, tm
     for name in ("cached", "on_the_fly"):
         assert result[name]["wall_s"] > 0
         assert result[name]["samples_per_s"] == pytest.approx(4 / result[name]["wall_s"], rel=0.01)
-    assert result["speedup"] == pytest.approx(result["on_the_fly"]["wall_s"] / result["cached"]["wall_s"],
-                                              rel=0.02)
+    assert result["speedup"] == pytest.approx(result["on_the_fly"]["wall_s"] / result["cached"]["wall_s"], rel=0.02)
     features = json.loads((tmp_path / "features" / "manifest.json").read_text())
     assert features["num_samples"] == 3
     assert bench_stage2.section(result).startswith("## 4. Stage II")
@@ -210,11 +263,17 @@ def test_stage2_benchmark_sees_the_same_clips_both_ways(shards_result, clips, tm
 @pytest.mark.slow  # 45 s: `make test-slow`, and before every device session (gpu_e2e.py --dry-run runs it too)
 def test_gpu_script_runs_tiny_on_cpu_and_leaves_results_alone():
     before = gpu_stage1.RESULTS.read_bytes() if gpu_stage1.RESULTS.is_file() else None
-    out = subprocess.run([sys.executable, "benchmarks/gpu_stage1.py", "--tiny", "--steps", "2", "--profile"],
-                         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "benchmarks/gpu_stage1.py", "--tiny", "--steps", "2", "--profile"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "aten::addmm" in out.stdout and "Self CPU time total" in out.stdout  # the --profile table
-    result = json.loads(out.stdout[out.stdout.index("{\n"):])
+    result = json.loads(out.stdout[out.stdout.index("{\n") :])
     assert result["model"].startswith("tiny") and result["world_size"] == 1 and result["steps"] == 2
     assert result["samples_per_s_per_gpu"] == pytest.approx(4 * 2 / result["seconds"], rel=0.02)
     config = gpu_stage1.stage1_config(tiny=True)
@@ -258,8 +317,12 @@ def test_the_batch_sweep_doubles_then_fills_the_memory_a_linear_model_predicts()
 def test_the_ablation_sweep_time_spans_the_first_cell_start_to_the_last_cell_end(tmp_path):
     """benchmarks/ablation.py times the sweep from its cells' TensorBoard event files: the name holds the creation
     time, the mtime the last write; a resumed cell's second file counts too."""
-    for cell, start, end in (("a/seed-0", 1000, 1100), ("a/seed-1", 1010, 1300), ("b/seed-0", 1200, 1250),
-                             ("b/seed-0", 1280, 1360)):  # b/seed-0 preempted, then resumed
+    for cell, start, end in (
+        ("a/seed-0", 1000, 1100),
+        ("a/seed-1", 1010, 1300),
+        ("b/seed-0", 1200, 1250),
+        ("b/seed-0", 1280, 1360),
+    ):  # b/seed-0 preempted, then resumed
         event = tmp_path / "cells" / cell / "tb" / f"events.out.tfevents.{start}.host.name.42.0"
         event.parent.mkdir(parents=True, exist_ok=True)
         event.touch()
@@ -268,11 +331,16 @@ def test_the_ablation_sweep_time_spans_the_first_cell_start_to_the_last_cell_end
 
 
 def test_sections_this_run_does_not_write_are_kept():
-    old = ("# Benchmarks\n\n| summary |\n\n## 1. Shard building\n\nold numbers\n\n## GPU: Stage I run one\n\n"
-           "| a | 1 |\n\n## 2. Loader\n\nmore\n\n## Learning and ablation\n\ntable\n\n"
-           "## GPU: Stage I run two\n\nlast\n")
-    assert run.kept_sections(old) == ["## GPU: Stage I run one\n\n| a | 1 |\n",
-                                      "## Learning and ablation\n\ntable\n", "## GPU: Stage I run two\n\nlast\n"]
+    old = (
+        "# Benchmarks\n\n| summary |\n\n## 1. Shard building\n\nold numbers\n\n## GPU: Stage I run one\n\n"
+        "| a | 1 |\n\n## 2. Loader\n\nmore\n\n## Learning and ablation\n\ntable\n\n"
+        "## GPU: Stage I run two\n\nlast\n"
+    )
+    assert run.kept_sections(old) == [
+        "## GPU: Stage I run one\n\n| a | 1 |\n",
+        "## Learning and ablation\n\ntable\n",
+        "## GPU: Stage I run two\n\nlast\n",
+    ]
     assert run.kept_sections("# Benchmarks\n\n## 1. Shard building\n\n## 4. Stage II: x\n") == []
 
 
@@ -281,9 +349,23 @@ def test_the_end_to_end_gpu_script_dry_runs_its_code_path_on_the_cpu(tmp_path):
     """benchmarks/gpu_e2e.py --dry-run: emi synth and shards build, the zero2 batch sweeps, the trainer under
     accelerate launch on the shards and gpu_stage1's ceiling, on the tiny config; the report is written to --out."""
     before = gpu_stage1.RESULTS.read_bytes()
-    out = subprocess.run([sys.executable, "benchmarks/gpu_e2e.py", "--dry-run", "--out", str(tmp_path),
-                          "--only", "sweep-zero2", "zero2"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_e2e.py",
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+            "--only",
+            "sweep-zero2",
+            "zero2",
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads((tmp_path / "e2e.json").read_text())
     assert report["data"]["clips"] == 24 and report["data"]["made_by"].startswith("emi synth + emi shards build")
@@ -307,8 +389,9 @@ def test_the_training_spec_holds_every_step_in_one_epoch_and_the_section_replace
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# Benchmarks\n\n## 1. x\n\none\n\n{gpu_e2e.HEADING} (old)\n\nold\n\n## GPU: other\n\nkept\n")
     gpu_e2e.replace_section(results, f"{gpu_e2e.HEADING} (new)\n\nnew\n")
-    assert results.read_text() == (f"# Benchmarks\n\n## 1. x\n\none\n\n{gpu_e2e.HEADING} (new)\n\nnew\n"
-                                   "\n## GPU: other\n\nkept\n")
+    assert results.read_text() == (
+        f"# Benchmarks\n\n## 1. x\n\none\n\n{gpu_e2e.HEADING} (new)\n\nnew\n\n## GPU: other\n\nkept\n"
+    )
 
 
 def test_the_collective_counter_records_payloads_and_who_called(monkeypatch):
@@ -335,20 +418,40 @@ def test_the_collective_counter_records_payloads_and_who_called(monkeypatch):
         dist.all_reduce(torch.ones(7))  # not counted
     finally:
         dist.destroy_process_group()
-    assert counter.records[:3] == [("all_reduce", 3000, "gradients"), ("all_gather_into_tensor", 5000, "parameters"),
-                                   ("all_reduce", 1, "small collectives")]
+    assert counter.records[:3] == [
+        ("all_reduce", 3000, "gradients"),
+        ("all_gather_into_tensor", 5000, "parameters"),
+        ("all_reduce", 1, "small collectives"),
+    ]
     # the loss gathers both sides of the pair, 4 x 8 each, with gradients; the backward sends the used side's
     # gradient back (gloo: a scatter per rank, together the reduce-scatter's payload)
-    assert counter.records[3:] == [("all_gather", 32, "loss embeddings"), ("all_gather", 32, "loss embeddings"),
-                                   ("scatter", 32, "loss embeddings")]
+    assert counter.records[3:] == [
+        ("all_gather", 32, "loss embeddings"),
+        ("all_gather", 32, "loss embeddings"),
+        ("scatter", 32, "loss embeddings"),
+    ]
 
 
 def test_the_scaling_model_is_a_ring_per_collective():
-    counts = {"parameters": 1000, "world_size": 2, "batch_size": 4, "embed_dim": 8, "collectives": {
-        "gradients": {"elements_per_step": 1000, "calls_per_step": 1, "operations": {"all_reduce": 1000}},
-        "parameters": {"elements_per_step": 1000, "calls_per_step": 1, "operations": {"all_gather_into_tensor": 1000}},
-        "loss embeddings": {"elements_per_step": 128, "calls_per_step": 4,
-                            "operations": {"all_gather": 64, "scatter": 64}}}}
+    counts = {
+        "parameters": 1000,
+        "world_size": 2,
+        "batch_size": 4,
+        "embed_dim": 8,
+        "collectives": {
+            "gradients": {"elements_per_step": 1000, "calls_per_step": 1, "operations": {"all_reduce": 1000}},
+            "parameters": {
+                "elements_per_step": 1000,
+                "calls_per_step": 1,
+                "operations": {"all_gather_into_tensor": 1000},
+            },
+            "loss embeddings": {
+                "elements_per_step": 128,
+                "calls_per_step": 4,
+                "operations": {"all_gather": 64, "scatter": 64},
+            },
+        },
+    }
     coeff = scaling.coefficients(counts)
     assert coeff["gradients"] == {"per_unit": 1.0, "wire": 2.0, "calls": 1}
     assert coeff["loss embeddings"] == {"per_unit": 2.0, "wire": 1.0, "calls": 4}  # 128 / (2 ranks x 4 x 8)

@@ -1,4 +1,5 @@
 """The `emi` command line as a newcomer meets it: --version, every command's --help, fast."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import pytest
 
 from emi import __version__
 from emi.cli import build_parser, main
+
 from helpers import REPO, cpu_env
 
 
@@ -30,8 +32,17 @@ def test_version(capsys):
 
 def test_every_option_of_every_command_says_what_it_is_and_its_default():
     found = dict(commands(build_parser()))
-    assert {("synth",), ("shards", "build"), ("features", "extract"), ("evaluate",), ("predict",), ("train",),
-            ("sweep",), ("config", "show"), ("config", "list")} <= set(found)
+    assert {
+        ("synth",),
+        ("shards", "build"),
+        ("features", "extract"),
+        ("evaluate",),
+        ("predict",),
+        ("train",),
+        ("sweep",),
+        ("config", "show"),
+        ("config", "list"),
+    } <= set(found)
     for path, parser in found.items():
         text = " ".join(parser.format_help().split())  # wrapped lines joined
         for action in parser._actions:
@@ -45,23 +56,40 @@ def test_every_option_of_every_command_says_what_it_is_and_its_default():
     assert "(default: 0)" in synth and "(default: 0.0)" in synth  # --seed, --corrupt-frac
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "stage1", "--help"], ["shards", "build", "--help"],
-                                  ["predict", "--help"], ["config", "show", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["train", "stage1", "--help"],
+        ["shards", "build", "--help"],
+        ["predict", "--help"],
+        ["config", "show", "--help"],
+    ],
+)
 def test_help_answers_before_torch_is_imported(argv):
     """--help parses and prints before anything heavy (torch, transformers) is imported: it answers at once."""
-    probe = ("import sys\nfrom emi.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exit:\n"
-             "    assert exit.code == 0, exit.code\nprint('heavy:', sorted(m for m in ('torch', 'transformers', "
-             "'accelerate', 'deepspeed') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe, *argv], cwd=REPO, env=cpu_env(), capture_output=True,
-                            text=True, timeout=120)
+    probe = (
+        "import sys\nfrom emi.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\nprint('heavy:', sorted(m for m in ('torch', 'transformers', "
+        "'accelerate', 'deepspeed') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *argv], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "usage: emi" in result.stdout and result.stdout.strip().endswith("heavy: []"), result.stdout[-500:]
 
 
 def test_make_clean_removes_what_the_demo_wrote_and_keeps_the_placeholders(tmp_path):
     shutil.copy(REPO / "Makefile", tmp_path)
-    written = ["data/shards/train/train-000000.tar", "data/shards/val/manifest.json", "data/features/train/x.tar",
-               "data/synth/train/videos/a.mp4", "runs/stage1-tiny/log.txt", "logs/emi-stage1-7.out"]
+    written = [
+        "data/shards/train/train-000000.tar",
+        "data/shards/val/manifest.json",
+        "data/features/train/x.tar",
+        "data/synth/train/videos/a.mp4",
+        "runs/stage1-tiny/log.txt",
+        "logs/emi-stage1-7.out",
+    ]
     for name in ["data/shards/.gitkeep", "logs/.gitkeep", *written]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")

@@ -3,8 +3,17 @@ import yaml
 
 from emi.cli import main
 from emi.config import (
-    SHIPPED_CONFIGS, Stage1Config, Stage2Config, TrainSection, build_config, config_kind, load_config,
-    resolve_config_path, save_config, shipped_config_names)
+    SHIPPED_CONFIGS,
+    Stage1Config,
+    Stage2Config,
+    TrainSection,
+    build_config,
+    config_kind,
+    load_config,
+    resolve_config_path,
+    save_config,
+    shipped_config_names,
+)
 from emi.errors import UsageError
 from emi.models.options import check_model_options
 
@@ -89,15 +98,24 @@ def test_a_config_is_found_by_path_or_by_its_shipped_name_from_any_folder(tmp_pa
     assert shipped.run.name == "stage1-tiny" and shipped.model.vision.arch == "clip"
     (tmp_path / "stage1").mkdir()  # a file of the user's with the same name comes first
     (tmp_path / "stage1" / "tiny.yaml").write_text(
-        (SHIPPED_CONFIGS / "stage1/tiny.yaml").read_text().replace("name: stage1-tiny", "name: mine"))
+        (SHIPPED_CONFIGS / "stage1/tiny.yaml").read_text().replace("name: stage1-tiny", "name: mine")
+    )
     assert load_config(Stage1Config, "stage1/tiny.yaml").run.name == "mine"
     with pytest.raises(UsageError) as err:
         load_config(Stage1Config, "stage1/huge.yaml")
-    assert f"config file not found: stage1/huge.yaml (looked for stage1/huge.yaml, {SHIPPED_CONFIGS}/stage1/huge.yaml)" \
-        in str(err.value) and "emi config list" in str(err.value)
+    assert (
+        f"config file not found: stage1/huge.yaml (looked for stage1/huge.yaml, {SHIPPED_CONFIGS}/stage1/huge.yaml)"
+        in str(err.value)
+        and "emi config list" in str(err.value)
+    )
     assert resolve_config_path("tiny.yaml", beside=SHIPPED_CONFIGS / "stage2") == SHIPPED_CONFIGS / "stage2/tiny.yaml"
-    assert {"stage1/tiny.yaml", "stage2/vitl.yaml", "sweeps/ablation.yaml", "deepspeed/zero2.json",
-            "accelerate/cpu.yaml"} <= set(shipped_config_names())
+    assert {
+        "stage1/tiny.yaml",
+        "stage2/vitl.yaml",
+        "sweeps/ablation.yaml",
+        "deepspeed/zero2.json",
+        "accelerate/cpu.yaml",
+    } <= set(shipped_config_names())
 
 
 def test_a_key_in_the_wrong_section_is_pointed_to_its_section():
@@ -108,10 +126,14 @@ def test_a_key_in_the_wrong_section_is_pointed_to_its_section():
 
 
 def test_the_kind_of_a_config_comes_from_its_folder_or_its_sections(tmp_path):
-    assert [config_kind(SHIPPED_CONFIGS / name) for name in ("stage1/vitl.yaml", "stage2/tiny.yaml",
-                                                              "sweeps/kfold.yaml")] == ["stage1", "stage2", "sweep"]
-    for text, kind in (("model: {pairs: [vision_text]}\n", "stage1"), ("loss: {pearson: 1}\n", "stage2"),
-                       ("base: stage2/tiny.yaml\n", "sweep")):
+    assert [
+        config_kind(SHIPPED_CONFIGS / name) for name in ("stage1/vitl.yaml", "stage2/tiny.yaml", "sweeps/kfold.yaml")
+    ] == ["stage1", "stage2", "sweep"]
+    for text, kind in (
+        ("model: {pairs: [vision_text]}\n", "stage1"),
+        ("loss: {pearson: 1}\n", "stage2"),
+        ("base: stage2/tiny.yaml\n", "sweep"),
+    ):
         assert config_kind(write(tmp_path, text)) == kind
     with pytest.raises(UsageError, match="cannot tell which kind of config it is; say it with --kind"):
         config_kind(write(tmp_path, "train: {epochs: 3}\n"))
@@ -123,7 +145,8 @@ def test_emi_config_show_prints_the_resolved_config_and_list_the_shipped_ones(ca
     assert printed.startswith(f"# stage2 config {SHIPPED_CONFIGS / 'stage2/tiny.yaml'} with optim.lr=0.5")
     resolved = yaml.safe_load(printed)
     assert load_config(Stage2Config, "stage2/tiny.yaml", ["optim.lr=0.5", "train.epochs=2"]) == build_config(
-        Stage2Config, resolved, "printed")
+        Stage2Config, resolved, "printed"
+    )
     assert resolved["train"]["eval_every"] == TrainSection().eval_every  # a default the file does not set
     assert main(["config", "show", "sweeps/ablation.yaml", "top_k=5"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["top_k"] == 5

@@ -1,5 +1,6 @@
 """K-fold over train + val by clip key (emi.data.folds): the assignment, the shard subsets, and the loader over a
 fold (equal batches on every rank, exactly the fold's clips, exact mid-epoch resume)."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,8 @@ from emi.config import Stage1Config, Stage2Config, load_config
 from emi.data import resolve_shards
 from emi.data.folds import fold_of, fold_split
 from emi.errors import UsageError
+
 from helpers import assert_same_batches, flat_loader, run_epoch, write_shards
-
-
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,20 @@ def test_two_ranks_read_exactly_the_fold_in_equal_batches_and_resume_exactly(spl
     wanted = {key for shard in fold_train.shards for key in shard.keys}
 
     def loader(rank: int):
-        return flat_loader(fold_train, mode="clip", batch_size=2, num_workers=2, world_size=2, rank=rank, seed=3,
-                            shuffle=True, train=True, shuffle_buffer=4, num_frames=2, persistent_workers=False)
+        return flat_loader(
+            fold_train,
+            mode="clip",
+            batch_size=2,
+            num_workers=2,
+            world_size=2,
+            rank=rank,
+            seed=3,
+            shuffle=True,
+            train=True,
+            shuffle_buffer=4,
+            num_frames=2,
+            persistent_workers=False,
+        )
 
     ranks = [loader(rank) for rank in (0, 1)]
     # 12 clips over 2 ranks x 2 workers: 3 each, rounded up to whole batches of 2
@@ -89,16 +101,17 @@ def test_fold_errors_name_the_problem(splits, tmp_path):
         fold_split(resolve_shards(str(old)), None, 2, 0)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.folds=1"], "data.folds must be >= 2"),
-    (["data.folds=3", "data.fold=3"], "0 <= data.fold < data.folds"),
-    (["data.fold=1"], "data.folds must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.folds=1"], "data.folds must be >= 2"),
+        (["data.folds=3", "data.fold=3"], "0 <= data.fold < data.folds"),
+        (["data.fold=1"], "data.folds must be >= 2"),
+    ],
+)
 def test_fold_settings_are_checked(overrides, message):
     with pytest.raises(UsageError, match=message):
         load_config(Stage2Config, None, overrides)
     assert load_config(Stage2Config, None, ["data.folds=3", "data.fold=2"]).data.fold == 2
     with pytest.raises(UsageError, match="unknown key 'data.folds' in data"):  # a Stage II setting
         load_config(Stage1Config, None, ["data.folds=3"])
-
-

@@ -1,4 +1,5 @@
 """The loader end to end: exact mid-epoch resume, resampled epochs, corrupt data, spawn workers."""
+
 from __future__ import annotations
 
 import itertools
@@ -11,8 +12,8 @@ import pytest
 import emi.data.loader
 from emi.data import AudioSpec, ImageSpec
 from emi.errors import UsageError
-from helpers import PickleBomb, assert_same_batches, flat_loader, run_epoch, write_shards
 
+from helpers import PickleBomb, assert_same_batches, flat_loader, run_epoch, write_shards
 
 SIZES = [5, 7, 9]
 
@@ -25,9 +26,20 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 
 def loader(folder: Path, **kwargs):
-    settings = dict(mode="clip", batch_size=2, num_workers=2, world_size=1, rank=0, seed=5, shuffle=True,
-                    train=True, shuffle_buffer=6, num_frames=3, image=ImageSpec(size=24),
-                    audio=AudioSpec(seconds=0.2, gain_db=(-6, 6), snr_db=(10, 30)))
+    settings = dict(
+        mode="clip",
+        batch_size=2,
+        num_workers=2,
+        world_size=1,
+        rank=0,
+        seed=5,
+        shuffle=True,
+        train=True,
+        shuffle_buffer=6,
+        num_frames=3,
+        image=ImageSpec(size=24),
+        audio=AudioSpec(seconds=0.2, gain_db=(-6, 6), snr_db=(10, 30)),
+    )
     return flat_loader(str(folder), **{**settings, **kwargs})
 
 
@@ -91,20 +103,24 @@ BAD_KEYS = {"s0-001", "s0-002", "s0-004"} | {f"s1-{i:03d}" for i in range(4, 8)}
 def corrupt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("corrupt")
     clean_keys = write_shards(out, CORRUPT_SIZES, frames=(3, 4))
-    sample = tarfile.open(out / "train-000000.tar")
-    jpeg = sample.extractfile("s0-001.0000.jpg").read()
-    sample.close()
+    with tarfile.open(out / "train-000000.tar") as sample:
+        jpeg = sample.extractfile("s0-001.0000.jpg").read()
     bomb = pickle.dumps(PickleBomb(out / "unpickled"))
-    write_shards(out, CORRUPT_SIZES, frames=(3, 4), edits={
-        "s0-001": {"0000.jpg": jpeg[:len(jpeg) // 2]},      # a truncated JPEG
-        "s0-002": {"0001.jpg": b"plain text, not a JPEG"},  # not a JPEG at all
-        "s0-003": {"pyd": bomb, "pickle": bomb},            # pickles: ignored, never loaded
-        "s0-004": {"wav": None},                            # no audio
-    })
+    write_shards(
+        out,
+        CORRUPT_SIZES,
+        frames=(3, 4),
+        edits={
+            "s0-001": {"0000.jpg": jpeg[: len(jpeg) // 2]},  # a truncated JPEG
+            "s0-002": {"0001.jpg": b"plain text, not a JPEG"},  # not a JPEG at all
+            "s0-003": {"pyd": bomb, "pickle": bomb},  # pickles: ignored, never loaded
+            "s0-004": {"wav": None},  # no audio
+        },
+    )
     shard = out / "train-000001.tar"  # cut in the middle of sample s1-004: it and the rest are lost
     with tarfile.open(shard) as tar:
         member = next(m for m in tar.getmembers() if m.name.startswith("s1-004."))
-    shard.write_bytes(shard.read_bytes()[:member.offset_data + member.size // 2])
+    shard.write_bytes(shard.read_bytes()[: member.offset_data + member.size // 2])
     return out, [key for keys in clean_keys for key in keys]
 
 
@@ -112,11 +128,11 @@ def expected_stream(keys: list[str], begin: int, per_consumer: int) -> tuple[lis
     """The spec'd behaviour for an unshuffled consumer: its slice minus bad samples, filled up from its
     slice start onwards through the whole (cyclic) sequence; and the number of bad samples it counts: those of
     its slice, each once, where the epoch first plans them (not the wrap-around repeats, not the fill-up)."""
-    cycle = itertools.cycle(keys[begin % len(keys):] + keys[:begin % len(keys)])
+    cycle = itertools.cycle(keys[begin % len(keys) :] + keys[: begin % len(keys)])
     planned = [next(cycle) for _ in range(per_consumer)]
     stream = [k for k in planned if k not in BAD_KEYS]
-    skipped = sum(key in BAD_KEYS for key in planned[:len(keys) - begin])
-    cycle = itertools.cycle(keys[begin % len(keys):] + keys[:begin % len(keys)])
+    skipped = sum(key in BAD_KEYS for key in planned[: len(keys) - begin])
+    cycle = itertools.cycle(keys[begin % len(keys) :] + keys[: begin % len(keys)])
     while len(stream) < per_consumer:
         key = next(cycle)
         if key not in BAD_KEYS:
@@ -136,8 +152,11 @@ def test_corrupt_samples_are_skipped_named_counted_and_filled_up(corrupt, caplog
     assert data.skipped() == skipped and batches[-1]["num_skipped"] == skipped
     assert not (folder / "unpickled").exists()
     shard0, shard1 = folder / "train-000000.tar", folder / "train-000001.tar"
-    for key, reason in [("s0-001", "0000.jpg: corrupt JPEG"), ("s0-002", "0001.jpg: not an image"),
-                        ("s0-004", "no .wav entry")]:
+    for key, reason in [
+        ("s0-001", "0000.jpg: corrupt JPEG"),
+        ("s0-002", "0001.jpg: not an image"),
+        ("s0-004", "no .wav entry"),
+    ]:
         assert caplog.text.count(f"shard {shard0}: skipping sample '{key}': {reason}") == 1, key
     assert caplog.text.count(f"shard {shard1}: unreadable in sample 's1-004'") == 1
     assert f"skipped {skipped} corrupt samples this epoch (see warnings above)" in caplog.text
@@ -165,8 +184,13 @@ def test_corrupt_data_with_workers_keeps_the_batch_count_exact(corrupt):
 
 
 def test_a_data_set_without_a_valid_sample_is_a_clear_error(tmp_path):
-    write_shards(tmp_path, [3, 2], frames=(1, 1), size=(16, 16),
-                 edits={f"s{s}-{i:03d}": {"wav": None} for s in range(2) for i in range(3)})
+    write_shards(
+        tmp_path,
+        [3, 2],
+        frames=(1, 1),
+        size=(16, 16),
+        edits={f"s{s}-{i:03d}": {"wav": None} for s in range(2) for i in range(3)},
+    )
     data = loader(tmp_path, num_workers=0)
     with pytest.raises(UsageError, match="5 samples in a row were unusable.*no valid sample"):
         run_epoch(data, 0)

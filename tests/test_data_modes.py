@@ -1,4 +1,5 @@
 """What each mode yields: shapes, dtypes, masks, label order, normalisation, frame choice, audio."""
+
 from __future__ import annotations
 
 import io
@@ -15,12 +16,21 @@ from PIL import Image
 
 from emi import EMI_EMOTIONS
 from emi.data import AudioSpec, ImageSpec
-from emi.data.decode import (CLIP_MEAN, CLIP_STD, FrameView, SampleError, decode_wav, load_frame, normalise,
-                             open_jpeg, sample_rng)
+from emi.data.decode import (
+    CLIP_MEAN,
+    CLIP_STD,
+    FrameView,
+    SampleError,
+    decode_wav,
+    load_frame,
+    normalise,
+    open_jpeg,
+    sample_rng,
+)
 from emi.data.modes import DecodeSpec, decode_sample
 from emi.data.reader import RawSample
-from helpers import FPS, flat_loader, grey_level, jpeg_bytes, write_shards
 
+from helpers import FPS, flat_loader, grey_level, jpeg_bytes, write_shards
 
 SIZE = 32
 
@@ -47,8 +57,16 @@ def json_of(folder: Path) -> dict[str, dict]:
 
 
 def one_epoch(folder: Path, **kwargs) -> list[dict]:
-    settings = dict(batch_size=3, num_workers=0, world_size=1, rank=0, seed=0, shuffle=False, train=False,
-                    image=ImageSpec(size=SIZE))
+    settings = dict(
+        batch_size=3,
+        num_workers=0,
+        world_size=1,
+        rank=0,
+        seed=0,
+        shuffle=False,
+        train=False,
+        image=ImageSpec(size=SIZE),
+    )
     data = flat_loader(str(folder), **{**settings, **kwargs})
     data.set_epoch(0)
     return list(data.dataloader)
@@ -62,8 +80,13 @@ def levels(frames: torch.Tensor) -> torch.Tensor:
 
 def test_clip_mode_shapes_masks_labels_and_uniform_frames(dirs):
     metas = json_of(dirs["grey"])
-    batches = one_epoch(dirs["grey"], mode="clip", num_frames=4, audio=AudioSpec(seconds=0.5),
-                        label_names=["Joy", "Admiration", "Gratitude"])
+    batches = one_epoch(
+        dirs["grey"],
+        mode="clip",
+        num_frames=4,
+        audio=AudioSpec(seconds=0.5),
+        label_names=["Joy", "Admiration", "Gratitude"],
+    )
     assert len(batches) == 2
     batch = batches[0]
     assert batch["frames"].shape == (3, 4, 3, SIZE, SIZE) and batch["frames"].dtype == torch.uint8
@@ -77,11 +100,14 @@ def test_clip_mode_shapes_masks_labels_and_uniform_frames(dirs):
         assert math.isnan(labels[2]) and batch["label_mask"][row].tolist() == [True, True, False]
         assert batch["transcript"][row] == meta["transcript"]
         count = meta["num_frames"]
-        shown = [grey_level(i) for i in np.round(np.linspace(0, count - 1, 4)).astype(int)] if count > 4 \
+        shown = (
+            [grey_level(i) for i in np.round(np.linspace(0, count - 1, 4)).astype(int)]
+            if count > 4
             else [grey_level(i) for i in range(count)]
+        )
         assert batch["frame_mask"][row].tolist() == [True] * len(shown) + [False] * (4 - len(shown))
-        assert levels(batch["frames"][row, :len(shown)]).tolist() == pytest.approx(shown, abs=1.0)
-        assert (batch["frames"][row, len(shown):] == 0).all()
+        assert levels(batch["frames"][row, : len(shown)]).tolist() == pytest.approx(shown, abs=1.0)
+        assert (batch["frames"][row, len(shown) :] == 0).all()
 
 
 def test_clip_mode_num_frames_zero_and_whole_audio_pad_to_the_longest(dirs):
@@ -100,7 +126,7 @@ def test_eval_audio_window_is_the_centre_of_the_clip(dirs):
     sample = next(iter(webdataset.WebDataset(str(tar), shardshuffle=False)))
     waveform, _ = decode_wav(sample["wav"])
     start = (len(waveform) - 4000) // 2
-    assert torch.equal(batch["input_values"][0], waveform[start:start + 4000])
+    assert torch.equal(batch["input_values"][0], waveform[start : start + 4000])
     assert batch["audio_attention_mask"].shape == (3, 4000) and batch["audio_attention_mask"].all()
 
 
@@ -110,7 +136,7 @@ def test_8khz_audio_is_resampled_to_16khz(dirs):
     lengths = [metas[key]["num_frames"] * 8000 // FPS * 2 for key in batch["key"]]
     assert batch["audio_mask"].sum(1).tolist() == lengths
     # A 200+ Hz tone keeps its energy through resampling: RMS close to 0.3 / sqrt(2).
-    rms = batch["audio"][0, :lengths[0]].pow(2).mean().sqrt()
+    rms = batch["audio"][0, : lengths[0]].pow(2).mean().sqrt()
     assert float(rms) == pytest.approx(0.3 / math.sqrt(2), rel=0.05)
 
 
@@ -132,8 +158,14 @@ def test_frame_audio_mode_with_a_tokenizer(dirs):
     model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token="[PAD]", unk_token="[UNK]")
-    batch = one_epoch(dirs["grey"], mode="frame_audio", prompt_fn=label_prompt, tokenizer=tokenizer,
-                      max_text_len=6, audio=AudioSpec(seconds=0.3))[0]
+    batch = one_epoch(
+        dirs["grey"],
+        mode="frame_audio",
+        prompt_fn=label_prompt,
+        tokenizer=tokenizer,
+        max_text_len=6,
+        audio=AudioSpec(seconds=0.3),
+    )[0]
     assert batch["pixel_values"].shape == (3, 3, SIZE, SIZE) and batch["input_values"].shape == (3, 4800)
     # "joy 0.123" -> joy, 0, ., 123 under whitespace-and-punctuation splitting; padded to 6.
     assert batch["input_ids"].shape == (3, 6) and batch["input_ids"][:, 0].tolist() == [2, 2, 2]
@@ -147,8 +179,17 @@ def grey_sample(level: int, size: tuple[int, int] = (80, 60)) -> RawSample:
 
 
 def spec(**kwargs) -> DecodeSpec:
-    values = dict(mode="frame", train=False, image=ImageSpec(), audio=AudioSpec(), num_frames=4,
-                  label_names=EMI_EMOTIONS, prompt_fn=label_prompt, tokenizer=None, max_text_len=8)
+    values = dict(
+        mode="frame",
+        train=False,
+        image=ImageSpec(),
+        audio=AudioSpec(),
+        num_frames=4,
+        label_names=EMI_EMOTIONS,
+        prompt_fn=label_prompt,
+        tokenizer=None,
+        max_text_len=8,
+    )
     return DecodeSpec(**{**values, **kwargs})
 
 
@@ -170,8 +211,9 @@ def test_train_views_are_seeded_by_epoch_and_key():
     views = [decode_sample(raw, train, sample_rng(0, epoch, "k"))["pixel_values"] for epoch in range(4)]
     assert torch.equal(views[1], decode_sample(raw, train, sample_rng(0, 1, "k"))["pixel_values"])
     assert len({v.numpy().tobytes() for v in views}) == 4
-    evals = [decode_sample(raw, spec(image=ImageSpec(size=32)), sample_rng(0, e, "k"))["pixel_values"]
-             for e in range(2)]
+    evals = [
+        decode_sample(raw, spec(image=ImageSpec(size=32)), sample_rng(0, e, "k"))["pixel_values"] for e in range(2)
+    ]
     assert torch.equal(evals[0], evals[1])
 
 
@@ -195,14 +237,13 @@ def test_train_audio_augmentation_changes_gain_and_adds_noise():
 def test_corrupt_entries_raise_sample_errors_with_the_reason():
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     whole = jpeg_bytes(noise)
-    bad = {"0000.jpg": whole[:len(whole) // 2], "json": grey_sample(100).entries["json"]}
+    bad = {"0000.jpg": whole[: len(whole) // 2], "json": grey_sample(100).entries["json"]}
     with pytest.raises(SampleError, match="0000.jpg: corrupt JPEG"):
         decode_sample(RawSample("k", "x.tar", bad), spec(), sample_rng(0, 0, "k"))
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, "PNG")
     with pytest.raises(SampleError, match="a PNG image, expected JPEG"):
-        decode_sample(RawSample("k", "x.tar", {**bad, "0000.jpg": png.getvalue()}), spec(),
-                      sample_rng(0, 0, "k"))
+        decode_sample(RawSample("k", "x.tar", {**bad, "0000.jpg": png.getvalue()}), spec(), sample_rng(0, 0, "k"))
     with pytest.raises(SampleError, match="no .wav entry"):
         decode_sample(grey_sample(100), spec(mode="audio"), sample_rng(0, 0, "k"))
     with pytest.raises(SampleError, match="label 'Joy' is 'high', not a number"):
@@ -219,13 +260,24 @@ def test_features_mode_pads_arrays_and_refuses_object_arrays(tmp_path):
 
     with webdataset.TarWriter(str(tmp_path / "feat-000000.tar"), encoder=False) as writer:
         for i, steps in enumerate([3, 6, 2]):
-            writer.write({"__key__": f"f{i}", "json": json.dumps({"labels": {"Joy": i / 10}}).encode(),
-                          "vision.npy": npy(np.full((steps, 4), i, np.float16)),
-                          "audio.npy": npy(np.ones((steps * 2, 5), np.float32)),
-                          "text.npy": npy(np.arange(3, dtype=np.float64) + i)})
-        writer.write({"__key__": "evil", "json": b'{"labels": {}}',
-                      "vision.npy": npy(np.array([{"a": 1}], dtype=object)),
-                      "audio.npy": npy(np.ones((2, 5))), "text.npy": npy(np.ones(3))})
+            writer.write(
+                {
+                    "__key__": f"f{i}",
+                    "json": json.dumps({"labels": {"Joy": i / 10}}).encode(),
+                    "vision.npy": npy(np.full((steps, 4), i, np.float16)),
+                    "audio.npy": npy(np.ones((steps * 2, 5), np.float32)),
+                    "text.npy": npy(np.arange(3, dtype=np.float64) + i),
+                }
+            )
+        writer.write(
+            {
+                "__key__": "evil",
+                "json": b'{"labels": {}}',
+                "vision.npy": npy(np.array([{"a": 1}], dtype=object)),
+                "audio.npy": npy(np.ones((2, 5))),
+                "text.npy": npy(np.ones(3)),
+            }
+        )
     batches = one_epoch(tmp_path / "feat-000000.tar", mode="features", num_frames=0)
     batch = batches[0]
     assert batch["vision"].shape == (3, 6, 4) and batch["vision"].dtype == torch.float32
@@ -244,8 +296,9 @@ def test_large_frames_are_draft_decoded_to_the_same_view():
     data = jpeg_bytes(pixels)
     view = FrameView((0.3, 0.1, 0.8, 0.9), flip=False)  # a 480 x 576 box: draft decodes at 1/4
     drafted = load_frame(open_jpeg(data, "0000.jpg"), "0000.jpg", view, 64)
-    full = Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC,
-                                                              box=(288, 72, 768, 648))
+    full = (
+        Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC, box=(288, 72, 768, 648))
+    )
     assert drafted.shape == (3, 64, 64)
     assert (drafted.float() - torch.from_numpy(np.array(full)).permute(2, 0, 1).float()).abs().mean() < 1
 

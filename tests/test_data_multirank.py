@@ -1,5 +1,6 @@
 """The acceptance test: 2 ranks (gloo) x 2 dataloader workers over uneven shards, an all_reduce every step,
 2 epochs: no hang, the same number of batches on every rank, full coverage, duplicates only in the wrap."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from emi.data.plan import cycle_segments, shard_order, take_samples
-from helpers import write_shards
 
+from helpers import write_shards
 
 SIZES = [7, 13, 20]  # N = 40; 2 ranks x 2 workers = 4 consumers
 WORKER = Path(__file__).with_name("data_rank_worker.py")
@@ -30,12 +31,23 @@ def free_port() -> int:
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[list[str]]]:
     root = tmp_path_factory.mktemp("multirank")
     keys = write_shards(root / "shards", SIZES, frames=(1, 2), size=(24, 16))
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(root / "shards"), str(root / f"rank{r}.json"),
-                               "2", "3"], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(root / "shards"), str(root / f"rank{r}.json"), "2", "3"],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     try:
         outputs = [rank.communicate(timeout=180)[0] for rank in ranks]
     except subprocess.TimeoutExpired:
@@ -75,7 +87,8 @@ def test_uneven_split_covers_everything_and_repeats_only_the_wrap(results):
         assert set(seen) == {k for shard in keys for k in shard}
         # 4 consumers x 12 = 48 planned: the wrap repeats the first 8 samples of the epoch's sequence.
         order = shard_order(len(SIZES), seed=1, epoch=epoch, shuffle=True)
-        wrapped = [keys[s.shard][i] for s in take_samples(cycle_segments(SIZES, order, 0), 8)
-                   for i in range(s.start, s.stop)]
+        wrapped = [
+            keys[s.shard][i] for s in take_samples(cycle_segments(SIZES, order, 0), 8) for i in range(s.start, s.stop)
+        ]
         assert sorted(k for k, n in seen.items() if n == 2) == sorted(wrapped)
         assert sum(seen.values()) == 48 and max(seen.values()) == 2

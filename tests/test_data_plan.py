@@ -1,4 +1,5 @@
 """The epoch plan: equal shares, full coverage, duplicates only in the wrap, seeded orders."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,8 +7,17 @@ from collections import Counter
 
 import pytest
 
-from emi.data.plan import (Segment, consumer_segments, cycle_segments, resampled_segments, samples_per_consumer,
-                           shard_order, shuffle_buffer_order, take_samples, worker_skip_batches)
+from emi.data.plan import (
+    Segment,
+    consumer_segments,
+    cycle_segments,
+    resampled_segments,
+    samples_per_consumer,
+    shard_order,
+    shuffle_buffer_order,
+    take_samples,
+    worker_skip_batches,
+)
 
 
 def expand(segments: list[Segment]) -> list[tuple[int, int]]:

@@ -1,4 +1,5 @@
 """Shards in the builder's format for the emi.data tests (`write_shards`), and tests of the tar reader."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import pytest
 
 from emi.data.plan import Segment
 from emi.data.reader import count_samples, read_segments
+
 from helpers import PickleBomb, write_shards
 
 ALL_ENTRIES = re.compile(r".*")
@@ -20,8 +22,11 @@ ALL_ENTRIES = re.compile(r".*")
 def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[str]]]:
     out = tmp_path_factory.mktemp("reader")
     marker = out / "unpickled"
-    keys = write_shards(out, [4, 3], edits={"s0-001": {"pyd": pickle.dumps(PickleBomb(marker)),
-                                                       "pickle": pickle.dumps(PickleBomb(marker))}})
+    keys = write_shards(
+        out,
+        [4, 3],
+        edits={"s0-001": {"pyd": pickle.dumps(PickleBomb(marker)), "pickle": pickle.dumps(PickleBomb(marker))}},
+    )
     return out, keys
 
 
@@ -58,7 +63,7 @@ def test_reader_reports_missing_samples_of_a_truncated_shard(shard_dir, tmp_path
     with tarfile.open(source) as tar:
         third = next(m for m in tar.getmembers() if m.name.startswith(keys[0][2]))
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(source.read_bytes()[:third.offset_data + third.size // 2])
+    cut.write_bytes(source.read_bytes()[: third.offset_data + third.size // 2])
     got = read_all([str(cut)], [Segment(0, 1, 4)])
     assert [(p, raw.key if raw else None) for p, raw in got] == [(0, keys[0][1]), (1, None), (2, None)]
     assert str(cut) in caplog.text and keys[0][2] in caplog.text
@@ -84,8 +89,11 @@ def test_a_local_shard_reads_only_the_selected_entries_and_a_pipe_yields_the_sam
 
     extracted = []
     real_extractfile = tarfile.TarFile.extractfile
-    monkeypatch.setattr(tarfile.TarFile, "extractfile",
-                        lambda tar, member: extracted.append(member.name) or real_extractfile(tar, member))
+    monkeypatch.setattr(
+        tarfile.TarFile,
+        "extractfile",
+        lambda tar, member: extracted.append(member.name) or real_extractfile(tar, member),
+    )
     local = list(read_segments([url], [Segment(0, 0, 4)], set(), ALL_ENTRIES, middle_frame))
     assert [key for key, _ in asked] == keys[0] and all("wav" in extensions for _, extensions in asked)
     assert sorted(extracted) == sorted(f"{raw.key}.{ext}" for _, raw in local for ext in raw.entries)

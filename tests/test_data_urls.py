@@ -1,4 +1,5 @@
 """Shard specs in every WebDataset form resolve to the right URLs and sample counts."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import pytest
 
 from emi.data.urls import ShardInfo, resolve_shards, shard_name
 from emi.errors import UsageError
-from helpers import write_shards
 
+from helpers import write_shards
 
 SIZES = [3, 5, 2]
 
@@ -52,7 +53,8 @@ def test_pipe_urls_count_from_an_explicit_manifest_or_by_streaming(folder, caplo
     spec = f"pipe:cat {with_manifest}/train-{{000000..000002}}.tar"
     urls = [f"pipe:cat {with_manifest}/train-{i:06d}.tar" for i in range(3)]
     assert resolve_shards(spec, manifest=with_manifest / "manifest.json").shards == [
-        ShardInfo(url, n) for url, n in zip(urls, SIZES)]
+        ShardInfo(url, n) for url, n in zip(urls, SIZES)
+    ]
     assert "counting" not in caplog.text
     assert resolve_shards(spec).shards == [ShardInfo(url, n) for url, n in zip(urls, SIZES)]
     assert "counting its samples" in caplog.text
@@ -75,8 +77,9 @@ def test_bad_specs_name_the_file_and_the_reason(folder, tmp_path):
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(UsageError, match=r"bad/manifest\.json: not readable JSON"):
         resolve_shards(str(bad / "train-000000.tar"))
-    (bad / "manifest.json").write_text(json.dumps(
-        {"format": "emi-shards/1", "shards": [{"name": "train-000000.tar", "num_samples": -1}]}))
+    (bad / "manifest.json").write_text(
+        json.dumps({"format": "emi-shards/1", "shards": [{"name": "train-000000.tar", "num_samples": -1}]})
+    )
     with pytest.raises(UsageError, match=r"bad shard entry"):
         resolve_shards(str(bad))
     with pytest.raises(UsageError, match="names no shards"):
@@ -88,7 +91,8 @@ def test_the_shard_set_carries_the_manifests_that_describe_it(folder, tmp_path):
     resolved = resolve_shards(str(with_manifest))
     (manifest,) = resolved.manifests
     assert manifest.path == with_manifest / "manifest.json" and manifest.counts == {
-        f"train-{i:06d}.tar": n for i, n in enumerate(SIZES)}
+        f"train-{i:06d}.tar": n for i, n in enumerate(SIZES)
+    }
     assert resolved.manifest("a test") is manifest and resolved.num_samples == sum(SIZES)
     # a shard no manifest lists: counted, but nothing says how its clips were prepared
     bare = resolve_shards(f"{with_manifest}/train-000000.tar::{folder}/without/train-000001.tar")

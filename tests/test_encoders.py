@@ -13,15 +13,16 @@ from emi.models.encoders import (
     audio_frame_features,
     build_encoder,
     build_tokenizer,
-    normalise_waveform,
     bundled_vocab,
     export_encoders,
     image_processing,
     load_encoders,
+    normalise_waveform,
     pool_audio_to_frames,
     text_features,
     vision_features,
 )
+
 from helpers import BERT_SPEC, CLIP_SPEC, VISION_CONFIG, VIT_SPEC, WAV2VEC2_SPEC
 
 TEXTS = ["happy with au6 cheek raiser and lip corner puller", "neutral, low intensity"]
@@ -44,9 +45,13 @@ def inputs(tokenizer) -> dict[str, torch.Tensor]:
     tokens = tokenizer(TEXTS, padding=True, return_tensors="pt")
     audio_mask = torch.ones(2, 8000, dtype=torch.long)
     audio_mask[1, 5000:] = 0
-    return {"pixel_values": torch.randn(2, 3, 64, 64, generator=generator), "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"], "input_values": torch.randn(2, 8000, generator=generator),
-            "audio_attention_mask": audio_mask}
+    return {
+        "pixel_values": torch.randn(2, 3, 64, 64, generator=generator),
+        "input_ids": tokens["input_ids"],
+        "attention_mask": tokens["attention_mask"],
+        "input_values": torch.randn(2, 8000, generator=generator),
+        "audio_attention_mask": audio_mask,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +108,25 @@ def test_export_reload_gives_identical_outputs(export_dir, other_state_dict, inp
     text = BertModel.from_pretrained(export_dir / "text", add_pooling_layer=False).eval()
     audio = Wav2Vec2Model.from_pretrained(export_dir / "audio").eval()
     with torch.no_grad():
-        assert torch.equal(vision_features(vision, inputs["pixel_values"]),
-                           vision_features(source.vision, inputs["pixel_values"]))
-        assert torch.equal(text_features(text, inputs["input_ids"], inputs["attention_mask"]),
-                           text_features(source.text, inputs["input_ids"], inputs["attention_mask"]))
-        assert torch.equal(audio_features(audio, inputs["input_values"], inputs["audio_attention_mask"]),
-                           audio_features(source.audio, inputs["input_values"], inputs["audio_attention_mask"]))
+        assert torch.equal(
+            vision_features(vision, inputs["pixel_values"]), vision_features(source.vision, inputs["pixel_values"])
+        )
+        assert torch.equal(
+            text_features(text, inputs["input_ids"], inputs["attention_mask"]),
+            text_features(source.text, inputs["input_ids"], inputs["attention_mask"]),
+        )
+        assert torch.equal(
+            audio_features(audio, inputs["input_values"], inputs["audio_attention_mask"]),
+            audio_features(source.audio, inputs["input_values"], inputs["audio_attention_mask"]),
+        )
     heads = load_file(str(export_dir / "projection.safetensors"))
-    assert set(heads) == {"vision_projection.weight", "text_projection.weight", "audio_projection.weight",
-                          "logit_scale_vision_text", "logit_scale_audio_text"}
+    assert set(heads) == {
+        "vision_projection.weight",
+        "text_projection.weight",
+        "audio_projection.weight",
+        "logit_scale_vision_text",
+        "logit_scale_audio_text",
+    }
     for key, value in heads.items():
         assert torch.equal(value, other_state_dict[key])
 
@@ -219,19 +234,34 @@ def test_vit_arch_works_and_round_trips(tmp_path, inputs):
     loaded = load_encoders(tmp_path)
     assert isinstance(loaded["vision"], ViTModel) and loaded["audio"] is None
     with torch.no_grad():
-        assert torch.equal(vision_features(loaded["vision"], inputs["pixel_values"]),
-                           vision_features(model.vision, inputs["pixel_values"]))
-    assert json.loads((tmp_path / "vision" / "preprocessor_config.json").read_text())["image_processor_type"] == \
-        "ViTImageProcessor"
+        assert torch.equal(
+            vision_features(loaded["vision"], inputs["pixel_values"]),
+            vision_features(model.vision, inputs["pixel_values"]),
+        )
+    assert (
+        json.loads((tmp_path / "vision" / "preprocessor_config.json").read_text())["image_processor_type"]
+        == "ViTImageProcessor"
+    )
 
 
 def test_pretrained_vision_from_local_full_clip_folder(tmp_path):
     """openai/clip-vit-* folders hold a whole CLIPModel; the vision tower and its processor config load from it."""
     torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(vision_config=VISION_CONFIG,
-                                text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                             "intermediate_size": 64, "vocab_size": 100, "bos_token_id": 0,
-                                             "eos_token_id": 1, "pad_token_id": 1}))
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=VISION_CONFIG,
+            text_config={
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "vocab_size": 100,
+                "bos_token_id": 0,
+                "eos_token_id": 1,
+                "pad_token_id": 1,
+            },
+        )
+    )
     clip.save_pretrained(tmp_path)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
@@ -261,7 +291,13 @@ def test_bad_specs_are_rejected(tmp_path):
 
 def test_config_next_to_pretrained_overrides_fields(tmp_path):
     build_encoder(BERT_SPEC, "text").save_pretrained(tmp_path / "bert")
-    encoder = build_encoder({"arch": "bert", "pretrained": str(tmp_path / "bert"),
-                             "config": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.25}}, "text")
+    encoder = build_encoder(
+        {
+            "arch": "bert",
+            "pretrained": str(tmp_path / "bert"),
+            "config": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.25},
+        },
+        "text",
+    )
     assert encoder.config.hidden_dropout_prob == 0.0 and encoder.config.attention_probs_dropout_prob == 0.25
     assert encoder.config.hidden_size == BERT_SPEC["config"]["hidden_size"]

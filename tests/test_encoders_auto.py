@@ -1,5 +1,6 @@
 """arch: auto encoders: tiny random-config models of two or three transformers families per modality, saved as
 pretrained folders with their processors and tokenizers, built, pooled, exported, reloaded, trained and extracted."""
+
 from __future__ import annotations
 
 import json
@@ -53,17 +54,36 @@ from emi.models.encoders import (
     text_features,
     vision_features,
 )
-from helpers import GRID, REPO, cpu_env
+
+from helpers import EMI, GRID, REPO, cpu_env
 
 LAYERS = {"num_hidden_layers": 2, "num_attention_heads": 2}
 VISION = {**LAYERS, "hidden_size": 32, "patch_size": 8}
-CONV_AUDIO = {**LAYERS, "hidden_size": 32, "intermediate_size": 64, "conv_dim": [16] * 7,
-              "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2, "feat_extract_norm": "layer",
-              "do_stable_layer_norm": True, "mask_time_prob": 0.0, "layerdrop": 0.0}
+CONV_AUDIO = {
+    **LAYERS,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "conv_dim": [16] * 7,
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+    "feat_extract_norm": "layer",
+    "do_stable_layer_norm": True,
+    "mask_time_prob": 0.0,
+    "layerdrop": 0.0,
+}
 VOCAB = len(bundled_vocab())
-ELECTRA_SPEC = {"arch": "auto", "pretrained": None,
-                "config": {"model_type": "electra", **LAYERS, "hidden_size": 32, "embedding_size": 16,
-                           "intermediate_size": 64, "max_position_embeddings": 64}}
+ELECTRA_SPEC = {
+    "arch": "auto",
+    "pretrained": None,
+    "config": {
+        "model_type": "electra",
+        **LAYERS,
+        "hidden_size": 32,
+        "embedding_size": 16,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    },
+}
 TEXTS = ["happy with au6 cheek raiser and lip corner puller", "neutral, low intensity"]
 
 
@@ -86,36 +106,100 @@ def make_families(root: Path) -> dict[str, tuple[str, dict]]:
         return folders[name]
 
     # DINOv2 checkpoints say a larger image_size in the config (position embeddings) than the processor's crop
-    save_processor(folder("dinov2", Dinov2Model(Dinov2Config(**VISION, image_size=64, mlp_ratio=2))),
-                   {"image_processor_type": "BitImageProcessor", "do_center_crop": True,
-                    "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 36},
-                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]})
+    save_processor(
+        folder("dinov2", Dinov2Model(Dinov2Config(**VISION, image_size=64, mlp_ratio=2))),
+        {
+            "image_processor_type": "BitImageProcessor",
+            "do_center_crop": True,
+            "crop_size": {"height": 32, "width": 32},
+            "size": {"shortest_edge": 36},
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        },
+    )
     # a whole SigLIP (both towers), as google/siglip-* folders hold it: the vision tower is taken
-    siglip = SiglipModel(SiglipConfig(vision_config={**VISION, "image_size": 32, "intermediate_size": 64},
-                                      text_config={**LAYERS, "hidden_size": 32, "intermediate_size": 64,
-                                                   "vocab_size": 100}))
-    save_processor(folder("siglip", siglip), {"image_processor_type": "SiglipImageProcessor",
-                                              "size": {"height": 32, "width": 32},
-                                              "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    siglip = SiglipModel(
+        SiglipConfig(
+            vision_config={**VISION, "image_size": 32, "intermediate_size": 64},
+            text_config={**LAYERS, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 100},
+        )
+    )
+    save_processor(
+        folder("siglip", siglip),
+        {
+            "image_processor_type": "SiglipImageProcessor",
+            "size": {"height": 32, "width": 32},
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+        },
+    )
     hubert = folder("hubert", HubertModel(HubertConfig(**CONV_AUDIO)))
     Wav2Vec2FeatureExtractor(do_normalize=False, return_attention_mask=True).save_pretrained(hubert)
     folder("wavlm", WavLMModel(WavLMConfig(**CONV_AUDIO, num_buckets=16, max_bucket_distance=32)))
-    whisper = WhisperForConditionalGeneration(WhisperConfig(
-        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=100,
-        max_target_positions=16, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1))
+    whisper = WhisperForConditionalGeneration(
+        WhisperConfig(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_mel_bins=16,
+            max_source_positions=100,
+            max_target_positions=16,
+            vocab_size=100,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
+    )
     WhisperFeatureExtractor(feature_size=16).save_pretrained(folder("whisper", whisper))  # 100 frames: 2 s
-    save_tokenizer(folder("roberta", RobertaModel(RobertaConfig(
-        **LAYERS, hidden_size=32, intermediate_size=64, vocab_size=VOCAB, pad_token_id=0,
-        max_position_embeddings=64))))
-    save_tokenizer(folder("distilbert", DistilBertModel(DistilBertConfig(
-        n_layers=2, n_heads=2, dim=48, hidden_dim=64, vocab_size=VOCAB, pad_token_id=0,
-        max_position_embeddings=64))))
-    modality = {"dinov2": "vision", "siglip": "vision", "hubert": "audio", "wavlm": "audio", "whisper": "audio",
-                "roberta": "text", "distilbert": "text"}
-    families = {name: (modality[name], {"arch": "auto", "pretrained": str(path), "config": None})
-                for name, path in folders.items()}
+    save_tokenizer(
+        folder(
+            "roberta",
+            RobertaModel(
+                RobertaConfig(
+                    **LAYERS,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    vocab_size=VOCAB,
+                    pad_token_id=0,
+                    max_position_embeddings=64,
+                )
+            ),
+        )
+    )
+    save_tokenizer(
+        folder(
+            "distilbert",
+            DistilBertModel(
+                DistilBertConfig(
+                    n_layers=2,
+                    n_heads=2,
+                    dim=48,
+                    hidden_dim=64,
+                    vocab_size=VOCAB,
+                    pad_token_id=0,
+                    max_position_embeddings=64,
+                )
+            ),
+        )
+    )
+    modality = {
+        "dinov2": "vision",
+        "siglip": "vision",
+        "hubert": "audio",
+        "wavlm": "audio",
+        "whisper": "audio",
+        "roberta": "text",
+        "distilbert": "text",
+    }
+    families = {
+        name: (modality[name], {"arch": "auto", "pretrained": str(path), "config": None})
+        for name, path in folders.items()
+    }
     return {**families, "electra": ("text", ELECTRA_SPEC)}
 
 
@@ -128,9 +212,16 @@ def spec_of(families, name: str) -> dict:
     return families[name][1]
 
 
-CLASSES = {"dinov2": "Dinov2Model", "siglip": "SiglipVisionModel", "hubert": "HubertModel", "wavlm": "WavLMModel",
-           "whisper": "WhisperEncoder", "roberta": "RobertaModel", "distilbert": "DistilBertModel",
-           "electra": "ElectraModel"}
+CLASSES = {
+    "dinov2": "Dinov2Model",
+    "siglip": "SiglipVisionModel",
+    "hubert": "HubertModel",
+    "wavlm": "WavLMModel",
+    "whisper": "WhisperEncoder",
+    "roberta": "RobertaModel",
+    "distilbert": "DistilBertModel",
+    "electra": "ElectraModel",
+}
 WIDTHS = {"distilbert": 48}
 
 
@@ -182,7 +273,10 @@ def test_each_family_builds_its_model_with_the_pooling_of_its_kind(families, fam
 def test_preprocessing_comes_from_the_processor_and_feature_extractor(families):
     # the processor's crop (32), not the config's image_size (64)
     assert image_processing(spec_of(families, "dinov2")) == {
-        "image_size": 32, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+        "image_size": 32,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }
     assert image_processing(spec_of(families, "siglip"))["image_mean"] == [0.5] * 3
     hubert, whisper = audio_extractor(spec_of(families, "hubert")), audio_extractor(spec_of(families, "whisper"))
     assert isinstance(whisper, WhisperFeatureExtractor) and whisper.feature_size == 16
@@ -197,8 +291,9 @@ def test_preprocessing_comes_from_the_processor_and_feature_extractor(families):
     assert torch.equal(frames, expected)
     # Whisper's log-mel spectrogram as its feature extractor computes it
     one = wave[0, :8000]
-    reference = whisper(one.numpy(), sampling_rate=16000, return_tensors="np", padding="max_length",
-                        max_length=8000).input_features
+    reference = whisper(
+        one.numpy(), sampling_rate=16000, return_tensors="np", padding="max_length", max_length=8000
+    ).input_features
     np.testing.assert_allclose(log_mel(one[None], whisper).numpy(), reference, atol=1e-5)
 
 
@@ -212,8 +307,10 @@ def test_padding_does_not_change_the_embedding(families, family):
             ids = build_tokenizer(spec)(TEXTS[0], return_tensors="pt")["input_ids"]
             padded = torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)], dim=1)
             mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 9, dtype=torch.long)], dim=1)
-            plain, with_padding = (text_features(encoder, ids, torch.ones_like(ids)),
-                                   text_features(encoder, padded, mask))
+            plain, with_padding = (
+                text_features(encoder, ids, torch.ones_like(ids)),
+                text_features(encoder, padded, mask),
+            )
         else:
             extractor = audio_extractor(spec)
             wave = torch.randn(1, 6000, generator=torch.Generator().manual_seed(2))
@@ -236,10 +333,13 @@ def test_export_records_auto_and_reloads_with_identical_outputs(families, combin
     assert json.loads((tmp_path / "archs.json").read_text()) == {"vision": "auto", "text": "auto", "audio": "auto"}
     loaded = load_encoders(tmp_path)
     # plain transformers reads the folders too (Whisper's is its encoder alone)
-    plain = {"vision": AutoModel.from_pretrained(tmp_path / "vision").eval(),
-             "text": AutoModel.from_pretrained(tmp_path / "text").eval(),
-             "audio": (WhisperEncoder if combination[2] == "whisper" else AutoModel).from_pretrained(
-                 tmp_path / "audio").eval()}
+    plain = {
+        "vision": AutoModel.from_pretrained(tmp_path / "vision").eval(),
+        "text": AutoModel.from_pretrained(tmp_path / "text").eval(),
+        "audio": (WhisperEncoder if combination[2] == "whisper" else AutoModel)
+        .from_pretrained(tmp_path / "audio")
+        .eval(),
+    }
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     tokens = build_tokenizer(text)(TEXTS, padding=True, return_tensors="pt")
     assert loaded["tokenizer"](TEXTS)["input_ids"] == build_tokenizer(text)(TEXTS)["input_ids"]
@@ -254,13 +354,19 @@ def test_export_records_auto_and_reloads_with_identical_outputs(families, combin
     with torch.no_grad():
         for name, encoder in (("loaded", loaded), ("from_pretrained", plain)):
             assert type(encoder["audio"]) is type(model.audio), name
-            torch.testing.assert_close(vision_features(encoder["vision"], pixels),
-                                       vision_features(model.vision, pixels), **same)
-            torch.testing.assert_close(text_features(encoder["text"], tokens["input_ids"], tokens["attention_mask"]),
-                                       text_features(model.text, tokens["input_ids"], tokens["attention_mask"]),
-                                       **same)
-            torch.testing.assert_close(audio_features(encoder["audio"], wave, mask, extractor),
-                                       audio_features(model.audio, wave, mask, model.audio_extractor), **same)
+            torch.testing.assert_close(
+                vision_features(encoder["vision"], pixels), vision_features(model.vision, pixels), **same
+            )
+            torch.testing.assert_close(
+                text_features(encoder["text"], tokens["input_ids"], tokens["attention_mask"]),
+                text_features(model.text, tokens["input_ids"], tokens["attention_mask"]),
+                **same,
+            )
+            torch.testing.assert_close(
+                audio_features(encoder["audio"], wave, mask, extractor),
+                audio_features(model.audio, wave, mask, model.audio_extractor),
+                **same,
+            )
     heads = load_file(str(tmp_path / "projection.safetensors"))
     assert heads["text_projection.weight"].shape == (16, WIDTHS.get(combination[1], 32))
 
@@ -277,8 +383,13 @@ def test_activation_checkpointing_gives_the_same_gradients(families):
         if checkpointed:
             assert enable_activation_checkpointing(model) == ["text", "vision", "audio"]
         torch.manual_seed(1)  # the same dropout masks
-        out = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                    input_values=wave, audio_attention_mask=mask)
+        out = model(
+            pixel_values=pixels,
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            input_values=wave,
+            audio_attention_mask=mask,
+        )
         (out["image"] @ out["text"].T + out["audio"] @ out["text"].T).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -288,11 +399,17 @@ def test_activation_checkpointing_gives_the_same_gradients(families):
 
 
 def test_a_model_of_another_modality_is_refused(families, tmp_path):
-    with pytest.raises(UsageError, match=r"roberta: RobertaModel \(model_type 'roberta'\) is a model of text "
-                                         r"\(it takes input_ids\), not of vision: it cannot be the vision encoder"):
+    with pytest.raises(
+        UsageError,
+        match=r"roberta: RobertaModel \(model_type 'roberta'\) is a model of text "
+        r"\(it takes input_ids\), not of vision: it cannot be the vision encoder",
+    ):
         build_encoder(spec_of(families, "roberta"), "vision")
-    with pytest.raises(UsageError, match=r"dinov2: Dinov2Model .* is a model of vision \(it takes pixel_values\), "
-                                         r"not of audio"):
+    with pytest.raises(
+        UsageError,
+        match=r"dinov2: Dinov2Model .* is a model of vision \(it takes pixel_values\), "
+        r"not of audio",
+    ):
         build_encoder(spec_of(families, "dinov2"), "audio")
     with pytest.raises(UsageError, match=r"WhisperModel .* is a model of audio .* not of text"):
         build_encoder(spec_of(families, "whisper"), "text")
@@ -301,18 +418,30 @@ def test_a_model_of_another_modality_is_refused(families, tmp_path):
     with pytest.raises(UsageError, match="cannot load pretrained"):
         build_encoder({"arch": "auto", "pretrained": str(tmp_path / "absent")}, "text")
     # every slot checks its modality first, before reading a tokenizer, image processing or feature extractor
-    for slot, family, kind in (("audio", "dinov2", "vision"), ("text", "hubert", "audio"), ("vision", "whisper", "audio")):
-        specs = {"vision": None, "text": spec_of(families, "roberta"), "audio": spec_of(families, "hubert"),
-                 slot: spec_of(families, family)}
-        with pytest.raises(UsageError, match=rf"{family}: \w+ \(model_type .*\) is a model of {kind} .* not of "
-                                             rf"{slot}: it cannot be the {slot} encoder"):
+    for slot, family, kind in (
+        ("audio", "dinov2", "vision"),
+        ("text", "hubert", "audio"),
+        ("vision", "whisper", "audio"),
+    ):
+        specs = {
+            "vision": None,
+            "text": spec_of(families, "roberta"),
+            "audio": spec_of(families, "hubert"),
+            slot: spec_of(families, family),
+        }
+        with pytest.raises(
+            UsageError,
+            match=rf"{family}: \w+ \(model_type .*\) is a model of {kind} .* not of "
+            rf"{slot}: it cannot be the {slot} encoder",
+        ):
             ContrastiveModel(specs["vision"], specs["text"], specs["audio"], embed_dim=8)
     # an export whose audio folder holds a text model is refused by name
     torch.manual_seed(0)
     model = ContrastiveModel(None, spec_of(families, "roberta"), spec_of(families, "hubert"), embed_dim=8)
     export_encoders(model, model.state_dict(), tmp_path / "export")
     (tmp_path / "export" / "audio" / "config.json").write_text(
-        (tmp_path / "export" / "text" / "config.json").read_text())
+        (tmp_path / "export" / "text" / "config.json").read_text()
+    )
     with pytest.raises(UsageError, match=r"audio.*RobertaModel .* is a model of text .* not of audio"):
         load_encoders(tmp_path / "export")
 
@@ -330,13 +459,29 @@ def test_stage1_with_auto_encoders_then_features_and_predict(families, synthetic
     from emi.serve.predict import predict
 
     config = yaml.safe_load((REPO / "configs/stage1/tiny.yaml").read_text())
-    config["model"].update(vision=spec_of(families, "dinov2"), text=spec_of(families, "roberta"),
-                           audio=spec_of(families, "whisper"), embed_dim=16)
+    config["model"].update(
+        vision=spec_of(families, "dinov2"),
+        text=spec_of(families, "roberta"),
+        audio=spec_of(families, "whisper"),
+        embed_dim=16,
+    )
     (tmp_path / "auto.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, str(REPO / "train/stage1.py"), "--config", str(tmp_path / "auto.yaml"),
-               f"data.train={synthetic_shards['train']}", f"data.val={synthetic_shards['val']}",
-               f"run.output_dir={tmp_path}", "run.name=auto", "data.batch_size=8", "train.strategy=ddp",
-               "train.max_steps=2", "train.epochs=1", "train.log_every=1", "data.num_workers=0"]
+    command = [
+        sys.executable,
+        str(REPO / "train/stage1.py"),
+        "--config",
+        str(tmp_path / "auto.yaml"),
+        f"data.train={synthetic_shards['train']}",
+        f"data.val={synthetic_shards['val']}",
+        f"run.output_dir={tmp_path}",
+        "run.name=auto",
+        "data.batch_size=8",
+        "train.strategy=ddp",
+        "train.max_steps=2",
+        "train.epochs=1",
+        "train.log_every=1",
+        "data.num_workers=0",
+    ]
     result = subprocess.run(command, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "done: 2 steps" in (tmp_path / "auto" / "log.txt").read_text()
@@ -348,14 +493,28 @@ def test_stage1_with_auto_encoders_then_features_and_predict(families, synthetic
     assert manifest.dims == {"vision": 32, "audio": 32, "text": 32} and manifest.num_samples == 16
 
     torch.manual_seed(0)
-    fusion = {"vision_dim": 32, "audio_dim": 32, "text_dim": 32, "d_model": 16, "num_segments": 4,
-              "tcn_layers": 1, "lstm_hidden": 8, "transformer_layers": 1, "transformer_heads": 2, "dropout": 0.0,
-              "num_outputs": len(EMI_EMOTIONS)}
-    record = FusionRecord(spec=FusionSpec.from_dict(fusion, "test"), labels=list(EMI_EMOTIONS),
-                          encoders=EncodersRecord(str(export), folder_records(export)),
-                          preprocessing=Preprocessing(frame_size=64), num_frames=8)
+    fusion = {
+        "vision_dim": 32,
+        "audio_dim": 32,
+        "text_dim": 32,
+        "d_model": 16,
+        "num_segments": 4,
+        "tcn_layers": 1,
+        "lstm_hidden": 8,
+        "transformer_layers": 1,
+        "transformer_heads": 2,
+        "dropout": 0.0,
+        "num_outputs": len(EMI_EMOTIONS),
+    }
+    record = FusionRecord(
+        spec=FusionSpec.from_dict(fusion, "test"),
+        labels=list(EMI_EMOTIONS),
+        encoders=EncodersRecord(str(export), folder_records(export)),
+        preprocessing=Preprocessing(frame_size=64),
+        num_frames=8,
+    )
     save_fusion(tmp_path / "best", FusionModel(record.spec).state_dict(), record, export)
-    result, = predict(tmp_path / "best", [str(sorted(GRID.glob("*.mpg"))[0])], batch_size=1)
+    (result,) = predict(tmp_path / "best", [str(sorted(GRID.glob("*.mpg"))[0])], batch_size=1)
     assert set(result["intensities"]) == set(EMI_EMOTIONS), result
     assert all(math.isfinite(value) for value in result["intensities"].values())
 
@@ -364,10 +523,15 @@ def test_shipped_auto_config_builds_with_local_folders_in_place_of_its_names(fam
     from emi.config import Stage1Config, load_config
     from emi.stages.stage1 import audio_spec, build_model, train_flops_per_sample
 
-    folders = {name: spec_of(families, family)["pretrained"]
-               for name, family in (("vision", "dinov2"), ("text", "roberta"), ("audio", "wavlm"))}
-    config = load_config(Stage1Config, REPO / "configs/stage1/auto.yaml",
-                         [f"model.{name}.pretrained={folder}" for name, folder in folders.items()])
+    folders = {
+        name: spec_of(families, family)["pretrained"]
+        for name, family in (("vision", "dinov2"), ("text", "roberta"), ("audio", "wavlm"))
+    }
+    config = load_config(
+        Stage1Config,
+        REPO / "configs/stage1/auto.yaml",
+        [f"model.{name}.pretrained={folder}" for name, folder in folders.items()],
+    )
     assert {name: getattr(config.model, name).arch for name in folders} == dict.fromkeys(folders, "auto")
     torch.manual_seed(0)
     model = build_model(config)
@@ -381,20 +545,41 @@ def test_stage1_refuses_an_audio_window_longer_than_whispers(families):
     from emi.config import Stage1Config, load_config
     from emi.stages.stage1 import audio_spec, build_model
 
-    config = load_config(Stage1Config, REPO / "configs/stage1/tiny.yaml",
-                         [f"model.audio={json.dumps(spec_of(families, 'whisper'))}", "data.audio_seconds=2.5"])
+    config = load_config(
+        Stage1Config,
+        REPO / "configs/stage1/tiny.yaml",
+        [f"model.audio={json.dumps(spec_of(families, 'whisper'))}", "data.audio_seconds=2.5"],
+    )
     torch.manual_seed(0)
     model = build_model(config)
-    with pytest.raises(UsageError, match=r"data.audio_seconds=2.5: the audio encoder \(WhisperEncoder\) hears "
-                                         r"windows of at most 2 s"):
+    with pytest.raises(
+        UsageError,
+        match=r"data.audio_seconds=2.5: the audio encoder \(WhisperEncoder\) hears "
+        r"windows of at most 2 s",
+    ):
         audio_spec(model, config, train=True)
 
 
 def test_the_command_line_refuses_a_vision_folder_in_the_audio_slot(families, tmp_path):
     dinov2 = spec_of(families, "dinov2")["pretrained"]
-    result = subprocess.run([sys.executable, "-m", "emi.cli", "train", "stage1", "--config", "stage1/tiny.yaml",
-                             f"model.audio={{arch: auto, pretrained: {dinov2}}}", f"run.output_dir={tmp_path}"],
-                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            *EMI,
+            "train",
+            "stage1",
+            "--config",
+            "stage1/tiny.yaml",
+            f"model.audio={{arch: auto, pretrained: {dinov2}}}",
+            f"run.output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert (f"error: {dinov2}: Dinov2Model (model_type 'dinov2') is a model of vision (it takes pixel_values), not "
-            "of audio: it cannot be the audio encoder") in result.stderr
+    assert (
+        f"error: {dinov2}: Dinov2Model (model_type 'dinov2') is a model of vision (it takes pixel_values), not "
+        "of audio: it cannot be the audio encoder"
+    ) in result.stderr

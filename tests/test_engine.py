@@ -1,6 +1,7 @@
 """The engine's small parts on their own: the SGDR schedule, EMA, optimizer groups, checkpoint pruning, verification
 and fallback, folder swaps, the run command line, the evaluation collector, step telemetry, and what a failed Slurm
 requeue does."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,6 +34,7 @@ from emi.engine.telemetry import StepClock, peak_flops, step_scalars
 from emi.errors import EXIT_NOT_FINISHED, UsageError
 from emi.formats.checkpoint import CHECKSUM_FILE, STATE_FILE, TrainerState
 from emi.io import replace_folder
+
 from helpers import REPO, cpu_env
 
 
@@ -99,8 +101,12 @@ def test_pruning_keeps_the_newest_checkpoints(tmp_path):
     (root / ".tmp-step-00000025").mkdir()  # a save in progress: remove_stale_temporaries' business, not pruning's
     (root / "damaged-step-00000030").mkdir()  # moved aside by a resume: kept for inspection
     prune_checkpoints(root, keep_last=2)
-    assert sorted(p.name for p in root.iterdir()) == [".tmp-step-00000025", "damaged-step-00000030",
-                                                     "step-00000015", "step-00000020"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".tmp-step-00000025",
+        "damaged-step-00000030",
+        "step-00000015",
+        "step-00000020",
+    ]
     assert checkpoints(tmp_path) == [root / "step-00000015", root / "step-00000020"]
 
 
@@ -147,7 +153,8 @@ def test_resume_latest_skips_damaged_checkpoints_loudly(trainer, tmp_path):
         f"checkpoint {root / 'step-00000006'} is damaged (model.safetensors: 100 bytes, {sizes[0]} when written); "
         "moved aside to damaged-step-00000006",
         f"checkpoint {root / 'step-00000004'} is damaged ({STATE_FILE}: 10 bytes, {sizes[1]} when written); "
-        "moved aside to damaged-step-00000004"]
+        "moved aside to damaged-step-00000004",
+    ]
     assert checkpoints(run_dir) == [root / "step-00000002"]  # pruning can no longer prefer the damaged ones
     assert (root / "damaged-step-00000006" / "model.safetensors").stat().st_size == 100  # kept for inspection
 
@@ -160,8 +167,12 @@ def test_same_size_damage_and_a_lost_checksum_record_are_caught(trainer, tmp_pat
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit: same size
     weights.write_bytes(bytes(data))
-    with pytest.raises(UsageError, match=re.escape(
-            f"--resume {root / 'step-00000004'}: the checkpoint is damaged (model.safetensors: its sha256 differs")):
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
+            f"--resume {root / 'step-00000004'}: the checkpoint is damaged (model.safetensors: its sha256 differs"
+        ),
+    ):
         resolve_resume(accelerator, run_dir, str(root / "step-00000004"), "run-a", trust=False)
     (root / "step-00000002" / CHECKSUM_FILE).unlink()
     with pytest.raises(UsageError) as error:
@@ -169,7 +180,8 @@ def test_same_size_damage_and_a_lost_checksum_record_are_caught(trainer, tmp_pat
     assert str(error.value) == (
         f"no intact checkpoint to resume from in {root}: step-00000004 is damaged (model.safetensors: its sha256 "
         f"differs from when it was written); step-00000002 is damaged (no {CHECKSUM_FILE}: written by an older emi "
-        "or another program)")
+        "or another program)"
+    )
     assert checkpoints(run_dir) == [root / "step-00000002", root / "step-00000004"]  # nothing moved: nothing to use
 
 
@@ -177,13 +189,22 @@ def test_a_checkpoint_another_run_wrote_loads_only_when_trusted(trainer, tmp_pat
     accelerator, _ = trainer
     run_dir = saved_run(tmp_path, accelerator, [3], run_id="someone-else")
     folder = run_dir / "checkpoints" / "step-00000003"
-    with pytest.raises(UsageError, match=re.escape(
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
             f"{folder} was written by run someone-else, not by this run (run-a, in its run.json). Resuming runs "
-            "DeepSpeed's checkpoint loader, which unpickles") + ".*--trust-checkpoint"):
+            "DeepSpeed's checkpoint loader, which unpickles"
+        )
+        + ".*--trust-checkpoint",
+    ):
         resolve_resume(accelerator, run_dir, str(folder), "run-a", trust=False)
-    with pytest.raises(UsageError, match=re.escape(
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
             f"no intact checkpoint to resume from in {folder.parent}: step-00000003 is another run's (written by "
-            "run someone-else, not by this run run-a; --trust-checkpoint resumes it anyway)")):
+            "run someone-else, not by this run run-a; --trust-checkpoint resumes it anyway)"
+        ),
+    ):
         resolve_resume(accelerator, run_dir, "latest", "run-a", trust=False)
     for resume in ("latest", str(folder)):
         assert resolve_resume(accelerator, run_dir, resume, "run-a", trust=True) == (folder, [])
@@ -209,7 +230,8 @@ def test_latest_skips_a_checkpoint_of_another_run_or_with_a_malformed_record(tra
         f"checkpoint {root / 'step-00000006'} is damaged ({CHECKSUM_FILE}: file {STATE_FILE!r} has a malformed "
         "record {'size': 1}); moved aside to damaged-step-00000006",
         f"checkpoint {root / 'step-00000004'} is damaged ({CHECKSUM_FILE}: file {STATE_FILE!r} has a malformed "
-        "record 'a string'); moved aside to damaged-step-00000004"]
+        "record 'a string'); moved aside to damaged-step-00000004",
+    ]
     assert checkpoints(run_dir) == [root / "step-00000002"]
 
 
@@ -238,8 +260,10 @@ class FakeData:
 
     def __init__(self):
         self.epochs = []
-        self.dataloader = [{"key": ["a", "b"], "x": torch.tensor([1.0, 2.0])},
-                           {"key": ["c", "a", "c"], "x": torch.tensor([3.0, 1.0, 3.0])}]
+        self.dataloader = [
+            {"key": ["a", "b"], "x": torch.tensor([1.0, 2.0])},
+            {"key": ["c", "a", "c"], "x": torch.tensor([3.0, 1.0, 3.0])},
+        ]
 
     def set_epoch(self, epoch, skip_batches=0):
         self.epochs.append(epoch)
@@ -249,8 +273,10 @@ def test_the_collector_sees_each_sample_once_without_gradients():
     data = FakeData()
     assert [fresh for _, fresh in evaluation_batches(data, "cpu")] == [[True, True], [True, False, False]]
     weight = torch.ones(1, requires_grad=True)
-    keys, out = collect(data, lambda batch: {"y": batch["x"] * weight, "grad": torch.tensor(
-        [torch.is_grad_enabled()] * len(batch["key"]))})
+    keys, out = collect(
+        data,
+        lambda batch: {"y": batch["x"] * weight, "grad": torch.tensor([torch.is_grad_enabled()] * len(batch["key"]))},
+    )
     assert keys == ["a", "b", "c"] and out["y"].tolist() == [1.0, 2.0, 3.0]
     assert not out["grad"].any() and not out["y"].requires_grad
     assert data.epochs == [0, 0]
@@ -280,13 +306,28 @@ def test_a_failed_requeue_says_scontrols_message(failing_scontrol, monkeypatch):
 
 def test_a_trainer_whose_requeue_fails_exits_with_not_finished(failing_scontrol, synthetic_shards, tmp_path):
     """SIGUSR1 (the time limit) inside a Slurm job whose requeue fails: checkpoint, log scontrol's message, exit 75."""
-    args = ["--config", "configs/stage1/tiny.yaml", f"data.train={synthetic_shards['train']}", "data.val=null",
-            f"run.output_dir={tmp_path}", "run.name=requeue", "data.batch_size=4", "train.strategy=ddp",
-            "train.epochs=50", "train.log_every=1"]
+    args = [
+        "--config",
+        "configs/stage1/tiny.yaml",
+        f"data.train={synthetic_shards['train']}",
+        "data.val=null",
+        f"run.output_dir={tmp_path}",
+        "run.name=requeue",
+        "data.batch_size=4",
+        "train.strategy=ddp",
+        "train.epochs=50",
+        "train.log_every=1",
+    ]
     env = cpu_env(SLURM_JOB_ID="4242", PATH=f"{failing_scontrol}{os.pathsep}{os.environ['PATH']}")
     env.pop("SUBMITIT_FOLDER", None)
-    job = subprocess.Popen([sys.executable, "-m", "emi.stages.stage1", *args], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "emi.stages.stage1", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = tmp_path / "requeue" / "log.txt"
     deadline = time.monotonic() + 300
     while not (log.is_file() and "step 2/" in log.read_text()):
@@ -299,7 +340,6 @@ def test_a_trainer_whose_requeue_fails_exits_with_not_finished(failing_scontrol,
     assert "scontrol requeue 4242 failed: scontrol: error: Invalid job id specified" in text
     assert "will not restart by itself" in text
     assert checkpoints(tmp_path / "requeue")
-
 
 
 def test_the_step_clock_splits_a_window_into_data_wait_and_compute():
@@ -317,8 +357,16 @@ def test_the_step_clock_splits_a_window_into_data_wait_and_compute():
         now[0] += 0.5
     elapsed, data_wait = clock.close_window()
     assert data_wait == pytest.approx(0.15) and elapsed == pytest.approx(0.21)
-    values = step_scalars(elapsed, data_wait, steps=3, samples=12, train_flops_per_sample=1e9,
-                          device=torch.device("cpu"), precision="no", world_size=2)
+    values = step_scalars(
+        elapsed,
+        data_wait,
+        steps=3,
+        samples=12,
+        train_flops_per_sample=1e9,
+        device=torch.device("cpu"),
+        precision="no",
+        world_size=2,
+    )
     assert values["step_s"] == pytest.approx(0.07) and values["samples_per_s"] == pytest.approx(12 / 0.21)
     assert values["data_wait_s"] == pytest.approx(0.05) and values["compute_s"] == pytest.approx(0.02)
     assert values["data_wait_share"] == pytest.approx(0.15 / 0.21)

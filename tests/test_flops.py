@@ -1,4 +1,5 @@
 """The analytic FLOP count of emi.models.flops, against a count by hand and against torch's FLOP counter."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,15 +13,28 @@ from emi.models.flops import contrastive_flops
 LAYER = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
 VISION = {**LAYER, "image_size": 16, "patch_size": 8}
 TEXT = {**LAYER, "max_position_embeddings": 16}
-AUDIO = {**LAYER, "conv_dim": [4, 4], "conv_kernel": [10, 3], "conv_stride": [5, 2], "num_conv_pos_embeddings": 4,
-         "num_conv_pos_embedding_groups": 2, "feat_extract_norm": "layer", "do_stable_layer_norm": True,
-         "mask_time_prob": 0.0, "layerdrop": 0.0}
+AUDIO = {
+    **LAYER,
+    "conv_dim": [4, 4],
+    "conv_kernel": [10, 3],
+    "conv_stride": [5, 2],
+    "num_conv_pos_embeddings": 4,
+    "num_conv_pos_embedding_groups": 2,
+    "feat_extract_norm": "layer",
+    "do_stable_layer_norm": True,
+    "mask_time_prob": 0.0,
+    "layerdrop": 0.0,
+}
 TEXT_LEN, AUDIO_SAMPLES, EMBED = 6, 400, 4
 
 
 def tiny(vision_arch: str) -> ContrastiveModel:
-    return ContrastiveModel({"arch": vision_arch, "config": VISION}, {"arch": "bert", "config": TEXT},
-                            {"arch": "wav2vec2", "config": AUDIO}, embed_dim=EMBED).eval()
+    return ContrastiveModel(
+        {"arch": vision_arch, "config": VISION},
+        {"arch": "bert", "config": TEXT},
+        {"arch": "wav2vec2", "config": AUDIO},
+        embed_dim=EMBED,
+    ).eval()
 
 
 def test_the_count_of_a_tiny_model_by_hand():
@@ -45,8 +59,11 @@ def test_the_count_equals_torchs_flop_counter(arch):
     flops = contrastive_flops(model, TEXT_LEN, AUDIO_SAMPLES)
     # the math attention kernel runs as matrix products, which the counter sees on every device
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(pixel_values=torch.randn(3, 3, 16, 16), input_ids=torch.randint(0, 1000, (3, TEXT_LEN)),
-              input_values=torch.randn(3, AUDIO_SAMPLES))
+        model(
+            pixel_values=torch.randn(3, 3, 16, 16),
+            input_ids=torch.randint(0, 1000, (3, TEXT_LEN)),
+            input_values=torch.randn(3, AUDIO_SAMPLES),
+        )
     assert counter.get_total_flops() == 3 * flops["forward"]  # a batch of 3
 
 

@@ -8,8 +8,15 @@ from emi.formats.fusion import FusionSpec
 from emi.models.fusion import FusionModel, drop_modalities, gated_attention, segment_pool
 
 DIMS = {"vision_dim": 12, "audio_dim": 10, "text_dim": 8}
-SMALL = {**DIMS, "d_model": 16, "num_segments": 4, "tcn_layers": 2, "lstm_hidden": 8, "transformer_layers": 1,
-         "transformer_heads": 2}
+SMALL = {
+    **DIMS,
+    "d_model": 16,
+    "num_segments": 4,
+    "tcn_layers": 2,
+    "lstm_hidden": 8,
+    "transformer_layers": 1,
+    "transformer_heads": 2,
+}
 LENGTHS = [7, 3, 1, 5]
 PRESENT = torch.tensor([[True, True, True], [True, False, True], [False, True, False], [True, True, False]])
 
@@ -18,9 +25,14 @@ def make_batch(lengths=LENGTHS, total=7, seed=0, present=PRESENT) -> dict[str, t
     generator = torch.Generator().manual_seed(seed)
     mask = torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
     batch = len(lengths)
-    return {"vision": torch.randn(batch, total, DIMS["vision_dim"], generator=generator), "vision_mask": mask,
-            "audio": torch.randn(batch, total, DIMS["audio_dim"], generator=generator), "audio_mask": mask.clone(),
-            "text": torch.randn(batch, DIMS["text_dim"], generator=generator), "present": present.clone()}
+    return {
+        "vision": torch.randn(batch, total, DIMS["vision_dim"], generator=generator),
+        "vision_mask": mask,
+        "audio": torch.randn(batch, total, DIMS["audio_dim"], generator=generator),
+        "audio_mask": mask.clone(),
+        "text": torch.randn(batch, DIMS["text_dim"], generator=generator),
+        "present": present.clone(),
+    }
 
 
 def spec(**arguments) -> FusionSpec:
@@ -145,9 +157,9 @@ def test_gated_attention_hand_case():
         gate.bias.copy_(torch.tensor([0.0, 0.5]))
     sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
     # deltas: [0, 0] (h_0 - h_-1 := 0), [2, -1], [-3, 3]
-    expected = torch.tensor([[[sigmoid(1) * 1, sigmoid(0.5) * 2],
-                              [sigmoid(3) * 3, sigmoid(-0.5) * 1],
-                              [sigmoid(0) * 0, sigmoid(3.5) * 4]]])
+    expected = torch.tensor(
+        [[[sigmoid(1) * 1, sigmoid(0.5) * 2], [sigmoid(3) * 3, sigmoid(-0.5) * 1], [sigmoid(0) * 0, sigmoid(3.5) * 4]]]
+    )
     with torch.no_grad():
         torch.testing.assert_close(gated_attention(h, gate), expected)
 
@@ -219,18 +231,21 @@ def test_xattn_turns_to_the_stand_in_of_an_absent_modality():
     assert torch.equal(weights[..., 2], present[..., 2].float())
 
 
-@pytest.mark.parametrize("overrides", [
-    {"temporal": False, "fusion": "qam"},
-    {"temporal": False, "fusion": "mean"},
-    {"temporal": False, "fusion": "concat"},
-    {"modalities": ("audio",), "fusion": "qam"},
-    {"modalities": ("vision",), "fusion": "concat"},
-    {"modalities": ("text",), "fusion": "mean", "temporal": False},
-    {"modalities": ("vision", "audio"), "fusion": "xattn"},
-    {"modalities": ("audio", "text"), "fusion": "xattn", "temporal": False},
-    {"modalities": ("audio",), "fusion": "late"},
-    {"modalities": ("vision", "text"), "fusion": "late", "temporal": False},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"temporal": False, "fusion": "qam"},
+        {"temporal": False, "fusion": "mean"},
+        {"temporal": False, "fusion": "concat"},
+        {"modalities": ("audio",), "fusion": "qam"},
+        {"modalities": ("vision",), "fusion": "concat"},
+        {"modalities": ("text",), "fusion": "mean", "temporal": False},
+        {"modalities": ("vision", "audio"), "fusion": "xattn"},
+        {"modalities": ("audio", "text"), "fusion": "xattn", "temporal": False},
+        {"modalities": ("audio",), "fusion": "late"},
+        {"modalities": ("vision", "text"), "fusion": "late", "temporal": False},
+    ],
+)
 def test_switches_run(overrides):
     model = build(**overrides)
     if "vision" in model.modalities:
@@ -266,8 +281,9 @@ def test_bad_inputs_are_rejected():
 def test_tiny_model_overfits_and_every_parameter_learns(fusion):
     torch.manual_seed(0)
     model = FusionModel(spec(**{**SMALL, "dropout": 0.0, "fusion": fusion})).train()
-    present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]],
-                           dtype=torch.bool)
+    present = torch.tensor(
+        [[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.bool
+    )
     batch = make_batch(lengths=[7, 6, 5, 4, 7, 3, 2, 1], present=present, seed=11)
     target = torch.rand(8, 6, generator=torch.Generator().manual_seed(12))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

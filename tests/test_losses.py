@@ -4,6 +4,7 @@ single-process loss.
 The 2-rank check runs this file as a script (`python tests/test_losses.py`) in two processes with
 torchrun-style environment variables; each rank writes its losses and gradients to a safetensors file.
 """
+
 import itertools
 import math
 import os
@@ -62,8 +63,9 @@ def hand_loss(a: list[list[float]], b: list[list[float]], scale: float, weights:
 def test_loss_equals_hand_computation(use_weights, local_loss):
     a, b, weights = global_batch()
     scale = 1 / 0.07
-    loss = ContrastiveLoss(local_loss=local_loss)(a, b, torch.tensor(scale, dtype=torch.float64),
-                                                   weights if use_weights else None)
+    loss = ContrastiveLoss(local_loss=local_loss)(
+        a, b, torch.tensor(scale, dtype=torch.float64), weights if use_weights else None
+    )
     expected = hand_loss(a.tolist(), b.tolist(), scale, weights.tolist() if use_weights else None)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
@@ -89,11 +91,14 @@ def test_va_confidence_weights_values():
     torch.testing.assert_close(va_confidence_weights(None, 3), torch.ones(3))
 
 
-@pytest.mark.parametrize("va_std, message", [
-    (torch.tensor([0.1, -0.2]), "finite and >= 0"),
-    (torch.tensor([0.1, float("inf")]), "finite and >= 0"),
-    (torch.tensor([0.1, 0.2, 0.3]), "shape \\[2\\]"),
-])
+@pytest.mark.parametrize(
+    "va_std, message",
+    [
+        (torch.tensor([0.1, -0.2]), "finite and >= 0"),
+        (torch.tensor([0.1, float("inf")]), "finite and >= 0"),
+        (torch.tensor([0.1, 0.2, 0.3]), "shape \\[2\\]"),
+    ],
+)
 def test_va_confidence_weights_rejects_bad_input(va_std, message):
     with pytest.raises(ValueError, match=message):
         va_confidence_weights(va_std, 2)
@@ -168,8 +173,9 @@ def test_regression_loss_refuses_bad_weights(weights):
         RegressionLoss(weights)
 
 
-def single_process_grads(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor,
-                         detach_other_than: int | None = None) -> dict[str, torch.Tensor]:
+def single_process_grads(
+    a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, detach_other_than: int | None = None
+) -> dict[str, torch.Tensor]:
     """Loss and grads of the global loss L, or, with detach_other_than=r, of rank r's local loss L_r with the
     other ranks' features held constant (a reference written with log_softmax, not with ContrastiveLoss)."""
     a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
@@ -203,8 +209,14 @@ def run_rank() -> None:
         loss = ContrastiveLoss(local_loss, gather_with_grad)(local_a, local_b, scale, weights[rows])
         loss.backward()
         key = f"{int(local_loss)}{int(gather_with_grad)}"
-        results.update({f"{key}/loss": loss.detach(), f"{key}/a": local_a.grad, f"{key}/b": local_b.grad,
-                        f"{key}/scale": scale.grad})
+        results.update(
+            {
+                f"{key}/loss": loss.detach(),
+                f"{key}/a": local_a.grad,
+                f"{key}/b": local_b.grad,
+                f"{key}/scale": scale.grad,
+            }
+        )
     pred, labels, mask = regression_batch()
     local_pred = pred[rows].clone().requires_grad_()
     loss, _ = RegressionLoss(REGRESSION_WEIGHTS)(local_pred, labels[rows], mask[rows])
@@ -223,13 +235,24 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     out = tmp_path_factory.mktemp("ranks")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(WORLD_SIZE), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, __file__], env={**env, "RANK": str(r), "LOCAL_RANK": str(r),
-                                                               "RESULT_PATH": str(out / f"rank{r}.safetensors")},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD_SIZE)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(WORLD_SIZE),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "RESULT_PATH": str(out / f"rank{r}.safetensors")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD_SIZE)
+    ]
     try:
         logs = [proc.communicate(timeout=120)[0] for proc in procs]
     finally:

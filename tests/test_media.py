@@ -1,9 +1,9 @@
 """emi.media: frames at a rate, mono audio at a rate, streamed in this process; clear errors for bad files, and
 no file may make FFmpeg read another one."""
+
 from __future__ import annotations
 
 import io
-import subprocess
 import wave
 from pathlib import Path
 
@@ -13,46 +13,127 @@ import torch
 import torchaudio
 from PIL import Image
 
-from emi.media import (
-    MediaError, decode_clip, num_frames_for, num_samples_for, output_size, probe, wav_bytes,
-)
-from helpers import GRID
+from emi.media import MediaError, decode_clip, num_frames_for, num_samples_for, output_size, probe, wav_bytes
+
+from helpers import GRID, ffmpeg
 
 GRID_CLIPS = sorted(GRID.glob("*.mpg"))
-
-
-def ffmpeg(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *args], check=True)
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("media")
-    paths = {name: folder / name for name in (
-        "colors.mp4", "silent.mp4", "odd.mp4", "portrait.mp4", "tone.wav", "still.png", "fast.mp4",
-        "text.mp4", "empty.mp4", "cut.mp4", "cut_fast.mp4", "full.avi", "cut.avi", "folder.mp4")}
+    paths = {
+        name: folder / name
+        for name in (
+            "colors.mp4",
+            "silent.mp4",
+            "odd.mp4",
+            "portrait.mp4",
+            "tone.wav",
+            "still.png",
+            "fast.mp4",
+            "text.mp4",
+            "empty.mp4",
+            "cut.mp4",
+            "cut_fast.mp4",
+            "full.avi",
+            "cut.avi",
+            "folder.mp4",
+        )
+    }
     # 1 s red then 1 s blue, with a 440 Hz tone: which frame shows which colour is known.
-    ffmpeg("-f", "lavfi", "-i", "color=c=red:s=64x48:r=25:d=1", "-f", "lavfi", "-i", "color=c=blue:s=64x48:r=25:d=1",
-           "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=2",
-           "-filter_complex", "[0][1]concat=n=2[v]", "-map", "[v]", "-map", "2", "-c:v", "libx264",
-           "-pix_fmt", "yuv420p", "-c:a", "aac", str(paths["colors.mp4"]))
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=80x60:r=25:d=1.4", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-           str(paths["silent.mp4"]))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=red:s=64x48:r=25:d=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=blue:s=64x48:r=25:d=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:sample_rate=44100:duration=2",
+        "-filter_complex",
+        "[0][1]concat=n=2[v]",
+        "-map",
+        "[v]",
+        "-map",
+        "2",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        str(paths["colors.mp4"]),
+    )
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=80x60:r=25:d=1.4",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(paths["silent.mp4"]),
+    )
     ffmpeg("-f", "lavfi", "-i", "testsrc=s=80x60:r=30:d=1.3", "-c:v", "mpeg4", str(paths["odd.mp4"]))
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=60x80:r=25:d=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-           str(paths["portrait.mp4"]))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=60x80:r=25:d=1",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(paths["portrait.mp4"]),
+    )
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=1", "-ac", "2", str(paths["tone.wav"]))
     still = np.zeros((48, 64, 3), np.uint8)
     still[:, 32:] = (0, 255, 0)  # left half black, right half green
     Image.fromarray(still).save(paths["still.png"])
     for name, extra in (("cut", []), ("cut_fast", ["-movflags", "+faststart"])):
         full = folder / f"{name}_full.mp4"
-        ffmpeg("-f", "lavfi", "-i", "testsrc=s=160x120:r=25:d=2", "-f", "lavfi", "-i", "sine=duration=2",
-               "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", *extra, str(full))
+        ffmpeg(
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=s=160x120:r=25:d=2",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=duration=2",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            *extra,
+            str(full),
+        )
         paths[f"{name}.mp4"].write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
     paths["fast.mp4"] = folder / "cut_fast_full.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=80x60:r=25:d=6", "-f", "lavfi", "-i", "sine=duration=6", "-c:v", "mpeg4",
-           "-c:a", "pcm_s16le", str(paths["full.avi"]))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=80x60:r=25:d=6",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=6",
+        "-c:v",
+        "mpeg4",
+        "-c:a",
+        "pcm_s16le",
+        str(paths["full.avi"]),
+    )
     paths["cut.avi"].write_bytes(paths["full.avi"].read_bytes()[: paths["full.avi"].stat().st_size * 2 // 5])
     paths["folder.mp4"].mkdir()
     paths["text.mp4"].write_text("this is not a video\n")
@@ -158,15 +239,18 @@ def test_still_image_is_a_one_frame_clip(media):
     assert left.max() < 10 and right[1] > 245 and right[0] < 10
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("empty.mp4", "empty file (0 bytes)"),
-    ("text.mp4", "not a media file (it is a text file)"),
-    ("cut.mp4", "not readable as media: truncated, corrupt or not an accepted format (FFmpeg: moov atom not found"),
-    ("cut_fast.mp4", "truncated or corrupt: decoded"),
-    ("cut.avi", "truncated: its streams end at 2.40 s, the file declares 6.00 s"),
-    ("missing.mp4", "file not found"),
-    ("folder.mp4", "is a directory, not a media file"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("empty.mp4", "empty file (0 bytes)"),
+        ("text.mp4", "not a media file (it is a text file)"),
+        ("cut.mp4", "not readable as media: truncated, corrupt or not an accepted format (FFmpeg: moov atom not found"),
+        ("cut_fast.mp4", "truncated or corrupt: decoded"),
+        ("cut.avi", "truncated: its streams end at 2.40 s, the file declares 6.00 s"),
+        ("missing.mp4", "file not found"),
+        ("folder.mp4", "is a directory, not a media file"),
+    ],
+)
 def test_bad_files_raise_media_error_with_the_reason(media, name, reason):
     path = media.get(name, media["empty.mp4"].with_name(name))
     with pytest.raises(MediaError) as raised:
@@ -181,8 +265,23 @@ def test_avi_cut_before_its_end_is_truncated_not_shorter(media, tmp_path):
     assert decode_clip(media["full.avi"], frame_size=60).frames.shape[0] == 30
     # a clip whose video stream ends early but whose audio runs to the end is a shorter video, held, not cut
     held = tmp_path / "held.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1", "-f", "lavfi", "-i", "sine=duration=3", "-c:v", "libx264",
-           "-pix_fmt", "yuv420p", "-c:a", "aac", str(held))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=25:d=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=3",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        str(held),
+    )
     decoded = decode_clip(held, frame_size=48)
     assert decoded.frames.shape[0] == num_frames_for(decoded.duration_s, 5.0) >= 14
     assert np.array_equal(decoded.frames[-1], decoded.frames[6])
@@ -193,8 +292,25 @@ def referring(tmp_path_factory) -> dict[str, Path]:
     """Inputs that name another file: the secret clip lies outside the folder the inputs are in."""
     root = tmp_path_factory.mktemp("referring")
     secret = root / "secret.ts"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1", "-f", "lavfi", "-i", "sine=duration=1", "-c:v", "libx264",
-           "-pix_fmt", "yuv420p", "-c:a", "aac", "-f", "mpegts", str(secret))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=25:d=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=1",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-f",
+        "mpegts",
+        str(secret),
+    )
     folder = root / "videos"
     folder.mkdir()
     inputs = {
@@ -203,7 +319,7 @@ def referring(tmp_path_factory) -> dict[str, Path]:
         "concat.mp4": f"ffconcat version 1.0\nfile '{secret}'\n",
         "concat_bare.mkv": f"file '{secret}'\n",
         "dash.mp4": f'<?xml version="1.0"?>\n<MPD><Period><AdaptationSet><Representation><BaseURL>{secret}'
-                    '</BaseURL></Representation></AdaptationSet></Period></MPD>\n',
+        "</BaseURL></Representation></AdaptationSet></Period></MPD>\n",
         "session.mp4": "v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 5004 RTP/AVP 96\n",
     }
     paths = {}
@@ -213,16 +329,24 @@ def referring(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.parametrize("name, what", [
-    ("hls.mp4", "an HLS playlist"), ("hls_relative.m3u8", "an HLS playlist"), ("concat.mp4", "an FFmpeg concat script"),
-    ("concat_bare.mkv", "an FFmpeg concat script"), ("dash.mp4", "an XML manifest (DASH, IMF or similar)"),
-    ("session.mp4", "an SDP session description"),
-])
+@pytest.mark.parametrize(
+    "name, what",
+    [
+        ("hls.mp4", "an HLS playlist"),
+        ("hls_relative.m3u8", "an HLS playlist"),
+        ("concat.mp4", "an FFmpeg concat script"),
+        ("concat_bare.mkv", "an FFmpeg concat script"),
+        ("dash.mp4", "an XML manifest (DASH, IMF or similar)"),
+        ("session.mp4", "an SDP session description"),
+    ],
+)
 def test_inputs_that_refer_to_other_files_are_refused(referring, name, what):
     with pytest.raises(MediaError) as raised:
         decode_clip(referring[name])
-    assert raised.value.reason == f"refused: {what}, which refers to other files or URLs (only self-contained " \
-                                  "media is read)"
+    assert (
+        raised.value.reason == f"refused: {what}, which refers to other files or URLs (only self-contained "
+        "media is read)"
+    )
 
 
 def test_only_self_contained_demuxers_and_local_files_are_allowed():

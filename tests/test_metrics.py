@@ -38,21 +38,22 @@ def test_pearson_small_hand_case():
     assert rho[0] == pytest.approx(0.5, abs=1e-15)
 
 
-@pytest.mark.parametrize("pred, target, message", [
-    (np.zeros((4, 2)), np.zeros((4, 3)), "one shape"),
-    (np.zeros(4), np.zeros(4), "\\[N, K\\]"),
-    (np.zeros((1, 2)), np.zeros((1, 2)), "at least 2 samples"),
-    (np.array([[np.nan], [1.0]]), np.zeros((2, 1)), "pred: contains NaN"),
-])
+@pytest.mark.parametrize(
+    "pred, target, message",
+    [
+        (np.zeros((4, 2)), np.zeros((4, 3)), "one shape"),
+        (np.zeros(4), np.zeros(4), "\\[N, K\\]"),
+        (np.zeros((1, 2)), np.zeros((1, 2)), "at least 2 samples"),
+        (np.array([[np.nan], [1.0]]), np.zeros((2, 1)), "pred: contains NaN"),
+    ],
+)
 def test_pearson_rejects_bad_input(pred, target, message):
     with pytest.raises(ValueError, match=message):
         pearson(pred, target)
 
 
 def test_emi_report_contents():
-    target = np.array([[0.0, 0.2, 0.5, 0.1, 0.3, 0.9],
-                       [0.5, 0.4, 0.5, 0.3, 0.6, 0.1],
-                       [1.0, 0.6, 0.5, 0.2, 0.9, 0.5]])
+    target = np.array([[0.0, 0.2, 0.5, 0.1, 0.3, 0.9], [0.5, 0.4, 0.5, 0.3, 0.6, 0.1], [1.0, 0.6, 0.5, 0.2, 0.9, 0.5]])
     pred = target.copy()
     pred[:, 1] = target[::-1, 1]  # anti-correlated
     pred[:, 5] = pred[:, 5] + 0.1

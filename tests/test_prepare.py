@@ -1,4 +1,5 @@
 """Activation checkpointing and torch.compile change how the model computes, not what or under which names."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,13 +10,15 @@ from emi.config import TrainSection
 from emi.engine.prepare import compile_regions, enable_activation_checkpointing, prepare_model
 from emi.errors import UsageError
 from emi.models.encoders import ContrastiveModel
+
 from helpers import BERT_SPEC, CLIP_SPEC, VIT_SPEC, WAV2VEC2_SPEC
 
-
-NO_DROPOUT = {"clip": {"attention_dropout": 0.0}, "vit": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-              "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-              "wav2vec2": {"hidden_dropout": 0.0, "activation_dropout": 0.0, "attention_dropout": 0.0,
-                           "feat_proj_dropout": 0.0}}
+NO_DROPOUT = {
+    "clip": {"attention_dropout": 0.0},
+    "vit": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    "wav2vec2": {"hidden_dropout": 0.0, "activation_dropout": 0.0, "attention_dropout": 0.0, "feat_proj_dropout": 0.0},
+}
 
 
 def without_dropout(spec: dict) -> dict:
@@ -24,18 +27,22 @@ def without_dropout(spec: dict) -> dict:
 
 def contrastive(vision_spec: dict, seed: int = 0) -> ContrastiveModel:
     torch.manual_seed(seed)
-    return ContrastiveModel(without_dropout(vision_spec), without_dropout(BERT_SPEC), without_dropout(WAV2VEC2_SPEC),
-                            embed_dim=16).train()
+    return ContrastiveModel(
+        without_dropout(vision_spec), without_dropout(BERT_SPEC), without_dropout(WAV2VEC2_SPEC), embed_dim=16
+    ).train()
 
 
 def batch() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     audio_mask = torch.ones(3, 6000, dtype=torch.long)
     audio_mask[2, 4000:] = 0
-    return {"pixel_values": torch.randn(3, 3, 64, 64, generator=generator),
-            "input_ids": torch.randint(5, 1000, (3, 12), generator=generator),
-            "attention_mask": torch.ones(3, 12, dtype=torch.long),
-            "input_values": torch.randn(3, 6000, generator=generator), "audio_attention_mask": audio_mask}
+    return {
+        "pixel_values": torch.randn(3, 3, 64, 64, generator=generator),
+        "input_ids": torch.randint(5, 1000, (3, 12), generator=generator),
+        "attention_mask": torch.ones(3, 12, dtype=torch.long),
+        "input_values": torch.randn(3, 6000, generator=generator),
+        "audio_attention_mask": audio_mask,
+    }
 
 
 def loss_grads_and_saved(model: ContrastiveModel) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:

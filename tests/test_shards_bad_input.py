@@ -1,5 +1,6 @@
 """One folder with good clips and every kind of bad input, one build: each failure named with its reason,
 every good clip in the shards."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 import wave
 
@@ -19,13 +19,10 @@ from PIL import Image
 from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.shards.stats import shard_stats
-from helpers import GRID
+
+from helpers import GRID, ffmpeg
 
 GOOD = [" lead", "bbaf2n", "brbk7n", "noaudio", "padded", "portrait"]
-
-
-def ffmpeg(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *args], check=True)
 
 
 def row(filename: str, **overrides: str) -> list[str]:
@@ -40,12 +37,36 @@ def build(tmp_path_factory) -> dict:
     videos.mkdir()
     for key in ("bbaf2n", "brbk7n"):
         shutil.copy(GRID / f"{key}.mpg", videos)
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1.2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-           str(videos / "noaudio.mp4"))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=25:d=1.2",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(videos / "noaudio.mp4"),
+    )
     Image.fromarray(np.full((80, 60, 3), 200, np.uint8)).save(videos / "portrait.jpg")  # AffectNet-style still
     full = root / "full.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1", "-f", "lavfi", "-i", "sine=duration=1",
-           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(full))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=25:d=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=1",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        str(full),
+    )
     faststart = root / "faststart.mp4"
     ffmpeg("-i", str(full), "-c", "copy", "-movflags", "+faststart", str(faststart))
     (videos / "empty.mp4").write_bytes(b"")
@@ -59,11 +80,34 @@ def build(tmp_path_factory) -> dict:
     (videos / "playlist.mp4").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{secret}\n#EXT-X-ENDLIST\n")
     (videos / "concat.mp4").write_text(f"ffconcat version 1.0\nfile '{secret}'\n")
     avi = root / "full.avi"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=4", "-f", "lavfi", "-i", "sine=duration=4", "-c:v", "mpeg4",
-           "-c:a", "pcm_s16le", str(avi))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=25:d=4",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=4",
+        "-c:v",
+        "mpeg4",
+        "-c:a",
+        "pcm_s16le",
+        str(avi),
+    )
     (videos / "cutavi.avi").write_bytes(avi.read_bytes()[: avi.stat().st_size // 2])
-    for name in (" lead.mp4", "padded.mp4", "unlabeled.mp4", "nanlabel.mp4", "textlabel.mp4", "emptylabel.mp4",
-                 "range.mp4", "amb.mp4", "amb.avi", "dotted.name.mp4"):
+    for name in (
+        " lead.mp4",
+        "padded.mp4",
+        "unlabeled.mp4",
+        "nanlabel.mp4",
+        "textlabel.mp4",
+        "emptylabel.mp4",
+        "range.mp4",
+        "amb.mp4",
+        "amb.avi",
+        "dotted.name.mp4",
+    ):
         shutil.copy(full, videos / name)
     shutil.copy(full, root / "outside.mp4")
     os.symlink(root / "outside.mp4", videos / "link.mp4")
@@ -71,21 +115,55 @@ def build(tmp_path_factory) -> dict:
     shutil.copy(full, videos / "dots..name.mp4")
     (videos / "afolder.mp4").mkdir()
     (videos / "bomlist.mp4").write_text("\ufeff#EXTM3U\n#EXTINF:1,\nsecret.ts\n", encoding="utf-8")
-    rows = [row("bbaf2n.mpg"), row("brbk7n"), row("noaudio.mp4", Expression="Happiness"),
-            row("portrait", Expression="Surprise"), row("empty.mp4"), row("notvideo.mp4"), row("truncated.mp4"),
-            row("cutfast.mp4"), row("voice.wav"), row("ghost.mp4"), row("nanlabel.mp4", Valence="nan"),
-            row("textlabel.mp4", Joy="high"), row("emptylabel.mp4", Amusement=""), row("range.mp4", Joy="1.5"),
-            row("../outside.mp4"), row(str(root / "outside.mp4")), row("link.mp4"), row("amb"),
-            row("dotted.name.mp4"), row("playlist.mp4"), row("concat.mp4"), row("cutavi.avi"),
-            row(" lead.mp4"), row("  padded.mp4 "), row("dots..name"), row("afolder.mp4"), row("bomlist.mp4")]
+    rows = [
+        row("bbaf2n.mpg"),
+        row("brbk7n"),
+        row("noaudio.mp4", Expression="Happiness"),
+        row("portrait", Expression="Surprise"),
+        row("empty.mp4"),
+        row("notvideo.mp4"),
+        row("truncated.mp4"),
+        row("cutfast.mp4"),
+        row("voice.wav"),
+        row("ghost.mp4"),
+        row("nanlabel.mp4", Valence="nan"),
+        row("textlabel.mp4", Joy="high"),
+        row("emptylabel.mp4", Amusement=""),
+        row("range.mp4", Joy="1.5"),
+        row("../outside.mp4"),
+        row(str(root / "outside.mp4")),
+        row("link.mp4"),
+        row("amb"),
+        row("dotted.name.mp4"),
+        row("playlist.mp4"),
+        row("concat.mp4"),
+        row("cutavi.avi"),
+        row(" lead.mp4"),
+        row("  padded.mp4 "),
+        row("dots..name"),
+        row("afolder.mp4"),
+        row("bomlist.mp4"),
+    ]
     labels = root / "labels.csv"
     with labels.open("w", newline="") as file:
         csv.writer(file).writerows([["Filename", *EMI_EMOTIONS, "Valence", "Expression"], *rows])
     out = root / "shards"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["shards", "build", "--videos", str(videos), "--labels", str(labels), "--out", str(out),
-                     "--frame-size", "64"])
+        code = main(
+            [
+                "shards",
+                "build",
+                "--videos",
+                str(videos),
+                "--labels",
+                str(labels),
+                "--out",
+                str(out),
+                "--frame-size",
+                "64",
+            ]
+        )
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     return {"root": root, "out": out, "code": code, "summary": stdout.getvalue(), "failures": failures}
 
@@ -152,8 +230,11 @@ def test_every_good_clip_is_built(build):
 
 def _sample(build: dict, key: str) -> dict[str, bytes]:
     with tarfile.open(build["out"] / "train-000000.tar") as tar:
-        return {member.name.partition(".")[2]: tar.extractfile(member).read() for member in tar
-                if member.name.partition(".")[0] == key}
+        return {
+            member.name.partition(".")[2]: tar.extractfile(member).read()
+            for member in tar
+            if member.name.partition(".")[0] == key
+        }
 
 
 def test_clip_without_audio_is_built_with_silence(build):
@@ -194,8 +275,20 @@ def test_rerun_keeps_the_shard_and_the_failures_of_its_clips(build, tmp_path):
     args = json.loads((out / "manifest.json").read_text())["args"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["shards", "build", "--videos", args["videos"], "--labels", args["labels"], "--out", str(out),
-                     "--frame-size", "64"])
+        code = main(
+            [
+                "shards",
+                "build",
+                "--videos",
+                args["videos"],
+                "--labels",
+                args["labels"],
+                "--out",
+                str(out),
+                "--frame-size",
+                "64",
+            ]
+        )
     assert code == 3
     assert "(0 written, 1 kept from an earlier build)" in stdout.getvalue()
     assert (out / "failures.jsonl").read_text() == (build["out"] / "failures.jsonl").read_text()
@@ -207,10 +300,24 @@ def test_a_build_into_its_own_videos_folder_never_takes_its_shards_for_clips(tmp
     for key in ("bbaf2n", "brbk7n"):
         shutil.copy(GRID / f"{key}.mpg", videos)
     labels = tmp_path / "labels.csv"
-    labels.write_text("Filename," + ",".join(EMI_EMOTIONS) + "\n" + "".join(
-        f"{key}.mpg," + ",".join(["0.5"] * len(EMI_EMOTIONS)) + "\n" for key in ("bbaf2n", "brbk7n")))
-    command = ["shards", "build", "--videos", str(videos), "--labels", str(labels), "--out", str(videos),
-               "--frame-size", "64"]
+    labels.write_text(
+        "Filename,"
+        + ",".join(EMI_EMOTIONS)
+        + "\n"
+        + "".join(f"{key}.mpg," + ",".join(["0.5"] * len(EMI_EMOTIONS)) + "\n" for key in ("bbaf2n", "brbk7n"))
+    )
+    command = [
+        "shards",
+        "build",
+        "--videos",
+        str(videos),
+        "--labels",
+        str(labels),
+        "--out",
+        str(videos),
+        "--frame-size",
+        "64",
+    ]
     assert main(command) == 0
     assert main(command) == 0, capsys.readouterr()  # the second run sees its train-000000.tar among the clips
     assert "(0 written, 1 kept from an earlier build)" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """`emi shards build` and `emi shards stats` on the real GRID clips.
 
 Contents, manifest, determinism, resume after damage or SIGKILL, transcripts, Whisper, face crops, usage errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,8 @@ from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.shards.build import build_shards
 from emi.shards.stats import shard_stats
-from helpers import GRID, KEYS, grid_labels, wait_until, write_labels
+
+from helpers import EMI, GRID, KEYS, grid_labels, wait_until, write_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,8 +67,22 @@ def grid(tmp_path_factory) -> dict:
     labels = grid_labels(KEYS)
     labels_csv = write_labels(root / "labels.csv", labels, with_extension=True)
     out = root / "shards"
-    code = main(["shards", "build", "--videos", str(GRID), "--labels", str(labels_csv), "--out", str(out),
-                 "--shard-size", "3", "--frame-size", "256"])
+    code = main(
+        [
+            "shards",
+            "build",
+            "--videos",
+            str(GRID),
+            "--labels",
+            str(labels_csv),
+            "--out",
+            str(out),
+            "--shard-size",
+            "3",
+            "--frame-size",
+            "256",
+        ]
+    )
     return {"root": root, "labels": labels, "labels_csv": labels_csv, "out": out, "code": code}
 
 
@@ -90,8 +106,7 @@ def test_manifest_lists_shards_counts_hashes_and_totals(grid):
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     # FFmpeg puts each GRID clip at 2.98 s (the MPEG program stream's timestamps)
     assert (manifest["num_samples"], manifest["num_frames"], manifest["duration_s"]) == (8, 120, 23.84)
-    assert manifest["labels"] == {**{name: "float" for name in EMI_EMOTIONS}, "Valence": "float",
-                                  "Expression": "str"}
+    assert manifest["labels"] == {**{name: "float" for name in EMI_EMOTIONS}, "Valence": "float", "Expression": "str"}
     args = manifest["args"]
     assert (args["fps"], args["sample_rate"], args["frame_size"], args["shard_size"]) == (5.0, 16000, 256, 3)
     assert args["videos"] == str(GRID) and args["asr"] == "none" and args["face_crop"] == "none"
@@ -112,8 +127,16 @@ def test_sample_contents_round_trip(grid):
     for key, entries in samples.items():
         meta = json.loads(entries["json"])
         assert meta == {
-            "key": key, "source": f"{key}.mpg", "split": "train", "fps": 5.0, "num_frames": 15, "duration_s": 2.98,
-            "sample_rate": 16000, "has_audio": True, "labels": grid["labels"][key], "transcript": "",
+            "key": key,
+            "source": f"{key}.mpg",
+            "split": "train",
+            "fps": 5.0,
+            "num_frames": 15,
+            "duration_s": 2.98,
+            "sample_rate": 16000,
+            "has_audio": True,
+            "labels": grid["labels"][key],
+            "transcript": "",
             "face_crop": {"method": "none"},
         }
         assert entries["txt"] == b""
@@ -145,10 +168,18 @@ def test_webdataset_reads_the_shards(grid):
 
 def test_stats_match_known_contents(grid, capsys):
     stats = shard_stats(grid["out"])
-    expected_means = {name: fmean(row[name] for row in grid["labels"].values())
-                      for name in [*EMI_EMOTIONS, "Valence"]}
-    assert stats == {"split": "train", "shards": 3, "samples": 8, "hours": round(23.84 / 3600, 6), "frames": 120,
-                     "failures": 0, "label_means": expected_means, "has_audio": 8, "transcripts": 0}
+    expected_means = {name: fmean(row[name] for row in grid["labels"].values()) for name in [*EMI_EMOTIONS, "Valence"]}
+    assert stats == {
+        "split": "train",
+        "shards": 3,
+        "samples": 8,
+        "hours": round(23.84 / 3600, 6),
+        "frames": 120,
+        "failures": 0,
+        "label_means": expected_means,
+        "has_audio": 8,
+        "transcripts": 0,
+    }
     capsys.readouterr()
     assert main(["shards", "stats", str(grid["out"])]) == 0
     assert json.loads(capsys.readouterr().out) == stats
@@ -205,12 +236,24 @@ def test_changed_arguments_rebuild_everything_and_say_so(grid, tmp_path):
 
 def test_killed_build_resumes_to_the_clean_result(grid, tmp_path):
     out, clean = tmp_path / "killed", tmp_path / "clean"
-    command = [sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(GRID),
-               "--labels", str(grid["labels_csv"]), "--out", str(out), "--shard-size", "1"]
+    command = [
+        *EMI,
+        "shards",
+        "build",
+        "--videos",
+        str(GRID),
+        "--labels",
+        str(grid["labels_csv"]),
+        "--out",
+        str(out),
+        "--shard-size",
+        "1",
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "manifest.json"
-    wait_until(lambda: manifest.exists() and json.loads(manifest.read_text())["shards"], 300, "a first shard",
-               alive=process)
+    wait_until(
+        lambda: manifest.exists() and json.loads(manifest.read_text())["shards"], 300, "a first shard", alive=process
+    )
     process.send_signal(signal.SIGKILL)
     process.wait()
     # Whatever is there now: every complete-looking shard is one the manifest vouches for.
@@ -226,9 +269,12 @@ def test_killed_build_resumes_to_the_clean_result(grid, tmp_path):
 def test_cli_subprocess_builds_and_reports(grid, tmp_path):
     videos = grid_subset(tmp_path / "videos", KEYS[:2])
     labels = write_labels(tmp_path / "labels.csv", {key: grid["labels"][key] for key in KEYS[:2]})
-    result = subprocess.run([sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(videos),
-                             "--labels", str(labels), "--out", str(tmp_path / "out")],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [*EMI, "shards", "build", "--videos", str(videos), "--labels", str(labels), "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0
     assert "2 samples in 1 train shard(s)" in result.stdout
     assert "clip/s" in result.stderr  # the progress bar
@@ -254,8 +300,12 @@ def tiny_whisper(tmp_path_factory) -> Path:
     import torch
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import (
-        GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-        WhisperProcessor, WhisperTokenizer,
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
     )
 
     folder = tmp_path_factory.mktemp("tiny_whisper")
@@ -266,18 +316,34 @@ def tiny_whisper(tmp_path_factory) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ["<|endoftext|>", *specials]}
     config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        max_source_positions=1500, max_target_positions=16, pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
-        decoder_start_token_id=ids["<|startoftranscript|>"])
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=1500,
+        max_target_positions=16,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+    )
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config)
     # max_length keeps generation short; suppressing end-of-text makes the random model always say something.
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"], no_timestamps_token_id=ids["<|notimestamps|>"],
-        is_multilingual=False, max_length=12, suppress_tokens=[ids["<|endoftext|>"]])
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        is_multilingual=False,
+        max_length=12,
+        suppress_tokens=[ids["<|endoftext|>"]],
+    )
     model.save_pretrained(folder)
     processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer)
     processor.save_pretrained(folder)
@@ -300,8 +366,9 @@ def test_whisper_transcribes_each_clip_with_one_model_load(grid, tiny_whisper, t
     labels = write_labels(tmp_path / "labels.csv", {key: grid["labels"][key] for key in keys})
     transcripts = tmp_path / "transcripts.csv"
     transcripts.write_text(f"Filename,Text\n{keys[0]},imported wins\n")
-    summary = build_shards(videos=videos, labels=labels, out=tmp_path / "out", asr=f"whisper:{tiny_whisper}",
-                           transcripts=transcripts)
+    summary = build_shards(
+        videos=videos, labels=labels, out=tmp_path / "out", asr=f"whisper:{tiny_whisper}", transcripts=transcripts
+    )
     assert summary.num_failed == 0
     assert loads == [str(tiny_whisper)]
     samples = samples_of(tmp_path / "out")
@@ -332,8 +399,24 @@ def _has_haar() -> bool:
 def test_face_crop_finds_the_grid_faces(grid, tmp_path):
     keys = KEYS[:2]
     videos = grid_subset(tmp_path / "videos", keys)
-    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc=s=160x120:r=25:d=1",
-                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(videos / "noface.mp4")], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-nostdin",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=s=160x120:r=25:d=1",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            str(videos / "noface.mp4"),
+        ],
+        check=True,
+    )
     rows = {**{key: grid["labels"][key] for key in keys}, "noface": grid["labels"][keys[0]]}
     labels = write_labels(tmp_path / "labels.csv", rows)
     summary = build_shards(videos=videos, labels=labels, out=tmp_path / "out", face_crop="opencv", frame_size=128)
@@ -354,8 +437,20 @@ def test_face_crop_without_haar_is_a_usage_error(grid, tmp_path, capsys, monkeyp
     import types
 
     monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="5.0.0"))
-    code = main(["shards", "build", "--videos", str(GRID), "--labels", str(grid["labels_csv"]),
-                 "--out", str(tmp_path), "--face-crop", "opencv"])
+    code = main(
+        [
+            "shards",
+            "build",
+            "--videos",
+            str(GRID),
+            "--labels",
+            str(grid["labels_csv"]),
+            "--out",
+            str(tmp_path),
+            "--face-crop",
+            "opencv",
+        ]
+    )
     assert code == 2
     assert "Haar cascades" in capsys.readouterr().err
 
@@ -381,8 +476,10 @@ def test_usage_errors_exit_two_with_a_message(grid, tmp_path, capsys):
         (["--videos", str(GRID), "--labels", str(same_clip)], "both name clip id"),
         (["--videos", str(GRID), "--labels", str(binary)], "unreadable CSV"),
         (["--videos", str(GRID), "--labels", str(labels), "--frame-size", "255"], "--frame-size"),
-        (["--videos", str(GRID), "--labels", str(labels), "--out", str(labels / "sub")],
-         f"{labels} exists and is not a folder"),
+        (
+            ["--videos", str(GRID), "--labels", str(labels), "--out", str(labels / "sub")],
+            f"{labels} exists and is not a folder",
+        ),
         (["--videos", str(GRID), "--labels", str(labels), "--transcripts", str(no_filename)], "no 'Filename'"),
     ]
     for extra, message in cases:
@@ -403,8 +500,12 @@ def test_usage_errors_exit_two_with_a_message(grid, tmp_path, capsys):
 def _mount_tmpfs(folder: Path, size: str) -> bool:
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -414,9 +515,21 @@ def test_full_disk_stops_with_exit_three_no_temporary_file_and_a_rerun_continues
     if not _mount_tmpfs(out, "1m"):
         pytest.skip("a full disk needs a small tmpfs, which only root may mount here")
     try:
-        command = [sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(GRID),
-                   "--labels", str(grid["labels_csv"]), "--out", str(out), "--shard-size", "1",
-                   "--workers", str(workers)]
+        command = [
+            *EMI,
+            "shards",
+            "build",
+            "--videos",
+            str(GRID),
+            "--labels",
+            str(grid["labels_csv"]),
+            "--out",
+            str(out),
+            "--shard-size",
+            "1",
+            "--workers",
+            str(workers),
+        ]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 3, result.stderr[-3000:]
         assert "Traceback" not in result.stderr
@@ -445,20 +558,58 @@ def test_killing_the_builder_kills_its_workers(tmp_path):
     psutil = pytest.importorskip("psutil")
     videos = tmp_path / "videos"
     videos.mkdir()
-    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=s=480x270:r=25:d=30",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(videos / "a.mp4")],
-                   check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-nostdin",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=s=480x270:r=25:d=30",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            str(videos / "a.mp4"),
+        ],
+        check=True,
+    )
     for name in "bcd":
         shutil.copy(videos / "a.mp4", videos / f"{name}.mp4")
     labels = tmp_path / "labels.csv"
     labels.write_text("Filename,Joy\n" + "".join(f"{name}.mp4,0.5\n" for name in "abcd"))
     # every frame at 25 fps: each clip keeps a worker busy for seconds
-    process = subprocess.Popen([sys.executable, "-m", "emi.cli", "shards", "build", "--videos", str(videos),
-                                "--labels", str(labels), "--out", str(tmp_path / "out"), "--workers", "2",
-                                "--fps", "25"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            *EMI,
+            "shards",
+            "build",
+            "--videos",
+            str(videos),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--fps",
+            "25",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     parts = tmp_path / "out" / ".emi-parts"
-    wait_until(lambda: len(list(parts.glob("*.part")) if parts.is_dir() else []) >= 2, 300,
-               "both workers writing a clip", alive=process)
+    wait_until(
+        lambda: len(list(parts.glob("*.part")) if parts.is_dir() else []) >= 2,
+        300,
+        "both workers writing a clip",
+        alive=process,
+    )
     workers = psutil.Process(process.pid).children(recursive=True)
     assert len(workers) >= 2 and process.poll() is None
     process.kill()

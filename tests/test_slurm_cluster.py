@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from emi.cluster import rendezvous_port
+
 from slurm_cluster import DOWN, FINAL_STATES, UP, clean_env, cluster_env, job_field, require_slurm, run_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +32,18 @@ def is_running(pid: int) -> bool:
 def submit(env: dict[str, str], out_dir: Path, options: list[str], command: str) -> int:
     result = subprocess.run(
         ["sbatch", "--parsable", f"--output={out_dir}/job.out", f"--chdir={REPO}", *options, "--wrap", command],
-        env=env, capture_output=True, text=True, timeout=30, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return int(result.stdout.strip().split(";")[0])
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, env: dict[str, str], job_id: int,
-               out_dir: Path) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str, env: dict[str, str], job_id: int, out_dir: Path
+) -> None:
     """Polls condition; on timeout cancels the job (no test hangs) and fails with the job's log."""
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -64,16 +70,19 @@ def read_records(out_dir: Path) -> list[dict]:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize(
-    ("mode", "nodes", "procs_per_node"),
-    [("accelerate", 2, 1), ("srun", 2, 1), ("accelerate", 1, 2), ("srun", 1, 2)],
+    ("mode", "nodes", "procs_per_node"), [("accelerate", 2, 1), ("srun", 2, 1), ("accelerate", 1, 2), ("srun", 1, 2)]
 )
 def test_every_rank_runs_once_and_all_reduce_spans_the_job(
     cluster: dict[str, str], tmp_path: Path, mode: str, nodes: int, procs_per_node: int
 ) -> None:
     tasks_per_node = 1 if mode == "accelerate" else procs_per_node
     env = cluster | {"EMI_LAUNCH_MODE": mode, "EMI_PROCS_PER_NODE": str(procs_per_node)}
-    job_id = submit(env, tmp_path, [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"],
-                    f"srun bash slurm/launch.sh {PROBE} {tmp_path}")
+    job_id = submit(
+        env,
+        tmp_path,
+        [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"],
+        f"srun bash slurm/launch.sh {PROBE} {tmp_path}",
+    )
 
     state = wait_for_job(env, job_id, tmp_path)
     assert (state, job_field(env, job_id, "ExitCode")) == ("COMPLETED", "0:0"), (tmp_path / "job.out").read_text()
@@ -98,8 +107,12 @@ def test_sigusr1_reaches_every_training_process_and_the_job_ends_cleanly(
 ) -> None:
     # `scancel --signal` without --batch signals the job steps, as `#SBATCH --signal=USR1@120` does.
     env = cluster | {"EMI_LAUNCH_MODE": "accelerate"}
-    job_id = submit(env, tmp_path, ["--nodes=2", "--ntasks-per-node=1"],
-                    f"srun bash slurm/launch.sh {PROBE} {tmp_path} --wait-for-signal")
+    job_id = submit(
+        env,
+        tmp_path,
+        ["--nodes=2", "--ntasks-per-node=1"],
+        f"srun bash slurm/launch.sh {PROBE} {tmp_path} --wait-for-signal",
+    )
     ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
     wait_until(lambda: all(p.exists() for p in ready), JOB_TIMEOUT_S, "both ranks ready", env, job_id, tmp_path)
     subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=env, timeout=30, check=True)
@@ -115,13 +128,12 @@ def test_requeued_job_runs_again_with_restart_count_and_a_new_port(cluster: dict
     runs = tmp_path / "runs.txt"
     command = (
         f'echo "run ${{SLURM_RESTART_COUNT:-0}}" >> {runs}; '
-        'if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then exec sleep 300; fi; '  # requeued while asleep
+        "if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then exec sleep 300; fi; "  # requeued while asleep
         f"srun bash slurm/launch.sh {PROBE} {tmp_path}"
     )
     env = cluster | {"EMI_LAUNCH_MODE": "srun"}
     job_id = submit(env, tmp_path, ["--requeue", "--open-mode=append", "--nodes=1", "--ntasks=1"], command)
-    wait_until(lambda: runs.exists() and "run 0" in runs.read_text(), JOB_TIMEOUT_S, "first run", env, job_id,
-               tmp_path)
+    wait_until(lambda: runs.exists() and "run 0" in runs.read_text(), JOB_TIMEOUT_S, "first run", env, job_id, tmp_path)
     subprocess.run(["scontrol", "requeue", str(job_id)], env=env, timeout=30, check=True)
 
     state = wait_for_job(env, job_id, tmp_path)
@@ -136,7 +148,11 @@ def test_requeued_job_runs_again_with_restart_count_and_a_new_port(cluster: dict
 def test_accelerate_mode_refuses_several_tasks_per_node(cluster: dict[str, str], tmp_path: Path) -> None:
     result = subprocess.run(
         ["srun", "--nodes=1", "--ntasks=2", "bash", str(LAUNCH), PROBE, str(tmp_path)],
-        env=cluster | {"EMI_LAUNCH_MODE": "accelerate"}, cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=cluster | {"EMI_LAUNCH_MODE": "accelerate"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "one launcher per node: use srun --ntasks-per-node=1 (this step has 2 tasks on 1 nodes)" in result.stderr
@@ -181,7 +197,8 @@ def test_up_is_idempotent_and_down_leaves_no_daemons(slurm_root: Path) -> None:
     ],
 )
 def test_launch_rejects_bad_use_with_a_clear_message(args: list[str], message: str) -> None:
-    result = subprocess.run(["bash", str(LAUNCH), *args], env=clean_env(), cwd=REPO, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(LAUNCH), *args], env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert message in result.stderr

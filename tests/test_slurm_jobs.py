@@ -2,6 +2,7 @@
 tiny Stage I runs on 2 nodes x 1 process (gloo) that train, log and export, and that survive `scontrol requeue`,
 the time-limit warning (SIGUSR1) and submitit's preemption signal (SIGUSR2) by checkpointing, requeueing
 themselves and ending with the weights of the uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -25,26 +26,68 @@ ALL_JOBS_TIMEOUT_S = 420
 
 
 def overrides(shards: dict[str, Path], out: Path, name: str) -> list[str]:
-    return [f"data.train={shards['train']}", f"data.val={shards['val']}", f"run.output_dir={out}",
-            f"run.name={name}", "data.batch_size=8", "train.log_every=1", "train.checkpoint_every=4",
-            f"train.epochs={EPOCHS}", "train.eval_every=100"]  # evaluated once, at the end: this is about resuming
+    return [
+        f"data.train={shards['train']}",
+        f"data.val={shards['val']}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "data.batch_size=8",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+        f"train.epochs={EPOCHS}",
+        "train.eval_every=100",
+    ]  # evaluated once, at the end: this is about resuming
 
 
 def sbatch_stage1(env: dict[str, str], shards: dict[str, Path], out: Path, name: str, mode: str) -> int:
     result = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={out}/{name}.out",
-         f"--chdir={REPO}", "slurm/stage1.sh", *overrides(shards, out, name)],
-        env=env | {"EMI_CONFIG": TINY, "EMI_LAUNCH_MODE": mode}, capture_output=True, text=True, timeout=30)
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={out}/{name}.out",
+            f"--chdir={REPO}",
+            "slurm/stage1.sh",
+            *overrides(shards, out, name),
+        ],
+        env=env | {"EMI_CONFIG": TINY, "EMI_LAUNCH_MODE": mode},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     return int(result.stdout.strip().split(";")[0])
 
 
 def submitit_stage1(env: dict[str, str], shards: dict[str, Path], out: Path, name: str) -> int:
     result = subprocess.run(
-        [sys.executable, "-m", "emi.launch", "stage1", "--config", TINY, "--nodes", "2", "--gpus-per-node", "0",
-         "--cpus-per-node", "1", "--time", "60", "--log-dir", str(out / "submitit-logs"),
-         *overrides(shards, out, name)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "emi.launch",
+            "stage1",
+            "--config",
+            TINY,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "0",
+            "--cpus-per-node",
+            "1",
+            "--time",
+            "60",
+            "--log-dir",
+            str(out / "submitit-logs"),
+            *overrides(shards, out, name),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return int(re.search(r"submitted stage1 to Slurm as job (\d+)", result.stdout).group(1))
 
@@ -59,8 +102,11 @@ def job_logs(out: Path, name: str, job_id: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster: dict[str, str], synthetic_shards: dict[str, Path],  # noqa: F811
-         tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Path]]:
+def jobs(
+    cluster: dict[str, str],
+    synthetic_shards: dict[str, Path],  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[int, Path]]:
     """Four 2-node jobs on the 2 x 2 CPUs, two at a time; three are interrupted once they have a checkpoint from
     step FIRST_CHECKPOINT on. Returns name -> (job id, folder); every job has ended when it returns."""
     out = tmp_path_factory.mktemp("slurm-jobs")
@@ -82,8 +128,10 @@ def jobs(cluster: dict[str, str], synthetic_shards: dict[str, Path],  # noqa: F8
                 subprocess.run([*interruptions.pop(name), str(ids[name])], env=cluster, timeout=30, check=True)
             if time.monotonic() > deadline:
                 states = {name: job_field(cluster, i, "JobState") for name, i in ids.items()}
-                pytest.fail(f"jobs not done in {ALL_JOBS_TIMEOUT_S}s: {states}, not yet interrupted: "
-                            f"{sorted(interruptions)}\n" + "\n".join(job_logs(out, n, i) for n, i in ids.items()))
+                pytest.fail(
+                    f"jobs not done in {ALL_JOBS_TIMEOUT_S}s: {states}, not yet interrupted: "
+                    f"{sorted(interruptions)}\n" + "\n".join(job_logs(out, n, i) for n, i in ids.items())
+                )
             time.sleep(0.2)
     finally:
         subprocess.run(["scancel", *map(str, ids.values())], env=cluster, timeout=30)  # no-op once all ended
@@ -115,15 +163,16 @@ def test_sbatch_stage1_trains_on_two_nodes_and_exports(jobs: dict, cluster: dict
     log = assert_completed(cluster, job_id, out, "reference", restarts=0)
     assert "no checkpoint to resume from; starting fresh" in log
     printed = (out / "reference.out").read_text()
-    assert (f"job {job_id} (restart 0) on n[1-2]: mode accelerate, 2 node(s) x 1 process(es), 1 task(s) per node: "
-            f"-m emi.stages.stage1 --config {TINY} --resume latest") in printed
+    assert (
+        f"job {job_id} (restart 0) on n[1-2]: mode accelerate, 2 node(s) x 1 process(es), 1 task(s) per node: "
+        f"-m emi.stages.stage1 --config {TINY} --resume latest"
+    ) in printed
     for encoder in ("vision", "text", "audio"):
         assert (out / "reference" / "export" / encoder / "model.safetensors").stat().st_size > 0
 
 
 @pytest.mark.slurm
-def test_scontrol_requeue_resumes_and_ends_with_the_uninterrupted_weights(
-        jobs: dict, cluster: dict[str, str]) -> None:  # noqa: F811
+def test_scontrol_requeue_resumes_and_ends_with_the_uninterrupted_weights(jobs: dict, cluster: dict[str, str]) -> None:  # noqa: F811
     job_id, out = jobs["requeued"]
     log = assert_completed(cluster, job_id, out, "requeued", restarts=1)
     # Resumed from the SIGTERM checkpoint, or from the last periodic one when Slurm killed the job before it.
@@ -134,7 +183,8 @@ def test_scontrol_requeue_resumes_and_ends_with_the_uninterrupted_weights(
 
 @pytest.mark.slurm
 def test_sigusr1_checkpoints_requeues_itself_and_ends_with_the_uninterrupted_weights(
-        jobs: dict, cluster: dict[str, str]) -> None:  # noqa: F811
+    jobs: dict, cluster: dict[str, str]
+) -> None:  # noqa: F811
     job_id, out = jobs["usr1"]  # srun mode: every task is a training process
     log = assert_completed(cluster, job_id, out, "usr1", restarts=1)
     stopped = re.search(r"stopped by signal 10 at step (\d+); checkpoint saved", log)
@@ -146,7 +196,8 @@ def test_sigusr1_checkpoints_requeues_itself_and_ends_with_the_uninterrupted_wei
 
 @pytest.mark.slurm
 def test_submitit_job_trains_on_two_nodes_and_requeues_itself_when_preempted(
-        jobs: dict, cluster: dict[str, str]) -> None:  # noqa: F811
+    jobs: dict, cluster: dict[str, str]
+) -> None:  # noqa: F811
     job_id, out = jobs["submitit"]
     log = assert_completed(cluster, job_id, out, "submitit", restarts=1)
     # submitit's checkpoint() forwarded SIGUSR1 (10) to the trainers, which saved and stopped; submitit requeued.
@@ -159,8 +210,14 @@ def test_submitit_job_trains_on_two_nodes_and_requeues_itself_when_preempted(
 
 def run_batch_script(env: dict[str, str], out: Path, script: Path, options: list[str], args: list[str]) -> str:
     """sbatch SCRIPT, wait until it ends; returns its final state and exit code and its output."""
-    result = subprocess.run(["sbatch", "--parsable", f"--output={out}/job.out", *options, str(script), *args],
-                            env=env, capture_output=True, text=True, timeout=30, check=True)
+    result = subprocess.run(
+        ["sbatch", "--parsable", f"--output={out}/job.out", *options, str(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     job_id = int(result.stdout.strip().split(";")[0])
     deadline = time.monotonic() + 120
     while (state := job_field(env, job_id, "JobState")) not in FINAL_STATES:
@@ -176,30 +233,58 @@ def test_srun_mode_starts_one_task_per_process(cluster: dict[str, str], tmp_path
     """slurm/common.sh on one node with 2 CPUs: two tasks, one CPU each, ranks 0 and 1 (slurm_probe records)."""
     script = tmp_path / "probe.sh"
     script.write_text(f"#!/bin/bash\nsource slurm/common.sh\nrun_on_every_node tests/slurm_probe.py {tmp_path}\n")
-    ended = run_batch_script(cluster | {"EMI_LAUNCH_MODE": "srun", "EMI_PROCS_PER_NODE": "2"}, tmp_path, script,
-                             ["--nodes=1", "--cpus-per-task=2", f"--chdir={REPO}"], [])
+    ended = run_batch_script(
+        cluster | {"EMI_LAUNCH_MODE": "srun", "EMI_PROCS_PER_NODE": "2"},
+        tmp_path,
+        script,
+        ["--nodes=1", "--cpus-per-task=2", f"--chdir={REPO}"],
+        [],
+    )
     assert ended.startswith("COMPLETED 0:0\n"), ended
     assert "mode srun, 1 node(s) x 2 process(es), 2 task(s) per node: tests/slurm_probe.py" in ended
     records = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank-*.json")), key=lambda r: r["rank"])
     assert [(r["rank"], r["node"], r["local_rank"], r["world_size"], r["sum"]) for r in records] == [
-        (0, 0, 0, 2, 1), (1, 0, 1, 2, 1)]
+        (0, 0, 0, 2, 1),
+        (1, 0, 1, 2, 1),
+    ]
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize(("env_extra", "options", "message"), [
-    ({"EMI_LAUNCH_MODE": "srun", "EMI_PROCS_PER_NODE": "2"}, ["--cpus-per-task=1", f"--chdir={REPO}"],
-     "slurm: 2 tasks per node need at least as many CPUs, the job has 1 per node (--cpus-per-task)"),
-    ({"EMI_LAUNCH_MODE": "mpi"}, ["--cpus-per-task=1", f"--chdir={REPO}"],
-     "slurm: EMI_LAUNCH_MODE='mpi' is not one of: accelerate, srun"),
-    ({"EMI_CONFIG": "configs/stage1/none.yaml"}, ["--cpus-per-task=1", f"--chdir={REPO}"],
-     "emi: error: config file not found: configs/stage1/none.yaml (looked for configs/stage1/none.yaml, "),
-    ({}, ["--cpus-per-task=1", "--chdir=/tmp"],
-     "slurm/stage1.sh: run sbatch from the repository root (or --chdir=REPO)"),
-])
-def test_stage1_script_refuses_bad_settings_before_starting(cluster: dict[str, str], tmp_path: Path,  # noqa: F811
-                                                            env_extra: dict, options: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("env_extra", "options", "message"),
+    [
+        (
+            {"EMI_LAUNCH_MODE": "srun", "EMI_PROCS_PER_NODE": "2"},
+            ["--cpus-per-task=1", f"--chdir={REPO}"],
+            "slurm: 2 tasks per node need at least as many CPUs, the job has 1 per node (--cpus-per-task)",
+        ),
+        (
+            {"EMI_LAUNCH_MODE": "mpi"},
+            ["--cpus-per-task=1", f"--chdir={REPO}"],
+            "slurm: EMI_LAUNCH_MODE='mpi' is not one of: accelerate, srun",
+        ),
+        (
+            {"EMI_CONFIG": "configs/stage1/none.yaml"},
+            ["--cpus-per-task=1", f"--chdir={REPO}"],
+            "emi: error: config file not found: configs/stage1/none.yaml (looked for configs/stage1/none.yaml, ",
+        ),
+        (
+            {},
+            ["--cpus-per-task=1", "--chdir=/tmp"],
+            "slurm/stage1.sh: run sbatch from the repository root (or --chdir=REPO)",
+        ),
+    ],
+)
+def test_stage1_script_refuses_bad_settings_before_starting(
+    cluster: dict[str, str],
+    tmp_path: Path,  # noqa: F811
+    env_extra: dict,
+    options: list[str],
+    message: str,
+) -> None:
     env = cluster | {"EMI_CONFIG": TINY} | env_extra
-    ended = run_batch_script(env, tmp_path, REPO / "slurm" / "stage1.sh", ["--nodes=1", "--gpus-per-node=0",
-                                                                          *options], [])
+    ended = run_batch_script(
+        env, tmp_path, REPO / "slurm" / "stage1.sh", ["--nodes=1", "--gpus-per-node=0", *options], []
+    )
     assert ended.startswith("FAILED 2:0\n"), ended
     assert message in ended

@@ -1,6 +1,7 @@
 """Shard building as a Slurm job array (slurm/shards.sh) on the local two-node cluster: 4 tasks over the GRID clips,
 synthetic clips and bad inputs, one task cancelled mid-build; the merge job names it (exit 3), the re-run task keeps
 its complete shards, and after the second merge the folder is byte for byte the single-process build."""
+
 from __future__ import annotations
 
 import csv
@@ -16,6 +17,7 @@ import pytest
 from emi import EMI_EMOTIONS
 from emi.shards.build import build_shards
 from emi.synth import synthesize
+
 from helpers import GRID, REPO
 from slurm_cluster import FINAL_STATES, job_field
 
@@ -36,8 +38,10 @@ def inputs(root: Path) -> tuple[Path, Path]:
     with open(root / "synth" / "labels.csv") as file:
         rows = list(csv.DictReader(file))
     rows += [{"Filename": clip.name, **{name: "0.5" for name in EMI_EMOTIONS}} for clip in sorted(GRID.glob("*.mpg"))]
-    rows += [{"Filename": name, **{label: "0.25" for label in EMI_EMOTIONS}} for name in
-             ("empty.mp4", "notes.mp4", "missing.mp4")]
+    rows += [
+        {"Filename": name, **{label: "0.25" for label in EMI_EMOTIONS}}
+        for name in ("empty.mp4", "notes.mp4", "missing.mp4")
+    ]
     rows[0] = {**rows[0], "Joy": "nan"}
     labels = root / "labels.csv"
     with open(labels, "w", newline="") as file:
@@ -58,9 +62,22 @@ def wait_for(env: dict[str, str], job: str, what: str) -> str:
 
 
 def submit(env: dict[str, str], logs: Path, array: str, args: list[str]) -> str:
-    result = subprocess.run(["sbatch", "--parsable", f"--array={array}", "--cpus-per-task=1", f"--chdir={REPO}",
-                             f"--output={logs}/shards-%A_%a.out", "slurm/shards.sh", *args],
-                            env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--array={array}",
+            "--cpus-per-task=1",
+            f"--chdir={REPO}",
+            f"--output={logs}/shards-%A_%a.out",
+            "slurm/shards.sh",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
 
@@ -79,7 +96,8 @@ def merge_job(logs: Path, array_job: str) -> str:
 
 @pytest.mark.slurm
 def test_array_build_with_a_cancelled_task_merges_into_the_single_process_build(
-        cluster: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    cluster: dict[str, str], tmp_path: Path
+) -> None:  # noqa: F811
     videos, labels = inputs(tmp_path)
     args = ["--videos", str(videos), "--labels", str(labels), "--shard-size", "1", "--frame-size", "64"]
     reference = tmp_path / "reference"

@@ -1,6 +1,7 @@
 """`emi sweep` on the local two-node Slurm cluster: two tiny Stage II cells as one submitit job array, one of them
 requeued mid-run with `scontrol requeue` (what preemption does); the command waits for the requeued cell to resume
 and finish, then writes the complete table."""
+
 from __future__ import annotations
 
 import csv
@@ -27,17 +28,37 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.slurm
 def test_sweep_fills_a_job_array_and_a_requeued_cell_resumes_before_the_table(
-        cluster: dict[str, str], tiny_features: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    cluster: dict[str, str], tiny_features: dict[str, Path], tmp_path: Path
+) -> None:  # noqa: F811
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "slurm", "output_dir": str(tmp_path), "base": "configs/stage2/tiny.yaml",
-        "data": {"synth": {"train": str(tiny_features["train"]), "val": str(tiny_features["val"])}},
-        "overrides": {"train.epochs": 6, "data.batch_size": 4, "train.checkpoint_every": 4, "train.log_every": 1},
-        "grid": {"model.fusion": ["qam", "mean"]}, "top_k": 2,
-        "slurm": {"gpus_per_node": 0, "cpus_per_node": 1, "time": 30, "parallelism": 2}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "slurm",
+                "output_dir": str(tmp_path),
+                "base": "configs/stage2/tiny.yaml",
+                "data": {"synth": {"train": str(tiny_features["train"]), "val": str(tiny_features["val"])}},
+                "overrides": {
+                    "train.epochs": 6,
+                    "data.batch_size": 4,
+                    "train.checkpoint_every": 4,
+                    "train.log_every": 1,
+                },
+                "grid": {"model.fusion": ["qam", "mean"]},
+                "top_k": 2,
+                "slurm": {"gpus_per_node": 0, "cpus_per_node": 1, "time": 30, "parallelism": 2},
+            }
+        )
+    )
     folder = tmp_path / "slurm"
-    sweep = subprocess.Popen([sys.executable, "-m", "emi.cli", "sweep", "--config", str(path)], cwd=REPO,
-                             env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "emi.cli", "sweep", "--config", str(path)],
+        cwd=REPO,
+        env=cluster,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     requeued = folder / "cells" / "fusion-qam"
     try:
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
@@ -64,7 +85,7 @@ def test_sweep_fills_a_job_array_and_a_requeued_cell_resumes_before_the_table(
     assert stopped and resumed and FIRST_CHECKPOINT <= int(resumed.group(1)) < 72, log
     assert "done: 72 steps" in log and log.index("done") > log.index("resumed from")
 
-    cells = list(csv.DictReader(open(folder / "cells.csv")))
+    cells = list(csv.DictReader((folder / "cells.csv").read_text().splitlines()))
     assert [(row["cell"], row["status"]) for row in cells] == [("fusion-qam", "finished"), ("fusion-mean", "finished")]
     for row in cells:
         best = json.loads((folder / "cells" / row["cell"] / "best" / "trainer.json").read_text())

@@ -1,4 +1,5 @@
 """Feature extraction on two ranks and Stage II training on the shared loop, with tiny encoders on synthetic shards."""
+
 from __future__ import annotations
 
 import io
@@ -18,23 +19,41 @@ from emi.cli import main
 from emi.data.folds import fold_of
 from emi.serve.features import clip_features, clip_loader, load_frozen_encoders
 from emi.serve.predict import predict
-from helpers import REPO, cpu_env, launch, launch_holding_back, scalars
+
+from helpers import EMI, REPO, cpu_env, launch, launch_holding_back, scalars
 
 
 @pytest.fixture(scope="module")
 def features(encoders, synthetic_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("features")
     for split in ("train", "val"):
-        launch("-m", ["emi.cli", "features", "extract", "--encoders", str(encoders), "--shards",
-                      str(synthetic_shards[split]), "--out", str(out / split), "--batch-size", "4"])
+        launch(
+            "-m",
+            [
+                "emi.cli",
+                "features",
+                "extract",
+                "--encoders",
+                str(encoders),
+                "--shards",
+                str(synthetic_shards[split]),
+                "--out",
+                str(out / split),
+                "--batch-size",
+                "4",
+            ],
+        )
     return out
 
 
 def feature_sample(shard, key):
     """The entries of one sample of a feature shard, by extension."""
     with tarfile.open(shard) as tar:
-        return {member.name.split(".", 1)[1]: tar.extractfile(member).read() for member in tar
-                if member.name.split(".", 1)[0] == key}
+        return {
+            member.name.split(".", 1)[1]: tar.extractfile(member).read()
+            for member in tar
+            if member.name.split(".", 1)[0] == key
+        }
 
 
 def test_two_ranks_extract_every_clip_once_with_the_shapes_of_the_clip(features, synthetic_shards, encoders):
@@ -66,8 +85,23 @@ def test_extraction_resumes_and_redoes_only_a_damaged_shard(features, synthetic_
     shards = sorted(out.glob("train-*.tar"))
     before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in shards}
     shards[1].write_bytes(shards[1].read_bytes()[:1000])  # a truncated shard: its sidecar sha no longer matches
-    result = launch("-m", ["emi.cli", "features", "extract", "--encoders", str(encoders), "--shards",
-                           str(synthetic_shards["train"]), "--out", str(out), "--batch-size", "4"], num_processes=1)
+    result = launch(
+        "-m",
+        [
+            "emi.cli",
+            "features",
+            "extract",
+            "--encoders",
+            str(encoders),
+            "--shards",
+            str(synthetic_shards["train"]),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+        ],
+        num_processes=1,
+    )
     assert '"extracted_here": 1' in result.stdout
     for path in shards:
         mtime, data = before[path.name]
@@ -81,8 +115,19 @@ def test_a_held_back_rank_is_waited_for_and_a_half_done_output_is_completed(enco
     with rank 1 held back the same way: rank 0 has nothing to do and waits at once; the shard comes back byte for
     byte."""
     out = tmp_path / "features"
-    args = ["emi.cli", "features", "extract", "--encoders", str(encoders), "--shards", str(synthetic_shards["train"]),
-            "--out", str(out), "--batch-size", "4"]
+    args = [
+        "emi.cli",
+        "features",
+        "extract",
+        "--encoders",
+        str(encoders),
+        "--shards",
+        str(synthetic_shards["train"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+    ]
     names = [entry["name"] for entry in json.loads((synthetic_shards["train"] / "manifest.json").read_text())["shards"]]
     assert len(names) == 3
     held = names[1]  # each of the two ranks takes every other shard: rank 1 this one
@@ -91,23 +136,36 @@ def test_a_held_back_rank_is_waited_for_and_a_half_done_output_is_completed(enco
     def rank_1_is_not_done() -> None:
         assert writing.exists() and not (out / held).exists()
 
-    first = launch_holding_back(args, 1, writing.exists, "rank 0: extracted 2 shard(s); waiting for the other ranks",
-                                tmp_path / "first.log", before_release=rank_1_is_not_done)
+    first = launch_holding_back(
+        args,
+        1,
+        writing.exists,
+        "rank 0: extracted 2 shard(s); waiting for the other ranks",
+        tmp_path / "first.log",
+        before_release=rank_1_is_not_done,
+    )
     assert first.returncode == 0, first.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert [entry["name"] for entry in manifest["shards"]] == names and manifest["num_samples"] == 48
 
     extracted = (out / held).read_bytes()
     (out / held).unlink()
-    again = launch_holding_back(args, 1, writing.exists, "rank 0: extracted 0 shard(s); waiting for the other ranks",
-                                tmp_path / "again.log", before_release=rank_1_is_not_done)
+    again = launch_holding_back(
+        args,
+        1,
+        writing.exists,
+        "rank 0: extracted 0 shard(s); waiting for the other ranks",
+        tmp_path / "again.log",
+        before_release=rank_1_is_not_done,
+    )
     assert again.returncode == 0, again.output
     assert (out / held).read_bytes() == extracted
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
-def test_extraction_needs_a_manifest_to_know_how_the_clips_were_prepared(features, synthetic_shards, encoders,
-                                                                        tmp_path, capsys):
+def test_extraction_needs_a_manifest_to_know_how_the_clips_were_prepared(
+    features, synthetic_shards, encoders, tmp_path, capsys
+):
     """`pipe:` URLs have no manifest beside them: refused with the reason, unless one is given, which then gives
     the same features as the shard folder did."""
     name = sorted(path.name for path in synthetic_shards["train"].glob("train-*.tar"))[0]
@@ -128,10 +186,23 @@ def stage2_runs(features, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage2")
 
     def run(name, *extra):
-        launch("train/stage2.py", ["--config", "configs/stage2/tiny.yaml", f"data.train={features / 'train'}",
-                                   f"data.val={features / 'val'}", f"run.output_dir={out}", f"run.name={name}",
-                                   "data.batch_size=4", "train.epochs=4", "train.log_every=1",
-                                   "train.checkpoint_every=2", *extra])
+        launch(
+            "train/stage2.py",
+            [
+                "--config",
+                "configs/stage2/tiny.yaml",
+                f"data.train={features / 'train'}",
+                f"data.val={features / 'val'}",
+                f"run.output_dir={out}",
+                f"run.name={name}",
+                "data.batch_size=4",
+                "train.epochs=4",
+                "train.log_every=1",
+                "train.checkpoint_every=2",
+                *extra,
+            ],
+        )
+
     run("full")
     # stops mid-epoch (6 steps per epoch), then resumes; logging every 20 steps, more than the first part runs
     run("cut", "train.max_steps=9", "train.log_every=20")
@@ -145,8 +216,14 @@ def test_stage2_trains_evaluates_each_clip_once_and_exports_the_best(stage2_runs
     assert [v for _, v in scalars(run_dir, "val/num_samples")] == [16.0] * 4
     losses = [v for _, v in scalars(run_dir, "train/loss")]
     assert len(losses) == 24 and all(np.isfinite(losses))
-    for tag in ("val/mean_pearson", "val/mse", "val/pearson/Joy", "val/mean_pearson_without_vision",
-                "val/mean_pearson_without_audio", "val/mean_pearson_without_text"):
+    for tag in (
+        "val/mean_pearson",
+        "val/mse",
+        "val/pearson/Joy",
+        "val/mean_pearson_without_vision",
+        "val/mean_pearson_without_audio",
+        "val/mean_pearson_without_text",
+    ):
         assert len(scalars(run_dir, tag)) == 4, tag
     best = json.loads((run_dir / "best" / "trainer.json").read_text())
     assert best["mean_pearson"] == pytest.approx(max(v for _, v in scalars(run_dir, "val/mean_pearson")), rel=1e-6)
@@ -174,8 +251,9 @@ def test_stage2_resume_mid_epoch_ends_with_the_uninterrupted_ema_weights(stage2_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
-def test_best_predicts_the_same_when_copied_away_from_the_deleted_run_and_encoders(features, encoders,
-                                                                                  synthetic_shards, tmp_path):
+def test_best_predicts_the_same_when_copied_away_from_the_deleted_run_and_encoders(
+    features, encoders, synthetic_shards, tmp_path
+):
     """best/ carries the encoders the features came from: copied to a fresh folder after the run and the Stage I
     export are deleted, it predicts exactly what it predicted in place. Stage II refuses encoders that changed since
     the extraction (it would ship encoders the model never saw)."""
@@ -185,16 +263,30 @@ def test_best_predicts_the_same_when_copied_away_from_the_deleted_run_and_encode
         shutil.copytree(features / split, tmp_path / "features" / split)
         manifest = tmp_path / "features" / split / "manifest.json"
         manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "encoders": str(export)}))
-    args = ["--config", "configs/stage2/tiny.yaml", f"data.train={tmp_path / 'features' / 'train'}",
-            f"data.val={tmp_path / 'features' / 'val'}", f"run.output_dir={tmp_path}", "run.name=run",
-            "data.batch_size=4", "train.epochs=1"]
+    args = [
+        "--config",
+        "configs/stage2/tiny.yaml",
+        f"data.train={tmp_path / 'features' / 'train'}",
+        f"data.val={tmp_path / 'features' / 'val'}",
+        f"run.output_dir={tmp_path}",
+        "run.name=run",
+        "data.batch_size=4",
+        "train.epochs=1",
+    ]
 
     weights = export / "text" / "model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+
     def train() -> subprocess.CompletedProcess:  # one plain process
-        return subprocess.run([sys.executable, str(REPO / "train/stage2.py"), *args], cwd=REPO, env=cpu_env(),
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(REPO / "train/stage2.py"), *args],
+            cwd=REPO,
+            env=cpu_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     changed = train()
     assert changed.returncode == 2, changed.stderr[-3000:]
@@ -202,8 +294,10 @@ def test_best_predicts_the_same_when_copied_away_from_the_deleted_run_and_encode
     weights.write_bytes(original)
     trained = train()
     assert trained.returncode == 0, trained.stderr[-3000:]
-    videos = [str(path) for path in sorted((synthetic_shards["val"].parents[1] / "synth" / "val" / "videos"
-                                            ).glob("*.mp4"))[:3]]
+    videos = [
+        str(path)
+        for path in sorted((synthetic_shards["val"].parents[1] / "synth" / "val" / "videos").glob("*.mp4"))[:3]
+    ]
     in_place = predict(tmp_path / "run" / "best", videos)
     assert len(in_place) == 3 and all(len(result["intensities"]) == 6 for result in in_place)
     served = tmp_path / "served"
@@ -226,23 +320,49 @@ def test_a_corrupt_sample_is_skipped_counted_and_reported_by_the_trainer(feature
                 data = b"\x93NUMPY garbage"
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    launch("train/stage2.py", ["--config", "configs/stage2/tiny.yaml", f"data.train={damaged}",
-                               f"data.val={features / 'val'}", f"run.output_dir={tmp_path}", "run.name=damaged",
-                               "data.batch_size=4", "train.epochs=1"])
+    launch(
+        "train/stage2.py",
+        [
+            "--config",
+            "configs/stage2/tiny.yaml",
+            f"data.train={damaged}",
+            f"data.val={features / 'val'}",
+            f"run.output_dir={tmp_path}",
+            "run.name=damaged",
+            "data.batch_size=4",
+            "train.epochs=1",
+        ],
+    )
     assert "skipped 1 corrupt or unreadable samples" in (tmp_path / "damaged" / "log.txt").read_text()
     assert scalars(tmp_path / "damaged", "train/skipped_samples") == [(1, 0.0), (6, 1.0)]  # first step, epoch end
 
 
 def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term_and_late_fusion(features, tmp_path):
-    common = ["--config", "configs/stage2/tiny.yaml", f"data.train={features / 'train'}", f"run.output_dir={tmp_path}",
-              "data.batch_size=4", "train.epochs=1", "train.log_every=1", "data.folds=3", "data.fold=2"]
+    common = [
+        "--config",
+        "configs/stage2/tiny.yaml",
+        f"data.train={features / 'train'}",
+        f"run.output_dir={tmp_path}",
+        "data.batch_size=4",
+        "train.epochs=1",
+        "train.log_every=1",
+        "data.folds=3",
+        "data.fold=2",
+    ]
     # `emi synth` names the clips of every split 00001, 00002, ...: a union of train and val is refused by key
-    refused = subprocess.run([sys.executable, "-m", "emi.cli", "train", "stage2", *common,
-                              f"data.val={features / 'val'}", "run.name=refused"],
-                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [*EMI, "train", "stage2", *common, f"data.val={features / 'val'}", "run.name=refused"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2 and "clip key '00001' is in" in refused.stderr, refused.stderr[-2000:]
-    launch("train/stage2.py", [*common, "data.val=null", "run.name=fold", "loss.pearson=1.0", "model.fusion=late",
-                               "loss.unimodal=0.5"])
+    launch(
+        "train/stage2.py",
+        [*common, "data.val=null", "run.name=fold", "loss.pearson=1.0", "model.fusion=late", "loss.unimodal=0.5"],
+    )
     manifest = json.loads((features / "train" / "manifest.json").read_text())
     folds = fold_of([key for shard in manifest["shards"] for key in shard["keys"]], 3)
     in_fold = sum(fold == 2 for fold in folds.values())

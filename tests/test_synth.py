@@ -3,6 +3,7 @@
 The learnability checks decode the mp4s back and use generic statistics only (no knowledge of where the face,
 mouth or eyes are), fitted by ridge regression on half of the clips and scored on the other half.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,20 +33,42 @@ def read_csv(path: Path) -> list[list[str]]:
 def decode_frames(path: Path, size: int) -> np.ndarray:
     """Frames at 5 fps, area-resized to size x size, float in [0, 1], shape (T, size, size, 3)."""
     raw = subprocess.run(
-        ["ffmpeg", "-v", "error", "-i", str(path), "-vf", f"fps=5,scale={size}:{size}:flags=area",
-         "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"], capture_output=True, check=True).stdout
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-vf",
+            f"fps=5,scale={size}:{size}:flags=area",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "pipe:",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, size, size, 3).astype(np.float32) / 255
 
 
 def decode_audio(path: Path) -> np.ndarray:
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", "16000",
-                          "pipe:"], capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", "16000", "pipe:"],
+        capture_output=True,
+        check=True,
+    ).stdout
     return np.frombuffer(raw, "<i2").astype(np.float32) / 32768
 
 
 def probe(path: Path) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)],
-                         capture_output=True, check=True, text=True).stdout
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -80,8 +103,15 @@ def video_static_features(frame: np.ndarray) -> np.ndarray:
     """What one frame looks like: colour statistics, edges, brightness quantiles."""
     grey = frame.mean(-1)
     edges = [np.abs(np.diff(grey, axis=1)).mean(), np.abs(np.diff(grey, axis=0)).mean()]
-    return np.concatenate([frame.mean(axis=(0, 1)), frame.std(axis=(0, 1)), edges,
-                           np.percentile(grey, [10, 50, 90]), [grey[SMALL // 3:2 * SMALL // 3].std()]])
+    return np.concatenate(
+        [
+            frame.mean(axis=(0, 1)),
+            frame.std(axis=(0, 1)),
+            edges,
+            np.percentile(grey, [10, 50, 90]),
+            [grey[SMALL // 3 : 2 * SMALL // 3].std()],
+        ]
+    )
 
 
 def audio_features(audio: np.ndarray) -> np.ndarray:
@@ -100,17 +130,28 @@ def audio_features(audio: np.ndarray) -> np.ndarray:
     modulation_freqs = np.fft.rfftfreq(len(energy), window / 16000)
     fast_modulation = modulation[(modulation_freqs > 6.5) & (modulation_freqs < 13)].sum() / (modulation.sum() + 1e-9)
     crossings = (np.diff(np.sign(frames), axis=1) != 0).mean()
-    return np.array([log_energy.std(), log_energy.mean(), log_energy[-quarter:].mean() - log_energy[:quarter].mean(),
-                     centroid.mean(), np.log(crossings), log_peak.std(),
-                     log_peak[-quarter:].mean() - log_peak[:quarter].mean(), np.abs(np.diff(log_peak)).mean(),
-                     fast_modulation])
+    return np.array(
+        [
+            log_energy.std(),
+            log_energy.mean(),
+            log_energy[-quarter:].mean() - log_energy[:quarter].mean(),
+            centroid.mean(),
+            np.log(crossings),
+            log_peak.std(),
+            log_peak[-quarter:].mean() - log_peak[:quarter].mean(),
+            np.abs(np.diff(log_peak)).mean(),
+            fast_modulation,
+        ]
+    )
 
 
 def text_features(text: str) -> np.ndarray:
     """Word counts per cue list plus the length of the transcript."""
     words = f" {text} "
-    return np.array([sum(words.count(f" {cue} ") for cue in CUE_WORDS[emotion]) for emotion in EMI_EMOTIONS]
-                    + [len(text.split())], dtype=float)
+    return np.array(
+        [sum(words.count(f" {cue} ") for cue in CUE_WORDS[emotion]) for emotion in EMI_EMOTIONS] + [len(text.split())],
+        dtype=float,
+    )
 
 
 def spectral_flatness(audio: np.ndarray) -> float:
@@ -134,8 +175,10 @@ def decoded(dataset: tuple[Path, dict]) -> dict[str, list]:
     out, _ = dataset
     paths = [out / "videos" / f"{row[0]}.mp4" for row in read_csv(out / "labels.csv")[1:]]
     with ThreadPoolExecutor(2) as pool:  # the work happens in ffmpeg processes
-        return {"frames": list(pool.map(lambda path: decode_frames(path, SMALL), paths)),
-                "audio": list(pool.map(decode_audio, paths))}
+        return {
+            "frames": list(pool.map(lambda path: decode_frames(path, SMALL), paths)),
+            "audio": list(pool.map(decode_audio, paths)),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +214,21 @@ def test_files_and_csv_layout(dataset: tuple[Path, dict]) -> None:
     json.dumps(summary)
 
 
-def test_streams_are_h264_aac_25fps_16khz_mono_without_metadata(dataset: tuple[Path, dict],
-                                                                 durations: np.ndarray) -> None:
+def test_streams_are_h264_aac_25fps_16khz_mono_without_metadata(
+    dataset: tuple[Path, dict], durations: np.ndarray
+) -> None:
     out, summary = dataset
     assert durations.min() >= 2.0 and durations.max() <= 8.0
     assert summary["total_duration_s"] == pytest.approx(durations.sum(), abs=0.1)
     for index in (1, 2, 3):
         info = probe(out / "videos" / f"{index:05d}.mp4")
         video, audio = sorted(info["streams"], key=lambda s: s["codec_type"], reverse=True)
-        assert (video["codec_name"], video["width"], video["height"], video["r_frame_rate"]) == ("h264", 128, 128,
-                                                                                                  "25/1")
+        assert (video["codec_name"], video["width"], video["height"], video["r_frame_rate"]) == (
+            "h264",
+            128,
+            128,
+            "25/1",
+        )
         assert (audio["codec_name"], audio["sample_rate"], audio["channels"]) == ("aac", "16000", 1)
         assert float(audio["duration"]) == pytest.approx(float(video["duration"]), abs=0.07)
         assert set(info["format"].get("tags", {})) <= {"major_brand", "minor_version", "compatible_brands"}
@@ -229,8 +277,7 @@ def test_transcript_cue_counts_grow_with_intensity() -> None:
     assert np.all((correlations > 0.55) & (correlations < 0.85)), correlations
 
 
-def test_same_seed_gives_identical_clips_for_any_worker_count(dataset: tuple[Path, dict],
-                                                             tmp_path: Path) -> None:
+def test_same_seed_gives_identical_clips_for_any_worker_count(dataset: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = dataset
     synthesize(out=tmp_path / "again", clips=4, seed=0, workers=1)
     assert read_csv(tmp_path / "again" / "labels.csv") == read_csv(out / "labels.csv")[:5]
@@ -245,8 +292,9 @@ def test_same_seed_gives_identical_clips_for_any_worker_count(dataset: tuple[Pat
     assert read_csv(tmp_path / "other" / "labels.csv")[1:] != read_csv(out / "labels.csv")[1:5]
 
 
-def test_temporal_statistics_predict_labels_and_a_single_frame_does_not(dataset: tuple[Path, dict],
-                                                                       decoded: dict[str, list]) -> None:
+def test_temporal_statistics_predict_labels_and_a_single_frame_does_not(
+    dataset: tuple[Path, dict], decoded: dict[str, list]
+) -> None:
     out, _ = dataset
     labels = label_matrix(read_csv(out / "labels.csv"))
     texts = [row[1] for row in read_csv(out / "transcripts.csv")[1:]]
@@ -256,9 +304,16 @@ def test_temporal_statistics_predict_labels_and_a_single_frame_does_not(dataset:
     audio = np.array([audio_features(samples) for samples in decoded["audio"]])
     text = np.array([text_features(t) for t in texts])
 
-    scores = {name: ridge_holdout_pearson(features, labels).mean() for name, features in
-              [("temporal", temporal), ("static", static), ("audio", audio), ("text", text),
-               ("all", np.hstack([temporal, audio, text]))]}
+    scores = {
+        name: ridge_holdout_pearson(features, labels).mean()
+        for name, features in [
+            ("temporal", temporal),
+            ("static", static),
+            ("audio", audio),
+            ("text", text),
+            ("all", np.hstack([temporal, audio, text])),
+        ]
+    }
     # Measured (seed 0, 80 clips): temporal video 0.54, static frame 0.01, audio 0.58, text 0.61, all 0.78.
     assert scores["temporal"] > 0.35, scores
     assert scores["audio"] > 0.35, scores
@@ -268,8 +323,9 @@ def test_temporal_statistics_predict_labels_and_a_single_frame_does_not(dataset:
 
 
 @pytest.mark.parametrize("modality", ["video", "audio", "text"])
-def test_corruption_hits_the_chosen_fraction_and_looks_like_noise(dataset: tuple[Path, dict], tmp_path: Path,
-                                                                  modality: str) -> None:
+def test_corruption_hits_the_chosen_fraction_and_looks_like_noise(
+    dataset: tuple[Path, dict], tmp_path: Path, modality: str
+) -> None:
     out, _ = dataset
     clips = 6
     summary = synthesize(out=tmp_path, clips=clips, seed=0, corrupt_modality=modality, corrupt_frac=0.5, workers=2)
@@ -277,11 +333,13 @@ def test_corruption_hits_the_chosen_fraction_and_looks_like_noise(dataset: tuple
     corrupted = [int(name) for name, mark in record if mark]
     assert summary["corrupted_clips"] == len(corrupted) == 3
     assert {mark for _, mark in record} == {"", modality}
-    assert read_corruption(tmp_path / "corruption.csv") == ({name for name, mark in record if not mark},
-                                                           {name for name, mark in record if mark})
+    assert read_corruption(tmp_path / "corruption.csv") == (
+        {name for name, mark in record if not mark},
+        {name for name, mark in record if mark},
+    )
     # Labels never change; the corruption replaces one modality and leaves the others as in the clean run.
-    assert read_csv(tmp_path / "labels.csv") == read_csv(out / "labels.csv")[:clips + 1]
-    clean_texts = read_csv(out / "transcripts.csv")[1:clips + 1]
+    assert read_csv(tmp_path / "labels.csv") == read_csv(out / "labels.csv")[: clips + 1]
+    clean_texts = read_csv(out / "transcripts.csv")[1 : clips + 1]
     texts = read_csv(tmp_path / "transcripts.csv")[1:]
     for index in range(1, clips + 1):
         clean, noisy = out / "videos" / f"{index:05d}.mp4", tmp_path / "videos" / f"{index:05d}.mp4"
@@ -305,32 +363,38 @@ def test_corruption_hits_the_chosen_fraction_and_looks_like_noise(dataset: tuple
                 assert len(texts[index - 1][1].split()) >= 12
 
 
-def test_cli_prints_the_summary_and_a_prefix_renames_the_same_clips(dataset: tuple[Path, dict], tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture) -> None:
+def test_cli_prints_the_summary_and_a_prefix_renames_the_same_clips(
+    dataset: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out, _ = dataset
     assert main(["synth", "--out", str(tmp_path / "cli"), "--clips", "2", "--seed", "0", "--prefix", "val-"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["clips"] == 2 and summary["seed"] == 0
     # the prefix changes the names only: the clips, labels and transcripts are those of the unprefixed data set
     for index in (1, 2):
-        assert ((tmp_path / "cli" / "videos" / f"val-{index:05d}.mp4").read_bytes()
-                == (out / "videos" / f"{index:05d}.mp4").read_bytes())
+        assert (tmp_path / "cli" / "videos" / f"val-{index:05d}.mp4").read_bytes() == (
+            out / "videos" / f"{index:05d}.mp4"
+        ).read_bytes()
     for table in ("labels.csv", "transcripts.csv"):
         assert read_csv(tmp_path / "cli" / table)[1:] == [
-            [f"val-{row[0]}", *row[1:]] for row in read_csv(out / table)[1:3]]
+            [f"val-{row[0]}", *row[1:]] for row in read_csv(out / table)[1:3]
+        ]
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ({"clips": 0}, "--clips"),
-    ({"corrupt_frac": 1.5, "corrupt_modality": "video"}, "--corrupt-frac"),
-    ({"corrupt_frac": -0.1, "corrupt_modality": "video"}, "--corrupt-frac"),
-    ({"corrupt_frac": 0.2}, "needs --corrupt-modality"),
-    ({"corrupt_frac": 0.2, "corrupt_modality": "smell"}, "--corrupt-modality"),
-    ({"workers": 0}, "--workers"),
-    ({"seed": -1}, "--seed"),
-    ({"prefix": "val."}, "--prefix"),
-    ({"prefix": "a/b"}, "--prefix"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"clips": 0}, "--clips"),
+        ({"corrupt_frac": 1.5, "corrupt_modality": "video"}, "--corrupt-frac"),
+        ({"corrupt_frac": -0.1, "corrupt_modality": "video"}, "--corrupt-frac"),
+        ({"corrupt_frac": 0.2}, "needs --corrupt-modality"),
+        ({"corrupt_frac": 0.2, "corrupt_modality": "smell"}, "--corrupt-modality"),
+        ({"workers": 0}, "--workers"),
+        ({"seed": -1}, "--seed"),
+        ({"prefix": "val."}, "--prefix"),
+        ({"prefix": "a/b"}, "--prefix"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(tmp_path: Path, arguments: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         synthesize(**{"out": tmp_path / "x", "clips": 2, **arguments})

@@ -1,6 +1,7 @@
 """The training loop's parts on a tiny model in this process: one step (gradient accumulation gives the gradient of
 the large batch, clipping clips), the scalar window reduced by name, and `fit` itself on a fake task: its schedule,
 its log lines, skipped samples counted, the best export and the final one."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from emi.engine.loop import Schedule, Task, fit
 from emi.engine.step import train_step
 from emi.engine.telemetry import ScalarWindow
 from emi.errors import UsageError
+
 from helpers import scalars
 
 INPUTS = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [-1.0, 1.0]])
@@ -79,7 +81,9 @@ def test_the_window_means_each_scalar_by_name_and_sums_the_per_rank_numbers():
 def test_the_schedule_counts_whole_steps_and_refuses_an_accumulation_it_cannot_fill():
     train = load_config(Stage2Config, None, ["train.epochs=3", "train.grad_accum=2"]).train
     assert Schedule.of(7, train) == Schedule(steps_per_epoch=3, batches_per_epoch=6, total_steps=9)
-    assert Schedule.of(7, load_config(Stage2Config, None, ["train.epochs=3", "train.max_steps=4"]).train).total_steps == 4
+    assert (
+        Schedule.of(7, load_config(Stage2Config, None, ["train.epochs=3", "train.max_steps=4"]).train).total_steps == 4
+    )
     with pytest.raises(UsageError, match="1 batches per epoch cannot fill one optimizer step with grad_accum=2"):
         Schedule.of(1, train)
 
@@ -91,7 +95,7 @@ class FakeData:
 
     def __init__(self) -> None:
         self.epochs: list[tuple[int, int]] = []
-        self.dataloader = [{"x": INPUTS[i:i + 2], "y": TARGETS[i:i + 2]} for i in (0, 2, 1)]
+        self.dataloader = [{"x": INPUTS[i : i + 2], "y": TARGETS[i : i + 2]} for i in (0, 2, 1)]
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epochs.append((epoch, skip_batches))
@@ -116,20 +120,36 @@ def test_fit_runs_the_schedule_logs_first_and_last_steps_counts_skips_and_export
         torch.save(state_dict, folder / "weights.pt")
         exported.append(folder.name)
 
-    config = load_config(Stage2Config, None, ["train.epochs=2", "train.log_every=100", "train.checkpoint_every=100",
-                                              "data.batch_size=2", f"run.output_dir={tmp_path}", "run.name=fake"])
-    task = Task(model=model, train_data=data, compute_loss=squared_error, evaluate=evaluate, export=export,
-                best_metric="score")
+    config = load_config(
+        Stage2Config,
+        None,
+        [
+            "train.epochs=2",
+            "train.log_every=100",
+            "train.checkpoint_every=100",
+            "data.batch_size=2",
+            f"run.output_dir={tmp_path}",
+            "run.name=fake",
+        ],
+    )
+    task = Task(
+        model=model, train_data=data, compute_loss=squared_error, evaluate=evaluate, export=export, best_metric="score"
+    )
     result = fit(task, Accelerator(cpu=True), config, tmp_path / "fake")
     assert (result.state.step, result.state.epoch, result.state.best_metric, result.state.best_step) == (6, 2, 0.5, 3)
     assert data.epochs == [(0, 0), (1, 0)] and result.last_metrics == {"score": 0.25}
     assert exported == [".tmp-best", ".tmp-export"]
-    assert json.loads((tmp_path / "fake" / "best" / "trainer.json").read_text()) == {"step": 3, "epoch": 1,
-                                                                                    "score": 0.5}
+    assert json.loads((tmp_path / "fake" / "best" / "trainer.json").read_text()) == {
+        "step": 3,
+        "epoch": 1,
+        "score": 0.5,
+    }
     log = (tmp_path / "fake" / "log.txt").read_text()
     assert [step for step, _ in scalars(tmp_path / "fake", "train/loss")] == [1, 6]
     assert "epoch 1/2 step 1/6 loss" in log and "epoch 2/2 step 6/6 loss" in log
     assert "epoch 1/2: skipped 2 corrupt or unreadable samples" in log and "epoch 2/2 val: score 0.25" in log
     assert "epoch 1/2 val: score 0.5 (best)" in log and "done: 6 steps" in log
-    assert sorted(path.name for path in (tmp_path / "fake" / "checkpoints").iterdir()) == ["step-00000003",
-                                                                                          "step-00000006"]
+    assert sorted(path.name for path in (tmp_path / "fake" / "checkpoints").iterdir()) == [
+        "step-00000003",
+        "step-00000006",
+    ]

@@ -2,6 +2,7 @@
 
 The stage lives in the package, emi/stages/stage1.py: `python -m emi.stages.stage1` and `emi train stage1` run it too.
 """
+
 import sys
 
 from emi.stages.stage1 import main

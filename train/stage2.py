@@ -2,6 +2,7 @@
 
 The stage lives in the package, emi/stages/stage2.py: `python -m emi.stages.stage2` and `emi train stage2` run it too.
 """
+
 import sys
 
 from emi.stages.stage2 import main

@@ -12,6 +12,7 @@ the run's (`<run>/run.json`), is moved aside to `damaged-step-...` with a warnin
 DeepSpeed's own loader, which unpickles, so a checkpoint another run wrote is refused unless the user trusts it
 explicitly. The folder is expected on storage every rank can see (a cluster's shared file system).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -26,7 +27,13 @@ from safetensors.torch import load_file, save_file
 from emi.config import TrainSection
 from emi.errors import UsageError
 from emi.formats.checkpoint import (
-    RUN_FILE, CheckpointRecord, TrainerState, read_checkpoint_record, read_trainer_state, write_trainer_state)
+    RUN_FILE,
+    CheckpointRecord,
+    TrainerState,
+    read_checkpoint_record,
+    read_trainer_state,
+    write_trainer_state,
+)
 from emi.io import file_problem, file_record, folder_files, replace_folder
 
 EMA_FILE = "ema.safetensors"
@@ -51,8 +58,9 @@ class Unusable:
     foreign_run: str | None = None  # the id of the run that wrote it, when that is the reason
 
 
-def resolve_resume(accelerator: Accelerator, run_dir: Path, resume: str, run_id: str, trust: bool
-                   ) -> tuple[Path | None, list[str]]:
+def resolve_resume(
+    accelerator: Accelerator, run_dir: Path, resume: str, run_id: str, trust: bool
+) -> tuple[Path | None, list[str]]:
     """(the checkpoint to resume from, warnings to log). Every rank calls this and gets the same answer.
 
     `none` -> None; `latest` -> the newest checkpoint that is intact and this run's own (or any intact one with
@@ -72,8 +80,10 @@ def resolve_resume(accelerator: Accelerator, run_dir: Path, resume: str, run_id:
             break
         unusable.append((candidate, problem.reason))
     if found is None and unusable:
-        raise UsageError(f"no intact checkpoint to resume from in {checkpoint_root(run_dir)}: " + "; ".join(
-            f"{path.name} is {problem}" for path, problem in unusable))
+        raise UsageError(
+            f"no intact checkpoint to resume from in {checkpoint_root(run_dir)}: "
+            + "; ".join(f"{path.name} is {problem}" for path, problem in unusable)
+        )
     warnings = []
     for path, problem in unusable:
         aside = path.with_name(f"damaged-{path.name}")
@@ -90,10 +100,12 @@ def _given_checkpoint(accelerator: Accelerator, path: Path, run_id: str, trust: 
         raise UsageError(f"--resume {path}: no such checkpoint folder")
     problem = verify_checkpoint(accelerator, path, run_id, trust)
     if problem is not None and problem.foreign_run is not None:
-        raise UsageError(f"{path} was written by run {problem.foreign_run}, not by this run ({run_id}, in its "
-                         f"{RUN_FILE}). Resuming runs DeepSpeed's checkpoint loader, which unpickles: load a "
-                         "checkpoint from elsewhere only if you trust it as you would trust code, with "
-                         "--trust-checkpoint (train.trust_checkpoint=true)")
+        raise UsageError(
+            f"{path} was written by run {problem.foreign_run}, not by this run ({run_id}, in its "
+            f"{RUN_FILE}). Resuming runs DeepSpeed's checkpoint loader, which unpickles: load a "
+            "checkpoint from elsewhere only if you trust it as you would trust code, with "
+            "--trust-checkpoint (train.trust_checkpoint=true)"
+        )
     if problem is not None:
         raise UsageError(f"--resume {path}: the checkpoint is {problem.reason}")
     return path
@@ -107,20 +119,30 @@ def verify_checkpoint(accelerator: Accelerator, path: Path, run_id: str, trust: 
     if isinstance(record, str):
         return Unusable(f"damaged ({record})")
     if record.run_id != run_id and not trust:
-        return Unusable(f"another run's (written by run {record.run_id}, not by this run {run_id}; "
-                        "--trust-checkpoint resumes it anyway)", foreign_run=record.run_id)
+        return Unusable(
+            f"another run's (written by run {record.run_id}, not by this run {run_id}; "
+            "--trust-checkpoint resumes it anyway)",
+            foreign_run=record.run_id,
+        )
     names = sorted(record.files)
-    share = names[accelerator.process_index::accelerator.num_processes]
-    problems = gather_object([problem for name in share
-                              if (problem := file_problem(path, name, record.files[name])) is not None])
+    share = names[accelerator.process_index :: accelerator.num_processes]
+    problems = gather_object(
+        [problem for name in share if (problem := file_problem(path, name, record.files[name])) is not None]
+    )
     if not problems:
         return None
     more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
     return Unusable("damaged (" + "; ".join(sorted(problems)[:3]) + more + ")")
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep_last: int, run_id: str,
-                    ema: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    state: TrainerState,
+    keep_last: int,
+    run_id: str,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Every rank calls this (DeepSpeed writes per-rank partitions); rank 0 commits by renaming."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{state.step:08d}"
@@ -138,7 +160,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     accelerator.wait_for_everyone()
     # the size and sha256 of every file, the ranks hashing a share each
     names = broadcast_object_list([folder_files(tmp) if accelerator.is_main_process else None])[0]
-    share = names[accelerator.process_index::accelerator.num_processes]
+    share = names[accelerator.process_index :: accelerator.num_processes]
     records = dict(gather_object([(name, file_record(tmp / name)) for name in share]))
     if accelerator.is_main_process:
         CheckpointRecord(run_id, records).write(tmp)
@@ -153,8 +175,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[TrainerState,
     accelerator.load_state(str(path))
     rng_path = path / RNG_FILE.format(rank=accelerator.process_index)
     if not rng_path.is_file():
-        raise UsageError(f"{path}: no RNG state for rank {accelerator.process_index}; was it saved with a "
-                         "different number of processes?")
+        raise UsageError(
+            f"{path}: no RNG state for rank {accelerator.process_index}; was it saved with a "
+            "different number of processes?"
+        )
     _set_rng_state(load_file(str(rng_path)))
     ema_path = path / EMA_FILE
     return read_trainer_state(path), (load_file(str(ema_path)) if ema_path.is_file() else None)
@@ -195,8 +219,9 @@ class Checkpointer:
 
     def resume(self) -> tuple[Path | None, list[str]]:
         """(the checkpoint to resume from, warnings about the ones skipped)."""
-        return resolve_resume(self.accelerator, self.run_dir, self.train.resume, self.run_id,
-                              self.train.trust_checkpoint)
+        return resolve_resume(
+            self.accelerator, self.run_dir, self.train.resume, self.run_id, self.train.trust_checkpoint
+        )
 
     def load(self, path: Path) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
         return load_checkpoint(self.accelerator, path)

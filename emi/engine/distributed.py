@@ -5,6 +5,7 @@ here from the shipped `configs/deepspeed/<strategy>.json` (package data: `emi.co
 same whichever launcher started it. On machines without CUDA the process group uses gloo (DeepSpeed needs
 DS_ACCELERATOR=cpu there).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,8 +81,12 @@ def use_extensions_dir() -> None:
     os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
     built = folder / SHM_OP / f"{SHM_OP}.so"
     if os.environ.get("DS_ACCELERATOR") == "cpu" and not built.exists() and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"emi: building DeepSpeed's CPU communication op {SHM_OP} for this Python environment, once (a minute "
-              f"or more), in {folder}", file=sys.stderr, flush=True)
+        print(
+            f"emi: building DeepSpeed's CPU communication op {SHM_OP} for this Python environment, once (a minute "
+            f"or more), in {folder}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: str | None = None) -> Accelerator:
@@ -103,7 +108,8 @@ def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: s
         deepspeed_plugin=plugin,
         project_dir=project_dir,
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))]
-        if plugin is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1 else [],
+        if plugin is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        else [],
     )
     if plugin is not None:
         expected = (DistributedType.DEEPSPEED,)
@@ -112,8 +118,10 @@ def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: s
     else:
         expected = (DistributedType.NO,)
     if accelerator.distributed_type not in expected:
-        raise RuntimeError(f"train.strategy={train.strategy} needs {[t.value for t in expected]} but accelerate set "
-                           f"up {accelerator.distributed_type.value}")
+        raise RuntimeError(
+            f"train.strategy={train.strategy} needs {[t.value for t in expected]} but accelerate set "
+            f"up {accelerator.distributed_type.value}"
+        )
     return accelerator
 
 
@@ -132,6 +140,8 @@ def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
 
 
 def describe(accelerator: Accelerator) -> str:
-    return (f"{accelerator.distributed_type.value} world={accelerator.num_processes} "
-            f"rank={accelerator.process_index} device={accelerator.device} "
-            f"precision={accelerator.mixed_precision}")
+    return (
+        f"{accelerator.distributed_type.value} world={accelerator.num_processes} "
+        f"rank={accelerator.process_index} device={accelerator.device} "
+        f"precision={accelerator.mixed_precision}"
+    )

@@ -1,4 +1,5 @@
 """Exponential moving average of the weights (the paper: decay 0.999), used for evaluation and export."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -1,5 +1,6 @@
 """Exports: the model's full weights, written by the stage's export function into `<run>/<name>/` (rank 0), swapped
 in whole, and published to `run.publish_to` (a URL or folder) when the config names one."""
+
 from __future__ import annotations
 
 import shutil
@@ -22,8 +23,15 @@ TRAINER_FILE = "trainer.json"  # written last into an export: the step, epoch an
 class Exporter:
     """`export(model, name, extra)`: every rank calls it (ZeRO-3 gathers the partitions); rank 0 writes."""
 
-    def __init__(self, accelerator: Accelerator, export_fn: ExportFn | None, run_dir: Path, publish_to: str | None,
-                 enabled: bool, logger: RunLogger | None) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        export_fn: ExportFn | None,
+        run_dir: Path,
+        publish_to: str | None,
+        enabled: bool,
+        logger: RunLogger | None,
+    ) -> None:
         self.accelerator, self.export_fn, self.run_dir = accelerator, export_fn, run_dir
         self.publish_to, self.enabled, self.logger = publish_to, enabled and export_fn is not None, logger
 

@@ -1,4 +1,5 @@
 """Run logging: TensorBoard under `<run>/tb` and a concise console line. Created on rank 0 only, by the caller."""
+
 from __future__ import annotations
 
 import sys
@@ -11,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 class RunLogger:
     def __init__(self, run_dir: Path) -> None:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
-        self.console = open(run_dir / "log.txt", "a", buffering=1)
+        self.console = open(run_dir / "log.txt", "a", buffering=1)  # noqa: SIM115 (open for the whole run)
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         for name, value in values.items():

@@ -11,6 +11,7 @@ state-dict gather) sit on code paths that every rank walks in the same order: ra
 batches per epoch (the data plan guarantees it) and every branch depends only on values that are equal on all
 ranks (step counters, agreed flags). Side effects that only rank 0 performs are guarded where they happen.
 """
+
 from __future__ import annotations
 
 import signal
@@ -24,12 +25,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from emi.config import TrainSection, save_config
-from emi.engine.checkpointer import Checkpointer, remove_stale_temporaries
 from emi.devices import move_to_device
+from emi.engine.checkpointer import Checkpointer, remove_stale_temporaries
 from emi.engine.distributed import describe, input_dtype
 from emi.engine.ema import EMA
 from emi.engine.evaluator import EvalFn, Evaluator
-from emi.engine.exporter import ExportFn, Exporter
+from emi.engine.exporter import Exporter, ExportFn
 from emi.engine.logging import RunLogger, format_scalars
 from emi.engine.optim import build_optimizer, sgdr_lr
 from emi.engine.prepare import prepare_model
@@ -74,11 +75,16 @@ class Schedule:
     def of(cls, num_batches: int, train: TrainSection) -> Schedule:
         steps_per_epoch = num_batches // train.grad_accum
         if steps_per_epoch < 1:
-            raise UsageError(f"{num_batches} batches per epoch cannot fill one optimizer step with "
-                             f"grad_accum={train.grad_accum}; lower data.batch_size or train.grad_accum")
+            raise UsageError(
+                f"{num_batches} batches per epoch cannot fill one optimizer step with "
+                f"grad_accum={train.grad_accum}; lower data.batch_size or train.grad_accum"
+            )
         total = train.epochs * steps_per_epoch
-        return cls(steps_per_epoch, steps_per_epoch * train.grad_accum,
-                   min(total, train.max_steps) if train.max_steps else total)
+        return cls(
+            steps_per_epoch,
+            steps_per_epoch * train.grad_accum,
+            min(total, train.max_steps) if train.max_steps else total,
+        )
 
 
 @dataclass
@@ -142,10 +148,34 @@ def start(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> R
     ema = ema_of(accelerator, accelerator.unwrap_model(model), train)
     checkpointer = Checkpointer(accelerator, run_dir, train, read_run_id(run_dir))
     exporter = Exporter(accelerator, task.export, run_dir, config.run.publish_to, train.save, logger)
-    evaluator = Evaluator(task.evaluate, task.best_metric, accelerator, accelerator.unwrap_model(model), ema,
-                          exporter, logger, train.epochs) if task.evaluate is not None else None
-    run = Run(task, accelerator, config, schedule, model, optimizer, ema, checkpointer, exporter, evaluator, logger,
-              TrainerState())
+    evaluator = (
+        Evaluator(
+            task.evaluate,
+            task.best_metric,
+            accelerator,
+            accelerator.unwrap_model(model),
+            ema,
+            exporter,
+            logger,
+            train.epochs,
+        )
+        if task.evaluate is not None
+        else None
+    )
+    run = Run(
+        task,
+        accelerator,
+        config,
+        schedule,
+        model,
+        optimizer,
+        ema,
+        checkpointer,
+        exporter,
+        evaluator,
+        logger,
+        TrainerState(),
+    )
     resume(run)
     return run
 
@@ -176,8 +206,10 @@ def resume(run: Run) -> None:
     if run.ema is not None and ema_state is not None:
         run.ema.load_state_dict(ema_state)
     if is_main:
-        run.logger.line(f"resumed from {path}: epoch {run.state.epoch + 1} step {run.state.step} "
-                        f"(batch {run.state.batch_in_epoch} of the epoch)")
+        run.logger.line(
+            f"resumed from {path}: epoch {run.state.epoch + 1} step {run.state.step} "
+            f"(batch {run.state.batch_in_epoch} of the epoch)"
+        )
 
 
 def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | None:
@@ -191,8 +223,14 @@ def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | 
     for batch in telemetry.clock.batches(batches):
         for group in run.optimizer.param_groups:
             group["lr"] = sgdr_lr(state.step, run.config.optim, schedule.steps_per_epoch)
-        result = train_step(run.model, run.optimizer, move_to_device(batch, accelerator.device, float_dtype),
-                            run.task.compute_loss, accelerator, train.clip_grad)
+        result = train_step(
+            run.model,
+            run.optimizer,
+            move_to_device(batch, accelerator.device, float_dtype),
+            run.task.compute_loss,
+            accelerator,
+            train.clip_grad,
+        )
         state.batch_in_epoch += 1
         telemetry.window.add(result.loss, result.scalars)
         if not result.synced:
@@ -210,20 +248,25 @@ def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | 
         if stopped_by is not None or state.step >= schedule.total_steps or epoch_done:
             return stopped_by
     if state.batch_in_epoch < schedule.batches_per_epoch and state.step < schedule.total_steps:
-        raise RuntimeError(f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch + 1}, "
-                           f"expected {schedule.batches_per_epoch}")
+        raise RuntimeError(
+            f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch + 1}, "
+            f"expected {schedule.batches_per_epoch}"
+        )
     return None
 
 
 def end_epoch(run: Run) -> dict[str, float] | None:
     """The epoch's skipped samples said, the next epoch begun, and the evaluation when one is due (its metrics)."""
     state, accelerator = run.state, run.accelerator
-    skipped = int(accelerator.reduce(torch.tensor(run.task.train_data.skipped(), device=accelerator.device),
-                                     reduction="sum"))
+    skipped = int(
+        accelerator.reduce(torch.tensor(run.task.train_data.skipped(), device=accelerator.device), reduction="sum")
+    )
     if accelerator.is_main_process and skipped:
         run.logger.scalars({"skipped_samples": skipped}, state.step, prefix="train/")
-        run.logger.line(f"epoch {state.epoch + 1}/{run.train.epochs}: skipped {skipped} corrupt or unreadable "
-                        "samples (see the warnings)")
+        run.logger.line(
+            f"epoch {state.epoch + 1}/{run.train.epochs}: skipped {skipped} corrupt or unreadable "
+            "samples (see the warnings)"
+        )
     state.epoch += 1
     state.batch_in_epoch = 0
     due = state.epoch % run.train.eval_every == 0 or state.step >= run.schedule.total_steps
@@ -239,14 +282,22 @@ def finish(run: Run, stopped_by: int | None, metrics: dict[str, float]) -> FitRe
         with run.ema.applied(run.accelerator.unwrap_model(run.model)) if run.ema else nullcontext():
             run.exporter.export(run.model, "export", {"step": run.state.step, "epoch": run.state.epoch})
         if run.accelerator.is_main_process:
-            saved = (f"exported to {run.checkpointer.run_dir / 'export'}" if run.train.save
-                     else "nothing saved (train.save=false)")
+            saved = (
+                f"exported to {run.checkpointer.run_dir / 'export'}"
+                if run.train.save
+                else "nothing saved (train.save=false)"
+            )
             run.logger.line(f"done: {run.state.step} steps; {saved}")
     if run.accelerator.is_main_process:
         run.logger.close()
     run.accelerator.wait_for_everyone()
-    return FitResult(state=run.state, stopped_by_signal=stopped_by, run_dir=run.checkpointer.run_dir,
-                     last_metrics=metrics, requeue_failed=requeue_failed)
+    return FitResult(
+        state=run.state,
+        stopped_by_signal=stopped_by,
+        run_dir=run.checkpointer.run_dir,
+        last_metrics=metrics,
+        requeue_failed=requeue_failed,
+    )
 
 
 def stopped(run: Run, stopped_by: int) -> bool:
@@ -254,16 +305,18 @@ def stopped(run: Run, stopped_by: int) -> bool:
     that requeue failed."""
     if not run.accelerator.is_main_process:
         return False
-    run.logger.line(f"stopped by signal {stopped_by} at step {run.state.step}; checkpoint saved, continue with "
-                    "--resume latest")
+    run.logger.line(
+        f"stopped by signal {stopped_by} at step {run.state.step}; checkpoint saved, continue with --resume latest"
+    )
     if stopped_by != signal.SIGUSR1:
         return False
     try:
         if job := requeue_slurm_job():
             run.logger.line(f"requeued Slurm job {job}")
     except RequeueError as err:
-        run.logger.line(f"error: {err}; the job will not restart by itself: submit it again (it resumes from the "
-                        "checkpoint)")
+        run.logger.line(
+            f"error: {err}; the job will not restart by itself: submit it again (it resumes from the checkpoint)"
+        )
         return True
     return False
 
@@ -280,21 +333,31 @@ class StepTelemetry:
         run, accelerator = self.run, self.run.accelerator
         micro_batches = self.window.micro_batches
         elapsed, data_wait = self.clock.close_window()
-        means, totals = self.window.reduce(accelerator, {"elapsed_s": elapsed, "data_wait_s": data_wait,
-                                                         "skipped": run.task.train_data.skipped()})
+        means, totals = self.window.reduce(
+            accelerator, {"elapsed_s": elapsed, "data_wait_s": data_wait, "skipped": run.task.train_data.skipped()}
+        )
         if not accelerator.is_main_process:
             return
         world = accelerator.num_processes
         values = {**means, "lr": run.optimizer.param_groups[0]["lr"]}
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
-        values.update(step_scalars(
-            totals["elapsed_s"] / world, totals["data_wait_s"] / world, steps=micro_batches // run.train.grad_accum,
-            samples=micro_batches * run.config.data.batch_size * world,
-            train_flops_per_sample=run.task.train_flops_per_sample, device=accelerator.device,
-            precision=accelerator.mixed_precision, world_size=world))
+        values.update(
+            step_scalars(
+                totals["elapsed_s"] / world,
+                totals["data_wait_s"] / world,
+                steps=micro_batches // run.train.grad_accum,
+                samples=micro_batches * run.config.data.batch_size * world,
+                train_flops_per_sample=run.task.train_flops_per_sample,
+                device=accelerator.device,
+                precision=accelerator.mixed_precision,
+                world_size=world,
+            )
+        )
         values["skipped_samples"] = totals["skipped"]  # this epoch so far, all ranks
         state = run.state
         run.logger.scalars(values, state.step, prefix="train/")
-        run.logger.line(f"epoch {state.epoch + 1}/{run.train.epochs} step {state.step}/{run.schedule.total_steps} "
-                        f"{format_scalars(values)}")
+        run.logger.line(
+            f"epoch {state.epoch + 1}/{run.train.epochs} step {state.step}/{run.schedule.total_steps} "
+            f"{format_scalars(values)}"
+        )

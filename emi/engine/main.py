@@ -4,6 +4,7 @@
 Usage errors (bad config, missing shards) exit with code 2 and one clear line; a run stopped by SIGUSR1/SIGTERM
 exits 0 after its checkpoint, ready for `--resume latest`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,13 @@ from emi.errors import EXIT_NOT_FINISHED, EXIT_OK, EXIT_USAGE, UsageError
 C = TypeVar("C")
 
 
-def run_stage(schema: type[C], build_task: Callable[[C, Accelerator], Task], argv: list[str] | None,
-              description: str, check: Callable[[C], None] = lambda config: None) -> FitResult | int:
+def run_stage(
+    schema: type[C],
+    build_task: Callable[[C, Accelerator], Task],
+    argv: list[str] | None,
+    description: str,
+    check: Callable[[C], None] = lambda config: None,
+) -> FitResult | int:
     """Load the config and `check` it (the stage's own checks: its model's options), set up the processes, build
     the stage's task and hand it to the shared loop."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,4 +1,5 @@
 """The optimizer both stages train with (AdamW with OpenCLIP's parameter groups) and its schedule (SGDR)."""
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,11 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.
         (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
     if not decay and not no_decay:
         raise UsageError("the model has no trainable parameters")
-    groups = [{"params": aligned_order(decay), "weight_decay": optim.weight_decay},
-              {"params": aligned_order(no_decay), "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps)
+    groups = [
+        {"params": aligned_order(decay), "weight_decay": optim.weight_decay},
+        {"params": aligned_order(no_decay), "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
 def aligned_order(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

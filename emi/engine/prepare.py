@@ -4,6 +4,7 @@ Both change how the model computes, never what it computes or what its parameter
 through the transformers API of each encoder, and compilation is in place (`nn.Module.compile`), so the state dict,
 checkpoints and exports keep the plain names (no `_orig_mod.` prefix) and `--resume` works either way.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -44,8 +45,10 @@ def enable_activation_checkpointing(model: nn.Module) -> list[str]:
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             enabled.append(name or type(module).__name__)
     if not enabled:
-        raise UsageError(f"train.activation_checkpointing: {type(model).__name__} has no encoder that supports it "
-                         "(Stage I's transformers encoders do; set it to false for this model)")
+        raise UsageError(
+            f"train.activation_checkpointing: {type(model).__name__} has no encoder that supports it "
+            "(Stage I's transformers encoders do; set it to false for this model)"
+        )
     return enabled
 
 

@@ -2,6 +2,7 @@
 `scontrol requeue`, `scancel`). The handler only sets a flag; the loop turns it into a checkpoint at the next step
 boundary, agreed by every rank through one all-reduce so no rank is left waiting in a collective.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """One training step on one micro batch: forward, backward, and at the end of an accumulation clipping and the
 optimizer step."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,8 +21,14 @@ class StepResult:
     grad_norm: torch.Tensor | None  # before clipping; on synced steps only
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], compute_loss: LossFn,
-               accelerator: Accelerator, clip_grad: float) -> StepResult:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    compute_loss: LossFn,
+    accelerator: Accelerator,
+    clip_grad: float,
+) -> StepResult:
     """One micro batch: forward and backward; on the last micro batch of an accumulation also gradient clipping
     and the optimizer step (accelerate and DeepSpeed skip them on the others). `batch` is already on the device."""
     with accelerator.accumulate(model):

@@ -10,6 +10,7 @@ MFU = achieved model FLOP/s / peak FLOP/s of the device, with the model FLOPs of
 sample; recomputation under activation checkpointing is not counted) and the peak below: dense (no sparsity)
 tensor-core FLOP/s in the training precision. Devices not listed, and the CPU, get no MFU (None), only FLOP/s.
 """
+
 from __future__ import annotations
 
 import time
@@ -75,13 +76,26 @@ class StepClock:
         return window
 
 
-def step_scalars(elapsed: float, data_wait: float, steps: int, samples: int, train_flops_per_sample: float | None,
-                 device: torch.device, precision: str, world_size: int) -> dict[str, float]:
+def step_scalars(
+    elapsed: float,
+    data_wait: float,
+    steps: int,
+    samples: int,
+    train_flops_per_sample: float | None,
+    device: torch.device,
+    precision: str,
+    world_size: int,
+) -> dict[str, float]:
     """The telemetry of a window of `steps` optimizer steps over `samples` samples on all ranks, `elapsed` and
     `data_wait` seconds averaged over ranks."""
     per_device = samples / world_size / elapsed
-    values = {"samples_per_s": samples / elapsed, "step_s": elapsed / steps, "data_wait_s": data_wait / steps,
-              "compute_s": (elapsed - data_wait) / steps, "data_wait_share": data_wait / elapsed}
+    values = {
+        "samples_per_s": samples / elapsed,
+        "step_s": elapsed / steps,
+        "data_wait_s": data_wait / steps,
+        "compute_s": (elapsed - data_wait) / steps,
+        "data_wait_share": data_wait / elapsed,
+    }
     if train_flops_per_sample is not None:
         achieved = train_flops_per_sample * per_device
         values["tflops_per_device"] = achieved / 1e12
@@ -109,8 +123,10 @@ class ScalarWindow:
         """(each scalar's mean over the window, averaged over the ranks; each of `per_rank`'s numbers summed over
         the ranks), in one all-reduce that every rank makes; the window starts again empty."""
         names = list(self.values)
-        local = torch.stack([torch.stack(self.values[name]).mean().to(accelerator.device) for name in names]
-                            + [torch.tensor(float(value), device=accelerator.device) for value in per_rank.values()])
+        local = torch.stack(
+            [torch.stack(self.values[name]).mean().to(accelerator.device) for name in names]
+            + [torch.tensor(float(value), device=accelerator.device) for value in per_rank.values()]
+        )
         totals = dict(zip(names + list(per_rank), accelerator.reduce(local, reduction="sum").tolist()))
         self.values, self.micro_batches = {}, 0
         world = accelerator.num_processes

@@ -7,6 +7,7 @@
 
 The rest of a checkpoint folder is what `accelerator.save_state` writes (emi.engine.checkpointer).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,11 @@ def read_checkpoint_record(folder: Path) -> CheckpointRecord | str:
         return f"no {CHECKSUM_FILE}: written by an older emi or another program"
     except (OSError, ValueError) as err:
         return f"{CHECKSUM_FILE}: unreadable ({type(err).__name__}: {err})"
-    if not isinstance(document, dict) or not isinstance(document.get("files"), dict) or not isinstance(
-            document.get("run_id"), str):
+    if (
+        not isinstance(document, dict)
+        or not isinstance(document.get("files"), dict)
+        or not isinstance(document.get("run_id"), str)
+    ):
         return f"{CHECKSUM_FILE}: not a checksum record (a run_id and a files mapping)"
     for name, record in document["files"].items():
         if not is_file_record(record) or Path(name).is_absolute() or ".." in Path(name).parts:
@@ -80,5 +84,6 @@ def read_run_id(run_dir: Path) -> str:
     try:
         return str(json.loads(path.read_text())["run_id"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{path}: unreadable ({type(err).__name__}: {err}); it names the run that wrote the "
-                         "checkpoints beside it") from None
+        raise UsageError(
+            f"{path}: unreadable ({type(err).__name__}: {err}); it names the run that wrote the checkpoints beside it"
+        ) from None

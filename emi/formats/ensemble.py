@@ -1,5 +1,6 @@
 """An ensemble folder's member list: `ensemble.json`, {"format": "emi-ensemble/1", "members": [...]}, the member
 checkpoint folders relative to the ensemble folder (or absolute)."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,12 @@ def read_ensemble_record(folder: Path) -> list[Path] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"{listing}: not readable JSON ({err})") from None
     members = document.get("members") if isinstance(document, dict) else None
-    if (not isinstance(document, dict) or document.get("format") != ENSEMBLE_FORMAT or not isinstance(members, list)
-            or not members or not all(isinstance(member, str) for member in members)):
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != ENSEMBLE_FORMAT
+        or not isinstance(members, list)
+        or not members
+        or not all(isinstance(member, str) for member in members)
+    ):
         raise UsageError(f"{listing}: expected {{'format': {ENSEMBLE_FORMAT!r}, 'members': [checkpoint folders]}}")
     return [folder / member for member in members]

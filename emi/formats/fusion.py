@@ -11,6 +11,7 @@
 beside `model.safetensors` and `encoders/`. Format 2 (before the fusions became modules of their own) has the same
 record and other names for some weights: emi.models.fusion_checkpoint renames them on loading.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,13 @@ class FusionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat mapping config.json keeps: the widths and outputs, then the model section's keys."""
-        return {"vision_dim": self.vision_dim, "audio_dim": self.audio_dim, "text_dim": self.text_dim,
-                "num_outputs": self.num_outputs, **asdict(self.options)}
+        return {
+            "vision_dim": self.vision_dim,
+            "audio_dim": self.audio_dim,
+            "text_dim": self.text_dim,
+            "num_outputs": self.num_outputs,
+            **asdict(self.options),
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str) -> FusionSpec:
@@ -82,11 +88,21 @@ class FusionRecord:
     format: str = FUSION_FORMAT
 
     def write(self, folder: Path) -> None:
-        write_json_atomic(folder / FUSION_CONFIG, {
-            "format": FUSION_FORMAT, "model": self.spec.to_dict(), "labels": list(self.labels),
-            "encoders": {"source": self.encoders.source, "sha256": self.encoders.sha256,
-                         "files": self.encoders.files},
-            "preprocessing": self.preprocessing.to_dict(), "num_frames": self.num_frames})
+        write_json_atomic(
+            folder / FUSION_CONFIG,
+            {
+                "format": FUSION_FORMAT,
+                "model": self.spec.to_dict(),
+                "labels": list(self.labels),
+                "encoders": {
+                    "source": self.encoders.source,
+                    "sha256": self.encoders.sha256,
+                    "files": self.encoders.files,
+                },
+                "preprocessing": self.preprocessing.to_dict(),
+                "num_frames": self.num_frames,
+            },
+        )
 
 
 def read_fusion_record(folder: Path) -> FusionRecord:
@@ -107,9 +123,13 @@ def read_fusion_record(folder: Path) -> FusionRecord:
     if not isinstance(files, dict) or not files or not all(map(is_file_record, files.values())):
         raise UsageError(f"{path}: 'encoders' records no encoder files")
     try:
-        return FusionRecord(spec=FusionSpec.from_dict(document["model"], str(path)), labels=list(document["labels"]),
-                            encoders=EncodersRecord(str(encoders.get("source")), files),
-                            preprocessing=Preprocessing.from_dict(document["preprocessing"]),
-                            num_frames=int(document["num_frames"]), format=found)
+        return FusionRecord(
+            spec=FusionSpec.from_dict(document["model"], str(path)),
+            labels=list(document["labels"]),
+            encoders=EncodersRecord(str(encoders.get("source")), files),
+            preprocessing=Preprocessing.from_dict(document["preprocessing"]),
+            num_frames=int(document["num_frames"]),
+            format=found,
+        )
     except (TypeError, ValueError, AttributeError) as err:
         raise UsageError(f"{path}: not a usable fusion record ({type(err).__name__}: {err})") from None

@@ -22,6 +22,7 @@ clips were prepared), all through `read_manifest`, which checks it and names the
 A feature shard being extracted gets its sidecar `<name>.tar.json` (its ShardEntry) once it is whole: a re-run
 keeps the shards whose sidecar matches them (`read_sidecar`, `write_sidecar`).
 """
+
 from __future__ import annotations
 
 import json
@@ -117,8 +118,13 @@ class BuildArgs:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(fps=self.fps, sample_rate=self.sample_rate, frame_size=self.frame_size,
-                             face_crop=self.face_crop, asr=self.asr)
+        return Preprocessing(
+            fps=self.fps,
+            sample_rate=self.sample_rate,
+            frame_size=self.frame_size,
+            face_crop=self.face_crop,
+            asr=self.asr,
+        )
 
 
 @dataclass
@@ -165,15 +171,25 @@ class Manifest:
         return self._entries[name]
 
     def to_json(self) -> dict[str, Any]:
-        document: dict[str, Any] = {"format": self.format, "split": self.split,
-                                    "shards": [asdict(entry) for entry in self.shards],
-                                    "num_samples": self.num_samples, "labels": self.labels,
-                                    "preprocessing": self.preprocessing.to_dict()}
-        optional = {"num_frames": self.num_frames, "duration_s": self.duration_s,
-                    "args": self.args.to_dict() if self.args is not None else None,
-                    "dims": self.dims, "encoders": self.encoders, "encoders_sha256": self.encoders_sha256,
-                    "source": self.source,
-                    "task": asdict(self.task) if self.task is not None else None, "failures": self.failures}
+        document: dict[str, Any] = {
+            "format": self.format,
+            "split": self.split,
+            "shards": [asdict(entry) for entry in self.shards],
+            "num_samples": self.num_samples,
+            "labels": self.labels,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+        optional = {
+            "num_frames": self.num_frames,
+            "duration_s": self.duration_s,
+            "args": self.args.to_dict() if self.args is not None else None,
+            "dims": self.dims,
+            "encoders": self.encoders,
+            "encoders_sha256": self.encoders_sha256,
+            "source": self.source,
+            "task": asdict(self.task) if self.task is not None else None,
+            "failures": self.failures,
+        }
         document.update({key: value for key, value in optional.items() if value is not None})
         return document
 
@@ -205,8 +221,13 @@ def read_manifest(location: str | Path) -> Manifest:
     shards = []
     for entry in document["shards"]:
         count = entry.get("num_samples") if isinstance(entry, dict) else None
-        if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(count, int)
-                or isinstance(count, bool) or count < 0):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or not isinstance(count, int)
+            or isinstance(count, bool)
+            or count < 0
+        ):
             raise UsageError(f"manifest {shown}: bad shard entry {entry!r} (needs a name and num_samples >= 0)")
         known = {f.name for f in fields(ShardEntry)}
         shards.append(ShardEntry(**{key: value for key, value in entry.items() if key in known}))
@@ -231,12 +252,23 @@ def read_manifest(location: str | Path) -> Manifest:
             raise UsageError(f"manifest {shown}: bad task {task!r} ({err})") from None
         if not isinstance(document.get("failures"), list):
             raise UsageError(f"manifest {shown}: a partial manifest needs its 'failures' list")
-    return Manifest(format=document["format"], shards=shards, labels=labels, preprocessing=preprocessing,
-                    split=document.get("split"), num_frames=document.get("num_frames"),
-                    duration_s=document.get("duration_s"), args=BuildArgs.from_dict(document.get("args")),
-                    dims=document.get("dims"),
-                    encoders=document.get("encoders"), encoders_sha256=document.get("encoders_sha256"),
-                    source=document.get("source"), task=task, failures=document.get("failures"), path=path)
+    return Manifest(
+        format=document["format"],
+        shards=shards,
+        labels=labels,
+        preprocessing=preprocessing,
+        split=document.get("split"),
+        num_frames=document.get("num_frames"),
+        duration_s=document.get("duration_s"),
+        args=BuildArgs.from_dict(document.get("args")),
+        dims=document.get("dims"),
+        encoders=document.get("encoders"),
+        encoders_sha256=document.get("encoders_sha256"),
+        source=document.get("source"),
+        task=task,
+        failures=document.get("failures"),
+        path=path,
+    )
 
 
 def find_manifest(folder: str | Path) -> Manifest | None:
@@ -277,6 +309,11 @@ def read_sidecar(shard: str | Path) -> ShardEntry | None:
         entry = ShardEntry(**document)
     except TypeError:
         return None
-    valid = (isinstance(entry.name, str) and isinstance(entry.num_samples, int) and isinstance(entry.bytes, int)
-             and isinstance(entry.sha256, str) and isinstance(entry.keys, list))
+    valid = (
+        isinstance(entry.name, str)
+        and isinstance(entry.num_samples, int)
+        and isinstance(entry.bytes, int)
+        and isinstance(entry.sha256, str)
+        and isinstance(entry.keys, list)
+    )
     return entry if valid else None

@@ -26,6 +26,7 @@ A training sample costs 3 x forward: the backward pass computes gradients of the
 each as much as the forward. Recomputation under activation checkpointing is not counted: these are model FLOPs,
 the numerator of MFU as PaLM defines it, not the hardware's FLOPs.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,9 @@ def vision_flops(config: Any) -> int:
     """A CLIP or ViT vision tower on one image (CLIPVisionConfig or ViTConfig)."""
     patches = (config.image_size // config.patch_size) ** 2
     patch_embedding = 2 * patches * config.num_channels * config.patch_size**2 * config.hidden_size
-    return patch_embedding + transformer_flops(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                                               patches + 1)
+    return patch_embedding + transformer_flops(
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size, patches + 1
+    )
 
 
 def text_flops(config: Any, text_len: int) -> int:

@@ -39,6 +39,7 @@ fusion kind is one Fusion subclass, registered under its name: the model builds 
 modality encoders, the positional embedding, the Transformer, the head) first and the kind's own module last, so a
 parameter added to one kind changes neither another kind's initial weights nor the trunk's.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -92,8 +93,9 @@ def drop_modalities(present: torch.Tensor, probability: float) -> torch.Tensor:
 
 def projection(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
     """Modality mapping layer (Eq. 5); the input norm puts the frozen encoders' differently scaled features alike."""
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(out_dim, out_dim))
+    return nn.Sequential(
+        nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(out_dim, out_dim)
+    )
 
 
 class TemporalConvNet(nn.Module):
@@ -148,8 +150,11 @@ class FusionModel(nn.Module):
         self.dims = spec.dims
         self.register_buffer("enabled", torch.tensor([m in self.modalities for m in MODALITIES]), persistent=False)
         if "vision" in self.modalities:
-            self.vision_tcn = (TemporalConvNet(spec.vision_dim, options.tcn_layers, options.tcn_kernel, options.dropout)
-                               if options.temporal else None)
+            self.vision_tcn = (
+                TemporalConvNet(spec.vision_dim, options.tcn_layers, options.tcn_kernel, options.dropout)
+                if options.temporal
+                else None
+            )
             self.vision_projection = projection(spec.vision_dim, d_model, options.dropout)
         if "audio" in self.modalities:
             self.audio_lstm = GatedBiLSTM(spec.audio_dim, options.lstm_hidden) if options.temporal else None
@@ -158,30 +163,53 @@ class FusionModel(nn.Module):
         if "text" in self.modalities:
             self.text_projection = projection(spec.text_dim, d_model, options.dropout)
         self.position_embedding = nn.Parameter(torch.randn(options.num_segments, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, options.transformer_heads, 4 * d_model, options.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, options.transformer_layers, norm=nn.LayerNorm(d_model),
-                                                 enable_nested_tensor=False)
-        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(options.dropout),
-                                  nn.Linear(d_model, spec.num_outputs))
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            options.transformer_heads,
+            4 * d_model,
+            options.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(
+            layer, options.transformer_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False
+        )
+        self.head = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(options.dropout), nn.Linear(d_model, spec.num_outputs)
+        )
         self.fusion = Fusion.kinds[options.fusion](spec)  # last: see the module docstring
 
     def _check_inputs(self, vision, vision_mask, audio, audio_mask, text, present) -> None:
         batch = present.shape[0]
-        expected = {"vision": (vision, 3, self.dims["vision"]), "audio": (audio, 3, self.dims["audio"]),
-                    "text": (text, 2, self.dims["text"])}
+        expected = {
+            "vision": (vision, 3, self.dims["vision"]),
+            "audio": (audio, 3, self.dims["audio"]),
+            "text": (text, 2, self.dims["text"]),
+        }
         for name, (tensor, ndim, dim) in expected.items():
             if tensor.dim() != ndim or tensor.shape[0] != batch or tensor.shape[-1] != dim or tensor.shape[1] == 0:
-                raise ValueError(f"{name} features: expected {'[B, T, D]' if ndim == 3 else '[B, D]'} with B={batch},"
-                                 f" T>=1, D={dim}; got {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"{name} features: expected {'[B, T, D]' if ndim == 3 else '[B, D]'} with B={batch},"
+                    f" T>=1, D={dim}; got {tuple(tensor.shape)}"
+                )
         if vision_mask.shape != vision.shape[:2] or audio_mask.shape != audio.shape[:2]:
-            raise ValueError(f"masks must be [B, T] like their features: vision_mask {tuple(vision_mask.shape)}, "
-                             f"audio_mask {tuple(audio_mask.shape)}")
+            raise ValueError(
+                f"masks must be [B, T] like their features: vision_mask {tuple(vision_mask.shape)}, "
+                f"audio_mask {tuple(audio_mask.shape)}"
+            )
         if present.shape != (batch, len(MODALITIES)):
             raise ValueError(f"present must be [B, 3] (vision, audio, text), got {tuple(present.shape)}")
 
-    def forward(self, vision: torch.Tensor, vision_mask: torch.Tensor, audio: torch.Tensor, audio_mask: torch.Tensor,
-                text: torch.Tensor, present: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self,
+        vision: torch.Tensor,
+        vision_mask: torch.Tensor,
+        audio: torch.Tensor,
+        audio_mask: torch.Tensor,
+        text: torch.Tensor,
+        present: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
         """pred [B, num_outputs] in [0, 1]; weights [B, M, 3]: the betas ("qam"; equal for "mean"), for "xattn" the
         share of each query's attention on the real vision / audio segments rather than the stand-in (text: 1 where
         present), for "late" [B, num_outputs, 3]: each emotion's weights of the modalities' predictions; None for
@@ -250,8 +278,9 @@ def empty_token(d_model: int) -> nn.Parameter:
 
 def quality_scores(modalities: tuple[str, ...], d_model: int, scores: int) -> nn.ModuleDict:
     """A quality MLP per modality (Eq. 8): `scores` per token."""
-    return nn.ModuleDict({m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, scores))
-                          for m in modalities})
+    return nn.ModuleDict(
+        {m: nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, scores)) for m in modalities}
+    )
 
 
 class WeightedSum(Fusion):
@@ -272,8 +301,10 @@ class WeightedSum(Fusion):
     def forward(self, tokens, present, trunk) -> dict[str, torch.Tensor]:
         batch, segments = present.shape[0], self.num_segments
         empty = self.empty_token.expand(batch, segments, -1)
-        stacked = torch.stack([tokens[m].expand(batch, segments, -1) if m in tokens else torch.zeros_like(empty)
-                               for m in MODALITIES], dim=2)
+        stacked = torch.stack(
+            [tokens[m].expand(batch, segments, -1) if m in tokens else torch.zeros_like(empty) for m in MODALITIES],
+            dim=2,
+        )
         betas = self.betas(tokens, present, empty)
         fused = torch.where(present.any(1)[:, None, None], (betas[..., None] * stacked).sum(2), empty)
         pooled = trunk.transformer(fused + trunk.position_embedding).mean(1)
@@ -291,8 +322,15 @@ class QualityAware(WeightedSum):
 
     def betas(self, tokens, present, empty) -> torch.Tensor:
         batch, segments = present.shape[0], self.num_segments
-        scores = torch.cat([self.quality[m](tokens[m]).expand(batch, segments, 1) if m in tokens
-                            else empty.new_zeros(batch, segments, 1) for m in MODALITIES], dim=-1)
+        scores = torch.cat(
+            [
+                self.quality[m](tokens[m]).expand(batch, segments, 1)
+                if m in tokens
+                else empty.new_zeros(batch, segments, 1)
+                for m in MODALITIES
+            ],
+            dim=-1,
+        )
         scores = scores.masked_fill(~present[:, None, :], float("-inf"))
         # A clip with nothing present would be all -inf (NaN softmax); its betas are zeroed below anyway.
         scores = scores.masked_fill(~present.any(1)[:, None, None], 0.0)
@@ -341,8 +379,14 @@ class CrossAttention(Fusion):
         self.query_norm = nn.LayerNorm(self.d_model)
         attended = [m for m in ("vision", "audio") if m in self.modalities]
         self.key_norms = nn.ModuleDict({m: nn.LayerNorm(self.d_model) for m in attended})
-        self.cross_attention = nn.ModuleDict({m: nn.MultiheadAttention(
-            self.d_model, options.transformer_heads, dropout=options.dropout, batch_first=True) for m in attended})
+        self.cross_attention = nn.ModuleDict(
+            {
+                m: nn.MultiheadAttention(
+                    self.d_model, options.transformer_heads, dropout=options.dropout, batch_first=True
+                )
+                for m in attended
+            }
+        )
 
     def forward(self, tokens, present, trunk) -> dict[str, torch.Tensor]:
         """weights [B, M, 3]: the share of each query's attention on the real segments (text: 1 where present)."""
@@ -356,8 +400,9 @@ class CrossAttention(Fusion):
             if name not in tokens:  # not a modality of this model
                 real.insert(index, torch.zeros_like(real[-1]))
                 continue
-            keys = self.key_norms[name](torch.cat([self.stand_ins[index].expand(batch, 1, -1),
-                                                   tokens[name] + trunk.position_embedding], dim=1))
+            keys = self.key_norms[name](
+                torch.cat([self.stand_ins[index].expand(batch, 1, -1), tokens[name] + trunk.position_embedding], dim=1)
+            )
             ignored = torch.cat([present.new_zeros(batch, 1), ~present[:, index, None].expand(-1, segments)], dim=1)
             attended, attention = self.cross_attention[name](query, keys, keys, key_padding_mask=ignored)
             fused = fused + attended
@@ -379,9 +424,17 @@ class Late(Fusion):
         self.quality = quality_scores(self.modalities, self.d_model, self.num_outputs)
         self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), self.d_model) * 0.02)
         self.empty_token = empty_token(self.d_model)
-        self.experts = nn.ModuleDict({m: nn.Sequential(
-            nn.Linear(self.d_model, self.d_model), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(self.d_model, self.num_outputs)) for m in self.modalities})
+        self.experts = nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    nn.Linear(self.d_model, self.d_model),
+                    nn.GELU(),
+                    nn.Dropout(dropout),
+                    nn.Linear(self.d_model, self.num_outputs),
+                )
+                for m in self.modalities
+            }
+        )
 
     def forward(self, tokens, present, trunk) -> dict[str, torch.Tensor]:
         batch = present.shape[0]
@@ -411,12 +464,18 @@ assert set(Fusion.kinds) == set(FUSIONS), "every fusion kind has its class, and 
 def present_modalities(batch: dict[str, Any]) -> torch.Tensor:
     """[B, 3] (vision, audio, text) of a Stage II batch (the `features` loader layout): which modalities a clip
     really has. A clip without an audio track or a transcript has that modality masked out, not zero-filled."""
-    return torch.stack([batch["vision_mask"].any(1), batch["has_audio"] & batch["audio_mask"].any(1),
-                        batch["has_text"]], dim=1)
+    return torch.stack(
+        [batch["vision_mask"].any(1), batch["has_audio"] & batch["audio_mask"].any(1), batch["has_text"]], dim=1
+    )
 
 
 def fusion_inputs(batch: dict[str, Any], present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The FusionModel keyword arguments of a Stage II batch; `present` defaults to `present_modalities`."""
-    return {"vision": batch["vision"], "vision_mask": batch["vision_mask"], "audio": batch["audio"],
-            "audio_mask": batch["audio_mask"], "text": batch["text"],
-            "present": present_modalities(batch) if present is None else present}
+    return {
+        "vision": batch["vision"],
+        "vision_mask": batch["vision_mask"],
+        "audio": batch["audio"],
+        "audio_mask": batch["audio_mask"],
+        "text": batch["text"],
+        "present": present_modalities(batch) if present is None else present,
+    }

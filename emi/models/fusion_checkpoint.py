@@ -1,6 +1,7 @@
 """A Stage II checkpoint folder, self-contained: `model.safetensors`, `config.json` (its record:
 emi.formats.fusion) and `encoders/`, the Stage I encoders the features came from (hard links to the export's files
 where the file system allows, copies otherwise), checked against the record before they are used again."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,16 @@ from emi.io import folder_problems, link_or_copy_folder
 from emi.models.fusion import FusionModel
 
 # Weights of format 2, before the fusions were modules of their own: the fusion-specific ones, renamed on loading.
-FORMAT_2_FUSION_WEIGHTS = ("quality.", "modality_embedding", "stand_ins", "query_norm.", "key_norms.",
-                           "cross_attention.", "empty_token", "experts.")
+FORMAT_2_FUSION_WEIGHTS = (
+    "quality.",
+    "modality_embedding",
+    "stand_ins",
+    "query_norm.",
+    "key_norms.",
+    "cross_attention.",
+    "empty_token",
+    "experts.",
+)
 
 
 def save_fusion(folder: Path, state_dict: dict[str, torch.Tensor], record: FusionRecord, encoders: Path) -> None:
@@ -50,8 +59,10 @@ def load_fusion(folder: str | Path, device: torch.device | str = "cpu") -> tuple
         model = FusionModel(record.spec)
         weights = load_file(str(folder / FUSION_WEIGHTS))
         if record.format == "emi-fusion/2":
-            weights = {f"fusion.{name}" if name.startswith(FORMAT_2_FUSION_WEIGHTS) else name: tensor
-                       for name, tensor in weights.items()}
+            weights = {
+                f"fusion.{name}" if name.startswith(FORMAT_2_FUSION_WEIGHTS) else name: tensor
+                for name, tensor in weights.items()
+            }
         model.load_state_dict(weights)
     except (OSError, SafetensorError, RuntimeError, TypeError, KeyError) as err:
         # missing or damaged weights, weights of another architecture

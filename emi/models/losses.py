@@ -26,6 +26,7 @@ with population moments over the labelled samples; an emotion with fewer than 2 
 batch is left out of the means. Pearson and CCC are properties of a whole set, not sums over samples: computed per
 rank they would be a different (noisier) objective than the same batch on one process, hence the gather.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,8 +57,9 @@ def va_confidence_weights(va_std: Tensor | None, batch_size: int, scale: float =
     return 1.0 / (1.0 + torch.nan_to_num(sigma, nan=0.0) / scale)
 
 
-def gather_features(features_a: Tensor, features_b: Tensor, gather_with_grad: bool, rank: int,
-                    world_size: int) -> tuple[Tensor, Tensor]:
+def gather_features(
+    features_a: Tensor, features_b: Tensor, gather_with_grad: bool, rank: int, world_size: int
+) -> tuple[Tensor, Tensor]:
     """Concatenate every rank's features in rank order, keeping gradients.
 
     gather_with_grad: an autograd all-gather, whose backward sums the gradients of all ranks into each slot.
@@ -97,8 +99,9 @@ class ContrastiveLoss(nn.Module):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
 
-    def forward(self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float,
-                weights: Tensor | None = None) -> Tensor:
+    def forward(
+        self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float, weights: Tensor | None = None
+    ) -> Tensor:
         """Loss for paired rows of `features_a` and `features_b` ([n, D], L2-normalised by the caller, as
         OpenCLIP's encoders do: the loss uses them as given).
 
@@ -106,8 +109,10 @@ class ContrastiveLoss(nn.Module):
         (e.g. from `va_confidence_weights`), rescaled here to mean 1 over the global batch; None = all equal.
         """
         if features_a.dim() != 2 or features_a.shape != features_b.shape:
-            raise ValueError(f"ContrastiveLoss: features must be two [n, D] tensors of one shape, got "
-                             f"{list(features_a.shape)} and {list(features_b.shape)}")
+            raise ValueError(
+                f"ContrastiveLoss: features must be two [n, D] tensors of one shape, got "
+                f"{list(features_a.shape)} and {list(features_b.shape)}"
+            )
         local_batch = features_a.shape[0]
         if weights is None:
             weights = torch.ones(local_batch, device=features_a.device)
@@ -133,14 +138,16 @@ class ContrastiveLoss(nn.Module):
             logits_b = logit_scale * features_b @ all_a.T
             offset = rank * local_batch
             targets = torch.arange(offset, offset + local_batch, device=features_a.device)
-            sample_weights = all_weights[offset:offset + local_batch]
+            sample_weights = all_weights[offset : offset + local_batch]
         else:
             logits_a = logit_scale * all_a @ all_b.T
             logits_b = logits_a.T
             targets = torch.arange(all_a.shape[0], device=features_a.device)
             sample_weights = all_weights
-        per_sample = (F.cross_entropy(logits_a.to(compute_dtype), targets, reduction="none")
-                      + F.cross_entropy(logits_b.to(compute_dtype), targets, reduction="none")) / 2
+        per_sample = (
+            F.cross_entropy(logits_a.to(compute_dtype), targets, reduction="none")
+            + F.cross_entropy(logits_b.to(compute_dtype), targets, reduction="none")
+        ) / 2
         return (sample_weights * per_sample).mean()
 
 
@@ -167,9 +174,11 @@ def regression_terms(pred: Tensor, labels: Tensor, label_mask: Tensor) -> dict[s
     rho = cov / torch.sqrt(var_pred * var_target + MOMENT_EPS)
     ccc = 2 * cov / (var_pred + var_target + (mean_pred - mean_target) ** 2 + MOMENT_EPS)
     used = columns.to(pred.dtype)
-    return {"mse": ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1),
-            "pearson": 1 - (rho * used).sum() / used.sum().clamp(min=1),
-            "ccc": 1 - (ccc * used).sum() / used.sum().clamp(min=1)}
+    return {
+        "mse": ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1),
+        "pearson": 1 - (rho * used).sum() / used.sum().clamp(min=1),
+        "ccc": 1 - (ccc * used).sum() / used.sum().clamp(min=1),
+    }
 
 
 class RegressionLoss(nn.Module):
@@ -184,15 +193,18 @@ class RegressionLoss(nn.Module):
         super().__init__()
         unknown = sorted(set(weights) - set(REGRESSION_TERMS))
         if unknown or not any(weight > 0 for weight in weights.values()) or min(weights.values()) < 0:
-            raise ValueError(f"loss weights must be >= 0 for terms among {REGRESSION_TERMS}, at least one > 0; "
-                             f"got {weights}")
+            raise ValueError(
+                f"loss weights must be >= 0 for terms among {REGRESSION_TERMS}, at least one > 0; got {weights}"
+            )
         self.weights = {name: float(weight) for name, weight in weights.items() if weight > 0}
 
     def forward(self, pred: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, every weighted term's value) for this rank's rows [n, K]."""
         if pred.dim() != 2 or pred.shape != labels.shape or pred.shape != label_mask.shape:
-            raise ValueError(f"RegressionLoss: pred, labels and label_mask must be [n, K] of one shape, got "
-                             f"{list(pred.shape)}, {list(labels.shape)}, {list(label_mask.shape)}")
+            raise ValueError(
+                f"RegressionLoss: pred, labels and label_mask must be [n, K] of one shape, got "
+                f"{list(pred.shape)}, {list(labels.shape)}, {list(label_mask.shape)}"
+            )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             pred = torch.cat(dist_nn.all_gather(pred.contiguous()), dim=0)
             labels = torch.cat(dist_nn.all_gather(labels.contiguous()), dim=0)

@@ -6,6 +6,7 @@ runs (the stages as they start, `emi.launch` before it queues a job, a sweep bef
     FUSIONS     Stage II's fusion kinds (emi.models.fusion registers one class per name)
     PAIRS       Stage I's contrastive pairs
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,8 +29,9 @@ def check_fusion_options(options: Any) -> None:
     if options.tcn_kernel < 1 or options.tcn_kernel % 2 == 0:
         raise UsageError(f"model.tcn_kernel must be odd (symmetric 'same' padding), got {options.tcn_kernel}")
     if options.transformer_heads < 1 or options.d_model % options.transformer_heads:
-        raise UsageError(f"model.d_model {options.d_model} is not divisible by model.transformer_heads "
-                         f"{options.transformer_heads}")
+        raise UsageError(
+            f"model.d_model {options.d_model} is not divisible by model.transformer_heads {options.transformer_heads}"
+        )
     if options.num_segments < 1:
         raise UsageError(f"model.num_segments must be at least 1, got {options.num_segments}")
     if not 0.0 <= options.modality_dropout < 1.0:

@@ -6,6 +6,7 @@ The members must agree on what they read and what they predict: the labels in th
 come from (their sha256), how clips were prepared and the frames per clip; so the features are read or computed once
 and every member runs on the same batch. Their fusion models may differ (qam and xattn, say).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -72,8 +73,10 @@ def load_ensemble(checkpoints: Sequence[str | Path], device: torch.device | str 
     for folder, record in zip(folders[1:], records[1:]):
         differ = members_agree(records[0], record)
         if differ:
-            raise UsageError(f"{folder / FUSION_CONFIG}: differs from {folders[0]} in {differ}; the members of an "
-                             "ensemble must read the same features and predict the same labels")
+            raise UsageError(
+                f"{folder / FUSION_CONFIG}: differs from {folders[0]} in {differ}; the members of an "
+                "ensemble must read the same features and predict the same labels"
+            )
     return Ensemble(folders, list(models), records[0], home)
 
 

@@ -8,6 +8,7 @@ Feature shards are read as Stage II training reads them, clip shards go through 
 (emi.serve.scoring), so both give the same numbers up to the float16 storage of the features. The report (JSON), a
 figure beside it and TensorBoard scalars are written by rank 0.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,10 +58,16 @@ def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report
         name = labels[index]
         axis.scatter(target[:, index], pred[:, index], s=12, alpha=0.7)
         axis.plot([0, 1], [0, 1], color="grey", linewidth=1)
-        axis.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="true", ylabel="predicted",
-                 title=f"{name}  r = {report[f'pearson/{name}']:.3f}")
-    figure.suptitle(f"mean Pearson {report['mean_pearson']:.3f}, MSE {report['mse']:.4f}, "
-                    f"{report['num_samples']} clips")
+        axis.set(
+            xlim=(-0.02, 1.02),
+            ylim=(-0.02, 1.02),
+            xlabel="true",
+            ylabel="predicted",
+            title=f"{name}  r = {report[f'pearson/{name}']:.3f}",
+        )
+    figure.suptitle(
+        f"mean Pearson {report['mean_pearson']:.3f}, MSE {report['mse']:.4f}, {report['num_samples']} clips"
+    )
     figure.tight_layout()
     png = io.BytesIO()
     figure.savefig(png, dpi=100, format="png")
@@ -68,11 +75,19 @@ def write_figure(pred: np.ndarray, target: np.ndarray, labels: list[str], report
     storage.write_bytes(path, png.getvalue())  # whole: never a half-written figure under the real name
 
 
-def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: str | Path | None = None,
-             batch_size: int = 8, tb: str | Path | None = None, workers: int = 1, manifest: str | Path | None = None,
-             drop: Sequence[str] = (), corrupt: Sequence[str] = ()) -> dict[str, Any]:
-    """Score a checkpoint, or an ensemble (emi.serve.ensemble), on labelled shards: the ensemble's report (also written as
-    JSON, a PNG beside it and TensorBoard scalars `eval/<name>/...`, where name is the shard folder's, with
+def evaluate(
+    checkpoint: str | Path | Sequence[str | Path],
+    shards: str,
+    out: str | Path | None = None,
+    batch_size: int = 8,
+    tb: str | Path | None = None,
+    workers: int = 1,
+    manifest: str | Path | None = None,
+    drop: Sequence[str] = (),
+    corrupt: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Score a checkpoint, or an ensemble (emi.serve.ensemble), on labelled shards: the ensemble's report (also
+    written as JSON, a PNG beside it and TensorBoard scalars `eval/<name>/...`, where name is the shard folder's, with
     `-drop-<m>`/`-corrupt-<m>` appended for a robustness evaluation) with each member's scores under "members", and
     the checkpoint, shards, dropped and corrupted modalities it came from. `num_skipped` counts the clips that could
     not be read (the command line then exits EXIT_PARTIAL). On several ranks (accelerate launch -m emi.cli evaluate)
@@ -83,26 +98,38 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: st
     device = state.device
     ensemble = load_ensemble(checkpoint_list(checkpoint), device)
     if out is None and ensemble.home is None:
-        raise UsageError("several --checkpoint: give --out for the report (or list them in an ensemble folder with "
-                         "`emi ensemble`, whose eval/ folder then holds it)")
+        raise UsageError(
+            "several --checkpoint: give --out for the report (or list them in an ensemble folder with "
+            "`emi ensemble`, whose eval/ folder then holds it)"
+        )
     if ensemble.home is None and tb is None and storage.is_url(out):
         raise UsageError(f"--out {out}: with several --checkpoint and a URL for the report, give --tb (a local folder)")
-    keys, preds, target, skipped = shard_predictions(ensemble, shards, batch_size, workers, device, manifest, drop,
-                                                     corrupt, state)
+    keys, preds, target, skipped = shard_predictions(
+        ensemble, shards, batch_size, workers, device, manifest, drop, corrupt, state
+    )
     if len(keys) < 2:
         raise UsageError(f"{shards}: {len(keys)} clip(s); Pearson correlation needs at least 2")
     labels = ensemble.record.labels
     pred = preds.mean(0)
     report = {**emi_report(pred, target, labels), "num_skipped": skipped}
-    members = [{"checkpoint": str(folder.resolve()),
-                **{key: value for key, value in emi_report(member, target, labels).items() if key != "num_samples"}}
-               for folder, member in zip(ensemble.checkpoints, preds)]
+    members = [
+        {
+            "checkpoint": str(folder.resolve()),
+            **{key: value for key, value in emi_report(member, target, labels).items() if key != "num_samples"},
+        }
+        for folder, member in zip(ensemble.checkpoints, preds)
+    ]
     name = shards_name(shards) + "".join(f"-drop-{m}" for m in drop) + "".join(f"-corrupt-{m}" for m in corrupt)
     out = str(out) if out is not None else str(ensemble.home / "eval" / f"{name}.json")
-    result = {**report, "members": members, "drop": list(drop), "corrupt": list(corrupt),
-              "checkpoint": str(ensemble.home.resolve()) if ensemble.home is not None else None,
-              "shards": storage.shown(shards)}
-    figure = (out[:-len(".json")] if out.endswith(".json") else out) + ".png"
+    result = {
+        **report,
+        "members": members,
+        "drop": list(drop),
+        "corrupt": list(corrupt),
+        "checkpoint": str(ensemble.home.resolve()) if ensemble.home is not None else None,
+        "shards": storage.shown(shards),
+    }
+    figure = (out[: -len(".json")] if out.endswith(".json") else out) + ".png"
     if tb is None:
         tb = ensemble.home / "eval" / "tb" if ensemble.home is not None else Path(out).parent / "tb"
     if state.is_main_process:  # rank 0 writes; every rank returns the same report
@@ -112,7 +139,11 @@ def evaluate(checkpoint: str | Path | Sequence[str | Path], shards: str, out: st
         for metric, value in report.items():
             writer.add_scalar(f"eval/{name}/{metric}", value, 0)
         writer.close()
-        print(f"emi evaluate: report {storage.shown(out)}, figure {storage.shown(figure)}, TensorBoard scalars "
-              f"eval/{name}/* in {tb}", file=sys.stderr, flush=True)
+        print(
+            f"emi evaluate: report {storage.shown(out)}, figure {storage.shown(figure)}, TensorBoard scalars "
+            f"eval/{name}/* in {tb}",
+            file=sys.stderr,
+            flush=True,
+        )
     state.wait_for_everyone()
     return result

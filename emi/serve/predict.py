@@ -9,6 +9,7 @@ Each video is prepared as the shard builder prepared the checkpoint's training c
 checkpoint's preprocessing), then decoded as the clip loader decodes (RawSample -> decode_sample -> collate): raw
 video reaches the model through the same code as the training data, with no second decode path.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from emi import storage
@@ -30,7 +32,7 @@ from emi.data.collect import collect
 from emi.data.decode import SampleError, sample_rng
 from emi.data.modes import collate, decode_sample
 from emi.data.reader import RawSample, iter_members
-from emi.data.urls import shard_name
+from emi.data.urls import ShardSet, shard_name
 from emi.devices import default_device, process_state
 from emi.errors import UsageError
 from emi.serve.ensemble import Ensemble, load_ensemble
@@ -50,8 +52,9 @@ def raw_sample(sample: Sample, url: str) -> RawSample:
     return RawSample(sample.key, url, entries)
 
 
-def predict(checkpoint: str | Path | Sequence[str | Path], videos: Sequence[str], asr: str | None = None,
-            batch_size: int = 8) -> list[dict[str, Any]]:
+def predict(
+    checkpoint: str | Path | Sequence[str | Path], videos: Sequence[str], asr: str | None = None, batch_size: int = 8
+) -> list[dict[str, Any]]:
     """Intensities for each video file, in input order: {"file", "intensities": {name: value}} (an ensemble's: its
     members' mean), or {"file", "error": reason} for a file that cannot be used. asr: 'none' | 'whisper:NAME_OR_PATH'
     overrides the checkpoint's preprocessing.asr."""
@@ -73,17 +76,33 @@ def video_predictor(ensemble: Ensemble, asr: str | None, device: torch.device):
     encoders = load_frozen_encoders(ensemble.encoders(), device)
     parts = Path(tempfile.mkdtemp(prefix="emi-predict-"))
     try:
-        builder = SampleBuilder(SampleOptions(
-            split="predict", fps=prepared.fps, sample_rate=prepared.sample_rate, frame_size=prepared.frame_size,
-            asr_model=asr_model, face_crop=prepared.face_crop == "opencv"), parts)
-        yield lambda videos, indices, batch_size: _predict(ensemble, encoders, builder, videos, list(indices),
-                                                            batch_size, device)
+        builder = SampleBuilder(
+            SampleOptions(
+                split="predict",
+                fps=prepared.fps,
+                sample_rate=prepared.sample_rate,
+                frame_size=prepared.frame_size,
+                asr_model=asr_model,
+                face_crop=prepared.face_crop == "opencv",
+            ),
+            parts,
+        )
+        yield lambda videos, indices, batch_size: _predict(
+            ensemble, encoders, builder, videos, list(indices), batch_size, device
+        )
     finally:
         shutil.rmtree(parts, ignore_errors=True)
 
 
-def _predict(ensemble: Ensemble, encoders: FrozenEncoders, builder: SampleBuilder, videos: Sequence[str],
-             indices: list[int], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+def _predict(
+    ensemble: Ensemble,
+    encoders: FrozenEncoders,
+    builder: SampleBuilder,
+    videos: Sequence[str],
+    indices: list[int],
+    batch_size: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
     record = ensemble.record
     # the clip loader's decoding, with the frames decoded chunk by chunk: a video of any length is predicted
     # without holding all its frames decoded
@@ -92,7 +111,7 @@ def _predict(ensemble: Ensemble, encoders: FrozenEncoders, builder: SampleBuilde
     results: dict[int, dict[str, Any]] = {index: {"file": videos[index]} for index in indices}
     for start in range(0, len(indices), batch_size):
         decoded, done = [], []
-        for index in indices[start:start + batch_size]:
+        for index in indices[start : start + batch_size]:
             video = videos[index]
             key = f"{index:06d}"  # a WebDataset key: the file name may hold dots
             built = builder(ClipJob(key=key, path=os.path.abspath(video), source=video, labels={}, transcript=None))
@@ -150,9 +169,17 @@ def video_files(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     return clips, refused
 
 
-def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Path, shards: str | None = None,
-                   videos: Sequence[str] | None = None, manifest: str | Path | None = None, asr: str | None = None,
-                   batch_size: int = 8, workers: int = 1, refused: Sequence[dict[str, str]] = ()) -> BatchPrediction:
+def predict_to_csv(
+    checkpoint: str | Path | Sequence[str | Path],
+    out: str | Path,
+    shards: str | None = None,
+    videos: Sequence[str] | None = None,
+    manifest: str | Path | None = None,
+    asr: str | None = None,
+    batch_size: int = 8,
+    workers: int = 1,
+    refused: Sequence[dict[str, str]] = (),
+) -> BatchPrediction:
     """Predict every clip of `shards` (clip or feature shards) or every file of `videos`, on however many ranks this
     runs (accelerate launch, torchrun, srun, or one process): each rank its share, gathered once (no clip twice,
     none missing); rank 0 writes `out`, the challenge's CSV (Filename, then the checkpoint's labels; one row per
@@ -164,48 +191,77 @@ def predict_to_csv(checkpoint: str | Path | Sequence[str | Path], out: str | Pat
     if (shards is None) == (videos is None):
         raise UsageError("give clips to predict: --shards URL or --videos DIR (or video files), not both")
     state = process_state()
-    device, rank, world = state.device, state.process_index, state.num_processes
-    ensemble = load_ensemble(checkpoint_list(checkpoint), device)
+    ensemble = load_ensemble(checkpoint_list(checkpoint), state.device)
     if shards is not None:
-        shard_set = resolve_shards(shards, manifest)
-        described = shard_set.manifest("emi predict")
-        data, features_of = shard_loader(ensemble, shard_set, described, batch_size, workers, device, world, rank)
-        keys, outputs = collect(
-            data, lambda batch: {"pred": ensemble_predictions(ensemble, features_of(batch), device).mean(0)}, state)
-        predicted = dict(zip(keys, outputs["pred"].tolist()))
-        listed = {entry.name: entry.keys for source in shard_set.manifests for entry in source.shards}
-        order = [key for info in shard_set.shards for key in listed.get(shard_name(info.url), [])] or keys
-        rows = [(key, predicted[key]) for key in order if key in predicted]
-        failures = [{"key": key, "reason": "unreadable sample (see the warnings in the log)"}
-                    for key in order if key not in predicted]
+        rows, failures = _predict_shards(ensemble, resolve_shards(shards, manifest), batch_size, workers, state)
     else:
-        indices = range(rank, len(videos), world)  # every rank its share, each video on one rank
-        with video_predictor(ensemble, asr, device) as predictor:
-            mine = list(zip(indices, predictor(videos, indices, batch_size)))
-        results = dict(gather_object(mine))
-        if sorted(results) != list(range(len(videos))):
-            raise RuntimeError(f"gathered predictions for {len(results)} of {len(videos)} videos")
-        rows, failures, seen = [], list(refused), set()
-        for index in range(len(videos)):
-            result, clip_id = results[index], Path(videos[index]).stem
-            if "error" in result:
-                failures.append({"file": videos[index], "reason": result["error"]})
-            elif clip_id in seen:
-                failures.append({"file": videos[index], "reason": f"another file has the clip id {clip_id!r}"})
-            else:
-                seen.add(clip_id)
-                rows.append((clip_id, list(result["intensities"].values())))
-    report = (str(out)[:-len(".csv")] if str(out).endswith(".csv") else str(out)) + ".failures.json"
+        rows, failures = _predict_videos(ensemble, videos, asr, batch_size, state)
+        failures = [*refused, *failures]
+    report = (str(out)[: -len(".csv")] if str(out).endswith(".csv") else str(out)) + ".failures.json"
     if state.is_main_process:  # rank 0 writes; every rank returns the same summary
         lines = ["Filename," + ",".join(ensemble.record.labels)]
         lines += [f"{clip_id}," + ",".join(f"{value:.6f}" for value in values) for clip_id, values in rows]
         storage.write_bytes(out, ("\n".join(lines) + "\n").encode())
-        storage.write_bytes(report, (json.dumps({
+        summary = {
             "checkpoint": str(ensemble.home) if ensemble.home is not None else None,
             "members": [str(folder) for folder in ensemble.checkpoints],
             "shards": storage.shown(shards) if shards is not None else None,
-            "num_predicted": len(rows), "num_failed": len(failures), "failures": failures},
-            indent=1, ensure_ascii=False) + "\n").encode())
+            "num_predicted": len(rows),
+            "num_failed": len(failures),
+            "failures": failures,
+        }
+        storage.write_bytes(report, (json.dumps(summary, indent=1, ensure_ascii=False) + "\n").encode())
     state.wait_for_everyone()
-    return BatchPrediction(out=out, report=report, num_predicted=len(rows), failures=failures,
-                           main_process=state.is_main_process)
+    return BatchPrediction(
+        out=out, report=report, num_predicted=len(rows), failures=failures, main_process=state.is_main_process
+    )
+
+
+Rows = list[tuple[str, list[float]]]
+
+
+def _predict_shards(
+    ensemble: Ensemble, shard_set: ShardSet, batch_size: int, workers: int, state: PartialState
+) -> tuple[Rows, list[dict]]:
+    """(clip id, intensities) for every readable sample of the shards, in the manifests' order, and the failures."""
+    described = shard_set.manifest("emi predict")
+    data, features_of = shard_loader(
+        ensemble, shard_set, described, batch_size, workers, state.device, state.num_processes, state.process_index
+    )
+    keys, outputs = collect(
+        data, lambda batch: {"pred": ensemble_predictions(ensemble, features_of(batch), state.device).mean(0)}, state
+    )
+    predicted = dict(zip(keys, outputs["pred"].tolist()))
+    listed = {entry.name: entry.keys for source in shard_set.manifests for entry in source.shards}
+    order = [key for info in shard_set.shards for key in listed.get(shard_name(info.url), [])] or keys
+    rows = [(key, predicted[key]) for key in order if key in predicted]
+    failures = [
+        {"key": key, "reason": "unreadable sample (see the warnings in the log)"}
+        for key in order
+        if key not in predicted
+    ]
+    return rows, failures
+
+
+def _predict_videos(
+    ensemble: Ensemble, videos: Sequence[str], asr: str | None, batch_size: int, state: PartialState
+) -> tuple[Rows, list[dict]]:
+    """(clip id, intensities) for every video file, each decoded on one rank, in the given order, and the
+    failures (a file that cannot be read, a clip id taken by an earlier file)."""
+    indices = range(state.process_index, len(videos), state.num_processes)
+    with video_predictor(ensemble, asr, state.device) as predictor:
+        mine = list(zip(indices, predictor(videos, indices, batch_size)))
+    results = dict(gather_object(mine))
+    if sorted(results) != list(range(len(videos))):
+        raise RuntimeError(f"gathered predictions for {len(results)} of {len(videos)} videos")
+    rows, failures, seen = [], [], set()
+    for index, video in enumerate(videos):
+        result, clip_id = results[index], Path(video).stem
+        if "error" in result:
+            failures.append({"file": video, "reason": result["error"]})
+        elif clip_id in seen:
+            failures.append({"file": video, "reason": f"another file has the clip id {clip_id!r}"})
+        else:
+            seen.add(clip_id)
+            rows.append((clip_id, list(result["intensities"].values())))
+    return rows, failures

@@ -1,5 +1,6 @@
 """Robustness: a modality removed from every clip (`--drop`), or replaced by noise of its own scale (`--corrupt`),
 and how much a quality-aware model trusts each modality clip by clip (`modality_weights`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,11 @@ def corrupted(batch: dict[str, Any], modalities: Sequence[str]) -> dict[str, Any
     batch = dict(batch)
     for name in modalities:
         values = batch[name].clone()
-        valid = batch[f"{name}_mask"] if name != "text" else torch.ones(values.shape[:1], dtype=torch.bool,
-                                                                          device=values.device)[:, None]
+        valid = (
+            batch[f"{name}_mask"]
+            if name != "text"
+            else torch.ones(values.shape[:1], dtype=torch.bool, device=values.device)[:, None]
+        )
         rows = values if name != "text" else values[:, None, :]
         for index, key in enumerate(batch["key"]):
             clip = rows[index][valid[index]]
@@ -68,8 +72,7 @@ def modality_weights(checkpoint: str | Path, shards: str, batch_size: int = 8) -
         raise UsageError(f"{checkpoint}: concatenation fusion has no per-modality weights")
     decode = DecodeSpec("features", num_frames=record.num_frames, label_names=tuple(record.labels))
     data = build_loader(shards, LoaderSpec(decode, Sampling(batch_size)))
-    keys, out = collect(data, lambda batch: {"betas": model(**fusion_inputs(batch))["weights"].mean(1)},
-                        device=device)
+    keys, out = collect(data, lambda batch: {"betas": model(**fusion_inputs(batch))["weights"].mean(1)}, device=device)
     return dict(zip(keys, out["betas"].tolist()))
 
 

@@ -1,4 +1,5 @@
 """Transcripts: imported from a CSV (Filename, Text) or recognised with Whisper (`--asr whisper:NAME_OR_PATH`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,7 +73,8 @@ class WhisperTranscriber:
         texts = []
         for start in range(0, audio.size, window):
             features = self.processor.feature_extractor(
-                audio[start:start + window], sampling_rate=WHISPER_RATE, return_tensors="pt").input_features
+                audio[start : start + window], sampling_rate=WHISPER_RATE, return_tensors="pt"
+            ).input_features
             with torch.inference_mode():
                 tokens = self.model.generate(features.to(self.device, self.model.dtype))
             texts.append(self.processor.batch_decode(tokens, skip_special_tokens=True)[0].strip())

@@ -6,6 +6,7 @@ over those frames (steady through the clip), and make a square MARGIN times the 
 second pass crops that box out of the frames at source resolution before scaling, so no frame is ever held at
 source size.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,10 @@ def load_face_detector():
     except ImportError:
         raise UsageError("--face-crop opencv needs OpenCV: pip install 'opencv-python-headless>=4.9,<5'") from None
     if not hasattr(cv2, "CascadeClassifier"):
-        raise UsageError(f"--face-crop opencv needs OpenCV's Haar cascades, which OpenCV {cv2.__version__} does "
-                         "not ship: pip install 'opencv-python-headless>=4.9,<5'")
+        raise UsageError(
+            f"--face-crop opencv needs OpenCV's Haar cascades, which OpenCV {cv2.__version__} does "
+            "not ship: pip install 'opencv-python-headless>=4.9,<5'"
+        )
     detector = cv2.CascadeClassifier(cv2.data.haarcascades + HAAR_CASCADE)
     if detector.empty():
         raise UsageError(f"OpenCV could not load {cv2.data.haarcascades + HAAR_CASCADE}")
@@ -43,8 +46,7 @@ def largest_face(gray: np.ndarray, detector) -> tuple[float, float, float] | Non
     return x + w / 2, y + h / 2, max(w, h)
 
 
-def face_box(faces: list[tuple[float, float, float]], scale: tuple[float, float], width: int, height: int
-             ) -> list[int]:
+def face_box(faces: list[tuple[float, float, float]], scale: tuple[float, float], width: int, height: int) -> list[int]:
     """The square box [x, y, side, side] in a width x height frame around the median of `faces`, found in frames
     that were `scale` (x, y) times smaller."""
     faces_array = np.array(faces)

@@ -3,20 +3,21 @@ samples' json and its sha256, in one streamed pass, local or remote).
 
 The manifest that lists the shards is emi.formats.manifest's.
 """
+
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import io
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from emi import storage
-from emi.io import temporary_path
 from emi.formats.manifest import ShardEntry
+from emi.io import temporary_path
 
 FAILURES = "failures.jsonl"
 MEMBER_MTIME = 0  # fixed, so identical inputs give byte-identical shards
@@ -58,7 +59,7 @@ class ShardWriter:
     def __init__(self, path: Path):
         self.path = path
         self.tmp = temporary_path(path)
-        self.file = open(self.tmp, "wb")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (open until commit or abort)
         self.digest = hashlib.sha256()
         self.size = 0
         self.keys: list[str] = []
@@ -87,8 +88,13 @@ class ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
-        return ShardEntry(name=self.path.name, num_samples=len(self.keys), bytes=self.size,
-                          sha256=self.digest.hexdigest(), keys=list(self.keys))
+        return ShardEntry(
+            name=self.path.name,
+            num_samples=len(self.keys),
+            bytes=self.size,
+            sha256=self.digest.hexdigest(),
+            keys=list(self.keys),
+        )
 
     def abort(self) -> None:
         self.file.close()
@@ -139,7 +145,7 @@ class _Hashing(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.stream.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self.digest.update(data)
         self.size += len(data)
         return len(data)
@@ -152,8 +158,11 @@ def scan_shard(location: str | Path) -> ShardScan:
         with storage.open_stream(location) as stream:
             hashing = _Hashing(stream)
             with tarfile.open(fileobj=hashing, mode="r|") as tar:
-                metadata = [json.loads(tar.extractfile(member).read()) for member in tar
-                            if member.isfile() and member.name.endswith(".json")]
+                metadata = [
+                    json.loads(tar.extractfile(member).read())
+                    for member in tar
+                    if member.isfile() and member.name.endswith(".json")
+                ]
             while hashing.read(1 << 20):  # the end-of-archive blocks
                 pass
     except FileNotFoundError:

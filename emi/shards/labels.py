@@ -5,6 +5,7 @@ intensities are always "float" (so a non-numeric value there is a bad row, not a
 float label that is empty, not a number, NaN or infinite makes the row fail, and so does an EMI intensity
 outside [0, 1].
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,10 +49,16 @@ def read_csv_rows(path: str | Path, required: tuple[str, ...]) -> tuple[list[str
             for fields in reader:
                 if fields:  # blank lines carry nothing
                     if len(fields) != len(header):
-                        raise UsageError(f"{path}: line {line} has {len(fields)} fields, the header has "
-                                         f"{len(header)}")
-                    rows.append((line, {name: field if name == FILENAME_COLUMN else field.strip()
-                                         for name, field in zip(header, fields, strict=True)}))
+                        raise UsageError(f"{path}: line {line} has {len(fields)} fields, the header has {len(header)}")
+                    rows.append(
+                        (
+                            line,
+                            {
+                                name: field if name == FILENAME_COLUMN else field.strip()
+                                for name, field in zip(header, fields, strict=True)
+                            },
+                        )
+                    )
                 line = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UsageError(f"{path}: unreadable CSV ({err})") from None
@@ -94,8 +101,10 @@ def column_kinds(header: list[str], rows: list[tuple[int, dict[str, str]]]) -> d
 def read_labels(path: str | Path) -> LabelTable:
     header, rows = read_csv_rows(path, (FILENAME_COLUMN,))
     kinds = column_kinds(header, rows)
-    label_rows = [LabelRow(line=line, filename=row[FILENAME_COLUMN],
-                           values={name: row[name] for name in kinds}) for line, row in rows]
+    label_rows = [
+        LabelRow(line=line, filename=row[FILENAME_COLUMN], values={name: row[name] for name in kinds})
+        for line, row in rows
+    ]
     return LabelTable(path=Path(path), kinds=kinds, rows=label_rows)
 
 

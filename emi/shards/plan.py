@@ -6,6 +6,7 @@ then stripped, and the sample's json says which matched (`filename_note`). Absol
 lead outside the folder are refused. The clip id (WebDataset key) is the file's stem. Top-level files that no row
 names are reported too, since their labels are missing (hidden files and NOT_CLIPS aside).
 """
+
 from __future__ import annotations
 
 import os
@@ -195,8 +196,9 @@ class RemoteClipFinder(ClipFinder):
         return f"{self.url}/{path.relative_to(self.videos).as_posix()}"
 
 
-def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str],
-               outputs: re.Pattern[str] | None = None) -> tuple[list[ClipJob], list[Failure]]:
+def plan_clips(
+    videos: str | Path, table: LabelTable, transcripts: dict[str, str], outputs: re.Pattern[str] | None = None
+) -> tuple[list[ClipJob], list[Failure]]:
     """Clips to build sorted by key, and failures: bad rows in CSV order, then unnamed media files by name. `videos`
     is a local folder or a URL prefix. `outputs`: the names of the build's own shards where it writes into the
     videos folder itself; they are never taken for clips."""
@@ -216,23 +218,40 @@ def plan_clips(videos: str | Path, table: LabelTable, transcripts: dict[str, str
         source = clip.relative_to(finder.videos).as_posix()
         key = clip.stem
         if "." in key:
-            failures.append(Failure(path=source, line=row.line, reason=f"clip id {key!r} contains '.', which "
-                                    "WebDataset reads as the start of the extension"))
+            failures.append(
+                Failure(
+                    path=source,
+                    line=row.line,
+                    reason=f"clip id {key!r} contains '.', which WebDataset reads as the start of the extension",
+                )
+            )
             continue
         if key in sources:
-            raise UsageError(f"{table.path}: lines {lines[key]} and {row.line} both name clip id {key!r} "
-                             f"({sources[key]} and {source})")
+            raise UsageError(
+                f"{table.path}: lines {lines[key]} and {row.line} both name clip id {key!r} "
+                f"({sources[key]} and {source})"
+            )
         lines[key], sources[key] = row.line, source
         try:
             labels = parse_labels(row, table.kinds)
         except ValueError as err:
             failures.append(Failure(path=source, reason=str(err), line=row.line))
             continue
-        jobs[key] = ClipJob(key=key, path=finder.location(clip), source=source, labels=labels,
-                            transcript=transcripts.get(key), filename_note=note)
+        jobs[key] = ClipJob(
+            key=key,
+            path=finder.location(clip),
+            source=source,
+            labels=labels,
+            transcript=transcripts.get(key),
+            filename_note=note,
+        )
     for entry in finder.entries(finder.videos):
-        if (not may_be_clip(entry) or entry in finder.named or not finder.is_file(entry)
-                or (outputs is not None and outputs.fullmatch(entry.name))):
+        if (
+            not may_be_clip(entry)
+            or entry in finder.named
+            or not finder.is_file(entry)
+            or (outputs is not None and outputs.fullmatch(entry.name))
+        ):
             continue
         failures.append(Failure(path=entry.name, reason=f"no row in {table.path.name}: clip has no labels"))
     return [jobs[key] for key in sorted(jobs)], failures

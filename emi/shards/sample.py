@@ -5,6 +5,7 @@ member to the clip's part file, the audio goes to a temporary file, so a worker 
 clip's length. The part file holds exactly `<key>.0000.jpg`, `<key>.0001.jpg`, ..., then `<key>.wav`, `<key>.txt`
 and `<key>.json` (the json last: it counts what came before); the parent appends it to the shard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,32 +80,46 @@ class SampleBuilder:
     def _face_crop(self, path: str) -> tuple[tuple[int, int, int, int] | None, dict]:
         """The face box (x, y, w, h) in displayed pixels, from a first pass over small grey frames, and what the
         json records about it. Without a face: None, and the whole frame is kept."""
-        with ClipStream(path, self.options.fps, frame_size=DETECT_SHORT_SIDE, shrink_only=True,
-                        pixel_format="gray", with_audio=False, threads=self.options.decoder_threads) as stream:
+        with ClipStream(
+            path,
+            self.options.fps,
+            frame_size=DETECT_SHORT_SIDE,
+            shrink_only=True,
+            pixel_format="gray",
+            with_audio=False,
+            threads=self.options.decoder_threads,
+        ) as stream:
             if stream.video is None:
                 raise MediaError(path, "no video stream (an audio-only file has no frames)")
             count = stream.num_frames
             checked = set(np.linspace(0, count - 1, min(count, DETECT_FRAMES)).round().astype(int).tolist())
-            faces = [largest_face(as_array(frame), self.face_detector)
-                     for index, (kind, frame) in enumerate(item for item in stream if item[0] == "frame")
-                     if index in checked]
+            faces = [
+                largest_face(as_array(frame), self.face_detector)
+                for index, (kind, frame) in enumerate(item for item in stream if item[0] == "frame")
+                if index in checked
+            ]
             source_size, detect_size = stream.source_size, stream.size
         found = [face for face in faces if face is not None]
         if not found:
             return None, {"method": "opencv", "found": False, "frames_checked": len(checked)}
         scale = (source_size[0] / detect_size[0], source_size[1] / detect_size[1])
         box = face_box(found, scale, *source_size)
-        return tuple(box), {"method": "opencv", "found": True, "box": box, "frames_with_face": len(found),
-                            "frames_checked": len(checked)}
+        return tuple(box), {
+            "method": "opencv",
+            "found": True,
+            "box": box,
+            "frames_with_face": len(found),
+            "frames_checked": len(checked),
+        }
 
     def _build(self, job: ClipJob, part: Path) -> Sample | Failure:
         options, key = self.options, job.key
         crop, face_crop = self._face_crop(job.path) if self.face_detector is not None else (None, {"method": "none"})
-        with ClipStream(job.path, options.fps, options.sample_rate, options.frame_size, crop=crop,
-                        threads=options.decoder_threads) as stream:
+        with ClipStream(
+            job.path, options.fps, options.sample_rate, options.frame_size, crop=crop, threads=options.decoder_threads
+        ) as stream:
             if stream.video is None:
-                return Failure(path=job.source, reason="no video stream (an audio-only file has no frames)",
-                               key=key)
+                return Failure(path=job.source, reason="no video stream (an audio-only file has no frames)", key=key)
             with open(part, "wb") as out, tempfile.TemporaryFile(dir=self.parts) as pcm:
                 count, last_frame, last_jpeg = 0, None, b""
                 for kind, data in stream:
@@ -123,9 +138,16 @@ class SampleBuilder:
                     out.write(block)
                 out.write(tar_padding(wav_size))
                 meta = {
-                    "key": key, "source": job.source, "split": options.split, "fps": options.fps,
-                    "num_frames": count, "duration_s": stream.duration_s, "sample_rate": options.sample_rate,
-                    "has_audio": stream.has_audio, "labels": job.labels, "transcript": transcript,
+                    "key": key,
+                    "source": job.source,
+                    "split": options.split,
+                    "fps": options.fps,
+                    "num_frames": count,
+                    "duration_s": stream.duration_s,
+                    "sample_rate": options.sample_rate,
+                    "has_audio": stream.has_audio,
+                    "labels": job.labels,
+                    "transcript": transcript,
                     "face_crop": face_crop,
                 }
                 if job.filename_note:

@@ -1,4 +1,5 @@
 """`emi shards stats DIR|URL`: what a shard folder holds, from its manifest and every sample's json entry."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,9 @@ def shard_stats(folder: str | Path) -> dict:
         except ValueError as err:
             raise UsageError(str(err)) from None
         if len(metadata) != entry.num_samples:
-            raise UsageError(f"{storage.shown(path)}: holds {len(metadata)} samples, {MANIFEST_FILE} says "
-                             f"{entry.num_samples}")
+            raise UsageError(
+                f"{storage.shown(path)}: holds {len(metadata)} samples, {MANIFEST_FILE} says {entry.num_samples}"
+            )
         samples += metadata
     try:
         num_failures = len(read_failures(folder))
@@ -41,8 +43,10 @@ def shard_stats(folder: str | Path) -> dict:
         "hours": round(sum(sample["duration_s"] for sample in samples) / 3600, 6),
         "frames": sum(sample["num_frames"] for sample in samples),
         "failures": num_failures,
-        "label_means": {name: fmean(sample["labels"][name] for sample in samples) if samples else None
-                        for name in manifest.float_labels},
+        "label_means": {
+            name: fmean(sample["labels"][name] for sample in samples) if samples else None
+            for name in manifest.float_labels
+        },
         "has_audio": sum(sample["has_audio"] for sample in samples),
         "transcripts": sum(bool(sample["transcript"].strip()) for sample in samples),
     }

@@ -9,6 +9,7 @@ Also runs under torchrun, srun (one task per GPU) and plain `python` (one proces
 symmetric InfoNCE of each trained pair over the global batch; the text is the prompt built from the labels.
 Exports the encoders to <run>/export/{vision,text,audio}/ (from_pretrained folders) for Stage II.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,17 +21,16 @@ from accelerate import Accelerator
 
 from emi.config import Stage1Config
 from emi.data import AudioSpec, DecodeSpec, ImageSpec, LoaderSpec, Sampling, build_loader, workers_of
+from emi.data.collect import collect
 from emi.data.decode import normalise
 from emi.engine import Task, exit_code, run_stage
 from emi.engine.distributed import input_dtype
-from emi.data.collect import collect
 from emi.engine.step import LossFn
 from emi.errors import UsageError
-from emi.models.losses import ContrastiveLoss, va_confidence_weights
 from emi.metrics import retrieval_metrics
-from emi.models.encoders import (ContrastiveModel, audio_frame_grid, build_tokenizer, export_encoders,
-                                 image_processing)
+from emi.models.encoders import ContrastiveModel, audio_frame_grid, build_tokenizer, export_encoders, image_processing
 from emi.models.flops import contrastive_flops
+from emi.models.losses import ContrastiveLoss, va_confidence_weights
 from emi.models.options import check_model_options
 from emi.prompts import build_prompt
 
@@ -54,8 +54,9 @@ def build_model(config: Stage1Config, device: torch.device | str | None = None) 
     vision = vars(spec.vision) if "vision_text" in spec.pairs else None
     audio = vars(spec.audio) if "audio_text" in spec.pairs else None
     with torch.device(device) if device is not None else nullcontext():
-        return ContrastiveModel(vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature,
-                                spec.max_logit_scale)
+        return ContrastiveModel(
+            vision, vars(spec.text), audio, spec.embed_dim, spec.init_temperature, spec.max_logit_scale
+        )
 
 
 def image_spec(model: ContrastiveModel) -> ImageSpec:
@@ -73,9 +74,11 @@ def audio_spec(model: ContrastiveModel, config: Stage1Config, train: bool) -> Au
     spec = AudioSpec(sample_rate=model.audio_extractor.sampling_rate, seconds=config.data.audio_seconds, **augment)
     _, stride, max_frames = audio_frame_grid(model.audio, model.audio_extractor)
     if max_frames is not None and not 0 < spec.window <= stride * max_frames:  # Whisper hears fixed windows
-        raise UsageError(f"data.audio_seconds={config.data.audio_seconds}: the audio encoder "
-                         f"({type(model.audio).__name__}) hears windows of at most "
-                         f"{stride * max_frames / spec.sample_rate:g} s; set 0 < data.audio_seconds <= that")
+        raise UsageError(
+            f"data.audio_seconds={config.data.audio_seconds}: the audio encoder "
+            f"({type(model.audio).__name__}) hears windows of at most "
+            f"{stride * max_frames / spec.sample_rate:g} s; set 0 < data.audio_seconds <= that"
+        )
     return spec
 
 
@@ -91,14 +94,20 @@ def train_flops_per_sample(model: ContrastiveModel, config: Stage1Config) -> flo
     return float(contrastive_flops(model, config.data.max_text_len, audio_samples)["train"])
 
 
-def model_outputs(model: torch.nn.Module, batch: dict, image: ImageSpec, float_dtype: torch.dtype | None
-            ) -> dict[str, torch.Tensor]:
+def model_outputs(
+    model: torch.nn.Module, batch: dict, image: ImageSpec, float_dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
     """The model on a batch on the device; frames come as uint8 and are normalised here, on the device."""
     pixels = batch.get("pixel_values")
     if pixels is not None:
         pixels = normalise(pixels, image).to(float_dtype or torch.float32)
-    return model(pixel_values=pixels, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 input_values=batch.get("input_values"), audio_attention_mask=batch.get("audio_attention_mask"))
+    return model(
+        pixel_values=pixels,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        input_values=batch.get("input_values"),
+        audio_attention_mask=batch.get("audio_attention_mask"),
+    )
 
 
 def contrastive_loss(config: Stage1Config, image: ImageSpec, float_dtype: torch.dtype | None) -> LossFn:
@@ -129,13 +138,27 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     data = config.data
 
     def loader(shards: str, train: bool):
-        decode = DecodeSpec(data_mode(spec.pairs), train=train and data.augment, image=image,
-                            audio=audio_spec(model, config, train), label_names=VA_STD_LABELS, prompt_fn=build_prompt,
-                            tokenizer=tokenizer, max_text_len=data.max_text_len)
+        decode = DecodeSpec(
+            data_mode(spec.pairs),
+            train=train and data.augment,
+            image=image,
+            audio=audio_spec(model, config, train),
+            label_names=VA_STD_LABELS,
+            prompt_fn=build_prompt,
+            tokenizer=tokenizer,
+            max_text_len=data.max_text_len,
+        )
         # in training, no sample twice in an epoch: a repeat in the global batch is its own false negative
-        sampling = Sampling(data.batch_size, accelerator.num_processes, accelerator.process_index, config.run.seed,
-                            shuffle=train, resampled=data.resampled and train, drop_last=train,
-                            shuffle_buffer=data.shuffle_buffer)
+        sampling = Sampling(
+            data.batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            config.run.seed,
+            shuffle=train,
+            resampled=data.resampled and train,
+            drop_last=train,
+            shuffle_buffer=data.shuffle_buffer,
+        )
         return build_loader(shards, LoaderSpec(decode, sampling, workers_of(data)), data.manifest)
 
     train_data = loader(data.train, train=True)
@@ -143,6 +166,7 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Retrieval R@1/R@5 in both directions over the whole val set, each sample counted once."""
+
         def embed(batch: dict) -> dict[str, torch.Tensor]:
             out = model_outputs(model, batch, image, float_dtype)
             return {name: out[name].float() for name in ("image", "audio", "text") if name in out}
@@ -157,9 +181,14 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
         export_encoders(model, state_dict, folder, tokenizer)
 
-    return Task(model=model, train_data=train_data, compute_loss=contrastive_loss(config, image, float_dtype),
-                evaluate=evaluate if val_data is not None else None, export=export,
-                train_flops_per_sample=train_flops_per_sample(model, config))
+    return Task(
+        model=model,
+        train_data=train_data,
+        compute_loss=contrastive_loss(config, image, float_dtype),
+        evaluate=evaluate if val_data is not None else None,
+        export=export,
+        train_flops_per_sample=train_flops_per_sample(model, config),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

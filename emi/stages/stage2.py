@@ -12,6 +12,7 @@ weights for evaluation and export, evaluates the whole val set every epoch (mean
 with each modality removed) and exports the best model by val mean Pearson to <run>/best/, with the encoders the
 features came from (emi.models.fusion_checkpoint.save_fusion), so that `best/` predicts wherever it is copied.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,21 +23,21 @@ from accelerate import Accelerator
 
 from emi.config import Stage2Config, config_to_dict
 from emi.data import DataInfo, DecodeSpec, LoaderSpec, Sampling, ShardSet, build_loader, workers_of
-from emi.data.urls import feature_shards
+from emi.data.collect import collect
 from emi.data.folds import fold_split
+from emi.data.urls import feature_shards
 from emi.engine import Task, exit_code, run_stage
+from emi.engine.distributed import input_dtype
 from emi.engine.evaluator import EvalFn
 from emi.engine.step import LossFn
-from emi.engine.distributed import input_dtype
-from emi.data.collect import collect
 from emi.errors import UsageError
-from emi.io import folder_records, records_digest
-from emi.models.losses import RegressionLoss
-from emi.formats.manifest import Manifest
-from emi.metrics import emi_report
 from emi.formats.fusion import EncodersRecord, FusionRecord, FusionSpec
+from emi.formats.manifest import Manifest
+from emi.io import folder_records, records_digest
+from emi.metrics import emi_report
 from emi.models.fusion import FusionModel, fusion_inputs, present_modalities
 from emi.models.fusion_checkpoint import save_fusion
+from emi.models.losses import RegressionLoss
 from emi.models.options import MODALITIES, check_model_options
 
 
@@ -45,12 +46,16 @@ def encoder_files(manifest: Manifest, shards: str) -> dict[str, dict]:
     carries so that a checkpoint predicts on its own; UsageError when they are gone or changed since extraction."""
     folder = Path(manifest.encoders)
     if not folder.is_dir():
-        raise UsageError(f"{shards}: the features were extracted with the encoders in {folder}, which are gone; "
-                         "Stage II copies them into its checkpoints: extract the features again with encoders at hand")
+        raise UsageError(
+            f"{shards}: the features were extracted with the encoders in {folder}, which are gone; "
+            "Stage II copies them into its checkpoints: extract the features again with encoders at hand"
+        )
     files = folder_records(folder)
     if manifest.encoders_sha256 is not None and records_digest(files) != manifest.encoders_sha256:
-        raise UsageError(f"{shards}: the encoders in {folder} changed since these features were extracted with "
-                         "them; extract the features again")
+        raise UsageError(
+            f"{shards}: the encoders in {folder} changed since these features were extracted with "
+            "them; extract the features again"
+        )
     return files
 
 
@@ -66,8 +71,10 @@ def training_shards(config: Stage2Config) -> tuple[ShardSet, ShardSet | None, Ma
     if data.val:
         val_shards, val_manifest = feature_shards(data.val, data.manifest, "data.val")
         if val_manifest.dims != manifest.dims:
-            raise UsageError(f"data.val {data.val}: features of dims {val_manifest.dims}, data.train's are "
-                             f"{manifest.dims}: extract both with the same encoders")
+            raise UsageError(
+                f"data.val {data.val}: features of dims {val_manifest.dims}, data.train's are "
+                f"{manifest.dims}: extract both with the same encoders"
+            )
     if data.folds:
         train_shards, val_shards = fold_split(train_shards, val_shards, data.folds, data.fold)
     return train_shards, val_shards, manifest
@@ -87,9 +94,10 @@ def regression_loss(config: Stage2Config) -> LossFn:
         if "experts" in out and unimodal_weight > 0:
             # each modality's own prediction, on the clips where the model saw that modality (the same number
             # of calls on every rank: the loss gathers over the global batch)
-            unimodal = sum(loss(out["experts"][:, index], batch["labels"],
-                                batch["label_mask"] & out["present"][:, index, None])[0]
-                           for index in experts) / len(experts)
+            unimodal = sum(
+                loss(out["experts"][:, index], batch["labels"], batch["label_mask"] & out["present"][:, index, None])[0]
+                for index in experts
+            ) / len(experts)
             value = value + unimodal_weight * unimodal
             terms = {**terms, "unimodal": unimodal.detach()}
         return value, terms if len(terms) > 1 else {}
@@ -130,25 +138,45 @@ def build_task(config: Stage2Config, accelerator: Accelerator) -> Task:
     train_shards, val_shards, manifest = training_shards(config)
     dims = manifest.dims
     record = FusionRecord(
-        spec=FusionSpec(vision_dim=dims["vision"], audio_dim=dims["audio"], text_dim=dims["text"],
-                        num_outputs=len(config.labels), options=config.model), labels=list(config.labels),
+        spec=FusionSpec(
+            vision_dim=dims["vision"],
+            audio_dim=dims["audio"],
+            text_dim=dims["text"],
+            num_outputs=len(config.labels),
+            options=config.model,
+        ),
+        labels=list(config.labels),
         encoders=EncodersRecord(str(manifest.encoders), encoder_files(manifest, data.train)),
-        preprocessing=manifest.preprocessing, num_frames=data.num_frames)
+        preprocessing=manifest.preprocessing,
+        num_frames=data.num_frames,
+    )
     model = FusionModel(record.spec)
 
     def loader(shards: ShardSet, train: bool) -> DataInfo:
         decode = DecodeSpec("features", train=train, num_frames=data.num_frames, label_names=tuple(config.labels))
-        sampling = Sampling(data.batch_size, accelerator.num_processes, accelerator.process_index, config.run.seed,
-                            shuffle=train, resampled=data.resampled and train, shuffle_buffer=data.shuffle_buffer)
+        sampling = Sampling(
+            data.batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            config.run.seed,
+            shuffle=train,
+            resampled=data.resampled and train,
+            shuffle_buffer=data.shuffle_buffer,
+        )
         return build_loader(shards, LoaderSpec(decode, sampling, workers_of(data)))
 
     def export(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
         save_fusion(folder, state_dict, record, encoders=Path(manifest.encoders))
 
     val_data = loader(val_shards, train=False) if val_shards is not None else None
-    return Task(model=model, train_data=loader(train_shards, train=True), compute_loss=regression_loss(config),
-                evaluate=pearson_evaluation(config, val_data) if val_data is not None else None, export=export,
-                best_metric="mean_pearson" if val_data is not None else None)
+    return Task(
+        model=model,
+        train_data=loader(train_shards, train=True),
+        compute_loss=regression_loss(config),
+        evaluate=pearson_evaluation(config, val_data) if val_data is not None else None,
+        export=export,
+        best_metric="mean_pearson" if val_data is not None else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

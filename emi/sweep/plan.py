@@ -1,5 +1,6 @@
 """A sweep file's cells: loading and checking the file, expanding it into cells (each one Stage II run in its own
 folder, named from its settings), and the folder of a cell that ran before."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,15 @@ from typing import Any
 import yaml
 
 from emi.config import (
-    Stage2Config, SweepConfig, build_config, config_to_dict, parse_override, read_config_file, resolve_config_path,
-    set_dotted)
+    Stage2Config,
+    SweepConfig,
+    build_config,
+    config_to_dict,
+    parse_override,
+    read_config_file,
+    resolve_config_path,
+    set_dotted,
+)
 from emi.errors import UsageError
 from emi.models.options import check_fusion_options
 
@@ -90,26 +98,46 @@ def set_sweep_key(raw: dict[str, Any], key: str, value: Any, override: str) -> N
 
 
 def check_sweep(config: SweepConfig, source: str) -> None:
+    """A UsageError naming `source` and the key for the first thing wrong in a sweep file."""
+    _check_names_and_data(config, source)
+    _check_settings(config, source)
+    _check_ranking_and_slurm(config, source)
+
+
+def _check_names_and_data(config: SweepConfig, source: str) -> None:
     if not config.base:
-        raise UsageError(f"{source}: base names no Stage II config: give the file every cell starts from (relative "
-                         "to the sweep file, or a shipped name such as stage2/tiny.yaml)")
-    for what, name in [("name", config.name)] + [("data", name) for name in config.data] + [
-            ("cells", name) for name in config.cells]:
+        raise UsageError(
+            f"{source}: base names no Stage II config: give the file every cell starts from (relative "
+            "to the sweep file, or a shipped name such as stage2/tiny.yaml)"
+        )
+    for what, name in (
+        [("name", config.name)] + [("data", name) for name in config.data] + [("cells", name) for name in config.cells]
+    ):
         if not NAME.fullmatch(str(name)):
             raise UsageError(f"{source}: {what} {name!r}: use letters, digits and . _ + - (it names folders)")
     if not config.data:
-        raise UsageError(f"{source}: data names no feature shards; give at least one: data: {{NAME: {{train: "
-                         "DIR, val: DIR}}}}")
+        raise UsageError(
+            f"{source}: data names no feature shards; give at least one: data: {{NAME: {{train: DIR, val: DIR}}}}"
+        )
     for name, data in config.data.items():
         if not data.train or not data.val:
             raise UsageError(f"{source}: data.{name} needs both train and val (cells are ranked on val)")
-    sections = {"overrides": config.overrides, "grid": config.grid, "repeat": config.repeat,
-                **{f"cells.{name}": settings for name, settings in config.cells.items()}}
+
+
+def _check_settings(config: SweepConfig, source: str) -> None:
+    sections = {
+        "overrides": config.overrides,
+        "grid": config.grid,
+        "repeat": config.repeat,
+        **{f"cells.{name}": settings for name, settings in config.cells.items()},
+    }
     for where, settings in sections.items():
         for key in settings:
             if key in SET_BY_SWEEP:
-                raise UsageError(f"{source}: {where}.{key}: the sweep sets {key} itself (the cell's folder, or "
-                                 f"the data the cell's `{DATASET}` names)")
+                raise UsageError(
+                    f"{source}: {where}.{key}: the sweep sets {key} itself (the cell's folder, or "
+                    f"the data the cell's `{DATASET}` names)"
+                )
             if key == DATASET and where in ("overrides", "repeat"):
                 raise UsageError(f"{source}: {where}.{DATASET}: a cell's data is chosen in cells or grid")
     for where in ("grid", "repeat"):
@@ -123,19 +151,34 @@ def check_sweep(config: SweepConfig, source: str) -> None:
     for name, settings in config.cells.items():
         for key in settings:
             if key in config.grid or key in config.repeat:
-                raise UsageError(f"{source}: {key} is set both in cells.{name} and in "
-                                 f"{'grid' if key in config.grid else 'repeat'}; set it in one place")
+                raise UsageError(
+                    f"{source}: {key} is set both in cells.{name} and in "
+                    f"{'grid' if key in config.grid else 'repeat'}; set it in one place"
+                )
     both = sorted(set(config.grid) & set(config.repeat))
     if both:
         raise UsageError(f"{source}: {both[0]} is both in grid and in repeat; set it in one place")
+
+
+def _check_ranking_and_slurm(config: SweepConfig, source: str) -> None:
     if not (config.metric.startswith("pearson/") or config.metric.startswith("mean_pearson")):
-        raise UsageError(f"{source}: metric {config.metric!r}: rank by a val Pearson metric (mean_pearson, "
-                         "mean_pearson_without_<modality>, pearson/<label>): higher is better")
+        raise UsageError(
+            f"{source}: metric {config.metric!r}: rank by a val Pearson metric (mean_pearson, "
+            "mean_pearson_without_<modality>, pearson/<label>): higher is better"
+        )
     slurm = config.slurm
-    if config.top_k < 0 or slurm.nodes < 1 or slurm.gpus_per_node < 0 or slurm.time < 1 or slurm.parallelism < 0 or (
-            slurm.cpus_per_node is not None and slurm.cpus_per_node < 1):
-        raise UsageError(f"{source}: need top_k >= 0, slurm.nodes >= 1, slurm.gpus_per_node >= 0, slurm.time >= 1, "
-                         f"slurm.parallelism >= 0 and slurm.cpus_per_node >= 1 (or null)")
+    if (
+        config.top_k < 0
+        or slurm.nodes < 1
+        or slurm.gpus_per_node < 0
+        or slurm.time < 1
+        or slurm.parallelism < 0
+        or (slurm.cpus_per_node is not None and slurm.cpus_per_node < 1)
+    ):
+        raise UsageError(
+            f"{source}: need top_k >= 0, slurm.nodes >= 1, slurm.gpus_per_node >= 0, slurm.time >= 1, "
+            f"slurm.parallelism >= 0 and slurm.cpus_per_node >= 1 (or null)"
+        )
 
 
 def override(key: str, value: Any) -> str:
@@ -187,35 +230,57 @@ def expand(sweep: Sweep) -> list[Cell]:
     # Each section on its own first, so that a bad key is named where it is written.
     common = [override(key, value) for key, value in config.overrides.items()]
     resolved(common, "overrides")
-    for where, settings in [*((f"cells.{name}", s) for name, s in config.cells.items()),
-                            *((f"grid.{key}", {key: v}) for key, values in config.grid.items() for v in values),
-                            *((f"repeat.{key}", {key: v}) for key, values in config.repeat.items() for v in values)]:
+    for where, settings in [
+        *((f"cells.{name}", s) for name, s in config.cells.items()),
+        *((f"grid.{key}", {key: v}) for key, values in config.grid.items() for v in values),
+        *((f"repeat.{key}", {key: v}) for key, values in config.repeat.items() for v in values),
+    ]:
         resolved(common + [override(key, value) for key, value in settings.items() if key != DATASET], where)
 
     cells: list[Cell] = []
     named = config.cells or {"": {}}
     for (cell_name, cell_settings), point in itertools.product(named.items(), product(config.grid)):
-        variant = "_".join([cell_name] * bool(cell_name) + [
-            f"{grid_labels[key]}-{slug(value)}" for key, value in point.items()]) or "base"
+        variant = (
+            "_".join(
+                [cell_name] * bool(cell_name) + [f"{grid_labels[key]}-{slug(value)}" for key, value in point.items()]
+            )
+            or "base"
+        )
         dataset = point.get(DATASET, cell_settings.get(DATASET, next(iter(config.data))))
         data = config.data[dataset]
         for repeat in product(config.repeat):
             repeat_name = "_".join(f"{repeat_labels[key]}-{slug(value)}" for key, value in repeat.items())
             name = f"{variant}/{repeat_name}" if repeat_name else variant
             folder = sweep.folder / "cells" / variant
-            run = ({"run.output_dir": str(folder), "run.name": repeat_name} if repeat_name else
-                   {"run.output_dir": str(folder.parent), "run.name": variant})
+            run = (
+                {"run.output_dir": str(folder), "run.name": repeat_name}
+                if repeat_name
+                else {"run.output_dir": str(folder.parent), "run.name": variant}
+            )
             settings = {**cell_settings, **point, **repeat}
-            overrides = common + [override("data.train", data.train), override("data.val", data.val)] + [
-                override(key, value) for key, value in {**settings, **run}.items() if key != DATASET]
-            cells.append(Cell(name=name, variant=variant, dataset=dataset, settings=settings, overrides=overrides,
-                              config=resolved(overrides + ["train.resume=latest"], f"cell {name}"),
-                              run_dir=folder / repeat_name if repeat_name else folder))
+            overrides = (
+                common
+                + [override("data.train", data.train), override("data.val", data.val)]
+                + [override(key, value) for key, value in {**settings, **run}.items() if key != DATASET]
+            )
+            cells.append(
+                Cell(
+                    name=name,
+                    variant=variant,
+                    dataset=dataset,
+                    settings=settings,
+                    overrides=overrides,
+                    config=resolved(overrides + ["train.resume=latest"], f"cell {name}"),
+                    run_dir=folder / repeat_name if repeat_name else folder,
+                )
+            )
     seen: dict[str, Cell] = {}
     for cell in cells:
         if cell.name in seen:
-            raise UsageError(f"{source}: two cells are both named {cell.name!r} ({seen[cell.name].settings} and "
-                             f"{cell.settings}): values that differ only in characters a folder name cannot hold")
+            raise UsageError(
+                f"{source}: two cells are both named {cell.name!r} ({seen[cell.name].settings} and "
+                f"{cell.settings}): values that differ only in characters a folder name cannot hold"
+            )
         seen[cell.name] = cell
     return cells
 
@@ -242,5 +307,7 @@ def check_run_folder(cell: Cell, source: str) -> None:
     differing = [key for key in sorted(there) if key not in NOT_COMPARED and there[key] != here.get(key)]
     if differing:
         shown = "; ".join(f"{key}: {there.get(key)!r} there, {here.get(key)!r} now" for key in differing[:5])
-        raise UsageError(f"{source}: {cell.run_dir} holds a run of cell {cell.name} with other settings ({shown}): "
-                         "give the sweep another name (name=...), or remove that folder to train it again")
+        raise UsageError(
+            f"{source}: {cell.run_dir} holds a run of cell {cell.name} with other settings ({shown}): "
+            "give the sweep another name (name=...), or remove that folder to train it again"
+        )

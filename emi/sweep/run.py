@@ -1,5 +1,6 @@
 """Running a sweep's cells: on Slurm as one submitit job array (at most `slurm.parallelism` at once), or on this
 machine with submitit's LocalExecutor; waiting for them, saying how each ended, one sweep at a time per folder."""
+
 from __future__ import annotations
 
 import fcntl
@@ -25,8 +26,18 @@ from emi.sweep.report import collect
 
 # Slurm job states after which a job does not run again by itself. Not PREEMPTED, which a requeued job may pass
 # through: a job preempted for good waits until Slurm forgets it (MinJobAge) and squeue no longer shows it.
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "SPECIAL_EXIT", "REVOKED"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 SLURM_POLL_S = 10.0
 LOCAL_POLL_S = 1.0
 
@@ -35,8 +46,12 @@ def queued_jobs(job_ids: set[str]) -> set[str]:
     """Those of `job_ids` (Slurm job ids, array tasks as 123_4) that are pending, running or being requeued."""
     if not job_ids or shutil.which("squeue") is None:
         return set()
-    result = subprocess.run(["squeue", "--noheader", "--array", "--states=all", f"--user={getpass.getuser()}",
-                             "--format=%i %T"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["squeue", "--noheader", "--array", "--states=all", f"--user={getpass.getuser()}", "--format=%i %T"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"squeue failed ({result.returncode}): {result.stderr.strip()}")
     states = dict(line.split(maxsplit=1) for line in result.stdout.splitlines() if line.strip())
@@ -57,25 +72,37 @@ def sweep_lock(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another emi sweep is running on {folder}; wait for it, or run `emi sweep --collect` "
-                             "for the table so far") from None
+            raise UsageError(
+                f"another emi sweep is running on {folder}; wait for it, or run `emi sweep --collect` "
+                "for the table so far"
+            ) from None
         yield
 
 
 def cell_job(sweep: Sweep, cell: Cell):
     """What a cell's job runs: the Stage II entry point on every node (emi.cluster.NodeJob), always `--resume
     latest`."""
-    return NodeJob(program=[*ENTRY_POINTS["stage2"], "--config", str(sweep.base), "--resume", "latest",
-                            *cell.overrides], gpus_per_node=sweep.config.slurm.gpus_per_node, workdir=os.getcwd())
+    return NodeJob(
+        program=[*ENTRY_POINTS["stage2"], "--config", str(sweep.base), "--resume", "latest", *cell.overrides],
+        gpus_per_node=sweep.config.slurm.gpus_per_node,
+        workdir=os.getcwd(),
+    )
 
 
 def cell_executor(sweep: Sweep, local: bool, num_cells: int):
     slurm = sweep.config.slurm
     procs_per_node = max(1, slurm.gpus_per_node)
     return submitit_executor(
-        sweep.folder / "submitit", local, name=f"emi-sweep-{sweep.config.name}", nodes=slurm.nodes,
-        gpus_per_node=slurm.gpus_per_node, cpus_per_node=slurm.cpus_per_node or 10 * procs_per_node,
-        minutes=slurm.time, partition=slurm.partition, slurm_array_parallelism=slurm.parallelism or num_cells)
+        sweep.folder / "submitit",
+        local,
+        name=f"emi-sweep-{sweep.config.name}",
+        nodes=slurm.nodes,
+        gpus_per_node=slurm.gpus_per_node,
+        cpus_per_node=slurm.cpus_per_node or 10 * procs_per_node,
+        minutes=slurm.time,
+        partition=slurm.partition,
+        slurm_array_parallelism=slurm.parallelism or num_cells,
+    )
 
 
 def check_data(sweep: Sweep, cells: list[Cell]) -> None:
@@ -112,8 +139,11 @@ def report_ended(cell: Cell, log: Path) -> None:
         print(f"cell {cell.name}: finished", flush=True)
         return
     logs = [str(path) for path in (log, cell.run_dir / "log.txt") if path.is_file()]
-    print(f"cell {cell.name}: ended before finishing: {failure_reason(log)}"
-          + (f" (see {' and '.join(logs)})" if logs else ""), flush=True)
+    print(
+        f"cell {cell.name}: ended before finishing: {failure_reason(log)}"
+        + (f" (see {' and '.join(logs)})" if logs else ""),
+        flush=True,
+    )
 
 
 def run_on_slurm(sweep: Sweep, cells: list[Cell], queued: dict[Cell, str]) -> None:
@@ -126,11 +156,15 @@ def run_on_slurm(sweep: Sweep, cells: list[Cell], queued: dict[Cell, str]) -> No
             submitted = [executor.submit(cell_job(sweep, cell)) for cell in cells]
         jobs.update({cell: job.job_id for cell, job in zip(cells, submitted)})
         write_json_atomic(sweep.folder / "jobs.json", {**read_jobs(sweep), **{c.name: job for c, job in jobs.items()}})
-        print(f"submitted {len(cells)} cells to Slurm as job array {submitted[0].job_id.split('_')[0]} "
-              f"(at most {sweep.config.slurm.parallelism or len(cells)} at once); logs in {sweep.folder / 'submitit'}",
-              flush=True)
-    print(f"waiting for {len(jobs)} cells (Ctrl-C stops the waiting, not the cells: the same command waits again)",
-          flush=True)
+        print(
+            f"submitted {len(cells)} cells to Slurm as job array {submitted[0].job_id.split('_')[0]} "
+            f"(at most {sweep.config.slurm.parallelism or len(cells)} at once); logs in {sweep.folder / 'submitit'}",
+            flush=True,
+        )
+    print(
+        f"waiting for {len(jobs)} cells (Ctrl-C stops the waiting, not the cells: the same command waits again)",
+        flush=True,
+    )
     waiting = set(jobs)
     while waiting:
         time.sleep(SLURM_POLL_S)
@@ -169,8 +203,10 @@ def run_locally(sweep: Sweep, cells: list[Cell]) -> None:
                 print(f"cell {cell.name}: started (log {running[cell].paths.stderr})", flush=True)
             time.sleep(LOCAL_POLL_S)
     except KeyboardInterrupt:
-        raise StoppedError(f"stopped; the running cells stop at a checkpoint ({', '.join(c.name for c in running)}) "
-                           "and the same command continues them") from None
+        raise StoppedError(
+            f"stopped; the running cells stop at a checkpoint ({', '.join(c.name for c in running)}) "
+            "and the same command continues them"
+        ) from None
     finally:
         for job in running.values():
             job.cancel()
@@ -194,8 +230,11 @@ def run_sweep(path: str | Path, overrides: list[str] = (), local: bool = False, 
         queued_ids = queued_jobs({recorded[cell.name] for cell in unfinished if cell.name in recorded})
         queued = {cell: recorded[cell.name] for cell in unfinished if recorded.get(cell.name) in queued_ids}
         to_run = [cell for cell in unfinished if cell not in queued]
-        print(f"sweep {sweep.config.name}: {len(cells)} cells in {sweep.folder}: {len(cells) - len(unfinished)} "
-              f"finished, {len(queued)} still queued, {len(to_run)} to run", flush=True)
+        print(
+            f"sweep {sweep.config.name}: {len(cells)} cells in {sweep.folder}: {len(cells) - len(unfinished)} "
+            f"finished, {len(queued)} still queued, {len(to_run)} to run",
+            flush=True,
+        )
         if to_run:
             check_data(sweep, to_run)
         if local:

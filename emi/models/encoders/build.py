@@ -10,6 +10,7 @@ Whisper's encoder, RoBERTa, DistilBERT, ...): from a pretrained folder, or from 
 slot checks first that the model is one of its modality (`checked_auto_config`), before its tokenizer, image
 processing or feature extractor (preprocessing.py) is read.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -93,14 +94,18 @@ def bundled_vocab() -> dict[str, int]:
 def _tiny_config(arch: str, config: dict[str, Any], modality: str):
     """The transformers config of a random-init encoder; a text encoder's vocabulary is the bundled one's."""
     if arch == "auto" and "model_type" not in config:
-        raise UsageError(f"an arch: auto encoder built from 'config' needs its model_type (e.g. dinov2, hubert, "
-                         f"roberta), got keys {sorted(config)}")
+        raise UsageError(
+            f"an arch: auto encoder built from 'config' needs its model_type (e.g. dinov2, hubert, "
+            f"roberta), got keys {sorted(config)}"
+        )
     if modality == "text":
         vocab_size = len(bundled_vocab())
         config = {"vocab_size": vocab_size, **config}
         if config["vocab_size"] < vocab_size:
-            raise UsageError(f"text encoder vocab_size {config['vocab_size']} is smaller than the bundled vocab "
-                             f"{VOCAB_FILE} ({vocab_size} tokens)")
+            raise UsageError(
+                f"text encoder vocab_size {config['vocab_size']} is smaller than the bundled vocab "
+                f"{VOCAB_FILE} ({vocab_size} tokens)"
+            )
         if arch == "auto":  # the bundled tokenizer pads with 0; RoBERTa-like position ids count non-pad tokens
             config = {"pad_token_id": bundled_vocab()["[PAD]"], **config}
     if arch == "auto":
@@ -116,8 +121,10 @@ def load_pretrained(model_class, name: str, **kwargs):
     try:
         return model_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load pretrained {name!r} (nothing is downloaded: give a local folder or a "
-                         f"name in the local Hugging Face cache): {error}") from error
+        raise UsageError(
+            f"cannot load pretrained {name!r} (nothing is downloaded: give a local folder or a "
+            f"name in the local Hugging Face cache): {error}"
+        ) from error
 
 
 def auto_config(name: str | None, overrides: dict[str, Any] | None, modality: str):
@@ -140,14 +147,20 @@ def auto_model_class(config, modality: str, source: str):
     takes = model_class.main_input_name
     if takes not in MODALITY_INPUTS[modality]:
         kind = next((m for m, inputs in MODALITY_INPUTS.items() if takes in inputs), "something else")
-        raise UsageError(f"{source}: {model_class.__name__} (model_type {config.model_type!r}) is a model of {kind} "
-                         f"(it takes {takes}), not of {modality}: it cannot be the {modality} encoder")
+        raise UsageError(
+            f"{source}: {model_class.__name__} (model_type {config.model_type!r}) is a model of {kind} "
+            f"(it takes {takes}), not of {modality}: it cannot be the {modality} encoder"
+        )
     if config.is_encoder_decoder and config.model_type not in ENCODER_TOWERS:
-        raise UsageError(f"{source}: {model_class.__name__} is an encoder-decoder whose encoder emi cannot take "
-                         f"alone (it can: {sorted(ENCODER_TOWERS)})")
+        raise UsageError(
+            f"{source}: {model_class.__name__} is an encoder-decoder whose encoder emi cannot take "
+            f"alone (it can: {sorted(ENCODER_TOWERS)})"
+        )
     if modality == "audio" and config.model_type not in ENCODER_TOWERS and not hasattr(config, "conv_stride"):
-        raise UsageError(f"{source}: {model_class.__name__} has neither a convolutional waveform encoder "
-                         "(Wav2Vec2, HuBERT, WavLM) nor Whisper's log-mel input: emi cannot tell its frame rate")
+        raise UsageError(
+            f"{source}: {model_class.__name__} has neither a convolutional waveform encoder "
+            "(Wav2Vec2, HuBERT, WavLM) nor Whisper's log-mel input: emi cannot tell its frame rate"
+        )
     return model_class
 
 

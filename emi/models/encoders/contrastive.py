@@ -1,5 +1,6 @@
 """The Stage I contrastive model: CLIP-style vision-text and CLAP-style audio-text alignment around one shared text
 encoder (paper Sec. 3.3)."""
+
 from __future__ import annotations
 
 import math

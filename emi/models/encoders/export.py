@@ -1,6 +1,7 @@
 """A Stage I export: `{vision,text,audio}/` from_pretrained folders (each with its tokenizer, image processing or
 feature extractor), `projection.safetensors` (the projection heads and logit scales) and `archs.json`; and loading
 one back as frozen encoders for feature extraction."""
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,14 @@ from transformers import PreTrainedTokenizerBase
 from emi.errors import UsageError
 from emi.models.encoders.build import MODALITY_ARCHS, MODEL_TYPE_ARCH, build_encoder, build_tokenizer
 from emi.models.encoders.contrastive import ContrastiveModel
-from emi.models.encoders.preprocessing import PREPROCESSOR_FILE, preprocessor_config, audio_extractor, image_processing
+from emi.models.encoders.preprocessing import PREPROCESSOR_FILE, audio_extractor, image_processing, preprocessor_config
 
 PROJECTION_FILE = "projection.safetensors"
 ARCHS_FILE = "archs.json"  # in an export folder: {"vision": arch, "text": arch, "audio": arch}
 
 
 def _sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 def export_encoders(
@@ -40,8 +41,10 @@ def export_encoders(
     expected = set(model.state_dict())
     missing = sorted(expected - set(state_dict))
     if missing:
-        raise ValueError(f"state dict is not a full ContrastiveModel state dict: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} keys)")
+        raise ValueError(
+            f"state dict is not a full ContrastiveModel state dict: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} keys)"
+        )
     out_dir = Path(out_dir)
     specs = {"vision": model.vision_spec, "text": model.text_spec, "audio": model.audio_spec}
     archs = {}
@@ -58,10 +61,14 @@ def export_encoders(
     if model.audio is not None:
         model.audio_extractor.save_pretrained(out_dir / "audio")
     (out_dir / ARCHS_FILE).write_text(json.dumps(archs, indent=1) + "\n")
-    heads = {key: state_dict[key].detach().cpu().clone().contiguous() for key in sorted(expected)
-             if key.endswith("_projection.weight") or key.startswith("logit_scale_")}
-    save_file(heads, str(out_dir / PROJECTION_FILE),
-              metadata={"max_logit_scale": str(math.exp(model.max_log_logit_scale))})
+    heads = {
+        key: state_dict[key].detach().cpu().clone().contiguous()
+        for key in sorted(expected)
+        if key.endswith("_projection.weight") or key.startswith("logit_scale_")
+    }
+    save_file(
+        heads, str(out_dir / PROJECTION_FILE), metadata={"max_logit_scale": str(math.exp(model.max_log_logit_scale))}
+    )
     return out_dir
 
 
@@ -86,8 +93,13 @@ def load_encoders(export_dir: str | Path) -> dict[str, Any]:
     archs = _read_json(archs_path) if archs_path.is_file() else {}
     if not isinstance(archs, dict):
         raise UsageError(f"{archs_path}: not a JSON object of modality -> arch")
-    loaded: dict[str, Any] = {"vision": None, "text": None, "audio": None, "image_processing": None,
-                              "audio_extractor": None}
+    loaded: dict[str, Any] = {
+        "vision": None,
+        "text": None,
+        "audio": None,
+        "image_processing": None,
+        "audio_extractor": None,
+    }
     for name in ("vision", "text", "audio"):
         config_path = export_dir / name / "config.json"
         if not config_path.is_file():
@@ -95,8 +107,10 @@ def load_encoders(export_dir: str | Path) -> dict[str, Any]:
         model_type = _read_json(config_path).get("model_type")
         arch = archs.get(name, MODEL_TYPE_ARCH.get(model_type))
         if arch not in MODALITY_ARCHS[name]:
-            raise UsageError(f"{config_path}: model_type {model_type!r} (arch {arch!r}) is not a {name} encoder "
-                             f"(expected one of the archs {MODALITY_ARCHS[name]})")
+            raise UsageError(
+                f"{config_path}: model_type {model_type!r} (arch {arch!r}) is not a {name} encoder "
+                f"(expected one of the archs {MODALITY_ARCHS[name]})"
+            )
         spec = {"arch": arch, "pretrained": str(export_dir / name), "config": None}
         encoder = build_encoder(spec, name).eval()
         encoder.requires_grad_(False)

@@ -2,6 +2,7 @@
 states mean-pooled over the attention mask, audio = Wav2Vec2-style states (20 ms frames) mean-pooled over valid
 frames, or kept per frame for Stage II and averaged into each video frame's time window (`pool_audio_to_frames`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,6 @@ from transformers.feature_extraction_utils import FeatureExtractionMixin
 
 from emi.models.encoders.preprocessing import WAV2VEC2_INPUT, log_mel, prepare_waveform
 
-
 # How each family's states become one feature, whatever the arch (vision_features, text_features, audio_features).
 #   cls:    the first token of the last hidden states (after the final norm)
 #   pooler: the model's own pooler_output (CLIP: post-norm CLS; SigLIP: its attention-pooling head)
@@ -20,11 +20,24 @@ from emi.models.encoders.preprocessing import WAV2VEC2_INPUT, log_mel, prepare_w
 # Only vision families differ: every text and audio family is mean-pooled (listed for the record). A vision family
 # not listed takes its pooler_output where the model gives one, else cls.
 AUTO_POOLING = {
-    "vit": "cls", "deit": "cls", "dinov2": "cls", "dinov2_with_registers": "cls",
-    "clip_vision_model": "pooler", "siglip_vision_model": "pooler",
-    "wav2vec2": "mean", "hubert": "mean", "wavlm": "mean", "data2vec-audio": "mean", "whisper": "mean",
-    "bert": "mean", "roberta": "mean", "xlm-roberta": "mean", "electra": "mean", "distilbert": "mean",
-    "modernbert": "mean", "mpnet": "mean",
+    "vit": "cls",
+    "deit": "cls",
+    "dinov2": "cls",
+    "dinov2_with_registers": "cls",
+    "clip_vision_model": "pooler",
+    "siglip_vision_model": "pooler",
+    "wav2vec2": "mean",
+    "hubert": "mean",
+    "wavlm": "mean",
+    "data2vec-audio": "mean",
+    "whisper": "mean",
+    "bert": "mean",
+    "roberta": "mean",
+    "xlm-roberta": "mean",
+    "electra": "mean",
+    "distilbert": "mean",
+    "modernbert": "mean",
+    "mpnet": "mean",
 }
 
 
@@ -49,8 +62,9 @@ def text_features(encoder: PreTrainedModel, input_ids: torch.Tensor, attention_m
     return masked_mean(states, attention_mask.bool())
 
 
-def audio_frame_grid(encoder: PreTrainedModel, extractor: FeatureExtractionMixin = WAV2VEC2_INPUT
-                     ) -> tuple[int, int, int | None]:
+def audio_frame_grid(
+    encoder: PreTrainedModel, extractor: FeatureExtractionMixin = WAV2VEC2_INPUT
+) -> tuple[int, int, int | None]:
     """(samples one frame sees, samples between frames, most frames per call or None) of an audio encoder.
 
     Convolutional waveform encoders (Wav2Vec2, HuBERT, WavLM): the receptive field and stride of the convolutions,
@@ -67,8 +81,11 @@ def audio_frame_grid(encoder: PreTrainedModel, extractor: FeatureExtractionMixin
 
 
 def audio_frame_features(
-    encoder: PreTrainedModel, input_values: torch.Tensor, attention_mask: torch.Tensor,
-    extractor: FeatureExtractionMixin = WAV2VEC2_INPUT, prepare: bool = True,
+    encoder: PreTrainedModel,
+    input_values: torch.Tensor,
+    attention_mask: torch.Tensor,
+    extractor: FeatureExtractionMixin = WAV2VEC2_INPUT,
+    prepare: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frame features [N, F, Da] (one per 20 ms) and the valid-frame mask [N, F] of waveforms [N, S].
 
@@ -101,8 +118,12 @@ def audio_frame_features(
     return states, frame_mask
 
 
-def audio_features(encoder: PreTrainedModel, input_values: torch.Tensor, attention_mask: torch.Tensor,
-                   extractor: FeatureExtractionMixin = WAV2VEC2_INPUT) -> torch.Tensor:
+def audio_features(
+    encoder: PreTrainedModel,
+    input_values: torch.Tensor,
+    attention_mask: torch.Tensor,
+    extractor: FeatureExtractionMixin = WAV2VEC2_INPUT,
+) -> torch.Tensor:
     """Clip feature [N, Da]: frame features mean-pooled over valid frames (zeros when no frame is valid)."""
     states, frame_mask = audio_frame_features(encoder, input_values, attention_mask, extractor)
     return masked_mean(states, frame_mask)
@@ -122,8 +143,10 @@ def pool_audio_to_frames(
     marks the audio missing. Audio past the last video frame is dropped.
     """
     if audio_feats.dim() != 2 or frame_mask.shape != audio_feats.shape[:1]:
-        raise ValueError(f"expected audio_feats [F, D] and frame_mask [F], got {tuple(audio_feats.shape)} "
-                         f"and {tuple(frame_mask.shape)}")
+        raise ValueError(
+            f"expected audio_feats [F, D] and frame_mask [F], got {tuple(audio_feats.shape)} "
+            f"and {tuple(frame_mask.shape)}"
+        )
     pooled = audio_feats.new_zeros(num_video_frames, audio_feats.shape[1])
     valid = torch.nonzero(frame_mask.bool()).squeeze(1)
     if valid.numel() == 0 or num_video_frames == 0:

@@ -1,6 +1,7 @@
 """What each encoder takes in: a vision encoder's input size and normalisation (from its config or its
 preprocessor_config.json), an audio encoder's feature extractor (sampling rate, normalisation, Whisper's log-mel),
 and the waveform preparation both the features and training apply."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from transformers.utils import cached_file
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from emi.errors import UsageError
-from emi.models.encoders.build import ARCHS, ENCODER_TOWERS, checked_auto_config, load_pretrained, check_spec
+from emi.models.encoders.build import ARCHS, ENCODER_TOWERS, check_spec, checked_auto_config, load_pretrained
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -89,14 +90,30 @@ def audio_extractor(spec: dict[str, Any]) -> FeatureExtractionMixin:
 def preprocessor_config(arch: str, info: dict[str, Any]) -> dict[str, Any]:
     """A preprocessor_config.json equivalent to `info`, in the format of the original checkpoints."""
     size = info["image_size"]
-    common = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-              "image_mean": info["image_mean"], "image_std": info["image_std"]}
+    common = {
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": info["image_mean"],
+        "image_std": info["image_std"],
+    }
     if arch == "clip":
-        return {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size}, "resample": 3,
-                "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_convert_rgb": True,
-                **common}
-    return {"image_processor_type": "ViTImageProcessor", "size": {"height": size, "width": size}, "resample": 2,
-            **common}
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": size},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": size, "width": size},
+            "do_convert_rgb": True,
+            **common,
+        }
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "size": {"height": size, "width": size},
+        "resample": 2,
+        **common,
+    }
 
 
 WAV2VEC2_INPUT = Wav2Vec2FeatureExtractor(do_normalize=True)  # what the wav2vec2 arch hears: 16 kHz, normalised
@@ -112,8 +129,9 @@ def normalise_waveform(input_values: torch.Tensor, attention_mask: torch.Tensor)
     return (input_values - mean) / torch.sqrt(var + 1e-7) * mask
 
 
-def prepare_waveform(input_values: torch.Tensor, attention_mask: torch.Tensor,
-                     extractor: FeatureExtractionMixin = WAV2VEC2_INPUT) -> torch.Tensor:
+def prepare_waveform(
+    input_values: torch.Tensor, attention_mask: torch.Tensor, extractor: FeatureExtractionMixin = WAV2VEC2_INPUT
+) -> torch.Tensor:
     """Waveforms as the encoder's feature extractor gives them: normalised when it normalises, padding zeroed."""
     if getattr(extractor, "do_normalize", False):
         return normalise_waveform(input_values, attention_mask)
@@ -125,8 +143,7 @@ def log_mel(waveforms: torch.Tensor, extractor: WhisperFeatureExtractor) -> torc
     WhisperFeatureExtractor computes (its torch path), each spectrogram clamped 8 decades below its maximum."""
     window = torch.hann_window(extractor.n_fft, device=waveforms.device)
     with torch.autocast(waveforms.device.type, enabled=False):  # float32 even in bf16 runs: logs of small powers
-        stft = torch.stft(waveforms.float(), extractor.n_fft, extractor.hop_length, window=window,
-                          return_complex=True)
+        stft = torch.stft(waveforms.float(), extractor.n_fft, extractor.hop_length, window=window, return_complex=True)
         power = stft[..., :-1].abs() ** 2
         mel = torch.from_numpy(extractor.mel_filters).to(power).T @ power
     log_spec = mel.clamp(min=1e-10).log10()
