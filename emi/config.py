@@ -15,6 +15,7 @@ prints the resolved config with every default filled in.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -256,8 +257,23 @@ def load_config(schema: type[T], path: str | Path | None, overrides: list[str] =
     path = resolve_config_path(path) if path else None
     raw = read_config_file(path) if path else {}
     for override in overrides:
-        set_dotted(raw, *parse_override(override), override)
+        key, value = parse_override(override)
+        set_dotted(raw, section_of(schema, key), value, override)
     return build_config(schema, raw, str(path) if path else "<defaults>")
+
+
+def section_of(schema: type, key: str) -> str:
+    """`key`, or where it is no key of `schema` but its last part names the key of exactly one section, that key,
+    said on stderr: `train.lr=0.1` sets optim.lr, as a user who looked for the learning rate under train meant.
+    Where the last part is in several sections or none, `key` as given (the config's check then names them)."""
+    keys = dotted_keys(schema)
+    if key in keys or any(key.startswith(known + ".") for known in keys):
+        return key
+    matches = [known for known in keys if known.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    if len(matches) != 1:
+        return key
+    print(f"emi: {key} is not a key of the config; set as {matches[0]}", file=sys.stderr)
+    return matches[0]
 
 
 def resolve_config_path(name: str | Path, beside: Path | None = None) -> Path:

@@ -118,9 +118,18 @@ def test_a_config_is_found_by_path_or_by_its_shipped_name_from_any_folder(tmp_pa
     } <= set(shipped_config_names())
 
 
-def test_a_key_in_the_wrong_section_is_pointed_to_its_section():
+def test_an_override_in_the_wrong_section_goes_to_the_one_section_with_that_key(capsys):
+    config = load_config(Stage1Config, "stage1/tiny.yaml", ["train.lr=0.1", "epochs=2"])
+    assert config.optim.lr == 0.1 and config.train.epochs == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "emi: train.lr is not a key of the config; set as optim.lr",
+        "emi: epochs is not a key of the config; set as train.epochs",
+    ]
+
+
+def test_a_key_in_the_wrong_section_of_a_file_is_pointed_to_its_section(tmp_path):
     with pytest.raises(UsageError, match=r"unknown key 'train.lr' in train; .*; did you mean optim.lr\?"):
-        load_config(Stage1Config, "stage1/tiny.yaml", ["train.lr=0.1"])
+        load_config(Stage1Config, write(tmp_path, "train: {lr: 0.1}\n"))
     with pytest.raises(UsageError, match=r"did you mean model.vision.arch or model.text.arch or model.audio.arch\?"):
         load_config(Stage1Config, None, ["model.arch=clip"])
 
@@ -150,8 +159,9 @@ def test_emi_config_show_prints_the_resolved_config_and_list_the_shipped_ones(ca
     assert resolved["train"]["eval_every"] == TrainSection().eval_every  # a default the file does not set
     assert main(["config", "show", "sweeps/ablation.yaml", "top_k=5"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["top_k"] == 5
-    assert main(["config", "show", "stage1/tiny.yaml", "train.lr=0.1"]) == 2
-    assert "did you mean optim.lr?" in capsys.readouterr().err
+    assert main(["config", "show", "stage1/tiny.yaml", "train.lr=0.1"]) == 0
+    shown = capsys.readouterr()
+    assert yaml.safe_load(shown.out)["optim"]["lr"] == 0.1 and "set as optim.lr" in shown.err
     assert main(["config", "list"]) == 0
     listed = capsys.readouterr().out.split()
     assert "stage1/tiny.yaml" in listed and "sweeps/kfold.yaml" in listed
