@@ -114,7 +114,7 @@ def test_every_module_of_the_checkout_imports_from_the_wheel(installed):
 
 def test_version_and_a_shipped_config_by_name_from_an_empty_folder(installed):
     assert run(installed, "--version").stdout.strip() == "emi 0.1.0"
-    shown = run(installed, "config", "show", "stage1/tiny.yaml", "optim.lr=0.1").stdout
+    shown = run(installed, "config", "show", "stage1/tiny.yaml", "train.lr=0.1").stdout
     assert shown.startswith(f"# stage1 config {installed['site'] / 'emi/configs/stage1/tiny.yaml'}")
     config = yaml.safe_load(shown)
     assert config["optim"]["lr"] == 0.1 and config["run"]["name"] == "stage1-tiny"
