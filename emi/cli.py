@@ -63,7 +63,7 @@ def _shards_stats(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from emi.synth import synthesize
+    from emi.synth import parse_size, synthesize
 
     summary = synthesize(
         out=args.out,
@@ -73,6 +73,7 @@ def _synth(args: argparse.Namespace) -> int:
         corrupt_frac=args.corrupt_frac,
         workers=args.workers,
         prefix=args.prefix,
+        size=parse_size(args.size),
     )
     print(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -425,6 +426,7 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
         help="clip names start with it (default: none, 00001 ...); one per "
         "split (train-, val-) gives every clip its own key, as k-fold over train + val needs",
     )
+    synth.add_argument("--size", default="128x128", help="the clips' width x height in pixels, e.g. 640x360")
     synth.set_defaults(func=_synth)
 
 

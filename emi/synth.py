@@ -1,8 +1,8 @@
 """`emi synth`: a synthetic EMI dataset of real mp4 clips whose labels must be read from how things change.
 
 Layout written under `out`:
-    videos/00001.mp4 ...  H.264 (constant bitrate) + AAC (constant bitrate), 25 fps, 128x128, 16 kHz mono,
-                          2 to 8 s, no metadata
+    videos/00001.mp4 ...  H.264 (constant bitrate) + AAC (constant bitrate), 25 fps, 128x128 (or `size`),
+                          16 kHz mono, 2 to 8 s, no metadata
     labels.csv            Filename,Admiration,Amusement,Determination,Empathic Pain,Excitement,Joy (4 decimals)
     transcripts.csv       Filename,Text
     corruption.csv        Filename,Corrupted (the corrupted modality or empty; for analysis only)
@@ -21,8 +21,10 @@ Each modality sees its own noisy copy of the labels, c_k = clip(y_k + N(0, 0.08)
 modality, so that fusing modalities helps. The duration (uniform 2 to 8 s, whole frames) and every nuisance
 below are drawn independently of the labels. u = t / duration runs from 0 to 1 over the clip.
 
-Video (128x128, 25 fps): a face (ellipse, two dark eyes, two eyebrows, a mouth) on a static textured background
-(two coloured sinusoidal gratings of random orientation and frequency) with per-frame pixel noise.
+Video (W x H = 128x128 by default, 25 fps): a face (ellipse, two dark eyes, two eyebrows, a mouth) on a static
+textured background (two coloured sinusoidal gratings of random orientation and frequency, their frequency in
+cycles per short side) with per-frame pixel noise. The face's size scales with the short side S (rx is 0.22-0.28 S),
+its position with W and H.
     Amusement      mouth opening oscillates, amplitude 0.5 ry * c (random rate 0.6-1.5 Hz, random phase)
     Joy            smile curvature ramps up over the clip: corners rise by 0.45 ry * c * u above a random baseline
     Excitement     head moves left-right, amplitude 0.15 W * c (random rate 0.4-1.2 Hz, random phase)
@@ -54,7 +56,8 @@ independently of the labels, get one modality replaced by label-free noise that 
 The other modalities of a corrupted clip are exactly those of the clean clip.
 
 File sizes carry no label: names are sequential, both streams are encoded at a constant bitrate with filler
-(x264 nal-hrd=cbr), and metadata is stripped (-map_metadata -1, bitexact flags). With one encoder thread the
+(x264 nal-hrd=cbr; 400 kbit/s at 128x128, growing with the square root of the pixel count: about 1.5 Mbit/s at
+640x360, a web video's rate), and metadata is stripped (-map_metadata -1, bitexact flags). With one encoder thread the
 mp4 bytes are identical for identical seeds.
 """
 
@@ -80,7 +83,7 @@ FRAME_SIZE = 128
 SAMPLE_RATE = 16000
 MIN_FRAMES, MAX_FRAMES = 2 * FPS, 8 * FPS
 MODALITIES = ("video", "audio", "text")
-VIDEO_BITRATE = "400k"
+VIDEO_KBITS = 400  # at FRAME_SIZE x FRAME_SIZE; see video_bitrate
 AUDIO_BITRATE = "32k"
 
 # Rows follow EMI_EMOTIONS; columns are the (positive, negative, drive) latent factors.
@@ -142,6 +145,20 @@ class ClipPlan:
     labels: tuple[float, ...]
     num_frames: int
     corrupted: str | None
+    size: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)  # (width, height)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """--size WxH as (width, height) (synthesize checks the numbers)."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if match is None:
+        raise UsageError(f"--size must be WxH, e.g. 640x360, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def video_bitrate(size: tuple[int, int]) -> str:
+    """The constant video bitrate: VIDEO_KBITS at 128x128, growing with the square root of the pixel count."""
+    return f"{round(VIDEO_KBITS * np.sqrt(size[0] * size[1]) / FRAME_SIZE)}k"
 
 
 def clip_rng(seed: int, index: int, stream: str) -> np.random.Generator:
@@ -179,10 +196,11 @@ def burst_envelope(
     return envelope
 
 
-def render_background(rng: np.random.Generator) -> np.ndarray:
+def render_background(rng: np.random.Generator, size: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)) -> np.ndarray:
     """A static texture (H, W, 3) float32: two coloured gratings on a base colour."""
-    yy, xx = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE].astype(np.float32) / FRAME_SIZE
-    background = np.broadcast_to(rng.uniform(40, 200, 3).astype(np.float32), (FRAME_SIZE, FRAME_SIZE, 3)).copy()
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / min(size)  # in short sides: the same look at any size
+    background = np.broadcast_to(rng.uniform(40, 200, 3).astype(np.float32), (height, width, 3)).copy()
     for _ in range(2):
         angle, cycles, phase = rng.uniform(0, np.pi), rng.uniform(2, 9), rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * cycles * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
@@ -199,26 +217,28 @@ def _segment_distance(
     return np.hypot(xx - ax - along * dx, yy - ay - along * dy)
 
 
-def _rows(top: float, bottom: float) -> slice:
+def _rows(top: float, bottom: float, height: int) -> slice:
     """The frame rows a shape spanning [top, bottom] in y can touch."""
-    return slice(max(0, int(np.floor(top)) - 1), min(FRAME_SIZE, int(np.ceil(bottom)) + 2))
+    return slice(max(0, int(np.floor(top)) - 1), min(height, int(np.ceil(bottom)) + 2))
 
 
-def render_frames(labels: np.ndarray, num_frames: int, rng: np.random.Generator) -> np.ndarray:
+def render_frames(
+    labels: np.ndarray, num_frames: int, rng: np.random.Generator, size: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)
+) -> np.ndarray:
     """The face clip as uint8 (T, H, W, 3); see the module docstring for which label drives what."""
     c = noisy_copy(labels, rng)
-    size = FRAME_SIZE
+    width, height = size
     duration = num_frames / FPS
     t = (np.arange(num_frames, dtype=np.float32) / FPS)[:, None, None]
     u = t / duration
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
 
-    rx = rng.uniform(0.22, 0.28) * size
+    rx = rng.uniform(0.22, 0.28) * min(size)
     ry = rx * rng.uniform(1.15, 1.3)
     head_rate, head_phase = rng.uniform(0.4, 1.2), rng.uniform(0, 2 * np.pi)
-    head_swing = 0.15 * size * c["Excitement"] * np.sin(2 * np.pi * head_rate * t + head_phase)
-    cx = rng.uniform(0.45, 0.55) * size + head_swing
-    cy = rng.uniform(0.45, 0.55) * size
+    head_swing = 0.15 * width * c["Excitement"] * np.sin(2 * np.pi * head_rate * t + head_phase)
+    cx = rng.uniform(0.45, 0.55) * width + head_swing
+    cy = rng.uniform(0.45, 0.55) * height
     skin = rng.uniform([150, 100, 70], [240, 190, 150]).astype(np.float32)
     blue = np.array([60, 90, 220], dtype=np.float32)
     blend = (0.75 * c["Empathic Pain"] * u)[..., None]
@@ -242,16 +262,16 @@ def render_frames(labels: np.ndarray, num_frames: int, rng: np.random.Generator)
     smile = (rng.uniform(-0.12, 0.05) + 0.45 * c["Joy"] * u) * ry
     mouth_y, mouth_half_width = cy + 0.45 * ry, 0.5 * rx
 
-    frames = np.broadcast_to(render_background(rng), (num_frames, size, size, 3)).copy()
+    frames = np.broadcast_to(render_background(rng, size), (num_frames, height, width, 3)).copy()
     # Each shape is tested only on the rows it can reach (vertical positions are fixed over the clip).
-    rows = _rows(cy - ry, cy + ry)
+    rows = _rows(cy - ry, cy + ry, height)
     face = ((xx[rows] - cx) / rx) ** 2 + ((yy[rows] - cy) / ry) ** 2 <= 1.0
     np.copyto(frames[:, rows], face_colour, where=face[..., None])
     dark = np.array([25, 25, 35], dtype=np.float32)
-    eye_rows = _rows(eye_y - 1.1 * eye_radius.max(), eye_y + 1.1 * eye_radius.max())
+    eye_rows = _rows(eye_y - 1.1 * eye_radius.max(), eye_y + 1.1 * eye_radius.max(), height)
     brow_thickness = 0.035 * ry
     brow_inner_y = brow_y + np.tan(brow_tilt) * 2 * brow_half
-    brow_rows = _rows(brow_y.min() - brow_thickness, brow_inner_y.max() + brow_thickness)
+    brow_rows = _rows(brow_y.min() - brow_thickness, brow_inner_y.max() + brow_thickness, height)
     for side in (-1.0, 1.0):
         eye_x = cx + side * eye_dx
         eye = ((xx[eye_rows] - eye_x) / eye_radius) ** 2 + ((yy[eye_rows] - eye_y) / (1.1 * eye_radius)) ** 2 <= 1
@@ -261,20 +281,22 @@ def render_frames(labels: np.ndarray, num_frames: int, rng: np.random.Generator)
         brow = _segment_distance(xx[brow_rows], yy[brow_rows], outer_x, brow_y, inner_x, brow_inner_y)
         frames[:, brow_rows][brow <= brow_thickness] = dark
     reach = 0.5 * mouth_open.max() + 1.5
-    mouth_rows = _rows(mouth_y - max(smile.max(), 0) - reach, mouth_y - min(smile.min(), 0) + reach)
+    mouth_rows = _rows(mouth_y - max(smile.max(), 0) - reach, mouth_y - min(smile.min(), 0) + reach, height)
     across = (xx[mouth_rows] - cx) / mouth_half_width
     centre_line = mouth_y - smile * across**2
     half_gap = 0.5 * mouth_open * np.sqrt(np.clip(1 - across**2, 0.0, 1.0)) + 1.5
     mouth = (np.abs(across) < 1) & (np.abs(yy[mouth_rows] - centre_line) < half_gap)
     frames[:, mouth_rows][mouth] = np.array([120, 30, 40], np.float32)
 
-    frames += rng.uniform(3, 10) * rng.standard_normal((num_frames, size, size, 1), dtype=np.float32)
+    frames += rng.uniform(3, 10) * rng.standard_normal((num_frames, height, width, 1), dtype=np.float32)
     return np.clip(frames, 0, 255, out=frames).astype(np.uint8)
 
 
-def noise_frames(num_frames: int, rng: np.random.Generator) -> np.ndarray:
+def noise_frames(
+    num_frames: int, rng: np.random.Generator, size: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)
+) -> np.ndarray:
     """A corrupted video: grey plus strong pixel noise, no face left."""
-    return rng.integers(128 - 110, 128 + 111, (num_frames, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
+    return rng.integers(128 - 110, 128 + 111, (num_frames, size[1], size[0], 3), dtype=np.uint8)
 
 
 def render_audio(labels: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -341,6 +363,8 @@ def word_salad(rng: np.random.Generator) -> str:
 
 def encode_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
     """Mux rgb24 frames (piped on stdin) and 16-bit PCM (a temp file) into a CBR H.264 + AAC mp4."""
+    size = (frames.shape[2], frames.shape[1])
+    bitrate = video_bitrate(size)
     with tempfile.TemporaryDirectory(prefix="emi-synth-") as tmp:
         pcm = Path(tmp) / "audio.s16le"
         (audio * 32767).astype("<i2").tofile(pcm)
@@ -355,7 +379,7 @@ def encode_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
             "-pix_fmt",
             "rgb24",
             "-s",
-            f"{FRAME_SIZE}x{FRAME_SIZE}",
+            f"{size[0]}x{size[1]}",
             "-r",
             str(FPS),
             "-i",
@@ -383,13 +407,13 @@ def encode_clip(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
             "-threads",
             "1",
             "-b:v",
-            VIDEO_BITRATE,
+            bitrate,
             "-minrate",
-            VIDEO_BITRATE,
+            bitrate,
             "-maxrate",
-            VIDEO_BITRATE,
+            bitrate,
             "-bufsize",
-            VIDEO_BITRATE,
+            bitrate,
             "-x264-params",
             "nal-hrd=cbr",
             "-c:a",
@@ -416,9 +440,9 @@ def write_clip(plan: ClipPlan, seed: int, videos: Path) -> None:
     labels = np.array(plan.labels)
     corruption_rng = clip_rng(seed, plan.index, "corruption")
     if plan.corrupted == "video":
-        frames = noise_frames(plan.num_frames, corruption_rng)
+        frames = noise_frames(plan.num_frames, corruption_rng, plan.size)
     else:
-        frames = render_frames(labels, plan.num_frames, clip_rng(seed, plan.index, "video"))
+        frames = render_frames(labels, plan.num_frames, clip_rng(seed, plan.index, "video"), plan.size)
     num_samples = plan.num_frames * SAMPLE_RATE // FPS
     if plan.corrupted == "audio":
         audio = noise_audio(num_samples, corruption_rng)
@@ -428,7 +452,14 @@ def write_clip(plan: ClipPlan, seed: int, videos: Path) -> None:
 
 
 def _check_arguments(
-    out: Path, clips: int, seed: int, corrupt_modality: str | None, corrupt_frac: float, workers: int, prefix: str
+    out: Path,
+    clips: int,
+    seed: int,
+    corrupt_modality: str | None,
+    corrupt_frac: float,
+    workers: int,
+    prefix: str,
+    size: tuple[int, int],
 ) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]*", prefix):
         # the name becomes the clip's file name and its WebDataset key, which ends at the first dot
@@ -439,6 +470,8 @@ def _check_arguments(
         raise UsageError(f"--seed must be non-negative, got {seed}")
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
+    if len(size) != 2 or min(size) < 16 or any(side % 2 for side in size):  # H.264 in yuv420p needs even sides
+        raise UsageError(f"--size must be two even numbers of at least 16 (WxH), got {'x'.join(map(str, size))}")
     if not 0.0 <= corrupt_frac <= 1.0:
         raise UsageError(f"--corrupt-frac must lie in [0, 1], got {corrupt_frac}")
     if corrupt_modality is not None and corrupt_modality not in MODALITIES:
@@ -473,8 +506,10 @@ def synthesize(
     corrupt_frac: float = 0.0,
     workers: int = 1,
     prefix: str = "",
+    size: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE),
 ) -> dict:
-    """Write `clips` synthetic clips with labels, transcripts and a corruption record under `out`.
+    """Write `clips` synthetic clips of `size` (width, height) with labels, transcripts and a corruption record
+    under `out`.
 
     Clips are named `prefix` + their 1-based index (00001, ...); a prefix per split (train-, val-) gives every clip
     of a data set its own key, which k-fold over train + val needs (emi.data.folds).
@@ -482,7 +517,8 @@ def synthesize(
     Returns a JSON-able summary: counts, durations, paths and the corruption applied.
     """
     out = Path(out)
-    _check_arguments(out, clips, seed, corrupt_modality, corrupt_frac, workers, prefix)
+    size = tuple(size)
+    _check_arguments(out, clips, seed, corrupt_modality, corrupt_frac, workers, prefix, size)
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
 
@@ -500,6 +536,7 @@ def synthesize(
                 labels=tuple(labels.tolist()),
                 num_frames=draw_num_frames(clip_rng(seed, index, "duration")),
                 corrupted=corrupted_modality,
+                size=size,
             )
         )
         if corrupted_modality == "text":
@@ -536,7 +573,8 @@ def synthesize(
         "min_duration_s": min(durations),
         "max_duration_s": max(durations),
         "fps": FPS,
-        "frame_size": FRAME_SIZE,
+        "frame_size": min(size),  # the short side, as `emi shards build --frame-size` counts it
+        "size": f"{size[0]}x{size[1]}",
         "sample_rate": SAMPLE_RATE,
         "empty_transcripts": sum(1 for text in transcripts if not text),
         "corrupt_modality": corrupt_modality,

@@ -19,7 +19,17 @@ import pytest
 from emi import EMI_EMOTIONS
 from emi.cli import main
 from emi.errors import UsageError
-from emi.synth import CUE_WORDS, FILLER_WORDS, clip_rng, draw_labels, make_transcript, read_corruption, synthesize
+from emi.media import probe as media_probe
+from emi.synth import (
+    CUE_WORDS,
+    FILLER_WORDS,
+    clip_rng,
+    draw_labels,
+    make_transcript,
+    parse_size,
+    read_corruption,
+    synthesize,
+)
 
 NUM_CLIPS = 80
 SMALL = 32  # decoded frames are shrunk to SMALL x SMALL for the generic statistics
@@ -393,6 +403,8 @@ def test_cli_prints_the_summary_and_a_prefix_renames_the_same_clips(
         ({"seed": -1}, "--seed"),
         ({"prefix": "val."}, "--prefix"),
         ({"prefix": "a/b"}, "--prefix"),
+        ({"size": (641, 360)}, "--size"),
+        ({"size": (8, 8)}, "--size"),
     ],
 )
 def test_bad_arguments_are_usage_errors(tmp_path: Path, arguments: dict, message: str) -> None:
@@ -405,3 +417,12 @@ def test_refuses_a_folder_that_already_holds_files(tmp_path: Path) -> None:
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(UsageError, match=str(tmp_path)):
         synthesize(out=tmp_path, clips=1)
+
+
+def test_size_sets_the_clips_width_and_height(tmp_path: Path) -> None:
+    summary = synthesize(out=tmp_path / "wide", clips=1, seed=0, size=parse_size("640x360"))
+    info = media_probe(tmp_path / "wide" / "videos" / "00001.mp4")
+    assert (info.width, info.height) == (640, 360)
+    assert summary["size"] == "640x360" and summary["frame_size"] == 360
+    with pytest.raises(UsageError, match="--size"):
+        parse_size("640 by 360")
