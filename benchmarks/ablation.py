@@ -24,7 +24,6 @@ import argparse
 import csv
 import datetime
 import json
-import re
 import subprocess
 import sys
 import time
@@ -32,17 +31,17 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.timing import cpu_model, table
+from benchmarks.harness import cpu_model, table
+from benchmarks.results import RESULTS, write_section
 from emi.config import read_config_file
 from emi.demo import Pipeline
 from emi.serve.robustness import mean_weight, modality_weights
 from emi.synth import read_corruption
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SWEEP = "configs/sweeps/ablation.yaml"  # relative to the checkout, where the sweep runs
 DEFAULT_ROOT = REPO / "runs/ablation"  # where the sweep file expects the data sets, and puts the sweep
-SECTION = "## Learning and ablation"
+SECTION = "Learning and ablation"
 STAGE1, STAGE1_EPOCHS = ("optim.lr=2e-3",), 25
 STAGE2_EPOCHS = read_config_file(REPO / SWEEP)["overrides"]["train.epochs"]  # the learning tests train as long
 DATA_SETS = {"clean": {}, "audio-noise": {"corrupt_modality": "audio", "corrupt_frac": 0.5}}
@@ -157,7 +156,6 @@ def section(
     best = max((c for c in cells if c["status"] == "finished"), key=lambda c: float(c["mean_pearson"]))
     return "\n\n".join(
         [
-            SECTION,
             f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.ablation`"
             + (f" in {seconds / 60:.0f} min" if seconds is not None else ", this section written by its `--collect`")
             + f" ({args.train_clips} train / {args.val_clips} val `emi synth` clips, shards at "
@@ -243,14 +241,6 @@ def reading(variants: dict[str, dict[str, str]], cells: list[dict[str, str]]) ->
     return " ".join(lines)
 
 
-def replace_section(text: str, section: str, title: str = SECTION) -> str:
-    """`text` with its section headed `title` replaced by `section` (appended when it has none)."""
-    pattern = re.compile(rf"^{re.escape(title)}.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        return pattern.sub(lambda _: section.rstrip() + "\n\n", text)
-    return text.rstrip() + "\n\n" + section.rstrip() + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -280,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== Stage II: every variant of {SWEEP}\n$ {' '.join(command)}", flush=True)
         subprocess.run(command, cwd=REPO, check=True)  # exit 3 (a cell did not finish) stops here: run it again
     text = section(root, pipelines, args, command, None if args.collect else time.perf_counter() - started)
-    args.out.write_text(replace_section(args.out.read_text() if args.out.exists() else "# Results\n", text))
+    write_section(SECTION, text, args.out)
     print(text)
     return 0
 

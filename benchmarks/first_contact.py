@@ -23,8 +23,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.harness import table
 from benchmarks.results import write_section
-from benchmarks.timing import table
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "First contact: make demo and make test"

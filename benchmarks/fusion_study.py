@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ablation import RESULTS, STAGE1, STAGE1_EPOCHS, STAGE2_EPOCHS, replace_section
-from benchmarks.timing import cpu_model, table
+from benchmarks.ablation import STAGE1, STAGE1_EPOCHS, STAGE2_EPOCHS
+from benchmarks.harness import cpu_model, table
+from benchmarks.results import write_section
 from emi.demo import Pipeline
 from emi.metrics import mean_pearson
 from emi.serve.ensemble import load_ensemble
@@ -43,7 +44,7 @@ from emi.synth import read_corruption
 
 def section_title(epochs: int) -> str:
     """One section per Stage II length: a 60-epoch study does not overwrite a 30-epoch one."""
-    return f"## Fusion, robustness and ensembles ({epochs} Stage II epochs)"
+    return f"Fusion, robustness and ensembles ({epochs} Stage II epochs)"
 
 
 # label -> Stage II overrides
@@ -198,7 +199,6 @@ def study(
     )
     return "\n\n".join(
         [
-            section_title(epochs),
             f"Measured {datetime.date.today()} on {cpu_model()}, with `python -m benchmarks.fusion_study "
             f"--stage2-epochs {epochs}` ({train_clips} train / {val_clips} val `emi synth` clips with the audio of "
             "half "
@@ -245,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             args.collect,
             fusions,
         )
-    RESULTS.write_text(
-        replace_section(
-            RESULTS.read_text() if RESULTS.exists() else "# Results\n", section, section_title(args.stage2_epochs)
-        )
-    )
+    write_section(section_title(args.stage2_epochs), section)
     print(section)
     return 0
 

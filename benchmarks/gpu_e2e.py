@@ -56,10 +56,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python benchmarks/gpu_e2e.py` from a checkout, nothing installed
 
-from benchmarks.timing import table  # noqa: E402
+from benchmarks.harness import table  # noqa: E402
+from benchmarks.results import write_section  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
-HEADING = "## GPU: end-to-end Stage I on real shards"
+HEADING = "GPU: end-to-end Stage I on real shards"
 TARGET_FEED, TARGET_MFU, TARGET_BATCH_GAIN, MAX_WORKERS = 0.9, 0.40, 2.0, 12
 
 
@@ -179,7 +179,7 @@ class Report:
     def save(self) -> None:
         self.data["elapsed_s"] = round(self.elapsed(), 1)
         (self.out / "e2e.json").write_text(json.dumps(self.data, indent=2) + "\n")
-        (self.out / "RESULTS-gpu-e2e.md").write_text(section(self.data))
+        (self.out / "RESULTS-gpu-e2e.md").write_text(f"## {HEADING}\n\n{section(self.data)}")
 
     def timed(self, item: str, seconds: float) -> None:
         self.data["seconds"][item] = round(seconds, 1)
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         report.timed(item, costs[-1])
     report.save()
     if args.results:
-        replace_section(RESULTS, section(report.data))
+        write_section(HEADING, section(report.data))
     print(section(report.data))
 
 
@@ -556,9 +556,9 @@ def section(data: dict[str, Any]) -> str:
     env, settings = data["environment"], data["settings"]
     device = env["device"]
     lines = [
-        f"{HEADING} ({env['date']}, "
+        f"Measured {env['date']} on "
         f"{device}{'' if env['device_memory_gib'] is None else ' ' + str(env['device_memory_gib']) + ' GiB'}"
-        f"{', DRY RUN on the CPU: tiny config, numbers mean nothing' if settings['dry_run'] else ''})",
+        f"{', DRY RUN on the CPU: tiny config, numbers mean nothing' if settings['dry_run'] else ''}.",
         "",
     ]
     made = data.get("data", {})
@@ -705,17 +705,6 @@ def targets(data: dict[str, Any]) -> list[list[str]]:
             verdict[min(gains) >= TARGET_BATCH_GAIN if gains else None],
         ],
     ]
-
-
-def replace_section(path: Path, text: str) -> None:
-    """Put `text` into the RESULTS file in place of an earlier section of the same heading, or at its end."""
-    old = path.read_text() if path.is_file() else ""
-    start = old.find(HEADING)
-    if start < 0:
-        path.write_text(old.rstrip() + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + 1)
-    path.write_text(old[:start] + text.rstrip() + "\n" + (old[end:] if end >= 0 else ""))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ that fits instead. Reference: OpenCLIP trains ViT-L/14 at about 70 samples/s per
 
     python benchmarks/gpu_stage1.py [--batch-size 128] [--steps 20] [--warmup 5] [--pairs vision_text audio_text]
         [--activation-checkpointing] [--compile] [--strategy zero2|zero3|ddp] [--profile] [--sweep] [--json FILE]
-        [--results]                                                  (append a section to benchmarks/RESULTS.md)
+        [--results]                                                  (its section of benchmarks/RESULTS.md)
     torchrun --nproc_per_node 8 benchmarks/gpu_stage1.py ...      (numbers per GPU; negatives from all GPUs)
     python benchmarks/gpu_stage1.py --tiny --steps 2               (CPU smoke test: configs/stage1/tiny.yaml)
 """
@@ -32,17 +32,18 @@ import torch
 from accelerate.utils import set_seed
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.harness import render
+from benchmarks.results import write_section
 from emi.config import Stage1Config, load_config
 from emi.data import AudioSpec
 from emi.engine.distributed import build_accelerator, input_dtype
-from emi.engine.loop import train_step
 from emi.engine.optim import build_optimizer
 from emi.engine.prepare import prepare_model
+from emi.engine.step import train_step
 from emi.engine.telemetry import device_name, peak_flops
 from emi.stages.stage1 import VA_STD_LABELS, build_model, contrastive_loss, image_spec, train_flops_per_sample
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 VITL_CONFIG = REPO / "configs" / "stage1" / "vitl.yaml"
 TINY_CONFIG = REPO / "configs" / "stage1" / "tiny.yaml"
 VIT_L14 = {
@@ -288,29 +289,23 @@ def print_profile(step: Callable[[], None], cuda: bool, steps: int = 3) -> None:
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70))
 
 
+def heading(result: dict[str, Any]) -> str:
+    """One section per model, card and setting: a run again replaces its own."""
+    return (
+        f"GPU: Stage I {result['model']} contrastive pretraining ({result['device']} x {result['world_size']}, "
+        f"{result['strategy']}, batch {result['batch_size_per_gpu']}{', compiled' if result['compile'] else ''})"
+    )
+
+
 def section(result: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {key} | {value} |" for key, value in result.items() if key != "rank")
     speed = result["samples_per_s_per_gpu"]
-    return "\n".join(
-        [
-            f"## GPU: Stage I {result['model']} contrastive pretraining ({datetime.date.today().isoformat()}, "
-            f"{result['device']} x {result['world_size']}, {result['strategy']}, batch {result['batch_size_per_gpu']}"
-            f"{', compiled' if result['compile'] else ''})",
-            "",
-            "`benchmarks/gpu_stage1.py`: the trainer's model (configs/stage1/vitl.yaml, encoders from config dicts, "
-            "random "
-            "init), loss and train_step on one synthetic batch held on the GPU. MFU counts model FLOPs analytically "
-            "(emi.models.flops: 3 x forward; recomputation under activation checkpointing not counted) over the dense "
-            "bf16 peak.",
-            "",
-            "| | |",
-            "|---|---|",
-            rows,
-            "",
-            f"{speed} samples/s per GPU against OpenCLIP's ~{OPENCLIP_VITL14_A100:.0f} per A100 "
-            f"({speed / OPENCLIP_VITL14_A100:.2f}x).",
-            "",
-        ]
+    return render(
+        "gpu_stage1",
+        date=datetime.date.today().isoformat(),
+        rows="\n".join(f"| {key} | {value} |" for key, value in result.items() if key != "rank"),
+        speed=speed,
+        openclip=f"{OPENCLIP_VITL14_A100:.0f}",
+        ratio=f"{speed / OPENCLIP_VITL14_A100:.2f}",
     )
 
 
@@ -346,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="configs/stage1/tiny.yaml (CPU smoke test)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
-    parser.add_argument("--results", action="store_true", help="append a section to benchmarks/RESULTS.md")
+    parser.add_argument("--results", action="store_true", help="write its section of benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     batch_size = args.batch_size or ((2 if args.tiny else 16) if args.sweep else (4 if args.tiny else 128))
     overrides = [
@@ -385,8 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         if args.results and not args.sweep:
-            with open(RESULTS, "a") as results:
-                results.write("\n" + section(result))
+            write_section(heading(result), section(result))
 
 
 if __name__ == "__main__":

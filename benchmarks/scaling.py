@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.timing import table  # noqa: E402
+from benchmarks.harness import table  # noqa: E402
 
 SCALING = REPO / "benchmarks" / "SCALING.md"
 COUNT_BATCH, COUNT_STEPS = 4, 2
