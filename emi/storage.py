@@ -209,7 +209,9 @@ class ResumableReader(io.RawIOBase):
 def open_stream(location: str | os.PathLike) -> IO[bytes]:
     """A buffered binary stream of a local file or a remote object (resumed across transient errors)."""
     if is_url(location):
-        return io.BufferedReader(ResumableReader(str(location)), buffer_size=1 << 20)
+        # A buffer of READ_BLOCK makes each request READ_BLOCK bytes; a smaller one would cap every request at its
+        # size (a 1 MiB buffer cost twice the wall time and 1.8x the CPU of reading a shard in 8 MiB requests).
+        return io.BufferedReader(ResumableReader(str(location)), buffer_size=READ_BLOCK)
     return open(location, "rb")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -76,6 +77,28 @@ def test_the_reader_streams_shards_from_the_bucket(grid):
     from_bucket = raw_samples(grid["url"])
     assert [key for key, _ in from_bucket] == KEYS
     assert from_bucket == raw_samples(str(grid["local"]))
+
+
+def test_a_stream_reads_in_requests_of_read_block_bytes(grid, monkeypatch):
+    """Each ranged request is READ_BLOCK bytes (the last one the rest), however little the reader asks for at a time:
+    the stream's buffer must not cap the requests below it."""
+    block = 2 << 20
+    payload = random.Random(0).randbytes(3 * block + 12345)
+    storage.write_bytes("s3://emi/blocks/object.bin", payload)
+    monkeypatch.setattr(storage, "READ_BLOCK", block)
+    sizes = []
+    real_read = storage.ResumableReader._read
+
+    def counted_read(self, size):
+        data = real_read(self, size)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(storage.ResumableReader, "_read", counted_read)
+    with storage.open_stream("s3://emi/blocks/object.bin") as stream:
+        read = b"".join(iter(lambda: stream.read(10_000), b""))  # small reads, as tarfile's
+    assert read == payload
+    assert sizes == [block, block, block, 12345]
 
 
 def test_a_stream_resumes_at_the_byte_it_reached_after_transient_errors(grid, monkeypatch, caplog):
