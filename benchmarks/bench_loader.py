@@ -43,6 +43,7 @@ import webdataset
 from PIL import Image
 
 from benchmarks import harness
+from benchmarks.harness import show, spread_json
 from emi import EMI_EMOTIONS
 from emi.data import AudioSpec, DecodeSpec, ImageSpec, LoaderSpec, Sampling, Workers, build_loader
 from emi.data.decode import frame_view, load_frame, open_jpeg, sample_rng, selection_rng
@@ -332,7 +333,7 @@ def summarise(rounds: harness.Rounds) -> dict[str, Any]:
     contenders = {
         name: {
             "samples_per_s": asdict(rounds.spread(name)),
-            "cpu_ms_per_sample": asdict(harness.Spread.of([1000 * v for v in rounds.values(name, "cpu_per_unit")])),
+            "cpu_ms_per_sample": spread_json([1000 * v for v in rounds.values(name, "cpu_per_unit")]),
             "cpu_over_floor": asdict(rounds.ratio(name, f"{name.split('_')[0]}_floor", "cpu_per_unit")),
         }
         for name in rounds.names
@@ -389,10 +390,6 @@ def run(
 def emi_padding(samples: int, mode: str) -> int:
     """The samples emi's loader decodes twice in an epoch: it rounds each worker's share up to whole batches."""
     return samples_per_consumer(samples, WORKERS, BATCH_SIZE[mode], drop_last=False) * WORKERS - samples
-
-
-def show(spread: dict[str, float], digits: int = 2) -> str:
-    return harness.Spread(spread["median"], spread["low"], spread["high"]).show(digits)
 
 
 def contender_rows(result: dict[str, Any]) -> list[list[str]]:

@@ -57,6 +57,7 @@ import av
 from PIL import Image
 
 from benchmarks import harness
+from benchmarks.harness import show, spread_json
 from emi import EMI_EMOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -449,10 +450,6 @@ def frames_written(contenders: Contenders) -> dict[str, int]:
     return frames
 
 
-def spread_json(values: list[float]) -> dict[str, float]:
-    return asdict(harness.Spread.of(values))
-
-
 def summarise(rounds: harness.Rounds, contenders: Contenders, clip_seconds: float) -> dict[str, Any]:
     """Per contender clips/s, wall s and CPU s per clip-second; emi over every baseline and over the best; emi's
     CPU over the floors'."""
@@ -571,10 +568,6 @@ def run(work: Path, quick: bool = False, **sizes: Any) -> dict[str, Any]:
 
 
 # --- the report ---
-
-
-def show(spread: dict[str, float], digits: int = 2) -> str:
-    return harness.Spread(spread["median"], spread["low"], spread["high"]).show(digits)
 
 
 def speed_table(measured: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ import yaml
 
 from benchmarks import harness
 from benchmarks.bench_loader import write_synthetic_shards
+from benchmarks.harness import show, spread_json
 from emi import EMI_EMOTIONS
 from emi.config import Stage2Config, load_config
 from emi.data import DecodeSpec, LoaderSpec, Sampling, Workers, build_loader
@@ -152,17 +153,12 @@ def run(work: Path, quick: bool = False, clip_shards: Path | None = None, rounds
         "num_rounds": len(measured.rounds),
         "samples_per_s": {name: asdict(measured.spread(name)) for name in measured.names},
         "cpu_ms_per_sample": {
-            name: asdict(harness.Spread.of([1000 * v for v in measured.values(name, "cpu_per_unit")]))
-            for name in measured.names
+            name: spread_json([1000 * v for v in measured.values(name, "cpu_per_unit")]) for name in measured.names
         },
         "speedup": {**asdict(speedup), "met": speedup.median >= TARGET},
         "rounds": measured.to_json(),
         "load": measured.load(),
     }
-
-
-def show(spread: dict[str, float], digits: int = 2) -> str:
-    return harness.Spread(spread["median"], spread["low"], spread["high"]).show(digits)
 
 
 def section(result: dict) -> str:

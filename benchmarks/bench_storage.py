@@ -30,6 +30,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.bench_loader import write_synthetic_shards
+from benchmarks.harness import show, spread_json
 from benchmarks.s3server import S3Server, weed_binary
 from emi import storage
 from emi.data import AudioSpec, DataInfo, DecodeSpec, ImageSpec, LoaderSpec, Sampling, Workers, build_loader
@@ -171,10 +172,6 @@ def s3_server(work: Path) -> Iterator[S3Server]:
         storage.forget_filesystems()
 
 
-def spread_json(values: list[float]) -> dict[str, float]:
-    return asdict(harness.Spread.of(values))
-
-
 def summarise(rounds: harness.Rounds, contenders: Contenders) -> dict[str, Any]:
     """Per contender: samples/s and CPU ms per sample (this process and its workers; the server's apart); per
     setting: S3 over local disk, median and range of the ratio taken within each round."""
@@ -254,10 +251,6 @@ def run(
         "read_block_mib": storage.READ_BLOCK >> 20,
         "cpu_cores": os.cpu_count(),
     }
-
-
-def show(spread: dict[str, float], digits: int = 2) -> str:
-    return harness.Spread(spread["median"], spread["low"], spread["high"]).show(digits)
 
 
 def section(result: dict[str, Any]) -> str:

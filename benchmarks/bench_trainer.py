@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
+from benchmarks.harness import show, spread_json
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "stage1" / "tiny.yaml"
@@ -299,7 +300,7 @@ def step_ratio(measured: dict[str, list[dict[str, Any]]], name: str, baseline: s
 
 
 def summarise(measured: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    step_ms = {name: asdict(harness.Spread.of([1000 * m["step_s"] for m in measured[name]])) for name in CONTENDERS}
+    step_ms = {name: spread_json([1000 * m["step_s"] for m in measured[name]]) for name in CONTENDERS}
     ratios = {
         "fit_over_plain": asdict(step_ratio(measured, "fit", "plain")),
         "fit_over_floor": asdict(step_ratio(measured, "fit", "floor")),
@@ -335,10 +336,6 @@ def run(work: Path, quick: bool = False, sizes: Sizes | None = None, profile: bo
         "clip_grad": config.train.clip_grad,
         "cpu_cores": os.cpu_count(),
     }
-
-
-def show(spread: dict[str, float], digits: int = 2) -> str:
-    return harness.Spread(spread["median"], spread["low"], spread["high"]).show(digits)
 
 
 def profile_table(profiles: dict[str, dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ import statistics
 import string
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,16 @@ class Spread:
 
     def show(self, digits: int = 2) -> str:
         return f"{self.median:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+
+
+def spread_json(values: list[float]) -> dict[str, float]:
+    """The median and range of `values` as a result dict holds them."""
+    return asdict(Spread.of(values))
+
+
+def show(spread: dict[str, float], digits: int = 2) -> str:
+    """A spread read back from a result dict (other keys beside it ignored), written as Spread.show writes it."""
+    return Spread(spread["median"], spread["low"], spread["high"]).show(digits)
 
 
 @dataclass
