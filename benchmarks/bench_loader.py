@@ -43,7 +43,7 @@ import webdataset
 from PIL import Image
 
 from benchmarks import harness
-from benchmarks.harness import show, spread_json
+from benchmarks.harness import same_keys, show, spread_json
 from emi import EMI_EMOTIONS
 from emi.data import AudioSpec, DecodeSpec, ImageSpec, LoaderSpec, Sampling, Workers, build_loader
 from emi.data.decode import frame_view, load_frame, open_jpeg, sample_rng, selection_rng
@@ -316,17 +316,6 @@ class Contenders:
         return len(keys)
 
 
-def same_keys(keys: dict[str, list[list[str]]], mode: str) -> list[str]:
-    """The one set of sample keys every epoch of every reader in `mode` yielded; RuntimeError naming one that
-    yielded another."""
-    reference = keys[f"{mode}_emi"][0]
-    for name, epochs in keys.items():
-        for epoch, read in enumerate(epochs):
-            if name.startswith(mode) and read != reference:
-                raise RuntimeError(f"{name} epoch {epoch} yielded {len(read)} keys, not the {len(reference)} of emi")
-    return reference
-
-
 def summarise(rounds: harness.Rounds) -> dict[str, Any]:
     """Per contender: samples/s and CPU ms per sample, and CPU per sample over its mode's floor; per mode: emi over
     each webdataset reader (the ratio taken within each round), the first against its target."""
@@ -355,7 +344,10 @@ def measure(urls: dict[str, list[str]], rounds: int) -> dict[str, Any]:
     floor_frames = {mode: used_frames(urls[mode], mode) for mode in MODES}
     contenders = Contenders(urls, floor_frames)
     measured = harness.interleave(contenders.functions(), rounds)
-    keys = {mode: len(same_keys(contenders.keys, mode)) for mode in MODES}
+    keys = {
+        mode: len(same_keys({n: k for n, k in contenders.keys.items() if n.startswith(mode)}, f"{mode}_emi"))
+        for mode in MODES
+    }
     return {**summarise(measured), "rounds": measured.to_json(), "load": measured.load(), "unique_keys": keys}
 
 

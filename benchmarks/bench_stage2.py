@@ -26,7 +26,7 @@ import yaml
 
 from benchmarks import harness
 from benchmarks.bench_loader import write_synthetic_shards
-from benchmarks.harness import show, spread_json
+from benchmarks.harness import same_keys, show, spread_json
 from emi import EMI_EMOTIONS
 from emi.config import Stage2Config, load_config
 from emi.data import DecodeSpec, LoaderSpec, Sampling, Workers, build_loader
@@ -141,9 +141,7 @@ def run(work: Path, quick: bool = False, clip_shards: Path | None = None, rounds
         return len(set(keys["on_the_fly"][-1]))
 
     measured = harness.interleave({"cached": cached, "on_the_fly": on_the_fly}, rounds or (2 if quick else ROUNDS))
-    reference = keys["cached"][0]
-    if any(epoch != reference for epochs in keys.values() for epoch in epochs):
-        raise RuntimeError("the cached and the on-the-fly epochs saw different clips or orders")
+    reference = same_keys(keys, "cached")  # the same clips, in the same order
     speedup = measured.ratio("cached", "on_the_fly")
     return {
         "clips": len(set(reference)),

@@ -30,7 +30,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.bench_loader import write_synthetic_shards
-from benchmarks.harness import show, spread_json
+from benchmarks.harness import same_keys, show, spread_json
 from benchmarks.s3server import S3Server, weed_binary
 from emi import storage
 from emi.data import AudioSpec, DataInfo, DecodeSpec, ImageSpec, LoaderSpec, Sampling, Workers, build_loader
@@ -193,17 +193,6 @@ def summarise(rounds: harness.Rounds, contenders: Contenders) -> dict[str, Any]:
     return {"contenders": contender, "ratios": ratios, "met": all(r["met"] for r in ratios.values())}
 
 
-def same_keys(keys: dict[str, list[list[str]]]) -> list[str]:
-    """The one set of sample keys every epoch of every contender read; RuntimeError naming a contender that read
-    another."""
-    reference = keys[CONFIGS[0].name][0]
-    for name, epochs in keys.items():
-        for epoch, read in enumerate(epochs):
-            if read != reference:
-                raise RuntimeError(f"{name} epoch {epoch} read {len(read)} samples, not the {len(reference)} of disk")
-    return reference
-
-
 def measure(shards: Path, work: Path, rounds: int, deadline_s: float) -> dict[str, Any]:
     """Upload the shards to a fresh server, run the rounds, and check every epoch read the same samples."""
     torch.set_num_threads(1)  # as a loader's workers do: the main process only collates
@@ -218,7 +207,7 @@ def measure(shards: Path, work: Path, rounds: int, deadline_s: float) -> dict[st
             measured = harness.interleave(contenders.functions(), rounds)
         finally:
             contenders.close()
-    keys = same_keys(contenders.keys)
+    keys = same_keys(contenders.keys, CONFIGS[0].name)
     return {**summarise(measured, contenders), "rounds": measured.to_json(), "load": measured.load(), "keys": keys}
 
 

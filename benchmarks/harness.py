@@ -144,6 +144,19 @@ def interleave(
     return result
 
 
+def same_keys(keys: dict[str, list[list[str]]], reference: str) -> list[str]:
+    """The one list of sample keys every epoch of every contender read ({contender: [keys of each epoch]}), taken from
+    `reference`'s first epoch; RuntimeError naming a contender and epoch that read others: contenders compared on
+    throughput must do the same work."""
+    expected = keys[reference][0]
+    for name, epochs in keys.items():
+        for epoch, read in enumerate(epochs):
+            if read != expected:
+                count = len(expected)
+                raise RuntimeError(f"{name} epoch {epoch} read {len(read)} keys, not the {count} of {reference}")
+    return expected
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:

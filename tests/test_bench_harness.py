@@ -39,3 +39,11 @@ def test_a_template_is_filled_and_refuses_a_missing_name(tmp_path, monkeypatch):
     assert harness.render("t", ratio="1.20 (1.10-1.30)", rounds=5) == "Median 1.20 (1.10-1.30) over 5 rounds."
     with pytest.raises(KeyError):
         harness.render("t", ratio=1)
+
+
+def test_contenders_must_read_the_same_keys_and_one_that_does_not_is_named():
+    keys = {"emi": [["a", "b"], ["a", "b"]], "base": [["a", "b"], ["a", "b"]]}
+    assert harness.same_keys(keys, "emi") == ["a", "b"]
+    keys["base"][1] = ["a"]
+    with pytest.raises(RuntimeError, match="base epoch 1 read 1 keys, not the 2 of emi"):
+        harness.same_keys(keys, "emi")
