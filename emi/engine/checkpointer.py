@@ -11,6 +11,10 @@ Before a checkpoint is loaded every file is checked against `checkpoint.json` (t
 the run's (`<run>/run.json`), is moved aside to `damaged-step-...` with a warning naming it and why. Loading runs
 DeepSpeed's own loader, which unpickles, so a checkpoint another run wrote is refused unless the user trusts it
 explicitly. The folder is expected on storage every rank can see (a cluster's shared file system).
+
+A checkpoint resumes on another number of processes than saved it too: DDP's files are whole, DeepSpeed's ZeRO
+partitions are re-partitioned through DeepSpeed's universal checkpoint (emi.engine.reshard), and each rank's RNG then
+starts from a seed of its own (the saved states were other ranks').
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from emi.config import TrainSection
+from emi.engine.reshard import load_resharded_deepspeed, universal_folder
 from emi.errors import UsageError
 from emi.formats.checkpoint import (
     RUN_FILE,
@@ -171,24 +176,45 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
-    """Every rank calls this after `accelerator.prepare`; restores model, optimizer and RNG states."""
-    accelerator.load_state(str(path))
-    rng_path = path / RNG_FILE.format(rank=accelerator.process_index)
-    if not rng_path.is_file():
-        raise UsageError(
-            f"{path}: no RNG state for rank {accelerator.process_index}; was it saved with a "
-            "different number of processes?"
-        )
-    _set_rng_state(load_file(str(rng_path)))
+    """Every rank calls this after `accelerator.prepare`; restores model, optimizer and RNG states. A checkpoint
+    saved by another number of processes is re-partitioned (emi.engine.reshard) under DeepSpeed; DDP's files are
+    whole already."""
+    state = read_trainer_state(path)
+    if saved_processes(path) == accelerator.num_processes:
+        accelerator.load_state(str(path))
+        _set_rng_state(load_file(str(path / RNG_FILE.format(rank=accelerator.process_index))))
+    else:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            load_resharded_deepspeed(accelerator, path)
+        else:
+            accelerator.load_state(str(path))
+        # The saved states belong to other ranks' shares of the data: each rank starts a stream of its own instead,
+        # the same for the same resume, so that a resumed run on this world size can be reproduced.
+        _seed_rng(resharded_seed(state.step, accelerator.process_index))
     ema_path = path / EMA_FILE
-    return read_trainer_state(path), (load_file(str(ema_path)) if ema_path.is_file() else None)
+    return state, (load_file(str(ema_path)) if ema_path.is_file() else None)
+
+
+def saved_processes(path: Path) -> int:
+    """How many processes saved checkpoint `path` (each wrote its RNG state)."""
+    count = len(list(path.glob(RNG_FILE.format(rank="*"))))
+    if count == 0:
+        raise UsageError(f"{path}: no {RNG_FILE.format(rank='*')} files; not a checkpoint emi saved")
+    return count
+
+
+def resharded_seed(step: int, rank: int) -> int:
+    """The torch seed of `rank` resuming at `step` on a world size other than the saved one."""
+    return step * 100_003 + rank
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """A job killed while saving leaves `.tmp-step-*`; it was never committed, so it is safe to delete."""
+    """A job killed while saving leaves `.tmp-step-*` (never committed), one killed while converting a checkpoint
+    for another number of processes `.universal-step-*` (emi.engine.reshard): both are safe to delete."""
     root = checkpoint_root(run_dir)
-    for tmp in root.glob(".tmp-step-*") if root.is_dir() else []:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for pattern in (".tmp-step-*", universal_folder(Path("step-*")).name):
+        for tmp in root.glob(pattern) if root.is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -196,6 +222,10 @@ def _rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def _seed_rng(seed: int) -> None:
+    torch.manual_seed(seed)  # the CUDA generators too
 
 
 def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
