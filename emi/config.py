@@ -105,8 +105,14 @@ class TrainSection:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     compile_backend: str = "inductor"  # inductor; aot_eager or eager trace without generating kernels
     save: bool = True  # false: no checkpoints and no export, only the logs (benchmark runs)
+    # Resuming on another number of processes: what keeps the global batch (processes x batch_size x grad_accum).
+    # accum: grad_accum changes; batch: data.batch_size changes (each micro-step's gathered batch, so the loss, stays
+    # as it was); rank: neither changes, and the global batch follows the number of processes. docs/checkpoints.md
+    resize: str = "accum"
+    record_samples: bool = False  # each rank writes the keys of every batch it trains on to <run>/samples/
 
 
+RESIZE_MODES = ("accum", "batch", "rank")
 STRATEGIES = ("ddp", "zero2", "zero3")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -352,6 +358,7 @@ def validate(config: Any, source: str) -> None:
         _check_choice(train.mixed_precision, MIXED_PRECISION, "train.mixed_precision", source)
         _check_choice(train.compile_mode, COMPILE_MODES, "train.compile_mode", source)
         _check_choice(train.compile_backend, COMPILE_BACKENDS, "train.compile_backend", source)
+        _check_choice(train.resize, RESIZE_MODES, "train.resize", source)
         if train.grad_accum < 1 or train.keep_last < 1 or train.checkpoint_every < 1 or train.log_every < 1:
             raise UsageError(f"{source}: train.grad_accum, keep_last, checkpoint_every, log_every must be >= 1")
     data = getattr(config, "data", None)

@@ -1,7 +1,8 @@
 """The batch scripts (slurm/stage1.sh) and the submitit launcher (emi.launch) on the local two-node Slurm cluster:
 tiny Stage I runs on 2 nodes x 1 process (gloo) that train, log and export, and that survive `scontrol requeue`,
 the time-limit warning (SIGUSR1) and submitit's preemption signal (SIGUSR2) by checkpointing, requeueing
-themselves and ending with the weights of the uninterrupted run."""
+themselves and ending with the weights of the uninterrupted run; and a 2-node job requeued onto one node, which
+finishes its epochs on one process with every sample trained on once per epoch."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+
+from emi.formats.samples import read_run_records
 
 from helpers import REPO, exported, scalars
 from slurm_cluster import FINAL_STATES, job_field
@@ -39,7 +43,7 @@ def overrides(shards: dict[str, Path], out: Path, name: str) -> list[str]:
     ]  # evaluated once, at the end: this is about resuming
 
 
-def sbatch_stage1(env: dict[str, str], shards: dict[str, Path], out: Path, name: str, mode: str) -> int:
+def sbatch_stage1(env: dict[str, str], shards: dict[str, Path], out: Path, name: str, mode: str, *extra: str) -> int:
     result = subprocess.run(
         [
             "sbatch",
@@ -51,6 +55,7 @@ def sbatch_stage1(env: dict[str, str], shards: dict[str, Path], out: Path, name:
             f"--chdir={REPO}",
             "slurm/stage1.sh",
             *overrides(shards, out, name),
+            *extra,
         ],
         env=env | {"EMI_CONFIG": TINY, "EMI_LAUNCH_MODE": mode},
         capture_output=True,
@@ -107,7 +112,7 @@ def jobs(
     synthetic_shards: dict[str, Path],  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, tuple[int, Path]]:
-    """Four 2-node jobs on the 2 x 2 CPUs, two at a time; three are interrupted once they have a checkpoint from
+    """Five 2-node jobs on the 2 x 2 CPUs, two at a time; four are interrupted once they have a checkpoint from
     step FIRST_CHECKPOINT on. Returns name -> (job id, folder); every job has ended when it returns."""
     out = tmp_path_factory.mktemp("slurm-jobs")
     ids = {
@@ -115,17 +120,21 @@ def jobs(
         "usr1": sbatch_stage1(cluster, synthetic_shards, out, "usr1", "srun"),
         "reference": sbatch_stage1(cluster, synthetic_shards, out, "reference", "accelerate"),
         "submitit": submitit_stage1(cluster, synthetic_shards, out, "submitit"),
+        "shrunk": sbatch_stage1(cluster, synthetic_shards, out, "shrunk", "accelerate", "train.record_samples=true"),
     }
     interruptions = {
         "requeued": ["scontrol", "requeue"],  # preemption: SIGTERM to every process, then the job is requeued
         "usr1": ["scancel", "--signal=USR1"],  # what --signal=USR1@120 sends before the time limit
         "submitit": ["scancel", "--signal=USR2"],  # submitit's own warning signal (its --signal=USR2@120)
+        "shrunk": ["scontrol", "requeuehold"],  # requeued and held, then given one node (shrink_to_one_node)
     }
     deadline = time.monotonic() + ALL_JOBS_TIMEOUT_S
     try:
         while interruptions or any(job_field(cluster, i, "JobState") not in FINAL_STATES for i in ids.values()):
             for name in [n for n in interruptions if max(checkpoint_steps(out / n), default=0) >= FIRST_CHECKPOINT]:
                 subprocess.run([*interruptions.pop(name), str(ids[name])], env=cluster, timeout=30, check=True)
+                if name == "shrunk":
+                    shrink_to_one_node(cluster, ids[name])
             if time.monotonic() > deadline:
                 states = {name: job_field(cluster, i, "JobState") for name, i in ids.items()}
                 pytest.fail(
@@ -136,6 +145,19 @@ def jobs(
     finally:
         subprocess.run(["scancel", *map(str, ids.values())], env=cluster, timeout=30)  # no-op once all ended
     return {name: (job_id, out) for name, job_id in ids.items()}
+
+
+def shrink_to_one_node(env: dict[str, str], job_id: int) -> None:
+    """Give a held, requeued job one node and one task, and let it run again (once it is pending: an update made
+    while it is still completing does not last)."""
+    deadline = time.monotonic() + 120
+    while job_field(env, job_id, "JobState") != "PENDING":
+        assert time.monotonic() < deadline, f"job {job_id} not pending 120 s after requeuehold"
+        time.sleep(0.2)
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1"], env=env, timeout=30, check=True
+    )
+    subprocess.run(["scontrol", "release", str(job_id)], env=env, timeout=30, check=True)
 
 
 def assert_completed(env: dict[str, str], job_id: int, out: Path, name: str, restarts: int) -> str:
@@ -206,6 +228,27 @@ def test_submitit_job_trains_on_two_nodes_and_requeues_itself_when_preempted(
     assert f"resumed from {out}/submitit/checkpoints/step-{int(stopped.group(1)):08d}" in log
     assert "requeued Slurm job" not in log  # submitit requeues, not the trainer
     assert_same_weights(out, "submitit")
+
+
+@pytest.mark.slurm
+def test_a_job_requeued_onto_one_node_finishes_with_every_sample_once_per_epoch(
+    jobs: dict, cluster: dict[str, str]
+) -> None:  # noqa: F811
+    """2 nodes x 1 process until a mid-epoch checkpoint; requeued and resized to 1 node, the job resumes on one
+    process with the global batch kept (grad_accum 1 -> 2), so the same steps follow."""
+    job_id, out = jobs["shrunk"]
+    log = assert_completed(cluster, job_id, out, "shrunk", restarts=1)
+    assert (
+        "resumed from 2 to 1 processes: global batch 16 kept (train.resize=accum); batch 8 -> 8, grad_accum 1 -> 2"
+        in log
+    )
+    assert "on n1: mode accelerate, 1 node(s) x 1 process(es)" in (out / "shrunk.out").read_text()
+    records = read_run_records(out / "shrunk")
+    keys = {key for record in records for key in record.keys}
+    assert len(keys) == 48 and {record.processes for record in records} == {1, 2}
+    for epoch in range(EPOCHS):
+        seen = Counter(key for record in records if record.epoch == epoch for key in record.keys)
+        assert seen == Counter(keys), f"epoch {epoch}: {sorted(k for k, n in seen.items() if n != 1)}"
 
 
 def run_batch_script(env: dict[str, str], out: Path, script: Path, options: list[str], args: list[str]) -> str:

@@ -97,8 +97,12 @@ class FakeData:
         self.epochs: list[tuple[int, int]] = []
         self.dataloader = [{"x": INPUTS[i : i + 2], "y": TARGETS[i : i + 2]} for i in (0, 2, 1)]
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, stretches=()) -> None:
+        assert not stretches  # one layout throughout
         self.epochs.append((epoch, skip_batches))
+
+    def stretch_batches(self, stretches=()) -> int:
+        return self.num_batches
 
     def skipped(self) -> int:
         return 2

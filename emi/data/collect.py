@@ -5,6 +5,7 @@ start of the data: some samples come twice. `evaluation_batches` marks each row 
 (on this process); `collect` runs a forward function over the whole set and gathers its outputs from every rank,
 each sample exactly once, in the same order on every rank.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -19,8 +20,9 @@ from emi.devices import move_to_device
 Forward = Callable[[dict[str, Any]], dict[str, torch.Tensor]]  # batch on device -> {name: [B, ...] tensor}
 
 
-def evaluation_batches(data: Any, device: torch.device | str, float_dtype: torch.dtype | None = None
-                       ) -> Iterator[tuple[dict[str, Any], list[bool]]]:
+def evaluation_batches(
+    data: Any, device: torch.device | str, float_dtype: torch.dtype | None = None
+) -> Iterator[tuple[dict[str, Any], list[bool]]]:
     """(batch with its tensors on `device`, fresh) for one pass over `data` (an emi.data.DataInfo, epoch 0),
     without gradients; fresh[i] is False where row i's sample came earlier in the pass."""
     data.set_epoch(0)
@@ -34,9 +36,13 @@ def evaluation_batches(data: Any, device: torch.device | str, float_dtype: torch
             yield move_to_device(batch, torch.device(device), float_dtype), fresh
 
 
-def collect(data: Any, forward: Forward, accelerator: Accelerator | PartialState | None = None,
-            device: torch.device | str = "cpu", float_dtype: torch.dtype | None = None
-            ) -> tuple[list[str], dict[str, torch.Tensor]]:
+def collect(
+    data: Any,
+    forward: Forward,
+    accelerator: Accelerator | PartialState | None = None,
+    device: torch.device | str = "cpu",
+    float_dtype: torch.dtype | None = None,
+) -> tuple[list[str], dict[str, torch.Tensor]]:
     """(keys, {name: [N, ...] on the CPU}) of `forward` over every sample of `data`, each sample once.
 
     With an accelerator (or the process state of a command on several ranks) every rank must call this (it
@@ -54,8 +60,9 @@ def collect(data: Any, forward: Forward, accelerator: Accelerator | PartialState
     return gather_unique(accelerator, keys, outputs)
 
 
-def gather_unique(accelerator: Accelerator | PartialState | None, keys: list[str], tensors: dict[str, torch.Tensor]
-                  ) -> tuple[list[str], dict[str, torch.Tensor]]:
+def gather_unique(
+    accelerator: Accelerator | PartialState | None, keys: list[str], tensors: dict[str, torch.Tensor]
+) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Every rank's rows of `tensors` (first dim matching `keys`) on the CPU, each key once (its first occurrence
     in rank order); without an accelerator, this process's rows. Every rank calls this and gets the same result."""
     if accelerator is not None and accelerator.num_processes > 1:

@@ -4,6 +4,7 @@ Only these formats are ever decoded, from bytes, with json / `wave` / PIL; nothi
 problem with an entry raises SampleError with the reason, which the loader turns into a skipped sample.
 All randomness comes from the Generator passed in, which the loader derives from (seed, epoch, key).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -191,8 +192,7 @@ def load_frame(image: Image.Image, name: str, view: FrameView, size: int) -> tor
     rounded to whole pixels, as torchvision's crops are.
     """
     width, height = image.size
-    left, top, right, bottom = (view.box[0] * width, view.box[1] * height,
-                                view.box[2] * width, view.box[3] * height)
+    left, top, right, bottom = (view.box[0] * width, view.box[1] * height, view.box[2] * width, view.box[3] * height)
     short = min(right - left, bottom - top)
     if short >= 2 * size:
         # Let the JPEG decoder downscale by 2/4/8 first; the view keeps at least `size` pixels.
@@ -206,8 +206,9 @@ def load_frame(image: Image.Image, name: str, view: FrameView, size: int) -> tor
     left, top = round(left), round(top)
     right, bottom = max(round(right), left + 1), max(round(bottom), top + 1)
     crop = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, top:bottom, left:right]
-    resized = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bicubic",
-                            antialias=True)[0]
+    resized = F.interpolate(
+        crop.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bicubic", antialias=True
+    )[0]
     return resized.flip(-1) if view.flip else resized
 
 
@@ -221,8 +222,9 @@ def normalise(pixels: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     return pixels.float().div_(255.0).sub_(mean).div_(std)
 
 
-def prepare_audio(waveform: torch.Tensor, rate: int, spec: AudioSpec, train: bool,
-                  rng: np.random.Generator) -> torch.Tensor:
+def prepare_audio(
+    waveform: torch.Tensor, rate: int, spec: AudioSpec, train: bool, rng: np.random.Generator
+) -> torch.Tensor:
     """Resample to the encoder's rate, crop to the window, and in training augment."""
     if rate != spec.sample_rate:
         waveform = torchaudio.functional.resample(waveform, rate, spec.sample_rate)
@@ -230,7 +232,7 @@ def prepare_audio(waveform: torch.Tensor, rate: int, spec: AudioSpec, train: boo
     if window > 0 and waveform.numel() > window:
         excess = waveform.numel() - window
         start = int(rng.integers(excess + 1)) if train else excess // 2
-        waveform = waveform[start:start + window]
+        waveform = waveform[start : start + window]
     if train and spec.gain_db is not None:
         waveform = waveform * 10.0 ** (rng.uniform(*spec.gain_db) / 20.0)
     if train and spec.snr_db is not None and waveform.numel() > 0:

@@ -10,6 +10,7 @@ A fold is a subset of every shard's samples, written into the shard list: each s
 exact mid-epoch resume work on those counts unchanged; the reader passes over the other samples unread. The counts
 come from the keys every shard's manifest lists, so they are known before anything is read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,11 @@ def listed_keys(shards: ShardSet, needed_by: str) -> list[list[str]]:
     for index, shard in enumerate(shards.shards):
         entry = shards.entries[index] if index < len(shards.entries) else None
         if entry is None or len(entry.keys) != shard.num_samples:
-            raise UsageError(f"{needed_by}: no manifest lists the keys of the samples of shard {shard.url} "
-                             "(manifests written by an older emi do not): build the shards and extract the "
-                             "features again")
+            raise UsageError(
+                f"{needed_by}: no manifest lists the keys of the samples of shard {shard.url} "
+                "(manifests written by an older emi do not): build the shards and extract the "
+                "features again"
+            )
         keys.append(list(entry.keys))
     return keys
 
@@ -49,8 +52,10 @@ def fold_split(train: ShardSet, val: ShardSet | None, folds: int, fold: int) -> 
     for shard, shard_keys in zip(shards, keys):
         for key in shard_keys:
             if key in where:
-                raise UsageError(f"data.folds: clip key {key!r} is in {where[key]} and in {shard.url}; k-fold "
-                                 "splits by key, so every clip of train and val needs its own key")
+                raise UsageError(
+                    f"data.folds: clip key {key!r} is in {where[key]} and in {shard.url}; k-fold "
+                    "splits by key, so every clip of train and val needs its own key"
+                )
             where[key] = shard.url
     assigned = fold_of(list(where), folds)
     if len(assigned) < folds:
@@ -61,8 +66,15 @@ def fold_split(train: ShardSet, val: ShardSet | None, folds: int, fold: int) -> 
 
     def subset(in_fold: bool, spec: str) -> ShardSet:
         chosen = [frozenset(key for key in shard_keys if (assigned[key] == fold) == in_fold) for shard_keys in keys]
-        return ShardSet(spec, [ShardInfo(shard.url, len(subset_keys), subset_keys)
-                               for shard, subset_keys in zip(shards, chosen)], manifests, [], entries)
+        return ShardSet(
+            spec,
+            [ShardInfo(shard.url, len(subset_keys), subset_keys) for shard, subset_keys in zip(shards, chosen)],
+            manifests,
+            [],
+            entries,
+        )
 
-    return (subset(False, f"{union} without fold {fold} of {folds}"),
-            subset(True, f"fold {fold} of {folds} of {union}"))
+    return (
+        subset(False, f"{union} without fold {fold} of {folds}"),
+        subset(True, f"fold {fold} of {folds} of {union}"),
+    )

@@ -5,6 +5,7 @@ number of steps and no collective waits forever. The batch order is a pure funct
 the DataLoader takes batches from its workers in turn, and each worker's stream is fixed by the plan, so
 `set_epoch(epoch, skip_batches=k)` resumes an epoch exactly at batch k without decoding the first k.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -13,33 +14,76 @@ import logging
 import math
 import multiprocessing
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from emi.data.decode import SampleError, sample_rng, selection_rng
 from emi.data.modes import MODES, PROMPT_MODES, WANTED, DecodeSpec, collate, decode_sample, entries_to_read
-from emi.data.plan import (consumer_segments, cycle_segments, resampled_batches, resampled_segments,
-                           samples_per_consumer, shard_order, shuffle_buffer_order, worker_skip_batches)
+from emi.data.plan import (
+    EpochShape,
+    Segment,
+    consumer_segments,
+    consumers_of,
+    cycle_segments,
+    emission_order,
+    resampled_batches,
+    resampled_segments,
+    resampled_stretch_batches,
+    samples_per_consumer,
+    shard_order,
+    shuffle_buffer_order,
+    stretch_steps,
+    worker_batches,
+    worker_skip_batches,
+)
 from emi.data.reader import RawSample, read_segments
 from emi.data.urls import ShardInfo, ShardSet, resolve_shards
 from emi.errors import UsageError
+from emi.formats.checkpoint import Layout, Stretch
 
 log = logging.getLogger(__name__)
 
 
+MAX_STRETCHES = 64  # resumes under another layout within one epoch
+_STRETCH_FIELDS = 5  # world_size, num_workers, batch_size, grad_accum, batches
+
+
 class SharedEpoch:
-    """The epoch, the batches to skip at its start, and the count of skipped corrupt samples, in shared
-    memory so that persistent workers see `set_epoch` and the main process sees their count."""
+    """The epoch, its earlier stretches (under other layouts), the batches of its current stretch to skip, and the
+    count of skipped corrupt samples, in shared memory so that persistent workers see `set_epoch` and the main
+    process sees their count."""
 
     def __init__(self, context: multiprocessing.context.BaseContext) -> None:
         self.epoch = context.Value("q", 0)
         self.skip_batches = context.Value("q", 0)
         self.skipped = context.Value("q", 0)
+        self.num_stretches = context.Value("q", 0)
+        self.stretch_fields = context.Array("q", _STRETCH_FIELDS * MAX_STRETCHES)
+
+    def set_stretches(self, stretches: Sequence[Stretch]) -> None:
+        if len(stretches) > MAX_STRETCHES:
+            raise ValueError(f"{len(stretches)} resumes under another layout in one epoch: at most {MAX_STRETCHES}")
+        for i, stretch in enumerate(stretches):
+            layout = stretch.layout
+            self.stretch_fields[_STRETCH_FIELDS * i : _STRETCH_FIELDS * (i + 1)] = [
+                layout.world_size,
+                layout.num_workers,
+                layout.batch_size,
+                layout.grad_accum,
+                stretch.batches,
+            ]
+        self.num_stretches.value = len(stretches)
+
+    def stretches(self) -> tuple[Stretch, ...]:
+        fields = self.stretch_fields[: _STRETCH_FIELDS * self.num_stretches.value]
+        return tuple(Stretch(Layout(*fields[i : i + 4]), fields[i + 4]) for i in range(0, len(fields), _STRETCH_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -84,14 +128,16 @@ def workers_of(data: Any) -> Workers:
 class ShardDataset(IterableDataset):
     """Batches of one rank's share of the shards; in a worker, of that worker's share."""
 
-    def __init__(self, shards: Sequence[ShardInfo], spec: DecodeSpec, shared: SharedEpoch, sampling: Sampling,
-                 num_workers: int) -> None:
+    def __init__(
+        self, shards: Sequence[ShardInfo], spec: DecodeSpec, shared: SharedEpoch, sampling: Sampling, num_workers: int
+    ) -> None:
         self.urls = [shard.url for shard in shards]
         self.sizes = [shard.num_samples for shard in shards]
         self.subsets = [shard.keys for shard in shards]  # a fold's keys per shard, None: all its samples
         self.spec, self.shared = spec, shared
         self.batch_size, self.rank, self.seed = sampling.batch_size, sampling.rank, sampling.seed
         self.shuffle, self.resampled = sampling.shuffle, sampling.resampled
+        self.world_size, self.drop_last = sampling.world_size, sampling.drop_last
         self.shuffle_buffer = sampling.shuffle_buffer if sampling.shuffle else 0
         self.workers = max(1, num_workers)
         consumers = sampling.world_size * self.workers
@@ -105,20 +151,117 @@ class ShardDataset(IterableDataset):
         """Batches per epoch on this rank."""
         return self.workers * self.per_consumer // self.batch_size
 
+    def stretch_batches(self, epoch: int, stretches: Sequence[Stretch]) -> int:
+        """Batches on this rank in the current stretch of an epoch whose earlier `stretches` ran under other layouts
+        (all of the epoch's batches when there are none); the same for every epoch."""
+        if not stretches:
+            return len(self)
+        if self.resampled:
+            return resampled_stretch_batches(sum(self.sizes), stretches, self.world_size, self.batch_size)
+        return len(stretch_steps(self._shape(epoch), stretches, self.world_size, self.batch_size)[0])
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        epoch, skip_batches = self.shared.epoch.value, self.shared.skip_batches.value
-        # The DataLoader starts every epoch at worker 0; on resume at batch k, worker w continues the
-        # stream that worker (w + k) % W had in the uninterrupted epoch, so batch k comes first.
-        role = (worker + skip_batches) % self.workers
-        consumer = self.rank * self.workers + role
-        skip = worker_skip_batches(skip_batches, role, self.workers) * self.batch_size
-        samples = self._raw_samples(consumer, epoch, skip)
+        epoch, skip_batches, stretches = (
+            self.shared.epoch.value,
+            self.shared.skip_batches.value,
+            self.shared.stretches(),
+        )
+        if stretches:
+            samples, quota = self._stretch_samples(worker, epoch, skip_batches, stretches)
+        else:
+            # The DataLoader starts every epoch at worker 0; on resume at batch k, worker w continues the
+            # stream that worker (w + k) % W had in the uninterrupted epoch, so batch k comes first.
+            role = (worker + skip_batches) % self.workers
+            consumer = self.rank * self.workers + role
+            skip = worker_skip_batches(skip_batches, role, self.workers) * self.batch_size
+            samples, quota = self._raw_samples(consumer, epoch, skip), self.per_consumer - skip
         try:
-            yield from self._batches(samples, epoch, self.per_consumer - skip, f"rank {self.rank} worker {worker}")
+            yield from self._batches(samples, epoch, quota, f"rank {self.rank} worker {worker}")
         finally:
             samples.close()
+
+    def _shape(self, epoch: int) -> EpochShape:
+        return EpochShape(tuple(self.sizes), self.seed, epoch, self.shuffle_buffer, self.drop_last)
+
+    def _stretch_samples(
+        self, worker: int, epoch: int, skip_batches: int, stretches: Sequence[Stretch]
+    ) -> tuple[Iterator[tuple[bool, RawSample | None]], int]:
+        """(this worker's samples, how many it emits) in an epoch resumed under another layout (emi.data.plan)."""
+        if self.resampled:  # fresh draws for what the epoch had left, from a stream of their own
+            batches = resampled_stretch_batches(sum(self.sizes), stretches, self.world_size, self.batch_size)
+            quota = len(worker_batches(batches, worker, self.workers, skip_batches)) * self.batch_size
+            consumer = self.rank * self.workers + worker
+            segments = resampled_segments(self.sizes, self.seed, epoch, consumer, stretch=len(stretches))
+            reader = read_segments(
+                self.urls, segments, (), WANTED[self.spec.mode], self._selection(epoch), subsets=self.subsets
+            )
+            return ((True, raw) for _, raw in reader), quota
+        steps, repeats = stretch_steps(self._shape(epoch), stretches, self.world_size, self.batch_size)
+        mine = list(worker_batches(len(steps), worker, self.workers, skip_batches))
+        tickets, repeat = steps[mine, self.rank].reshape(-1), repeats[mine, self.rank].reshape(-1)
+        first = stretches[0].layout
+        per_consumer = samples_per_consumer(
+            sum(self.sizes), consumers_of(first.world_size, first.num_workers), first.batch_size, self.drop_last
+        )
+        return self._ticket_samples(tickets, repeat, per_consumer, epoch), len(tickets)
+
+    def _ticket_samples(
+        self, tickets: np.ndarray, repeats: np.ndarray, per_consumer: int, epoch: int
+    ) -> Iterator[tuple[bool, RawSample | None]]:
+        """(first place, sample) for each ticket in order, then make-up reads (emi.data.plan names the tickets).
+
+        Ticket t is position t mod P of the slice of the first layout's consumer t // P. Each slice is read as a
+        stream in its own emission order, from which the tickets take their samples in turn; where the tickets go
+        back in a slice (a wrap-around), a new pass over it starts. So a worker holds at most a shuffle buffer of
+        read-ahead samples per slice it draws from."""
+        order = shard_order(len(self.sizes), self.seed, epoch, self.shuffle)
+        passes = _slice_passes(tickets, per_consumer, self._shape(epoch))
+        left = Counter(stream for stream, _ in passes)
+        wanted: dict[tuple[int, int], set[int]] = {}
+        for stream, position in passes:
+            wanted.setdefault(stream, set()).add(position)
+        open_streams: dict[tuple[int, int], Iterator[tuple[int, RawSample | None]]] = {}
+        try:
+            for (stream, position), repeat in zip(passes, repeats):
+                if stream not in open_streams:
+                    open_streams[stream] = self._slice_stream(stream[0], epoch, order, per_consumer, wanted[stream])
+                read_position, raw = next(open_streams[stream])
+                assert read_position == position, (stream, read_position, position)
+                left[stream] -= 1
+                if not left[stream]:
+                    open_streams.pop(stream).close()
+                yield not repeat, raw
+        finally:
+            for reader in open_streams.values():
+                reader.close()
+        yield from (
+            (False, raw)
+            for _, raw in read_segments(
+                self.urls,
+                cycle_segments(self.sizes, order, 0),
+                (),
+                WANTED[self.spec.mode],
+                self._selection(epoch),
+                repeats_from=0,
+                subsets=self.subsets,
+            )
+        )
+
+    def _slice_stream(
+        self, consumer: int, epoch: int, order: Sequence[int], per_consumer: int, wanted: set[int]
+    ) -> Iterator[tuple[int, RawSample | None]]:
+        """(position, sample) for the `wanted` positions of a consumer's slice, in its emission order."""
+        segments = consumer_segments(self.sizes, order, consumer, per_consumer)
+        emission = shuffle_buffer_order(range(per_consumer), self.shuffle_buffer, self.seed, epoch, consumer)
+        return self._in_emission_order(
+            segments,
+            (p for p in emission if p in wanted),
+            _Unwanted(wanted),
+            sum(self.sizes) - consumer * per_consumer,
+            epoch,
+        )
 
     def _raw_samples(self, consumer: int, epoch: int, skip: int) -> Iterator[tuple[bool, RawSample | None]]:
         """This consumer's samples in emission order after the first `skip`, then, to make up for
@@ -127,7 +270,6 @@ class ShardDataset(IterableDataset):
         Each comes with whether it is its sample's first place in the epoch: the plan wraps around to the start
         to fill the last slices, and the make-up reads come round to samples met before. Only first places count
         (and name) an unusable sample, so each is reported once per epoch, by the consumer whose slice holds it."""
-        wanted = WANTED[self.spec.mode]
         if self.resampled:  # every draw is a sample of its own
             segments = resampled_segments(self.sizes, self.seed, epoch, consumer)
             positions: Iterator[int] = itertools.count()
@@ -139,30 +281,59 @@ class ShardDataset(IterableDataset):
             repeats_from = sum(self.sizes) - consumer * self.per_consumer  # the wrap-around part of the slice
         emission = shuffle_buffer_order(positions, self.shuffle_buffer, self.seed, epoch, consumer)
         skipped = set(itertools.islice(emission, skip))
-        select = self._selection(epoch)
-        reader = read_segments(self.urls, segments, skipped, wanted, select, repeats_from=repeats_from,
-                               subsets=self.subsets)
+        for position, raw in self._in_emission_order(segments, emission, skipped, repeats_from, epoch):
+            yield position < repeats_from, raw
+        if not self.resampled:
+            begin = consumer * self.per_consumer
+            yield from (
+                (False, raw)
+                for _, raw in read_segments(
+                    self.urls,
+                    cycle_segments(self.sizes, order, begin),
+                    (),
+                    WANTED[self.spec.mode],
+                    self._selection(epoch),
+                    repeats_from=0,
+                    subsets=self.subsets,
+                )
+            )
+
+    def _in_emission_order(
+        self,
+        segments: Iterable[Segment],
+        emission: Iterable[int],
+        unread: Container[int],
+        repeats_from: float,
+        epoch: int,
+    ) -> Iterator[tuple[int, RawSample | None]]:
+        """(position, sample) for each position of `emission`, reading `segments` in plan order, all but the
+        positions in `unread` (None: a sample that could not be read)."""
+        reader = read_segments(
+            self.urls,
+            segments,
+            unread,
+            WANTED[self.spec.mode],
+            self._selection(epoch),
+            repeats_from=repeats_from,
+            subsets=self.subsets,
+        )
         pending: dict[int, RawSample | None] = {}  # read but not yet emitted: at most shuffle_buffer
         try:
             for position in emission:
                 while position not in pending:
                     read_position, raw = next(reader)
                     pending[read_position] = raw
-                yield position < repeats_from, pending.pop(position)
+                yield position, pending.pop(position)
         finally:
             reader.close()
-        if not self.resampled:
-            begin = consumer * self.per_consumer
-            yield from ((False, raw) for _, raw in read_segments(
-                self.urls, cycle_segments(self.sizes, order, begin), (), wanted, select, repeats_from=0,
-                subsets=self.subsets))
 
     def _selection(self, epoch: int) -> Callable[[str, list[str]], set[str]]:
         """Which entries of a sample to read: only the frames decoding uses (emi.data.modes.entries_to_read)."""
         return lambda key, extensions: entries_to_read(extensions, self.spec, selection_rng(self.seed, epoch, key))
 
-    def _batches(self, samples: Iterator[tuple[bool, RawSample | None]], epoch: int, quota: int,
-                 who: str) -> Iterator[dict[str, Any]]:
+    def _batches(
+        self, samples: Iterator[tuple[bool, RawSample | None]], epoch: int, quota: int, who: str
+    ) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
         emitted = skipped = failures_in_a_row = 0
         total = sum(self.sizes)
@@ -176,9 +347,11 @@ class ShardDataset(IterableDataset):
                     with self.shared.skipped.get_lock():
                         self.shared.skipped.value += 1
                 if failures_in_a_row >= total:
-                    raise UsageError(f"{who}: {total} samples in a row were unusable, as many as the "
-                                     f"data set holds ({len(self.urls)} shards from {self.urls[0]}): "
-                                     f"no valid sample to train on (see the warnings above)")
+                    raise UsageError(
+                        f"{who}: {total} samples in a row were unusable, as many as the "
+                        f"data set holds ({len(self.urls)} shards from {self.urls[0]}): "
+                        f"no valid sample to train on (see the warnings above)"
+                    )
                 continue
             failures_in_a_row = 0
             batch.append(sample)
@@ -201,6 +374,36 @@ class ShardDataset(IterableDataset):
             return None
 
 
+class _Unwanted:
+    """The positions a reader passes over: all but the wanted ones."""
+
+    def __init__(self, wanted: set[int]) -> None:
+        self.wanted = wanted
+
+    def __contains__(self, position: object) -> bool:
+        return position not in self.wanted
+
+
+def _slice_passes(tickets: np.ndarray, per_consumer: int, shape: EpochShape) -> list[tuple[tuple[int, int], int]]:
+    """((first-layout consumer, pass over its slice), position in the slice) for each ticket: a new pass whenever
+    the tickets go back in the slice's emission order."""
+    inverse: dict[int, np.ndarray] = {}  # consumer -> each position's place in its emission order
+    last: dict[int, tuple[int, int]] = {}  # consumer -> (its pass, the place of its last ticket)
+    passes = []
+    for ticket in tickets.tolist():
+        consumer, position = divmod(ticket, per_consumer)
+        if consumer not in inverse:
+            emitted = emission_order(shape, consumer, per_consumer)
+            inverse[consumer] = np.empty_like(emitted)
+            inverse[consumer][emitted] = np.arange(per_consumer)
+        place = int(inverse[consumer][position])
+        count, previous = last.get(consumer, (0, -1))
+        count += place <= previous
+        last[consumer] = (count, place)
+        passes.append(((consumer, count), position))
+    return passes
+
+
 @dataclass
 class DataInfo:
     """A loader for training: call `set_epoch` before iterating `dataloader` each epoch.
@@ -214,22 +417,35 @@ class DataInfo:
     num_batches: int
     num_samples: int
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, stretches: Sequence[Stretch] = ()) -> None:
         """Select the epoch's plan; with `skip_batches` = k the epoch yields its batches k.. only
-        (num_batches - k of them), identical to those of the uninterrupted epoch."""
-        if epoch < 0 or not 0 <= skip_batches <= self.num_batches:
-            raise ValueError(f"set_epoch({epoch}, skip_batches={skip_batches}): need epoch >= 0 and "
-                             f"0 <= skip_batches <= num_batches ({self.num_batches})")
+        (num_batches - k of them), identical to those of the uninterrupted epoch.
+
+        `stretches`: the epoch's earlier parts, run under other layouts (processes, workers, batch size), each
+        with the batches every rank consumed in it. The samples they left are dealt out again to this loader's
+        ranks (emi.data.plan): the epoch then yields `stretch_batches(stretches)` batches, from batch k on."""
+        batches = self.stretch_batches(stretches)
+        if epoch < 0 or not 0 <= skip_batches <= batches:
+            raise ValueError(
+                f"set_epoch({epoch}, skip_batches={skip_batches}): need epoch >= 0 and "
+                f"0 <= skip_batches <= the epoch's batches ({batches})"
+            )
         shared = self.dataset.shared
+        shared.set_stretches(stretches)
         shared.epoch.value, shared.skip_batches.value, shared.skipped.value = epoch, skip_batches, 0
+
+    def stretch_batches(self, stretches: Sequence[Stretch] = ()) -> int:
+        """Batches on each rank in what is left of an epoch after `stretches` (all of them: num_batches)."""
+        return self.dataset.stretch_batches(0, stretches)
 
     def skipped(self) -> int:
         """Corrupt or unreadable samples this rank skipped so far in the current epoch."""
         return self.dataset.shared.skipped.value
 
 
-def build_loader(shards: str | Sequence[str] | ShardSet, spec: LoaderSpec,
-                 manifest: str | Path | None = None) -> DataInfo:
+def build_loader(
+    shards: str | Sequence[str] | ShardSet, spec: LoaderSpec, manifest: str | Path | None = None
+) -> DataInfo:
     """A DataLoader over WebDataset shards for one rank: a shard spec (emi.data.urls: a folder, a pattern, a URL, a
     `::` list; `manifest` for shards with none beside them) or a resolved ShardSet."""
     decode, sampling, workers = spec.decode, spec.sampling, spec.workers
@@ -237,19 +453,28 @@ def build_loader(shards: str | Sequence[str] | ShardSet, spec: LoaderSpec,
         raise ValueError(f"mode {decode.mode!r}: expected one of {', '.join(MODES)}")
     if decode.mode in PROMPT_MODES and decode.prompt_fn is None:
         raise ValueError(f"mode {decode.mode!r} needs a prompt_fn(labels) -> str")
-    if (sampling.batch_size < 1 or workers.num_workers < 0 or sampling.seed < 0 or decode.num_frames < 0
-            or not 0 <= sampling.rank < sampling.world_size):
+    if (
+        sampling.batch_size < 1
+        or workers.num_workers < 0
+        or sampling.seed < 0
+        or decode.num_frames < 0
+        or not 0 <= sampling.rank < sampling.world_size
+    ):
         raise ValueError(f"bad loader settings: {spec}")
     context = multiprocessing.get_context(workers.start_method)
-    dataset = ShardDataset(resolve_shards(shards, manifest).shards, decode, SharedEpoch(context), sampling,
-                           workers.num_workers)
+    dataset = ShardDataset(
+        resolve_shards(shards, manifest).shards, decode, SharedEpoch(context), sampling, workers.num_workers
+    )
     parallel = workers.num_workers > 0
     dataloader = DataLoader(
-        dataset, batch_size=None, num_workers=workers.num_workers,
+        dataset,
+        batch_size=None,
+        num_workers=workers.num_workers,
         pin_memory=torch.cuda.is_available() if workers.pin_memory is None else workers.pin_memory,
         persistent_workers=workers.persistent_workers and parallel,
         prefetch_factor=workers.prefetch_factor if parallel else None,
-        worker_init_fn=_init_worker, multiprocessing_context=context if parallel else None,
+        worker_init_fn=_init_worker,
+        multiprocessing_context=context if parallel else None,
         # Its own generator: starting workers must not draw from the global RNG, or a resumed run's dropout
         # would drift from the uninterrupted run's (all randomness in the data comes from seed/epoch/key).
         generator=torch.Generator().manual_seed(sampling.seed),

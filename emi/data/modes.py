@@ -7,6 +7,7 @@ audio        Stage I audio-text: an audio window and the prompt.
 frame_audio  Stage I with both pairs from one sample.
 features     Stage II training on extracted features: vision.npy [T, D], audio.npy [T, D], text.npy.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,21 @@ import torch
 from torch.utils.data import get_worker_info
 
 from emi import EMI_EMOTIONS
-from emi.data.decode import (AudioSpec, ImageSpec, SampleError, decode_json, decode_npy, decode_text,
-                             decode_wav, frame_view, label_vector, load_frame, open_jpeg, prepare_audio,
-                             uniform_indices)
+from emi.data.decode import (
+    AudioSpec,
+    ImageSpec,
+    SampleError,
+    decode_json,
+    decode_npy,
+    decode_text,
+    decode_wav,
+    frame_view,
+    label_vector,
+    load_frame,
+    open_jpeg,
+    prepare_audio,
+    uniform_indices,
+)
 from emi.data.reader import RawSample
 
 # The entries each mode reads; anything else in a shard is passed over unread.
@@ -72,8 +85,12 @@ def decode_sample(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) ->
     frames will do too); frames come out as uint8, to be normalised on the device (emi.data.decode.normalise)."""
     meta = decode_json(_entry(raw, "json"))
     labels, label_mask = label_vector(meta.get("labels", {}), spec.label_names)
-    sample: dict[str, Any] = {"key": raw.key, "labels": labels, "label_mask": label_mask,
-                              "has_audio": bool(meta.get("has_audio", True))}
+    sample: dict[str, Any] = {
+        "key": raw.key,
+        "labels": labels,
+        "label_mask": label_mask,
+        "has_audio": bool(meta.get("has_audio", True)),
+    }
     if spec.mode == "features":
         for name in ("vision", "audio"):
             features = decode_npy(_entry(raw, f"{name}.npy"), f"{name}.npy")
@@ -134,9 +151,13 @@ def collate(samples: Sequence[dict[str, Any]], spec: DecodeSpec) -> dict[str, An
     if "prompt" in first:
         batch["prompt"] = [s["prompt"] for s in samples]
     if spec.tokenizer is not None:
-        tokens = spec.tokenizer(batch["prompt"] if "prompt" in batch else batch["transcript"],
-                                padding="max_length", truncation=True, max_length=spec.max_text_len,
-                                return_tensors="pt")
+        tokens = spec.tokenizer(
+            batch["prompt"] if "prompt" in batch else batch["transcript"],
+            padding="max_length",
+            truncation=True,
+            max_length=spec.max_text_len,
+            return_tensors="pt",
+        )
         batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
     return batch
 
@@ -148,9 +169,9 @@ def pad_stack(items: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor,
     padded = new_empty((len(items), length, *items[0].shape[1:]), items[0].dtype)
     mask = torch.zeros(len(items), length, dtype=torch.bool)
     for row, item in enumerate(items):
-        padded[row, :len(item)] = item
-        padded[row, len(item):] = 0
-        mask[row, :len(item)] = True
+        padded[row, : len(item)] = item
+        padded[row, len(item) :] = 0
+        mask[row, : len(item)] = True
     return padded, mask
 
 
@@ -200,16 +221,21 @@ class ClipFrames:
         """uint8 frames [<= size, 3, S, S] (normalised by the consumer, on its device), in order; SampleError at
         a frame that does not decode."""
         for start in range(0, len(self.chosen), size):
-            yield torch.stack([load_frame(open_jpeg(data, ext), ext, self.view, self.size)
-                               for ext, data in self.chosen[start:start + size]])
+            yield torch.stack(
+                [
+                    load_frame(open_jpeg(data, ext), ext, self.view, self.size)
+                    for ext, data in self.chosen[start : start + size]
+                ]
+            )
 
 
 def _one_frame(raw: RawSample, spec: DecodeSpec, rng: np.random.Generator) -> torch.Tensor:
     """The frame `entries_to_read` chose, uint8 [3, size, size]."""
     frames = _frames(raw)
     if len(frames) != 1:
-        raise ValueError(f"sample {raw.key!r}: {len(frames)} frames; frame modes decode the one frame that "
-                         "entries_to_read chose")
+        raise ValueError(
+            f"sample {raw.key!r}: {len(frames)} frames; frame modes decode the one frame that entries_to_read chose"
+        )
     ext, data = frames[0]
     image = open_jpeg(data, ext)
     return load_frame(image, ext, frame_view(*image.size, spec.train, rng), spec.image.size)

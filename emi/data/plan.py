@@ -5,6 +5,7 @@ slice [c*P, (c+1)*P) of that sequence, wrapping to its start for the few samples
 same for every consumer, so every rank yields the same number of batches. Everything here is a pure
 function of (sizes, seed, epoch, consumer): the plan is the same in every process and after a restart.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from emi.formats.checkpoint import Stretch
 
 # Distinct seed streams for the separate random choices of one (seed, epoch).
 _SHARD_ORDER, _SHUFFLE_BUFFER, _RESAMPLE = 0, 1, 2
@@ -33,8 +36,10 @@ def samples_per_consumer(num_samples: int, consumers: int, batch_size: int, drop
     if drop_last:
         per_consumer = num_samples // consumers // batch_size * batch_size
         if per_consumer == 0:
-            raise ValueError(f"{num_samples} samples cannot give each of {consumers} consumers "
-                             f"(ranks x workers) a full batch of {batch_size} with drop_last=True")
+            raise ValueError(
+                f"{num_samples} samples cannot give each of {consumers} consumers "
+                f"(ranks x workers) a full batch of {batch_size} with drop_last=True"
+            )
         return per_consumer
     return math.ceil(math.ceil(num_samples / consumers) / batch_size) * batch_size
 
@@ -76,24 +81,27 @@ def take_samples(segments: Iterable[Segment], count: int) -> list[Segment]:
     return taken
 
 
-def consumer_segments(sizes: Sequence[int], order: Sequence[int], consumer: int,
-                      per_consumer: int) -> list[Segment]:
+def consumer_segments(sizes: Sequence[int], order: Sequence[int], consumer: int, per_consumer: int) -> list[Segment]:
     """Consumer `consumer`'s slice [c*P, (c+1)*P) of the epoch's sample sequence."""
     return take_samples(cycle_segments(sizes, order, consumer * per_consumer), per_consumer)
 
 
-def resampled_segments(sizes: Sequence[int], seed: int, epoch: int, consumer: int) -> Iterator[Segment]:
+def resampled_segments(
+    sizes: Sequence[int], seed: int, epoch: int, consumer: int, stretch: int = 0
+) -> Iterator[Segment]:
     """Whole shards drawn with replacement, each with probability proportional to its size (so every
-    sample is equally likely), without end."""
-    rng = np.random.default_rng([seed, epoch, consumer, _RESAMPLE])
+    sample is equally likely), without end; `stretch` > 0 draws afresh for the part of an epoch resumed under
+    another layout."""
+    rng = np.random.default_rng([seed, epoch, consumer, _RESAMPLE, *([stretch] if stretch else [])])
     weights = np.asarray(sizes, dtype=np.float64) / sum(sizes)
     while True:
         shard = int(rng.choice(len(sizes), p=weights))
         yield Segment(shard, 0, sizes[shard])
 
 
-def shuffle_buffer_order(positions: Iterable[int], buffer_size: int, seed: int, epoch: int,
-                         consumer: int) -> Iterator[int]:
+def shuffle_buffer_order(
+    positions: Iterable[int], buffer_size: int, seed: int, epoch: int, consumer: int
+) -> Iterator[int]:
     """The order in which a shuffle buffer of `buffer_size` emits a stream of read positions.
 
     Each emitted position was read at most `buffer_size` positions earlier, so a reader that keeps
@@ -123,3 +131,117 @@ def worker_skip_batches(skip_batches: int, worker: int, num_workers: int) -> int
     """How many of the first `skip_batches` batches of a rank come from worker `worker`, given that the
     DataLoader takes batches from its workers in turn."""
     return len(range(worker, skip_batches, num_workers))
+
+
+# --- Resuming an epoch under another layout (processes, workers, batch size) --------------------------------------
+#
+# A sample of the epoch is named by its ticket: its index in the sequence of all the epoch's samples as the epoch's
+# first layout dealt them, consumer c's slice being tickets [c*P, (c+1)*P) (a ticket t reads sample t mod N; tickets
+# past N are the wrap-around that fills the last slices). Under a layout, micro-step j of the epoch is batch j of
+# every rank: a (ranks, batch) block of tickets. A resume under another layout takes the micro-steps not yet
+# consumed, lays their tickets end to end in order, and deals them out again as micro-steps of the new layout: so
+# every sample the interrupted epoch had left is read exactly once, every rank gets the same number of batches, and
+# an optimizer step whose global batch is kept holds exactly the samples it would have held.
+
+
+@dataclass(frozen=True)
+class EpochShape:
+    """What fixes an epoch's tickets besides the layouts: the data set's shard sizes and the sampling settings."""
+
+    sizes: tuple[int, ...]
+    seed: int
+    epoch: int
+    shuffle_buffer: int  # 0: no shuffle buffer
+    drop_last: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+def consumers_of(world_size: int, num_workers: int) -> int:
+    return world_size * max(1, num_workers)
+
+
+def emission_order(shape: EpochShape, consumer: int, per_consumer: int) -> np.ndarray:
+    """The read positions (0..P-1) of consumer `consumer`'s slice in the order its shuffle buffer emits them."""
+    order = shuffle_buffer_order(range(per_consumer), shape.shuffle_buffer, shape.seed, shape.epoch, consumer)
+    return np.fromiter(order, dtype=np.int64, count=per_consumer)
+
+
+def first_stretch_steps(shape: EpochShape, world_size: int, num_workers: int, batch_size: int) -> np.ndarray:
+    """The epoch's micro-steps under its first layout: tickets of shape (batches per rank, ranks, batch size).
+
+    Rank r's batch j comes from its worker j mod W (the DataLoader takes batches from its workers in turn), whose
+    consumer r*W + j mod W emits it as its batch j // W."""
+    workers = max(1, num_workers)
+    per_consumer = samples_per_consumer(shape.total, world_size * workers, batch_size, shape.drop_last)
+    batches_per_consumer = per_consumer // batch_size
+    steps = np.empty((workers * batches_per_consumer, world_size, batch_size), dtype=np.int64)
+    for rank in range(world_size):
+        for worker in range(workers):
+            consumer = rank * workers + worker
+            emitted = consumer * per_consumer + emission_order(shape, consumer, per_consumer)
+            steps[worker::workers, rank, :] = emitted.reshape(batches_per_consumer, batch_size)
+    return steps
+
+
+def redeal(
+    tickets: np.ndarray, repeats: np.ndarray, world_size: int, batch_size: int, drop_last: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tickets laid end to end, dealt as micro-steps of (ranks, batch size): (steps, whether each ticket is a repeat).
+
+    The last micro-step is filled by wrapping around to the first tickets (repeats), or with drop_last the tickets
+    that cannot fill one are left out."""
+    per_step = world_size * batch_size
+    count = len(tickets) // per_step if drop_last else -(-len(tickets) // per_step)
+    index = np.arange(count * per_step)
+    wrapped = index % max(1, len(tickets))
+    shape = (count, world_size, batch_size)
+    return tickets[wrapped].reshape(shape), (repeats[wrapped] | (index >= len(tickets))).reshape(shape)
+
+
+def usable_batches(batches: int, grad_accum: int) -> int:
+    """The micro-batches of a stretch that fill whole optimizer steps (the trainer leaves the rest unused)."""
+    return batches // grad_accum * grad_accum
+
+
+def stretch_steps(
+    shape: EpochShape, stretches: Sequence[Stretch], world_size: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The micro-steps of the epoch's current stretch, on `world_size` ranks in batches of `batch_size`, after the
+    earlier `stretches` (each a layout and the batches each rank consumed under it): tickets (batches per rank,
+    ranks, batch size) and whether each is a repeat (the wrap-around of a slice or of a re-deal, already read in
+    this epoch)."""
+    first = stretches[0].layout
+    steps = first_stretch_steps(shape, first.world_size, first.num_workers, first.batch_size)
+    repeats = steps >= shape.total
+    following = [(s.layout.world_size, s.layout.batch_size) for s in stretches[1:]] + [(world_size, batch_size)]
+    for stretch, (ranks, batch) in zip(stretches, following):
+        end = usable_batches(len(steps), stretch.layout.grad_accum)
+        left, left_repeats = steps[stretch.batches : end].reshape(-1), repeats[stretch.batches : end].reshape(-1)
+        steps, repeats = redeal(left, left_repeats, ranks, batch, shape.drop_last)
+    return steps, repeats
+
+
+def resampled_stretch_batches(total: int, stretches: Sequence[Stretch], world_size: int, batch_size: int) -> int:
+    """Batches per rank of the current stretch in resampled mode: the samples the epoch had left, in batches of the
+    current layout (each worker draws them afresh)."""
+    first = stretches[0].layout
+    batches = max(1, first.num_workers) * resampled_batches(
+        total, consumers_of(first.world_size, first.num_workers), first.batch_size
+    )
+    following = [(s.layout.world_size, s.layout.batch_size) for s in stretches[1:]] + [(world_size, batch_size)]
+    for stretch, (ranks, batch) in zip(stretches, following):
+        left = (usable_batches(batches, stretch.layout.grad_accum) - stretch.batches) * (
+            stretch.layout.world_size * stretch.layout.batch_size
+        )
+        batches = -(-left // (ranks * batch))
+    return batches
+
+
+def worker_batches(batches: int, worker: int, num_workers: int, skip_batches: int) -> range:
+    """The batches of a rank (numbers 0..batches-1) that worker `worker` yields after the first `skip_batches`: the
+    DataLoader takes batches from its workers in turn, starting at worker 0, so batch skip_batches + i comes from
+    worker i mod W."""
+    return range(skip_batches + worker, batches, max(1, num_workers))

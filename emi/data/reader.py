@@ -14,6 +14,7 @@ decodes one frame of a clip's dozens). A local shard is read with seeks: the hea
 the selected entries' bytes. A stream (`pipe:`, a FIFO) cannot go back, so there every wanted entry is read and the
 selection applied afterwards: the same samples, more bytes read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,11 +61,12 @@ def close_quietly(stream: IO[bytes]) -> None:
         pass
 
 
-def iter_members(stream: IO[bytes], seekable: bool = False
-                 ) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
+def iter_members(
+    stream: IO[bytes], seekable: bool = False
+) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
     """(key, extension, tar, member) for each regular file of a tar stream that has a key. A seekable stream is
     opened for random access: a member's bytes are then read only when asked for, and skipped with a seek."""
-    tar = tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")
+    tar = tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")  # noqa: SIM115 (the caller closes the stream)
     for member in tar:
         key, extension = base_plus_ext(member.name)
         if member.isreg() and key is not None and not key.startswith("__"):
@@ -86,9 +88,15 @@ def count_samples(url: str) -> int:
     return count
 
 
-def read_segments(urls: Sequence[str], segments: Iterable[Segment], skip: Container[int],
-                  wanted: re.Pattern[str], select: Select | None = None, repeats_from: float = math.inf,
-                  subsets: Sequence[Container[str] | None] = ()) -> Iterator[tuple[int, RawSample | None]]:
+def read_segments(
+    urls: Sequence[str],
+    segments: Iterable[Segment],
+    skip: Container[int],
+    wanted: re.Pattern[str],
+    select: Select | None = None,
+    repeats_from: float = math.inf,
+    subsets: Sequence[Container[str] | None] = (),
+) -> Iterator[tuple[int, RawSample | None]]:
     """(position, sample) for every planned position not in `skip`, in plan order; each sample holds the entries
     whose extension `wanted` matches, of those only the ones `select` keeps (all without `select`).
 
@@ -104,14 +112,20 @@ def read_segments(urls: Sequence[str], segments: Iterable[Segment], skip: Contai
         length = segment.stop - segment.start
         if any(p not in skip for p in range(position, position + length)):
             subset = subsets[segment.shard] if subsets else None
-            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted, select, repeats_from,
-                                     subset)
+            yield from _read_segment(urls[segment.shard], segment, position, skip, wanted, select, repeats_from, subset)
         position += length
 
 
-def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], wanted: re.Pattern[str],
-                  select: Select | None, repeats_from: float, subset: Container[str] | None
-                  ) -> Iterator[tuple[int, RawSample | None]]:
+def _read_segment(
+    url: str,
+    segment: Segment,
+    first: int,
+    skip: Container[int],
+    wanted: re.Pattern[str],
+    select: Select | None,
+    repeats_from: float,
+    subset: Container[str] | None,
+) -> Iterator[tuple[int, RawSample | None]]:
     index, previous = -1, None  # index: of the current sample within the shard
     pending: dict[str, bytes | tarfile.TarInfo] | None = None  # the current sample's wanted entries, if planned
     problem = None
@@ -147,12 +161,21 @@ def _read_segment(url: str, segment: Segment, first: int, skip: Container[int], 
             problem = f"unreadable in sample {previous!r} (index {index}): {err}"
         finally:
             close_quietly(stream)
-    if problem is None:
-        return
-    missing = range(max(index, segment.start), segment.stop)
+    if problem is not None:
+        yield from _unread(
+            url, segment, first, skip, range(max(index, segment.start), segment.stop), problem, repeats_from
+        )
+
+
+def _unread(
+    url: str, segment: Segment, first: int, skip: Container[int], missing: range, problem: str, repeats_from: float
+) -> Iterator[tuple[int, None]]:
+    """(position, None) for the planned samples of a segment that could not be read, after one message naming the
+    shard and why (a debug one where they are repeats, reported where they came first)."""
     repeat = first + missing.start - segment.start >= repeats_from
-    (log.debug if repeat else log.warning)("shard %s: %s; skipping its samples %d..%d", url, problem,
-                                           missing.start, missing.stop - 1)
+    (log.debug if repeat else log.warning)(
+        "shard %s: %s; skipping its samples %d..%d", url, problem, missing.start, missing.stop - 1
+    )
     for shard_index in missing:
         if first + shard_index - segment.start not in skip:
             yield first + shard_index - segment.start, None
@@ -163,9 +186,13 @@ def _seekable(stream: IO[bytes]) -> bool:
     return bool(seekable and seekable())
 
 
-def _raw_sample(key: str, url: str, pending: dict[str, bytes | tarfile.TarInfo], tar: tarfile.TarFile,
-                select: Select | None) -> RawSample:
+def _raw_sample(
+    key: str, url: str, pending: dict[str, bytes | tarfile.TarInfo], tar: tarfile.TarFile, select: Select | None
+) -> RawSample:
     chosen = pending.keys() if select is None else select(key, list(pending))
-    entries = {extension: tar.extractfile(data).read() if isinstance(data, tarfile.TarInfo) else data
-               for extension, data in pending.items() if extension in chosen}
+    entries = {
+        extension: tar.extractfile(data).read() if isinstance(data, tarfile.TarInfo) else data
+        for extension, data in pending.items()
+        if extension in chosen
+    }
     return RawSample(key, url, entries)

@@ -6,6 +6,7 @@ A spec is anything WebDataset accepts: a local path, a brace pattern, a `pipe:` 
 the explicit one or the one beside the shards (in the same folder or URL prefix); a shard no manifest lists is
 counted by streaming it once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,16 +54,20 @@ class ShardSet:
         """The one description of every shard: their manifest, or the first of several folders' manifests, which
         must agree on what the samples are. UsageError, saying what `needed_by` needs, when there is none."""
         if self.undescribed:
-            raise UsageError(f"{needed_by}: no {MANIFEST_FILE} lists shard {self.undescribed[0]}, so how its clips "
-                             "were prepared (fps, labels, ...) is unknown; put the manifest beside the shards or "
-                             "pass it explicitly (--manifest / data.manifest)")
+            raise UsageError(
+                f"{needed_by}: no {MANIFEST_FILE} lists shard {self.undescribed[0]}, so how its clips "
+                "were prepared (fps, labels, ...) is unknown; put the manifest beside the shards or "
+                "pass it explicitly (--manifest / data.manifest)"
+            )
         first, *others = self.manifests
         for other in others:
             for name in ("format", "labels", "preprocessing", "dims", "encoders"):
                 if getattr(other, name) != getattr(first, name):
-                    raise UsageError(f"{needed_by}: {self.spec} mixes shards whose manifests differ in {name} "
-                                     f"({first.path}: {getattr(first, name)!r}, {other.path}: "
-                                     f"{getattr(other, name)!r}); use them one folder at a time")
+                    raise UsageError(
+                        f"{needed_by}: {self.spec} mixes shards whose manifests differ in {name} "
+                        f"({first.path}: {getattr(first, name)!r}, {other.path}: "
+                        f"{getattr(other, name)!r}); use them one folder at a time"
+                    )
         return first
 
 
@@ -139,8 +144,12 @@ def resolve_shards(spec: str | Sequence[str] | ShardSet, manifest: str | Path | 
             candidate = folder_manifests[folder]
             source = candidate if candidate is not None and name in candidate.counts else None
         if source is None:
-            log.warning("shard %s: no manifest lists it, counting its samples by reading it once "
-                        "(write a %s beside the shards or pass manifest= to skip this)", url, MANIFEST_FILE)
+            log.warning(
+                "shard %s: no manifest lists it, counting its samples by reading it once "
+                "(write a %s beside the shards or pass manifest= to skip this)",
+                url,
+                MANIFEST_FILE,
+            )
             count = count_samples(url)
             undescribed.append(url)
             entries.append(None)
@@ -161,6 +170,8 @@ def feature_shards(shards: str, manifest: str | None, needed_by: str) -> tuple[S
     shard_set = resolve_shards(shards, manifest)
     described = shard_set.manifest(needed_by)
     if not described.is_features:
-        raise UsageError(f"{needed_by}: {shards} are {described.format} shards ({described.path}); Stage II reads "
-                         f"{FEATURE_SHARDS} shards: run `emi features extract` first")
+        raise UsageError(
+            f"{needed_by}: {shards} are {described.format} shards ({described.path}); Stage II reads "
+            f"{FEATURE_SHARDS} shards: run `emi features extract` first"
+        )
     return shard_set, described

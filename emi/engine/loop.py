@@ -26,7 +26,7 @@ from accelerate.utils import DistributedType
 
 from emi.config import TrainSection, save_config
 from emi.devices import move_to_device
-from emi.engine.checkpointer import Checkpointer, remove_stale_temporaries
+from emi.engine.checkpointer import Checkpointer, remove_stale_temporaries, saved_processes
 from emi.engine.distributed import describe, input_dtype
 from emi.engine.ema import EMA
 from emi.engine.evaluator import EvalFn, Evaluator
@@ -34,11 +34,13 @@ from emi.engine.exporter import Exporter, ExportFn
 from emi.engine.logging import RunLogger, format_scalars
 from emi.engine.optim import build_optimizer, sgdr_lr
 from emi.engine.prepare import prepare_model
+from emi.engine.resize import current_layout, resize_line, resized
 from emi.engine.signals import RequeueError, StopRequest, requeue_slurm_job
 from emi.engine.step import LossFn, train_step
 from emi.engine.telemetry import ScalarWindow, StepClock, step_scalars
 from emi.errors import UsageError
-from emi.formats.checkpoint import TrainerState, create_run_id, read_run_id
+from emi.formats.checkpoint import Stretch, TrainerState, create_run_id, read_run_id
+from emi.formats.samples import BatchRecord, SampleRecorder, drop_records_after
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Task:
     """What a stage hands to the loop."""
 
     model: torch.nn.Module
-    train_data: Any  # emi.data.DataInfo: .dataloader, .num_batches, .set_epoch(epoch, skip_batches), .skipped()
+    train_data: Any  # emi.data.DataInfo: .dataloader, .num_batches, .set_epoch, .stretch_batches, .skipped
     compute_loss: LossFn  # (model, batch on device) -> (loss, scalars to log)
     evaluate: EvalFn | None = None  # called on every rank; returns the same metrics on every rank
     export: ExportFn | None = None  # rank 0 only: (full state dict, folder) -> writes safetensors + config
@@ -72,19 +74,24 @@ class Schedule:
     total_steps: int
 
     @classmethod
-    def of(cls, num_batches: int, train: TrainSection) -> Schedule:
+    def of(
+        cls, num_batches: int, train: TrainSection, state: TrainerState | None = None, epoch_batches: int | None = None
+    ) -> Schedule:
+        """The schedule of a run at `state` (None: its start) whose current epoch has `epoch_batches` micro-batches
+        per process (None: a whole epoch's); the epochs after it have `num_batches`."""
         steps_per_epoch = num_batches // train.grad_accum
         if steps_per_epoch < 1:
             raise UsageError(
                 f"{num_batches} batches per epoch cannot fill one optimizer step with "
                 f"grad_accum={train.grad_accum}; lower data.batch_size or train.grad_accum"
             )
-        total = train.epochs * steps_per_epoch
-        return cls(
-            steps_per_epoch,
-            steps_per_epoch * train.grad_accum,
-            min(total, train.max_steps) if train.max_steps else total,
-        )
+        state = state or TrainerState()
+        batches_per_epoch = steps_per_epoch * train.grad_accum
+        total = state.step
+        if state.epoch < train.epochs:  # an earlier layout may have had other epochs: count from where the run is
+            left_in_epoch = (batches_per_epoch if epoch_batches is None else epoch_batches) - state.batch_in_epoch
+            total += left_in_epoch // train.grad_accum + (train.epochs - state.epoch - 1) * steps_per_epoch
+        return cls(steps_per_epoch, batches_per_epoch, min(total, train.max_steps) if train.max_steps else total)
 
 
 @dataclass
@@ -103,10 +110,19 @@ class Run:
     evaluator: Evaluator | None
     logger: RunLogger | None  # rank 0's; None on the other ranks
     state: TrainerState
+    recorder: SampleRecorder | None = None  # train.record_samples
 
     @property
     def train(self) -> TrainSection:
         return self.config.train
+
+    def epoch_batches(self) -> int:
+        """Micro-batches each process trains on in the current epoch (its current stretch, after a resume under
+        another layout), in whole optimizer steps."""
+        if not self.state.stretches:
+            return self.schedule.batches_per_epoch
+        batches = self.task.train_data.stretch_batches(self.state.stretches)
+        return batches // self.train.grad_accum * self.train.grad_accum
 
     def checkpoint(self) -> None:
         self.checkpointer.save(self.state, self.ema.state_dict() if self.ema else None)
@@ -119,7 +135,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
     run.model.train()
     while run.state.step < run.schedule.total_steps and stopped_by is None:
         stopped_by = train_epoch(run, stop, telemetry)
-        if stopped_by is None and run.state.batch_in_epoch < run.schedule.batches_per_epoch:
+        if stopped_by is None and run.state.batch_in_epoch < run.epoch_batches():
             run.checkpoint()  # train.max_steps ended the run mid-epoch
             break
         if stopped_by is None:
@@ -174,9 +190,12 @@ def start(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> R
         exporter,
         evaluator,
         logger,
-        TrainerState(),
+        TrainerState(layout=current_layout(config, accelerator.num_processes)),
     )
     resume(run)
+    run.schedule = Schedule.of(task.train_data.num_batches, train, run.state, run.epoch_batches())
+    if train.record_samples:
+        run.recorder = SampleRecorder(run_dir, accelerator.process_index)
     return run
 
 
@@ -210,15 +229,48 @@ def resume(run: Run) -> None:
             f"resumed from {path}: epoch {run.state.epoch + 1} step {run.state.step} "
             f"(batch {run.state.batch_in_epoch} of the epoch)"
         )
+        if run.train.record_samples:
+            drop_records_after(run.checkpointer.run_dir, run.state.step)
+    continue_under_current_layout(run, path)
+    run.accelerator.wait_for_everyone()
+
+
+def continue_under_current_layout(run: Run, path: Path) -> None:
+    """A checkpoint written under another layout (processes, workers, batch size, accumulation): the part of the
+    epoch trained under it becomes one of the epoch's stretches, and the rest of the epoch is dealt out anew."""
+    state, now = run.state, current_layout(run.config, run.accelerator.num_processes)
+    saved = state.layout
+    if saved is None:  # written by an emi that did not record its layout
+        if saved_processes(path) != now.world_size:
+            raise UsageError(
+                f"{path} records no layout (an older emi wrote it): resume it on the {saved_processes(path)} "
+                "processes that wrote it"
+            )
+    elif saved != now:
+        if resized(saved, now.world_size, run.train.resize) != (now.batch_size, now.grad_accum):
+            raise UsageError(
+                f"{path} was written by {saved.describe()}, not the layout this run was set up for from the "
+                "newest checkpoint: a newer checkpoint was damaged; run again with --resume latest"
+            )
+        if state.batch_in_epoch or state.stretches:
+            state.stretches.append(Stretch(saved, state.batch_in_epoch))
+            state.batch_in_epoch = 0
+        # accelerate finds the accumulation boundary from its count of micro-batches, which the checkpoint restored
+        # in units of the old accumulation; a checkpoint is always taken at a boundary, so the count starts again.
+        run.accelerator.step = 0
+        if run.accelerator.is_main_process:
+            run.logger.line(resize_line(saved, now, run.train.resize))
+    state.layout = now
 
 
 def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | None:
     """The rest of the current epoch, step by step, until it ends, the run's last step, or a stop signal (returned,
     after its checkpoint)."""
     state, schedule, train, accelerator = run.state, run.schedule, run.train, run.accelerator
-    run.task.train_data.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+    epoch_batches = run.epoch_batches()
+    run.task.train_data.set_epoch(state.epoch, skip_batches=state.batch_in_epoch, stretches=state.stretches)
     # A checkpoint taken on an epoch's last step resumes straight into the epoch's end.
-    batches = run.task.train_data.dataloader if state.batch_in_epoch < schedule.batches_per_epoch else ()
+    batches = run.task.train_data.dataloader if state.batch_in_epoch < epoch_batches else ()
     float_dtype = input_dtype(accelerator)
     for batch in telemetry.clock.batches(batches):
         for group in run.optimizer.param_groups:
@@ -232,6 +284,8 @@ def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | 
             train.clip_grad,
         )
         state.batch_in_epoch += 1
+        if run.recorder is not None:
+            run.recorder.add(BatchRecord(state.epoch, state.step + 1, accelerator.num_processes, list(batch["key"])))
         telemetry.window.add(result.loss, result.scalars)
         if not result.synced:
             continue
@@ -241,16 +295,16 @@ def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | 
         if state.step % train.log_every == 0 or state.step in (1, schedule.total_steps):
             telemetry.log(result.grad_norm)  # the first and last steps too: a short run still has a curve
         stopped_by = stop.agreed(accelerator)
-        epoch_done = state.batch_in_epoch >= schedule.batches_per_epoch  # its checkpoint comes at the epoch's end
+        epoch_done = state.batch_in_epoch >= epoch_batches  # its checkpoint comes at the epoch's end
         if stopped_by is not None or (state.step % train.checkpoint_every == 0 and not epoch_done):
             with telemetry.clock.paused():
                 run.checkpoint()
         if stopped_by is not None or state.step >= schedule.total_steps or epoch_done:
             return stopped_by
-    if state.batch_in_epoch < schedule.batches_per_epoch and state.step < schedule.total_steps:
+    if state.batch_in_epoch < epoch_batches and state.step < schedule.total_steps:
         raise RuntimeError(
             f"the training data yielded {state.batch_in_epoch} batches in epoch {state.epoch + 1}, "
-            f"expected {schedule.batches_per_epoch}"
+            f"expected {epoch_batches}"
         )
     return None
 
@@ -269,6 +323,7 @@ def end_epoch(run: Run) -> dict[str, float] | None:
         )
     state.epoch += 1
     state.batch_in_epoch = 0
+    state.stretches = []
     due = state.epoch % run.train.eval_every == 0 or state.step >= run.schedule.total_steps
     return run.evaluator.evaluate(run.model, state) if run.evaluator is not None and due else None
 
@@ -290,6 +345,8 @@ def finish(run: Run, stopped_by: int | None, metrics: dict[str, float]) -> FitRe
             run.logger.line(f"done: {run.state.step} steps; {saved}")
     if run.accelerator.is_main_process:
         run.logger.close()
+    if run.recorder is not None:
+        run.recorder.close()
     run.accelerator.wait_for_everyone()
     return FitResult(
         state=run.state,

@@ -21,6 +21,7 @@ from emi.arguments import parse_run_args, run_overrides
 from emi.config import load_config
 from emi.engine.distributed import build_accelerator
 from emi.engine.loop import FitResult, Task, fit
+from emi.engine.resize import launched_world_size, resized_config
 from emi.errors import EXIT_NOT_FINISHED, EXIT_OK, EXIT_USAGE, UsageError
 
 C = TypeVar("C")
@@ -40,11 +41,13 @@ def run_stage(
     try:
         config: Any = load_config(schema, args.config, run_overrides(args))
         check(config)
+        run_dir = Path(config.run.output_dir) / config.run.name
+        config = resized_config(config, run_dir, launched_world_size())  # a resume on another number of processes
         accelerator = build_accelerator(config.train, config.data.batch_size)
         set_seed(config.run.seed)  # the same initial weights on every rank
         task = build_task(config, accelerator)
         torch.manual_seed(config.run.seed + accelerator.process_index)  # distinct dropout per rank
-        return fit(task, accelerator, config, Path(config.run.output_dir) / config.run.name)
+        return fit(task, accelerator, config, run_dir)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

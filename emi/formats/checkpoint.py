@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,45 @@ CHECKSUM_FILE = "checkpoint.json"
 RUN_FILE = "run.json"
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a run deals out its data and steps: processes, dataloader workers per process, samples per micro-batch on
+    each process, micro-batches per optimizer step."""
+
+    world_size: int
+    num_workers: int
+    batch_size: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.grad_accum
+
+    def describe(self) -> str:
+        return (
+            f"{self.world_size} processes x batch {self.batch_size} x grad_accum {self.grad_accum} "
+            f"(global batch {self.global_batch}), {self.num_workers} workers each"
+        )
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """A part of an epoch trained under one layout, ended by a resume under another: `batches` micro-batches on each
+    process."""
+
+    layout: Layout
+    batches: int
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # the epoch in progress
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    batch_in_epoch: int = 0  # micro-batches consumed on each process in the epoch's current stretch
     best_metric: float | None = None
     best_step: int | None = None
+    layout: Layout | None = None  # the layout that wrote the checkpoint (None: an emi that did not record it)
+    stretches: list[Stretch] = field(default_factory=list)  # the epoch's earlier stretches, under other layouts
 
 
 def write_trainer_state(folder: Path, state: TrainerState) -> None:
@@ -38,10 +70,21 @@ def write_trainer_state(folder: Path, state: TrainerState) -> None:
 
 
 def read_trainer_state(folder: Path) -> TrainerState:
-    """The state a checkpoint records (its file was verified against checkpoint.json before)."""
-    document = json.loads((folder / STATE_FILE).read_text())
-    known = {f.name for f in fields(TrainerState)}
-    return TrainerState(**{name: value for name, value in document.items() if name in known})
+    """The state a checkpoint records (its file was verified against checkpoint.json before); UsageError naming the
+    file when it is not a trainer state."""
+    path = folder / STATE_FILE
+    try:
+        document = json.loads(path.read_text())
+        known = {f.name for f in fields(TrainerState)}
+        values = {name: value for name, value in document.items() if name in known}
+        if values.get("layout") is not None:
+            values["layout"] = Layout(**values["layout"])
+        values["stretches"] = [
+            Stretch(Layout(**stretch["layout"]), int(stretch["batches"])) for stretch in values.get("stretches", [])
+        ]
+        return TrainerState(**values)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UsageError(f"{path}: not a trainer state ({type(err).__name__}: {err})") from None
 
 
 @dataclass(frozen=True)
