@@ -375,3 +375,44 @@ def test_stage2_trains_on_folds_of_the_data_with_a_pearson_term_and_late_fusion(
     for step, loss in terms["loss"].items():
         expected = terms["mse"][step] + terms["pearson"][step] + 0.5 * terms["unimodal"][step]
         assert loss == pytest.approx(expected, rel=1e-4) and terms["unimodal"][step] > 0
+
+
+def test_stage2_resumed_on_one_process_with_the_global_batch_kept_ends_with_the_uninterrupted_weights(
+    features, tmp_path
+):
+    """Two processes checkpoint after 2 of their 6 steps; resumed from there on one process with train.resize=batch
+    (batch 4 -> 8, so each step's gathered predictions are the same clips), Stage II ends the epoch with the weights
+    and the EMA of the uninterrupted 2-process run, within float rounding. (Later epochs follow the plan of one
+    process, other batches.) Dropout off: the new process draws its own random stream."""
+    args = [
+        "--config",
+        "configs/stage2/tiny.yaml",
+        f"data.train={features / 'train'}",
+        f"data.val={features / 'val'}",
+        f"run.output_dir={tmp_path}",
+        "run.name=whole",
+        "data.batch_size=4",
+        "train.epochs=1",
+        "train.checkpoint_every=2",
+        "train.keep_last=20",
+        "train.resize=batch",
+        "model.dropout=0.0",
+        "model.modality_dropout=0.0",
+    ]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch("train/stage2.py", args)
+    shutil.copytree(whole, resumed, ignore=shutil.ignore_patterns("export", "best"))
+    for checkpoint in (resumed / "checkpoints").glob("step-*"):
+        if checkpoint.name != "step-00000002":
+            shutil.rmtree(checkpoint)
+    launch("train/stage2.py", [*args, "run.name=resumed", "--resume", "latest"], num_processes=1)
+    log = (resumed / "log.txt").read_text()
+    assert "resumed from 2 to 1 processes: global batch 8 kept (train.resize=batch); batch 4 -> 8" in log, log
+    for folder in ("export", "best"):
+        a, b = (
+            load_file(str(whole / folder / "model.safetensors")),
+            load_file(str(resumed / folder / "model.safetensors")),
+        )
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4, msg=f"{folder}: {name}")

@@ -115,8 +115,8 @@ def build_accelerator(train: TrainSection, micro_batch_size: int, project_dir: s
         expected = (DistributedType.DEEPSPEED,)
     elif accelerator.num_processes > 1:
         expected = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-    else:
-        expected = (DistributedType.NO,)
+    else:  # a launcher asked for one process may still set up a process group of one (accelerate launch does)
+        expected = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
     if accelerator.distributed_type not in expected:
         raise RuntimeError(
             f"train.strategy={train.strategy} needs {[t.value for t in expected]} but accelerate set "

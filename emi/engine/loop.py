@@ -225,9 +225,10 @@ def resume(run: Run) -> None:
     if run.ema is not None and ema_state is not None:
         run.ema.load_state_dict(ema_state)
     if is_main:
+        written_by = f"; written by {run.state.layout.describe()}" if run.state.layout else ""
         run.logger.line(
             f"resumed from {path}: epoch {run.state.epoch + 1} step {run.state.step} "
-            f"(batch {run.state.batch_in_epoch} of the epoch)"
+            f"(batch {run.state.batch_in_epoch} of the epoch){written_by}"
         )
         if run.train.record_samples:
             drop_records_after(run.checkpointer.run_dir, run.state.step)
