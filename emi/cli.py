@@ -74,6 +74,7 @@ def _synth(args: argparse.Namespace) -> int:
         workers=args.workers,
         prefix=args.prefix,
         size=parse_size(args.size),
+        labels=args.labels,
     )
     print(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -427,6 +428,13 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
         "split (train-, val-) gives every clip its own key, as k-fold over train + val needs",
     )
     synth.add_argument("--size", default="128x128", help="the clips' width x height in pixels, e.g. 640x360")
+    synth.add_argument(
+        "--labels",
+        choices=["emi", "expression-va"],
+        default="emi",
+        help="what labels.csv records: the six EMI intensities (default), or Expression, Valence and Arousal "
+        "(a second, differently labelled data set to mix with the first)",
+    )
     synth.set_defaults(func=_synth)
 
 

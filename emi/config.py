@@ -60,10 +60,29 @@ class DataSection:
 
 
 @dataclass
+class SourceSection:
+    """One data set of a Stage I mix (data.sources)."""
+
+    shards: str = ""  # shard spec, as data.train
+    weight: float = 1.0  # its share of every epoch, relative to the other sources' weights
+    name: str = ""  # in the per-source counts (default: the last part of its shard spec)
+    prompts: list[str] | None = None  # prompt families (expression, au, va, emi); null: all its samples carry
+
+
+@dataclass
 class Stage1Data(DataSection):
     augment: bool = True  # training augmentation (crops, flips, audio gain/noise); never in eval
     audio_seconds: float = 4.0  # waveform window length
     max_text_len: int = 64
+    sources: list[SourceSection] | None = None  # a weighted mix of data sets, in place of data.train
+    epoch_samples: int = 0  # samples per epoch; 0: all the sources (or data.train) hold together
+
+
+def source_names(sources: list[SourceSection]) -> list[str]:
+    """Each source's name: its own, or the last part of its shard spec."""
+    return [
+        source.name or source.shards.rstrip("/").rsplit("/", 1)[-1] or f"source{i}" for i, source in enumerate(sources)
+    ]
 
 
 @dataclass
@@ -364,6 +383,8 @@ def validate(config: Any, source: str) -> None:
     data = getattr(config, "data", None)
     if isinstance(data, DataSection) and data.prefetch_factor < 1:  # a sweep's `data` names feature sets
         raise UsageError(f"{source}: data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
+    if isinstance(data, Stage1Data):
+        validate_sources(data, source)
     folded = isinstance(data, Stage2Data) and (data.folds or data.fold)
     if folded and (data.folds < 2 or not 0 <= data.fold < data.folds):
         raise UsageError(
@@ -377,6 +398,35 @@ def validate(config: Any, source: str) -> None:
             raise UsageError(f"{source}: loss weights must be >= 0 and one of them > 0, got {weights}")
         if unimodal < 0:
             raise UsageError(f"{source}: loss.unimodal must be >= 0, got {unimodal}")
+
+
+# The prompt families a source may keep (emi.prompts reads which label columns belong to each).
+PROMPT_FAMILIES = ("expression", "au", "va", "emi")
+
+
+def validate_sources(data: Stage1Data, source: str) -> None:
+    """data.sources: at least one, each with shards and a weight > 0, names unique; never beside data.train."""
+    if data.epoch_samples < 0:
+        raise UsageError(f"{source}: data.epoch_samples must be >= 0 (0: all the samples), got {data.epoch_samples}")
+    if data.sources is None:
+        return
+    if data.train:
+        raise UsageError(f"{source}: data.train and data.sources are both set; give the shards in one of them")
+    if not data.sources:
+        raise UsageError(f"{source}: data.sources is empty; list at least one source")
+    for i, mixed in enumerate(data.sources):
+        if not mixed.shards:
+            raise UsageError(f"{source}: data.sources[{i}].shards is not set")
+        if not mixed.weight > 0:
+            raise UsageError(f"{source}: data.sources[{i}].weight must be > 0, got {mixed.weight}")
+        unknown = sorted(set(mixed.prompts or ()) - set(PROMPT_FAMILIES))
+        if unknown or mixed.prompts == []:
+            named = unknown or "no family"
+            raise UsageError(f"{source}: data.sources[{i}].prompts has {named}; choose among {list(PROMPT_FAMILIES)}")
+    names = source_names(data.sources)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"{source}: data.sources has the name {twice[0]!r} twice; give each source its own name")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -> None:
@@ -407,7 +457,8 @@ def dotted_keys(schema: type) -> list[str]:
     """Every key of a schema, dotted through its sections (`optim.lr`, `model.vision.arch`, ...)."""
     keys = []
     for name, hint in typing.get_type_hints(schema).items():
-        options = [h for h in typing.get_args(hint) if h is not type(None)] or [hint]
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = [h for h in typing.get_args(hint) if h is not type(None)] if optional else [hint]
         section = next((option for option in options if dataclasses.is_dataclass(option)), None)
         keys += [f"{name}.{key}" for key in dotted_keys(section)] if section else [name]
     return keys

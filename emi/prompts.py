@@ -19,13 +19,16 @@ Rules (all deterministic):
   count as missing.
 - Missing values (NaN, None, empty strings) and unknown columns are ignored. When the known columns carry values
   but the text would be empty (e.g. no AU active and nothing else), the prompt is `NEUTRAL_PROMPT`.
+- `families` (a subset of emi.config.PROMPT_FAMILIES) keeps only those families' columns: "expression"
+  (Expression), "au" (AU<n>), "va" (Valence, Arousal), "emi" (the six EMI columns); a data set in a mix may
+  restrict its prompts so.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from emi import EMI_EMOTIONS
 
@@ -77,12 +80,15 @@ def intensity_word(x: float) -> str:
     return "Moderate" if x < INTENSITY_HIGH_FROM else "High"
 
 
-def build_prompt(labels: Mapping[str, float | str]) -> str:
-    """The Stage I text for one sample's labels (see the module docstring for the rules).
+def build_prompt(labels: Mapping[str, float | str], families: Collection[str] | None = None) -> str:
+    """The Stage I text for one sample's labels (see the module docstring for the rules), from the columns of
+    `families` only where given.
 
     Unknown columns and missing values are ignored. Raises ValueError when a numeric column holds a non-number,
     an EMI intensity lies outside [0, 1], or no known column carries a value.
     """
+    if families is not None:
+        labels = {column: value for column, value in labels.items() if _family(column) in families}
     expression = _expression(labels)
     valence = _va_value(labels, "Valence")
     arousal = _va_value(labels, "Arousal")
@@ -110,6 +116,17 @@ def build_prompt(labels: Mapping[str, float | str]) -> str:
     if va:
         text = ", ".join([text, *va]) if text else ", ".join(va)
     return text or NEUTRAL_PROMPT
+
+
+def _family(column: str) -> str | None:
+    """The prompt family a label column belongs to (None: no family, a column the prompt ignores)."""
+    if column == "Expression":
+        return "expression"
+    if column in ("Valence", "Arousal"):
+        return "va"
+    if column in EMI_EMOTIONS:
+        return "emi"
+    return "au" if _AU_COLUMN.fullmatch(column) else None
 
 
 def _emi_phrase(emi: dict[str, float]) -> str:

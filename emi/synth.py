@@ -3,7 +3,8 @@
 Layout written under `out`:
     videos/00001.mp4 ...  H.264 (constant bitrate) + AAC (constant bitrate), 25 fps, 128x128 (or `size`),
                           16 kHz mono, 2 to 8 s, no metadata
-    labels.csv            Filename,Admiration,Amusement,Determination,Empathic Pain,Excitement,Joy (4 decimals)
+    labels.csv            Filename,Admiration,Amusement,Determination,Empathic Pain,Excitement,Joy (4 decimals);
+                          with `labels="expression-va"`: Filename,Expression,Valence,Arousal (see Label kinds)
     transcripts.csv       Filename,Text
     corruption.csv        Filename,Corrupted (the corrupted modality or empty; for analysis only)
 
@@ -16,6 +17,14 @@ per emotion give x_k = loadings_k . (p, n, d) + sqrt(1 - |loadings_k|^2) e_k (un
 y_k = sigmoid(1.7 x_k - 1.2), rounded to 4 decimals: many low values (median 0.23), some high. Loadings (p, n, d):
 Admiration (0.3, 0, 0.5), Amusement (0.7, 0, 0), Determination (0, 0, 0.7), Empathic Pain (-0.3, 0.7, 0),
 Excitement (0.6, 0, 0.3), Joy (0.7, 0, 0). Every emotion keeps at least 40% of its variance private.
+
+Label kinds. The clips are always rendered from the six intensities y; `labels` says what labels.csv records:
+    emi            the six intensities (the default)
+    expression-va  a second, differently labelled data set of the same world (a source to mix with the first):
+                   Expression, the class of the strongest emotion (Joy, Amusement: Happiness; Excitement,
+                   Admiration: Surprise; Empathic Pain: Sadness; Determination: Anger), Neutral when none reaches
+                   0.3; Valence = mean(Joy, Amusement, Admiration) - Empathic Pain and
+                   Arousal = 2 mean(Excitement, Amusement, Determination) - 1, both clipped to [-1, 1] (4 decimals).
 
 Each modality sees its own noisy copy of the labels, c_k = clip(y_k + N(0, 0.08), 0, 1), drawn independently per
 modality, so that fusing modalities helps. The duration (uniform 2 to 8 s, whole frames) and every nuisance
@@ -132,6 +141,16 @@ FILLER_WORDS = (
 CUES_PER_UNIT_INTENSITY = 4.0
 CUE_COUNT_NOISE = 1.0
 EMPTY_TRANSCRIPT_PROB = 0.04
+LABEL_KINDS = ("emi", "expression-va")
+EXPRESSION_OF = {
+    "Admiration": "Surprise",
+    "Amusement": "Happiness",
+    "Determination": "Anger",
+    "Empathic Pain": "Sadness",
+    "Excitement": "Surprise",
+    "Joy": "Happiness",
+}
+NEUTRAL_BELOW = 0.3  # no emotion this strong: the expression is Neutral
 # Independent random streams per clip; the index in this tuple is part of the seed.
 STREAMS = ("labels", "duration", "video", "audio", "text", "corruption", "selection")
 
@@ -171,6 +190,25 @@ def draw_labels(rng: np.random.Generator) -> np.ndarray:
     private = rng.standard_normal(len(EMI_EMOTIONS))
     latent = LOADINGS @ factors + np.sqrt(1.0 - (LOADINGS**2).sum(axis=1)) * private
     return np.round(1.0 / (1.0 + np.exp(-(LABEL_SLOPE * latent - LABEL_OFFSET))), 4)
+
+
+def expression_va(labels: np.ndarray) -> list[str]:
+    """The expression-va kind's Expression, Valence and Arousal cells for six intensities (module docstring)."""
+    y = dict(zip(EMI_EMOTIONS, labels.tolist()))
+    strongest = max(EMI_EMOTIONS, key=lambda name: y[name])  # ties: the first in EMI_EMOTIONS
+    expression = EXPRESSION_OF[strongest] if y[strongest] >= NEUTRAL_BELOW else "Neutral"
+    valence = (y["Joy"] + y["Amusement"] + y["Admiration"]) / 3 - y["Empathic Pain"]
+    arousal = 2 * (y["Excitement"] + y["Amusement"] + y["Determination"]) / 3 - 1
+    return [expression, *(f"{float(np.clip(value, -1.0, 1.0)):.4f}" for value in (valence, arousal))]
+
+
+def label_table(plans: list[ClipPlan], kind: str) -> tuple[list[str], list[list[str]]]:
+    """labels.csv's header and rows for the label kind `kind` (one of LABEL_KINDS)."""
+    if kind == "expression-va":
+        return ["Filename", "Expression", "Valence", "Arousal"], [
+            [plan.name, *expression_va(np.array(plan.labels))] for plan in plans
+        ]
+    return ["Filename", *EMI_EMOTIONS], [[plan.name, *(f"{value:.4f}" for value in plan.labels)] for plan in plans]
 
 
 def draw_num_frames(rng: np.random.Generator) -> int:
@@ -460,7 +498,10 @@ def _check_arguments(
     workers: int,
     prefix: str,
     size: tuple[int, int],
+    labels: str,
 ) -> None:
+    if labels not in LABEL_KINDS:
+        raise UsageError(f"--labels must be one of {', '.join(LABEL_KINDS)}, got {labels!r}")
     if not re.fullmatch(r"[A-Za-z0-9_-]*", prefix):
         # the name becomes the clip's file name and its WebDataset key, which ends at the first dot
         raise UsageError(f"--prefix must be letters, digits, '-' or '_', got {prefix!r}")
@@ -507,9 +548,10 @@ def synthesize(
     workers: int = 1,
     prefix: str = "",
     size: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE),
+    labels: str = "emi",
 ) -> dict:
-    """Write `clips` synthetic clips of `size` (width, height) with labels, transcripts and a corruption record
-    under `out`.
+    """Write `clips` synthetic clips of `size` (width, height) with labels of kind `labels` (LABEL_KINDS),
+    transcripts and a corruption record under `out`.
 
     Clips are named `prefix` + their 1-based index (00001, ...); a prefix per split (train-, val-) gives every clip
     of a data set its own key, which k-fold over train + val needs (emi.data.folds).
@@ -518,7 +560,7 @@ def synthesize(
     """
     out = Path(out)
     size = tuple(size)
-    _check_arguments(out, clips, seed, corrupt_modality, corrupt_frac, workers, prefix, size)
+    _check_arguments(out, clips, seed, corrupt_modality, corrupt_frac, workers, prefix, size, labels)
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
 
@@ -527,13 +569,13 @@ def synthesize(
     width = max(5, len(str(clips)))
     plans, transcripts = [], []
     for index in range(clips):
-        labels = draw_labels(clip_rng(seed, index, "labels"))
+        intensities = draw_labels(clip_rng(seed, index, "labels"))
         corrupted_modality = corrupt_modality if index in corrupted else None
         plans.append(
             ClipPlan(
                 index=index,
                 name=f"{prefix}{index + 1:0{width}d}",
-                labels=tuple(labels.tolist()),
+                labels=tuple(intensities.tolist()),
                 num_frames=draw_num_frames(clip_rng(seed, index, "duration")),
                 corrupted=corrupted_modality,
                 size=size,
@@ -542,7 +584,7 @@ def synthesize(
         if corrupted_modality == "text":
             transcripts.append(word_salad(clip_rng(seed, index, "corruption")))
         else:
-            transcripts.append(make_transcript(labels, clip_rng(seed, index, "text")))
+            transcripts.append(make_transcript(intensities, clip_rng(seed, index, "text")))
 
     if workers == 1:
         for plan in plans:
@@ -551,11 +593,7 @@ def synthesize(
         with ProcessPoolExecutor(max_workers=min(workers, clips)) as pool:
             list(pool.map(write_clip, plans, repeat(seed), repeat(videos)))
 
-    _write_csv(
-        out / "labels.csv",
-        ["Filename", *EMI_EMOTIONS],
-        [[plan.name, *(f"{value:.4f}" for value in plan.labels)] for plan in plans],
-    )
+    _write_csv(out / "labels.csv", *label_table(plans, labels))
     _write_csv(
         out / "transcripts.csv", ["Filename", "Text"], [[plan.name, text] for plan, text in zip(plans, transcripts)]
     )
@@ -565,6 +603,7 @@ def synthesize(
         "out": str(out),
         "videos": str(videos),
         "labels": str(out / "labels.csv"),
+        "label_kind": labels,
         "transcripts": str(out / "transcripts.csv"),
         "corruption": str(out / "corruption.csv"),
         "clips": clips,

@@ -16,6 +16,7 @@ from emi.data.plan import (
     shard_order,
     shuffle_buffer_order,
     take_samples,
+    whole_shards,
     worker_skip_batches,
 )
 
@@ -27,7 +28,7 @@ def expand(segments: list[Segment]) -> list[tuple[int, int]]:
 def epoch_slices(sizes, consumers, batch, drop_last, epoch=0, seed=7, shuffle=True):
     order = shard_order(len(sizes), seed, epoch, shuffle)
     per = samples_per_consumer(sum(sizes), consumers, batch, drop_last)
-    return per, [expand(consumer_segments(sizes, order, c, per)) for c in range(consumers)]
+    return per, [expand(consumer_segments(whole_shards(sizes, order), c, per)) for c in range(consumers)]
 
 
 CASES = [  # shard sizes, world size x workers, per-rank batch
@@ -88,7 +89,7 @@ def test_shard_order_is_seeded_per_epoch():
 
 def test_cycle_segments_wraps_through_all_shards_from_any_position():
     sizes, order = [3, 0, 2], [2, 0, 1]
-    taken = expand(take_samples(cycle_segments(sizes, order, begin=1), 9))
+    taken = expand(take_samples(cycle_segments(whole_shards(sizes, order), begin=1), 9))
     assert taken == [(2, 1), (0, 0), (0, 1), (0, 2), (2, 0), (2, 1), (0, 0), (0, 1), (0, 2)]
 
 

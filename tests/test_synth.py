@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ from emi.errors import UsageError
 from emi.media import probe as media_probe
 from emi.synth import (
     CUE_WORDS,
+    EXPRESSION_OF,
     FILLER_WORDS,
     clip_rng,
     draw_labels,
@@ -426,3 +428,46 @@ def test_size_sets_the_clips_width_and_height(tmp_path: Path) -> None:
     assert summary["size"] == "640x360" and summary["frame_size"] == 360
     with pytest.raises(UsageError, match="--size"):
         parse_size("640 by 360")
+
+
+def test_expression_va_labels_describe_the_same_clips(dataset: tuple[Path, dict], tmp_path: Path) -> None:
+    """The second label kind records Expression, Valence and Arousal of the clips the default kind would write."""
+    out, _ = dataset
+    summary = synthesize(out=tmp_path / "expr", clips=3, seed=0, labels="expression-va")
+    assert summary["label_kind"] == "expression-va"
+    for index in (1, 2, 3):
+        assert (tmp_path / "expr" / "videos" / f"{index:05d}.mp4").read_bytes() == (
+            out / "videos" / f"{index:05d}.mp4"
+        ).read_bytes()
+    rows = read_csv(tmp_path / "expr" / "labels.csv")
+    assert rows[0] == ["Filename", "Expression", "Valence", "Arousal"]
+    for row, emi in zip(rows[1:], read_csv(out / "labels.csv")[1:4]):
+        y = dict(zip(EMI_EMOTIONS, map(float, emi[1:])))
+        strongest = max(EMI_EMOTIONS, key=y.get)
+        assert row[0] == emi[0]
+        assert row[1] == (EXPRESSION_OF[strongest] if y[strongest] >= 0.3 else "Neutral")
+        valence = (y["Joy"] + y["Amusement"] + y["Admiration"]) / 3 - y["Empathic Pain"]
+        assert float(row[2]) == pytest.approx(np.clip(valence, -1, 1), abs=1e-4)
+        assert -1.0 <= float(row[3]) <= 1.0 and len(row[3].split(".")[1]) == 4
+
+
+def test_expression_va_clips_pack_into_shards_with_prompts_of_their_kind(tmp_path: Path) -> None:
+    from emi.data import ImageSpec
+    from emi.formats.manifest import read_manifest
+    from emi.prompts import build_prompt
+
+    from helpers import flat_loader, synthetic_split
+
+    shards = synthetic_split(tmp_path, "expr", clips=6, seed=2, frame_size=32, shard_size=4, labels="expression-va")
+    assert set(read_manifest(shards).labels) == {"Expression", "Valence", "Arousal"}
+    data = flat_loader(str(shards), mode="frame", batch_size=3, prompt_fn=build_prompt, image=ImageSpec(size=16))
+    data.set_epoch(0)
+    prompts = [prompt for batch in data.dataloader for prompt in batch["prompt"]]
+    assert len(prompts) == 6
+    kind = r"(Happiness|Surprise|Sadness|Anger|Neutral) \(Intensity: (Low|Moderate|High)\), Valence=-?\d\.\d\d, "
+    assert all(re.fullmatch(kind + r"Arousal=-?\d\.\d\d", prompt) for prompt in prompts), prompts
+
+
+def test_an_unknown_label_kind_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--labels must be one of emi, expression-va"):
+        synthesize(out=tmp_path / "x", clips=1, labels="au")

@@ -16,7 +16,7 @@ import multiprocessing
 import signal
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,18 @@ from emi.data.modes import MODES, PROMPT_MODES, WANTED, DecodeSpec, collate, dec
 from emi.data.plan import (
     EpochShape,
     Segment,
+    SourceShards,
     consumer_segments,
     consumers_of,
     cycle_segments,
     emission_order,
+    epoch_length,
+    epoch_runs,
+    mixed_draw_weights,
     resampled_batches,
     resampled_segments,
     resampled_stretch_batches,
     samples_per_consumer,
-    shard_order,
     shuffle_buffer_order,
     stretch_steps,
     worker_batches,
@@ -120,6 +123,37 @@ class LoaderSpec:
     workers: Workers = Workers()
 
 
+@dataclass(frozen=True)
+class Source:
+    """One data set of a Mix: its shards (a spec as build_loader takes one, or a ShardSet), its weight, its name (each
+    batch's "source" names its samples' sources) and how its labels become prompts (None: the DecodeSpec's)."""
+
+    name: str
+    shards: str | Sequence[str] | ShardSet
+    weight: float = 1.0
+    prompt_fn: Callable[[dict], str] | None = None
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Several sources read together: an epoch of `epoch_samples` samples (0: as many as the sources hold together)
+    takes from each source in proportion to its weight (emi.data.plan.epoch_runs)."""
+
+    sources: tuple[Source, ...]
+    epoch_samples: int = 0
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What a ShardDataset knows of its sources: their shards and weights, names (empty: a plain data set, whose
+    batches carry no "source"), decode specs, and the epoch's length (0: all the shards hold)."""
+
+    shards: tuple[SourceShards, ...]
+    names: tuple[str, ...]
+    specs: tuple[DecodeSpec, ...]
+    epoch_samples: int = 0
+
+
 def workers_of(data: Any) -> Workers:
     """The worker settings of a run config's data section (emi.config.DataSection)."""
     return Workers(data.num_workers, data.pin_memory, data.prefetch_factor, data.persistent_workers)
@@ -129,19 +163,30 @@ class ShardDataset(IterableDataset):
     """Batches of one rank's share of the shards; in a worker, of that worker's share."""
 
     def __init__(
-        self, shards: Sequence[ShardInfo], spec: DecodeSpec, shared: SharedEpoch, sampling: Sampling, num_workers: int
+        self,
+        shards: Sequence[ShardInfo],
+        spec: DecodeSpec,
+        shared: SharedEpoch,
+        sampling: Sampling,
+        num_workers: int,
+        sources: SourcePlan | None = None,
     ) -> None:
         self.urls = [shard.url for shard in shards]
         self.sizes = [shard.num_samples for shard in shards]
         self.subsets = [shard.keys for shard in shards]  # a fold's keys per shard, None: all its samples
         self.spec, self.shared = spec, shared
+        self.sources = sources or SourcePlan((SourceShards(tuple(range(len(shards))), 1.0),), (), (spec,))
+        self.source_of = [0] * len(shards)  # each shard's source
+        for index, source in enumerate(self.sources.shards):
+            for shard in source.shards:
+                self.source_of[shard] = index
         self.batch_size, self.rank, self.seed = sampling.batch_size, sampling.rank, sampling.seed
         self.shuffle, self.resampled = sampling.shuffle, sampling.resampled
         self.world_size, self.drop_last = sampling.world_size, sampling.drop_last
         self.shuffle_buffer = sampling.shuffle_buffer if sampling.shuffle else 0
         self.workers = max(1, num_workers)
         consumers = sampling.world_size * self.workers
-        total = sum(self.sizes)
+        total = self.total = epoch_length(self.sizes, self.sources.epoch_samples)  # N: the samples of an epoch
         if sampling.resampled:
             self.per_consumer = resampled_batches(total, consumers, self.batch_size) * self.batch_size
         else:
@@ -157,7 +202,7 @@ class ShardDataset(IterableDataset):
         if not stretches:
             return len(self)
         if self.resampled:
-            return resampled_stretch_batches(sum(self.sizes), stretches, self.world_size, self.batch_size)
+            return resampled_stretch_batches(self.total, stretches, self.world_size, self.batch_size)
         return len(stretch_steps(self._shape(epoch), stretches, self.world_size, self.batch_size)[0])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -183,17 +228,26 @@ class ShardDataset(IterableDataset):
             samples.close()
 
     def _shape(self, epoch: int) -> EpochShape:
-        return EpochShape(tuple(self.sizes), self.seed, epoch, self.shuffle_buffer, self.drop_last)
+        return EpochShape((self.total,), self.seed, epoch, self.shuffle_buffer, self.drop_last)
+
+    def _runs(self, epoch: int) -> list[Segment]:
+        """The epoch's sample sequence, in runs (emi.data.plan.epoch_runs)."""
+        return epoch_runs(self.sizes, self.sources.shards, self.sources.epoch_samples, self.seed, epoch, self.shuffle)
+
+    def _draws(self, epoch: int, consumer: int, stretch: int = 0) -> Iterator[Segment]:
+        """Resampled mode's shards, drawn by size, or in a mix by source weight and then by size."""
+        weights = mixed_draw_weights(self.sizes, self.sources.shards) if len(self.sources.shards) > 1 else None
+        return resampled_segments(self.sizes, self.seed, epoch, consumer, stretch, weights)
 
     def _stretch_samples(
         self, worker: int, epoch: int, skip_batches: int, stretches: Sequence[Stretch]
     ) -> tuple[Iterator[tuple[bool, RawSample | None]], int]:
         """(this worker's samples, how many it emits) in an epoch resumed under another layout (emi.data.plan)."""
         if self.resampled:  # fresh draws for what the epoch had left, from a stream of their own
-            batches = resampled_stretch_batches(sum(self.sizes), stretches, self.world_size, self.batch_size)
+            batches = resampled_stretch_batches(self.total, stretches, self.world_size, self.batch_size)
             quota = len(worker_batches(batches, worker, self.workers, skip_batches)) * self.batch_size
             consumer = self.rank * self.workers + worker
-            segments = resampled_segments(self.sizes, self.seed, epoch, consumer, stretch=len(stretches))
+            segments = self._draws(epoch, consumer, stretch=len(stretches))
             reader = read_segments(
                 self.urls, segments, (), WANTED[self.spec.mode], self._selection(epoch), subsets=self.subsets
             )
@@ -203,7 +257,7 @@ class ShardDataset(IterableDataset):
         tickets, repeat = steps[mine, self.rank].reshape(-1), repeats[mine, self.rank].reshape(-1)
         first = stretches[0].layout
         per_consumer = samples_per_consumer(
-            sum(self.sizes), consumers_of(first.world_size, first.num_workers), first.batch_size, self.drop_last
+            self.total, consumers_of(first.world_size, first.num_workers), first.batch_size, self.drop_last
         )
         return self._ticket_samples(tickets, repeat, per_consumer, epoch), len(tickets)
 
@@ -216,7 +270,7 @@ class ShardDataset(IterableDataset):
         stream in its own emission order, from which the tickets take their samples in turn; where the tickets go
         back in a slice (a wrap-around), a new pass over it starts. So a worker holds at most a shuffle buffer of
         read-ahead samples per slice it draws from."""
-        order = shard_order(len(self.sizes), self.seed, epoch, self.shuffle)
+        runs = self._runs(epoch)
         passes = _slice_passes(tickets, per_consumer, self._shape(epoch))
         left = Counter(stream for stream, _ in passes)
         wanted: dict[tuple[int, int], set[int]] = {}
@@ -226,7 +280,7 @@ class ShardDataset(IterableDataset):
         try:
             for (stream, position), repeat in zip(passes, repeats):
                 if stream not in open_streams:
-                    open_streams[stream] = self._slice_stream(stream[0], epoch, order, per_consumer, wanted[stream])
+                    open_streams[stream] = self._slice_stream(stream[0], epoch, runs, per_consumer, wanted[stream])
                 read_position, raw = next(open_streams[stream])
                 assert read_position == position, (stream, read_position, position)
                 left[stream] -= 1
@@ -240,7 +294,7 @@ class ShardDataset(IterableDataset):
             (False, raw)
             for _, raw in read_segments(
                 self.urls,
-                cycle_segments(self.sizes, order, 0),
+                cycle_segments(runs, 0),
                 (),
                 WANTED[self.spec.mode],
                 self._selection(epoch),
@@ -250,16 +304,16 @@ class ShardDataset(IterableDataset):
         )
 
     def _slice_stream(
-        self, consumer: int, epoch: int, order: Sequence[int], per_consumer: int, wanted: set[int]
+        self, consumer: int, epoch: int, runs: Sequence[Segment], per_consumer: int, wanted: set[int]
     ) -> Iterator[tuple[int, RawSample | None]]:
         """(position, sample) for the `wanted` positions of a consumer's slice, in its emission order."""
-        segments = consumer_segments(self.sizes, order, consumer, per_consumer)
+        segments = consumer_segments(runs, consumer, per_consumer)
         emission = shuffle_buffer_order(range(per_consumer), self.shuffle_buffer, self.seed, epoch, consumer)
         return self._in_emission_order(
             segments,
             (p for p in emission if p in wanted),
             _Unwanted(wanted),
-            sum(self.sizes) - consumer * per_consumer,
+            self.total - consumer * per_consumer,
             epoch,
         )
 
@@ -271,14 +325,14 @@ class ShardDataset(IterableDataset):
         to fill the last slices, and the make-up reads come round to samples met before. Only first places count
         (and name) an unusable sample, so each is reported once per epoch, by the consumer whose slice holds it."""
         if self.resampled:  # every draw is a sample of its own
-            segments = resampled_segments(self.sizes, self.seed, epoch, consumer)
+            segments = self._draws(epoch, consumer)
             positions: Iterator[int] = itertools.count()
             repeats_from = math.inf
         else:
-            order = shard_order(len(self.sizes), self.seed, epoch, self.shuffle)
-            segments = consumer_segments(self.sizes, order, consumer, self.per_consumer)
+            runs = self._runs(epoch)
+            segments = consumer_segments(runs, consumer, self.per_consumer)
             positions = iter(range(self.per_consumer))
-            repeats_from = sum(self.sizes) - consumer * self.per_consumer  # the wrap-around part of the slice
+            repeats_from = self.total - consumer * self.per_consumer  # the wrap-around part of the slice
         emission = shuffle_buffer_order(positions, self.shuffle_buffer, self.seed, epoch, consumer)
         skipped = set(itertools.islice(emission, skip))
         for position, raw in self._in_emission_order(segments, emission, skipped, repeats_from, epoch):
@@ -289,7 +343,7 @@ class ShardDataset(IterableDataset):
                 (False, raw)
                 for _, raw in read_segments(
                     self.urls,
-                    cycle_segments(self.sizes, order, begin),
+                    cycle_segments(runs, begin),
                     (),
                     WANTED[self.spec.mode],
                     self._selection(epoch),
@@ -367,11 +421,15 @@ class ShardDataset(IterableDataset):
     def _decode(self, raw: RawSample | None, epoch: int, warn: bool) -> dict[str, Any] | None:
         if raw is None:  # unreadable; the reader has said why
             return None
+        source = self.source_of[raw.shard]
         try:
-            return decode_sample(raw, self.spec, sample_rng(self.seed, epoch, raw.key))
+            sample = decode_sample(raw, self.sources.specs[source], sample_rng(self.seed, epoch, raw.key))
         except SampleError as err:
             (log.warning if warn else log.debug)("shard %s: skipping sample %r: %s", raw.url, raw.key, err)
             return None
+        if self.sources.names:
+            sample["source"] = self.sources.names[source]
+        return sample
 
 
 class _Unwanted:
@@ -444,10 +502,10 @@ class DataInfo:
 
 
 def build_loader(
-    shards: str | Sequence[str] | ShardSet, spec: LoaderSpec, manifest: str | Path | None = None
+    shards: str | Sequence[str] | ShardSet | Mix, spec: LoaderSpec, manifest: str | Path | None = None
 ) -> DataInfo:
     """A DataLoader over WebDataset shards for one rank: a shard spec (emi.data.urls: a folder, a pattern, a URL, a
-    `::` list; `manifest` for shards with none beside them) or a resolved ShardSet."""
+    `::` list; `manifest` for shards with none beside them), a resolved ShardSet, or a Mix of several."""
     decode, sampling, workers = spec.decode, spec.sampling, spec.workers
     if decode.mode not in MODES:
         raise ValueError(f"mode {decode.mode!r}: expected one of {', '.join(MODES)}")
@@ -462,9 +520,11 @@ def build_loader(
     ):
         raise ValueError(f"bad loader settings: {spec}")
     context = multiprocessing.get_context(workers.start_method)
-    dataset = ShardDataset(
-        resolve_shards(shards, manifest).shards, decode, SharedEpoch(context), sampling, workers.num_workers
-    )
+    if isinstance(shards, Mix):
+        resolved, sources = mixed_shards(shards, decode, manifest)
+    else:
+        resolved, sources = resolve_shards(shards, manifest).shards, None
+    dataset = ShardDataset(resolved, decode, SharedEpoch(context), sampling, workers.num_workers, sources)
     parallel = workers.num_workers > 0
     dataloader = DataLoader(
         dataset,
@@ -481,6 +541,21 @@ def build_loader(
     )
     num_batches = len(dataset)
     return DataInfo(dataloader, dataset, num_batches, num_batches * sampling.batch_size * sampling.world_size)
+
+
+def mixed_shards(mix: Mix, decode: DecodeSpec, manifest: str | Path | None) -> tuple[list[ShardInfo], SourcePlan]:
+    """All the sources' shards laid end to end, and the plan of which are whose."""
+    if not mix.sources or mix.epoch_samples < 0 or min(source.weight for source in mix.sources) <= 0:
+        raise ValueError(f"a mix needs sources with weights > 0 and epoch_samples >= 0: {mix}")
+    shards: list[ShardInfo] = []
+    plans = []
+    for source in mix.sources:
+        resolved = resolve_shards(source.shards, manifest).shards
+        plans.append(SourceShards(tuple(range(len(shards), len(shards) + len(resolved))), source.weight))
+        shards += resolved
+    specs = tuple(replace(decode, prompt_fn=source.prompt_fn or decode.prompt_fn) for source in mix.sources)
+    names = tuple(source.name for source in mix.sources)
+    return shards, SourcePlan(tuple(plans), names, specs, mix.epoch_samples)
 
 
 def _init_worker(worker_id: int) -> None:

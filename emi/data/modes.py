@@ -126,6 +126,8 @@ def collate(samples: Sequence[dict[str, Any]], spec: DecodeSpec) -> dict[str, An
         "label_mask": torch.stack([s["label_mask"] for s in samples]),
         "has_audio": torch.tensor([s["has_audio"] for s in samples]),
     }
+    if "source" in first:  # samples of a mix: the name of each one's source
+        batch["source"] = [s["source"] for s in samples]
     if spec.mode == "features":
         batch["vision"], batch["vision_mask"] = pad_stack([s["vision"] for s in samples], spec.num_frames)
         batch["audio"], batch["audio_mask"] = pad_stack([s["audio"] for s in samples], spec.num_frames)

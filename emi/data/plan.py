@@ -1,9 +1,11 @@
 """Epoch planning: which samples each consumer (rank, dataloader worker) reads, in which order.
 
-All samples of an epoch are laid end to end in a (seeded) shard order; consumer c reads the contiguous
-slice [c*P, (c+1)*P) of that sequence, wrapping to its start for the few samples past the end. P is the
-same for every consumer, so every rank yields the same number of batches. Everything here is a pure
-function of (sizes, seed, epoch, consumer): the plan is the same in every process and after a restart.
+An epoch is a sequence of runs (Segments: samples of one shard); from one data set, its shards whole in a
+(seeded) shard order; from a mix of sources, chunks of each source's share interleaved in proportion
+(`epoch_runs`). Consumer c reads the contiguous slice [c*P, (c+1)*P) of that sequence, wrapping to its start for
+the few samples past the end. P is the same for every consumer, so every rank yields the same number of batches.
+Everything here is a pure function of (sizes, sources, seed, epoch, consumer): the plan is the same in every
+process and after a restart.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import numpy as np
 from emi.formats.checkpoint import Stretch
 
 # Distinct seed streams for the separate random choices of one (seed, epoch).
-_SHARD_ORDER, _SHUFFLE_BUFFER, _RESAMPLE = 0, 1, 2
+_SHARD_ORDER, _SHUFFLE_BUFFER, _RESAMPLE, _SOURCE_PASS = 0, 1, 2, 3
+# A mixed epoch interleaves its sources in runs of at most this many samples: consumers read contiguous slices of
+# the epoch, so a shorter run mixes each consumer's stream (and with the shuffle buffer, each batch) more finely,
+# and a longer one opens fewer shards (each run is read from its own opening of the shard).
+MIX_RUN = 32
 
 
 @dataclass(frozen=True)
@@ -55,18 +61,114 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[i
     return np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(num_shards).tolist()
 
 
-def cycle_segments(sizes: Sequence[int], order: Sequence[int], begin: int) -> Iterator[Segment]:
-    """The sequence of all samples (shards in `order`, laid end to end) from position `begin`, repeated
-    without end."""
-    order = [shard for shard in order if sizes[shard] > 0]
-    starts = list(itertools.accumulate((sizes[shard] for shard in order), initial=0))
+@dataclass(frozen=True)
+class SourceShards:
+    """One source of a mix: its shards (indices into the loader's shards, all sources' shards laid end to end) and
+    its weight."""
+
+    shards: tuple[int, ...]
+    weight: float
+
+
+def source_shares(weights: Sequence[float], epoch_samples: int) -> list[int]:
+    """n_i: the samples each source gives an epoch of `epoch_samples`, proportional to its weight, rounded by largest
+    remainder (ties to the first source) so that they add up to `epoch_samples`."""
+    total = sum(weights)
+    exact = [epoch_samples * weight / total for weight in weights]
+    shares = [math.floor(share) for share in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: epoch_samples - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def source_pass(
+    sizes: Sequence[int], source: SourceShards, index: int, seed: int, pass_: int, shuffle: bool
+) -> list[int]:
+    """The shards of source number `index` in the order of its pass `pass_` over them (seeded by source and pass)."""
+    shards = [shard for shard in source.shards if sizes[shard] > 0]
+    if not shuffle:
+        return shards
+    order = np.random.default_rng([seed, _SOURCE_PASS, index, pass_]).permutation(len(shards))
+    return [shards[i] for i in order.tolist()]
+
+
+def source_take(
+    sizes: Sequence[int], source: SourceShards, index: int, seed: int, begin: int, count: int, shuffle: bool
+) -> list[Segment]:
+    """Positions [begin, begin + count) of a source's endless sequence of passes (each pass its shards whole in a
+    seeded order), in runs of at most MIX_RUN samples within one shard."""
+    total = sum(sizes[shard] for shard in source.shards)
+    runs: list[Segment] = []
+    pass_, offset = divmod(begin, total)
+    while count > 0:
+        order = source_pass(sizes, source, index, seed, pass_, shuffle)
+        for segment in take_samples(cycle_segments(whole_shards(sizes, order), offset), min(count, total - offset)):
+            runs += [
+                Segment(segment.shard, start, min(start + MIX_RUN, segment.stop))
+                for start in range(segment.start, segment.stop, MIX_RUN)
+            ]
+        count -= total - offset
+        pass_, offset = pass_ + 1, 0
+    return runs
+
+
+def epoch_runs(
+    sizes: Sequence[int], sources: Sequence[SourceShards], epoch_samples: int, seed: int, epoch: int, shuffle: bool
+) -> list[Segment]:
+    """The runs of epoch `epoch`, laid end to end: its sample sequence.
+
+    One source and epoch_samples 0: every shard whole, in shard_order. Otherwise source i gives positions
+    [e*n_i, (e+1)*n_i) of its endless sequence of passes (`source_shares`, `source_take`): a source smaller than
+    its share wraps into its next pass, a larger one goes on next epoch where this one stopped. The sources' runs
+    are merged in proportion: each run takes its place by where its middle lies in its source's share."""
+    if len(sources) == 1 and not epoch_samples:
+        return whole_shards(sizes, shard_order(len(sizes), seed, epoch, shuffle))
+    shares = source_shares([source.weight for source in sources], epoch_length(sizes, epoch_samples))
+    placed = []
+    for index, (source, share) in enumerate(zip(sources, shares)):
+        offset = 0
+        for run in source_take(sizes, source, index, seed, epoch * share, share, shuffle):
+            length = run.stop - run.start
+            placed.append(((2 * offset + length) / (2 * share), index, run))
+            offset += length
+    placed.sort(key=lambda place: place[:2])
+    return [run for _, _, run in placed]
+
+
+def epoch_length(sizes: Sequence[int], epoch_samples: int) -> int:
+    """N: the samples of an epoch, `epoch_samples` or else (0) all the shards hold."""
+    return epoch_samples or sum(sizes)
+
+
+def mixed_draw_weights(sizes: Sequence[int], sources: Sequence[SourceShards]) -> list[float]:
+    """Resampled mode's weight of each shard in a mix: within a source, by size (as with one data set), and across
+    sources so that each gives samples in proportion to its weight, whatever its shards' sizes (a draw reads its
+    shard whole, so a source of larger shards is drawn less often)."""
+    weights = [0.0] * len(sizes)
+    for source in sources:
+        squares = sum(sizes[shard] ** 2 for shard in source.shards)
+        for shard in source.shards:
+            weights[shard] += source.weight * sizes[shard] / squares
+    return weights
+
+
+def whole_shards(sizes: Sequence[int], order: Sequence[int]) -> list[Segment]:
+    """The runs of an epoch that reads every shard whole, in `order`."""
+    return [Segment(shard, 0, sizes[shard]) for shard in order]
+
+
+def cycle_segments(runs: Sequence[Segment], begin: int) -> Iterator[Segment]:
+    """The epoch's sample sequence (its `runs` laid end to end) from position `begin`, repeated without end."""
+    runs = [run for run in runs if run.stop > run.start]
+    starts = list(itertools.accumulate((run.stop - run.start for run in runs), initial=0))
     total = starts.pop()
     position = begin % total
     k = bisect.bisect_right(starts, position) - 1
-    yield Segment(order[k], position - starts[k], sizes[order[k]])
+    yield Segment(runs[k].shard, runs[k].start + position - starts[k], runs[k].stop)
     while True:
-        k = (k + 1) % len(order)
-        yield Segment(order[k], 0, sizes[order[k]])
+        k = (k + 1) % len(runs)
+        yield runs[k]
 
 
 def take_samples(segments: Iterable[Segment], count: int) -> list[Segment]:
@@ -81,19 +183,25 @@ def take_samples(segments: Iterable[Segment], count: int) -> list[Segment]:
     return taken
 
 
-def consumer_segments(sizes: Sequence[int], order: Sequence[int], consumer: int, per_consumer: int) -> list[Segment]:
-    """Consumer `consumer`'s slice [c*P, (c+1)*P) of the epoch's sample sequence."""
-    return take_samples(cycle_segments(sizes, order, consumer * per_consumer), per_consumer)
+def consumer_segments(runs: Sequence[Segment], consumer: int, per_consumer: int) -> list[Segment]:
+    """Consumer `consumer`'s slice [c*P, (c+1)*P) of the epoch's sample sequence (its `runs` laid end to end)."""
+    return take_samples(cycle_segments(runs, consumer * per_consumer), per_consumer)
 
 
 def resampled_segments(
-    sizes: Sequence[int], seed: int, epoch: int, consumer: int, stretch: int = 0
+    sizes: Sequence[int],
+    seed: int,
+    epoch: int,
+    consumer: int,
+    stretch: int = 0,
+    draw_weights: Sequence[float] | None = None,
 ) -> Iterator[Segment]:
     """Whole shards drawn with replacement, each with probability proportional to its size (so every
-    sample is equally likely), without end; `stretch` > 0 draws afresh for the part of an epoch resumed under
-    another layout."""
+    sample is equally likely), or to `draw_weights` (a mix: `mixed_draw_weights`), without end; `stretch` > 0
+    draws afresh for the part of an epoch resumed under another layout."""
     rng = np.random.default_rng([seed, epoch, consumer, _RESAMPLE, *([stretch] if stretch else [])])
-    weights = np.asarray(sizes, dtype=np.float64) / sum(sizes)
+    weights = np.asarray(sizes if draw_weights is None else draw_weights, dtype=np.float64)
+    weights = weights / weights.sum()
     while True:
         shard = int(rng.choice(len(sizes), p=weights))
         yield Segment(shard, 0, sizes[shard])
@@ -146,9 +254,9 @@ def worker_skip_batches(skip_batches: int, worker: int, num_workers: int) -> int
 
 @dataclass(frozen=True)
 class EpochShape:
-    """What fixes an epoch's tickets besides the layouts: the data set's shard sizes and the sampling settings."""
+    """What fixes an epoch's tickets besides the layouts: the epoch's length and the sampling settings."""
 
-    sizes: tuple[int, ...]
+    sizes: tuple[int, ...]  # sample counts that add up to the epoch's length N (its runs' lengths will do)
     seed: int
     epoch: int
     shuffle_buffer: int  # 0: no shuffle buffer

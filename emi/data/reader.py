@@ -44,6 +44,7 @@ class RawSample:
     key: str
     url: str
     entries: dict[str, bytes] = field(default_factory=dict)
+    shard: int = -1  # its shard's index in the list read_segments read (-1: read otherwise)
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -141,7 +142,10 @@ def _read_segment(
                     continue
                 if key != previous:
                     if pending is not None:
-                        yield first + index - segment.start, _raw_sample(previous, url, pending, tar, select)
+                        yield (
+                            first + index - segment.start,
+                            _raw_sample(previous, url, segment.shard, pending, tar, select),
+                        )
                         pending = None
                     index, previous = index + 1, key
                     if index >= segment.stop:
@@ -153,7 +157,7 @@ def _read_segment(
                     pending[extension] = member if seekable else tar.extractfile(member).read()
             else:
                 if pending is not None:
-                    yield first + index - segment.start, _raw_sample(previous, url, pending, tar, select)
+                    yield first + index - segment.start, _raw_sample(previous, url, segment.shard, pending, tar, select)
                 index += 1
                 if index < segment.stop:
                     problem = f"the shard ends after {index} samples, the plan expects {segment.stop}"
@@ -187,7 +191,12 @@ def _seekable(stream: IO[bytes]) -> bool:
 
 
 def _raw_sample(
-    key: str, url: str, pending: dict[str, bytes | tarfile.TarInfo], tar: tarfile.TarFile, select: Select | None
+    key: str,
+    url: str,
+    shard: int,
+    pending: dict[str, bytes | tarfile.TarInfo],
+    tar: tarfile.TarFile,
+    select: Select | None,
 ) -> RawSample:
     chosen = pending.keys() if select is None else select(key, list(pending))
     entries = {
@@ -195,4 +204,4 @@ def _raw_sample(
         for extension, data in pending.items()
         if extension in chosen
     }
-    return RawSample(key, url, entries)
+    return RawSample(key, url, entries, shard)

@@ -37,7 +37,7 @@ from emi.engine.prepare import prepare_model
 from emi.engine.resize import current_layout, resize_line, resized
 from emi.engine.signals import RequeueError, StopRequest, requeue_slurm_job
 from emi.engine.step import LossFn, train_step
-from emi.engine.telemetry import ScalarWindow, StepClock, step_scalars
+from emi.engine.telemetry import ScalarWindow, SourceCounts, StepClock, step_scalars
 from emi.errors import UsageError
 from emi.formats.checkpoint import Stretch, TrainerState, create_run_id, read_run_id
 from emi.formats.samples import BatchRecord, SampleRecorder, drop_records_after
@@ -140,6 +140,7 @@ def fit(task: Task, accelerator: Accelerator, config: Any, run_dir: Path) -> Fit
             break
         if stopped_by is None:
             with telemetry.clock.paused():  # evaluations and checkpoints are not steps
+                telemetry.log_sources()
                 metrics = end_epoch(run) or metrics
                 run.checkpoint()
     return finish(run, stopped_by, metrics)
@@ -285,6 +286,7 @@ def train_epoch(run: Run, stop: StopRequest, telemetry: StepTelemetry) -> int | 
             train.clip_grad,
         )
         state.batch_in_epoch += 1
+        telemetry.sources.add(batch)
         if run.recorder is not None:
             run.recorder.add(BatchRecord(state.epoch, state.step + 1, accelerator.num_processes, list(batch["key"])))
         telemetry.window.add(result.loss, result.scalars)
@@ -385,6 +387,16 @@ class StepTelemetry:
 
     def __init__(self, run: Run) -> None:
         self.run, self.window, self.clock = run, ScalarWindow(), StepClock(run.accelerator.device)
+        self.sources = SourceCounts()
+
+    def log_sources(self) -> None:
+        """At an epoch's end, the samples each source gave it (a data mix's batches name them; every rank calls
+        this); after a resume mid-epoch, those since the resume."""
+        counts, run = self.sources.gather(), self.run
+        if counts and run.accelerator.is_main_process:
+            run.logger.scalars(counts, run.state.step, prefix="train/samples/")
+            listed = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+            run.logger.line(f"epoch {run.state.epoch + 1}/{run.train.epochs}: samples per source: {listed}")
 
     def log(self, grad_norm: torch.Tensor | None) -> None:
         """Every rank calls this at the same step (one all-reduce); rank 0 writes."""

@@ -14,11 +14,13 @@ tensor-core FLOP/s in the training precision. Devices not listed, and the CPU, g
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 # Dense bf16/fp16 tensor-core peak FLOP/s by device name (NVIDIA data sheets; SXM unless named). First match wins.
 PEAK_FLOPS_16BIT = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -131,3 +133,23 @@ class ScalarWindow:
         self.values, self.micro_batches = {}, 0
         world = accelerator.num_processes
         return {name: totals[name] / world for name in names}, {name: totals[name] for name in per_rank}
+
+
+class SourceCounts:
+    """Samples per source in the current epoch, from each batch's "source" list (the batches of a data mix name each
+    sample's source; others carry none)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, batch: Any) -> None:
+        if isinstance(batch, dict) and "source" in batch:
+            self.counts.update(batch["source"])
+
+    def gather(self) -> dict[str, int]:
+        """Every rank's counts summed (one collective that every rank makes); the count starts again."""
+        total: Counter[str] = Counter()
+        for counts in gather_object([dict(self.counts)]):
+            total.update(counts)
+        self.counts = Counter()
+        return dict(total)

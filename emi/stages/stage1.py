@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from emi.config import Stage1Config
-from emi.data import AudioSpec, DecodeSpec, ImageSpec, LoaderSpec, Sampling, build_loader, workers_of
+from emi.config import SourceSection, Stage1Config, Stage1Data, source_names
+from emi.data import AudioSpec, DecodeSpec, ImageSpec, LoaderSpec, Mix, Sampling, Source, build_loader, workers_of
 from emi.data.collect import collect
 from emi.data.decode import normalise
 from emi.engine import Task, exit_code, run_stage
@@ -129,6 +130,23 @@ def contrastive_loss(config: Stage1Config, image: ImageSpec, float_dtype: torch.
     return compute_loss
 
 
+def train_shards(data: Stage1Data) -> str | Mix:
+    """data.train, or the Mix of data.sources (or of data.train alone, for data.epoch_samples), each source with
+    its name and its prompt families."""
+    if data.sources is None and not data.epoch_samples:
+        return data.train
+    sources = data.sources or [SourceSection(data.train)]
+    return Mix(
+        tuple(
+            Source(name, source.shards, source.weight, partial(build_prompt, families=tuple(source.prompts)))
+            if source.prompts is not None
+            else Source(name, source.shards, source.weight)
+            for name, source in zip(source_names(sources), sources)
+        ),
+        data.epoch_samples,
+    )
+
+
 def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     spec = config.model
     model = build_model(config, accelerator.device)
@@ -137,7 +155,7 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
     float_dtype = input_dtype(accelerator)
     data = config.data
 
-    def loader(shards: str, train: bool):
+    def loader(shards: str | Mix, train: bool):
         decode = DecodeSpec(
             data_mode(spec.pairs),
             train=train and data.augment,
@@ -161,7 +179,7 @@ def build_task(config: Stage1Config, accelerator: Accelerator) -> Task:
         )
         return build_loader(shards, LoaderSpec(decode, sampling, workers_of(data)), data.manifest)
 
-    train_data = loader(data.train, train=True)
+    train_data = loader(train_shards(data), train=True)
     val_data = loader(data.val, train=False) if data.val else None
 
     def evaluate(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
