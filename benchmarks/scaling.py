@@ -10,6 +10,8 @@ all-reduces (norms, flags). The counts per parameter and per embedding are carri
 parameters are counted on the meta device.
 
     python -m benchmarks.scaling [--e2e OUT/e2e.json] [--out benchmarks/SCALING.md]
+
+Section 5 (resuming on another number of processes) is benchmarks/scaling_resize.py's; a run here keeps it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import table  # noqa: E402
+from benchmarks.results import sections  # noqa: E402
 
 SCALING = REPO / "benchmarks" / "SCALING.md"
 COUNT_BATCH, COUNT_STEPS = 4, 2
@@ -531,6 +534,15 @@ def document(
     return "\n".join(lines)
 
 
+def write_document(path: Path, text: str) -> None:
+    """Write `text` to `path`, keeping the sections of the file there that it does not have (section 5, which
+    benchmarks/scaling_resize.py writes)."""
+    earlier = sections(path.read_text()) if path.is_file() else {}
+    ours = sections(text)
+    kept = [section for heading, section in earlier.items() if heading not in ours]
+    path.write_text("\n".join([text.rstrip("\n") + "\n", *kept]).rstrip("\n") + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--e2e", type=Path, default=None, help="a gpu_e2e.py report (e2e.json): the measured step")
@@ -547,7 +559,7 @@ def main() -> None:
         counts = {strategy: counted(strategy, Path(tmp)) for strategy in ("zero2", "zero3")}
     model = vitl_model()
     single = single_gpu_step(args.e2e, model)
-    args.out.write_text(document(counts, model, single, args.nvlink_gbps, args.network_gbps))
+    write_document(args.out, document(counts, model, single, args.nvlink_gbps, args.network_gbps))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
