@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from emi import EMI_EMOTIONS
-from emi.data import DataInfo, DecodeSpec, LoaderSpec, Sampling, Workers, build_loader
+from emi.data import DataInfo, DecodeSpec, ImageSpec, LoaderSpec, Sampling, Workers, build_loader
 from emi.formats.fusion import EncodersRecord, FusionRecord, FusionSpec
 from emi.formats.manifest import Preprocessing
 from emi.io import folder_records
@@ -76,6 +76,26 @@ def flat_loader(shards, manifest=None, **settings) -> DataInfo:
     if "label_names" in parts[0]:
         parts[0]["label_names"] = tuple(parts[0]["label_names"])
     return build_loader(shards, LoaderSpec(DecodeSpec(**parts[0]), Sampling(**parts[1]), Workers(**parts[2])), manifest)
+
+
+def layout_loader(shards, layout, rank: int = 0, **settings) -> DataInfo:
+    """A clip-mode training loader (shuffled, drop_last, small frames) for rank `rank` of `layout`
+    (emi.formats.checkpoint.Layout: processes, workers, batch size), as the re-dealing and mixing tests use it."""
+    options = dict(
+        mode="clip",
+        num_frames=2,
+        batch_size=layout.batch_size,
+        num_workers=layout.num_workers,
+        world_size=layout.world_size,
+        rank=rank,
+        seed=3,
+        shuffle=True,
+        drop_last=True,
+        shuffle_buffer=5,
+        train=True,
+        image=ImageSpec(size=16),
+    )
+    return flat_loader(shards, **{**options, **settings})
 
 
 def ffmpeg(*args: str) -> None:

@@ -29,7 +29,7 @@ from emi.models.losses import va_confidence_weights
 from emi.prompts import build_prompt
 from emi.stages.stage1 import train_shards
 
-from helpers import assert_same_batches, flat_loader, launch, scalars, write_shards
+from helpers import assert_same_batches, flat_loader, launch, layout_loader, scalars, write_shards
 
 SIZES_A, SIZES_B = [13, 17, 18], [5, 7]  # 48 and 12 samples
 SIZES = SIZES_A + SIZES_B
@@ -130,21 +130,7 @@ def mix(folders, epoch_samples: int = 0, **prompts) -> Mix:
 
 
 def mixed_loader(folders, layout: Layout = ONE_RANK, rank: int = 0, epoch_samples: int = 0, **settings):
-    options = dict(
-        mode="clip",
-        num_frames=2,
-        batch_size=layout.batch_size,
-        num_workers=layout.num_workers,
-        world_size=layout.world_size,
-        rank=rank,
-        seed=3,
-        shuffle=True,
-        drop_last=True,
-        shuffle_buffer=5,
-        train=True,
-        image=ImageSpec(size=16),
-    )
-    return flat_loader(mix(folders, epoch_samples), **{**options, **settings})
+    return layout_loader(mix(folders, epoch_samples), layout, rank, **settings)
 
 
 def epoch_batches(data, epoch: int, skip: int = 0, stretches=()) -> list[dict]:

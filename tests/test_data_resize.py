@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from emi.data import ImageSpec
 from emi.data.plan import EpochShape, stretch_steps
 from emi.formats.checkpoint import Layout, Stretch
 
-from helpers import flat_loader, write_shards
+from helpers import layout_loader, write_shards
 
 SIZES = [13, 17, 18]  # 48 samples
 
@@ -28,21 +27,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 def rank_batches(folder: Path, layout: Layout, rank: int, epoch: int, stretches=(), skip: int = 0) -> list[list[str]]:
     """The keys of each batch rank `rank` of `layout` yields in the epoch (after `stretches`, from batch `skip`)."""
-    data = flat_loader(
-        str(folder),
-        mode="clip",
-        num_frames=2,
-        batch_size=layout.batch_size,
-        num_workers=layout.num_workers,
-        world_size=layout.world_size,
-        rank=rank,
-        seed=3,
-        shuffle=True,
-        drop_last=True,
-        shuffle_buffer=5,
-        train=True,
-        image=ImageSpec(size=16),
-    )
+    data = layout_loader(str(folder), layout, rank)
     data.set_epoch(epoch, skip_batches=skip, stretches=stretches)
     batches = [batch["key"] for batch in data.dataloader]
     assert len(batches) == data.stretch_batches(stretches) - skip
